@@ -1,0 +1,5 @@
+//! walship: ship PostgreSQL WAL with io_uring; acknowledge only what is durable.
+//!
+//! Imports flow one way: `wal` <- `wire` <- {`send`, `recv`} -> `uring`.
+pub mod wal;
+pub mod wire;

@@ -1,0 +1,1 @@
+//! WAL domain: LSNs, segment names, page headers, record walk.

@@ -1,0 +1,1 @@
+//! Wire protocol: frames between sender and receiver.
