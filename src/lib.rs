@@ -1,5 +1,6 @@
 //! walship: ship PostgreSQL WAL with io_uring; acknowledge only what is durable.
 //!
 //! Imports flow one way: `wal` <- `wire` <- {`send`, `recv`} -> `uring`.
+pub mod uring;
 pub mod wal;
 pub mod wire;
