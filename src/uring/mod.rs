@@ -3,7 +3,7 @@ pub mod buffers;
 pub mod ring;
 
 pub use buffers::{BufferPool, SegmentMap, POOL_ALIGN_BYTES};
-pub use ring::{Capabilities, Completion, CompletionKind, Ring, RingError, SendBatch, IOV_MAX};
+pub use ring::{accepted_stream, Capabilities, Completion, CompletionKind, Ring, RingError, SendBatch, IOV_MAX};
 
 #[cfg(test)]
 mod tests;

@@ -454,6 +454,15 @@ impl Drop for Ring {
     }
 }
 
+/// Takes ownership of the socket a successful accept completion returned.
+pub fn accepted_stream(c: &Completion) -> std::net::TcpStream {
+    use std::os::fd::FromRawFd;
+    assert!(c.result >= 0 && c.kind == CompletionKind::Done, "not a successful accept: {c:?}");
+    // SAFETY: a successful IORING_OP_ACCEPT result is a new descriptor that nothing else owns;
+    // each completion is handed out once (drain moves it out of the ring).
+    unsafe { std::net::TcpStream::from_raw_fd(c.result) }
+}
+
 fn probe_capabilities(uring: &IoUring) -> Result<Capabilities, RingError> {
     let mut probe = io_uring::Probe::new();
     uring
