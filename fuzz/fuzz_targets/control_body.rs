@@ -22,7 +22,9 @@ fuzz_target!(|input: &[u8]| {
         }
     }
     // Assisted path: byte 4 picks the kind, CRCs computed, so the body parsers get arbitrary bodies.
-    let Some(kind) = FrameKind::from_u8(raw[4] % 6 + 1) else { return };
+    let Some(kind) = FrameKind::from_u8(raw[4] % 6 + 1) else {
+        return;
+    };
     let header = if kind == FrameKind::Data {
         FrameHeader::data(u64::from(raw[5]), body)
     } else {
@@ -33,7 +35,11 @@ fuzz_target!(|input: &[u8]| {
         if let Ok(msg) = decode_control(&checked, body) {
             let mut out = Vec::new();
             msg.encode(&mut out);
-            assert_eq!(&out[FRAME_HEADER_LEN..], body, "decoded body must re-encode to the same bytes");
+            assert_eq!(
+                &out[FRAME_HEADER_LEN..],
+                body,
+                "decoded body must re-encode to the same bytes"
+            );
         }
     }
 });
