@@ -8,6 +8,10 @@
 //!
 //! After any error the decoder stays failed: every later `next_message` returns the same error and `feed`
 //! drops its input. A stream that lost sync cannot be resynchronised safely, so the connection must close.
+//!
+//! Data payloads are copied into [`Message::Data`]. A data path that wants zero copies can instead read 32
+//! bytes, validate them with [`FrameHeader::decode`], receive `body_len` bytes straight into its own (aligned)
+//! buffer, and check them with [`FrameHeader::verify_body`]; control bodies then go through [`decode_control`].
 
 use crate::wire::frame::{
     decode_control, FrameHeader, Limits, Message, WireError, FRAME_HEADER_LEN,

@@ -726,7 +726,7 @@ fn arb_message() -> impl Strategy<Value = Message> {
     prop_oneof![hello, welcome, data, ack, keepalive, error]
 }
 
-/// Feeds `bytes` in chunks of the given sizes (cycled), draining after each feed.
+/// Feeds `bytes` in chunks of the given sizes (cycled), never more than `room()`, draining after each feed.
 /// Returns the messages and the final outcome (None = ran out of input cleanly).
 fn run_split(
     bytes: &[u8],
@@ -739,7 +739,10 @@ fn run_split(
     let mut i = 0;
     let mut err = None;
     'outer: while at < bytes.len() {
-        let n = chunks[i % chunks.len()].max(1).min(bytes.len() - at);
+        let n = chunks[i % chunks.len()]
+            .max(1)
+            .min(bytes.len() - at)
+            .min(d.room());
         i += 1;
         d.feed(&bytes[at..at + n]);
         at += n;
@@ -758,6 +761,8 @@ fn run_split(
             }
         }
         assert!(d.buffered_len() <= d.buffered_max());
+        // After draining, at least one more whole frame always fits.
+        assert!(d.room() > d.buffered_max() / 2);
     }
     (out, err, d.buffered_len())
 }
@@ -782,6 +787,25 @@ proptest! {
         let (got1, err1, _) = run_split(&bytes, &[1], Limits::default());
         prop_assert_eq!(err1, None);
         prop_assert_eq!(got1, msgs);
+    }
+
+    #[test]
+    fn long_streams_fed_by_room_survive_small_limits(
+        msgs in proptest::collection::vec(arb_message(), 50..100),
+        chunks in proptest::collection::vec(1usize..5000, 1..5),
+    ) {
+        // Streams longer than the buffer cap (2 x (32 + 4096) here), fed as much as fits each time.
+        let limits = Limits::new(300).unwrap();
+        let mut bytes = Vec::new();
+        for m in &msgs {
+            m.encode(&mut bytes);
+        }
+        let (got, err, left) = run_split(&bytes, &[usize::MAX], limits);
+        prop_assert_eq!((err, left), (None, 0));
+        prop_assert_eq!(&got, &msgs);
+        let (got, err, _) = run_split(&bytes, &chunks, limits);
+        prop_assert_eq!(err, None);
+        prop_assert_eq!(got, msgs);
     }
 
     #[test]
