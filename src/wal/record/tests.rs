@@ -338,7 +338,7 @@ fn unexpected_contrecord_and_bad_rem_len() {
     s.roll_segment().unwrap();
     s.emit().unwrap();
     let seg = captured(s).remove(0);
-    let (_, last) = walk_all(id, start, &[seg.clone()]);
+    let (_, last) = walk_all(id, start, std::slice::from_ref(&seg));
     assert!(matches!(last, SegmentWalk::Ended { valid_end, reason: EndReason::ZeroLength, .. } if valid_end == start + (8192 + 24 + 9000 + 24)));
     // Page 1 now claims a continuation where a record must start.
     let mut bad = seg.clone();
@@ -397,7 +397,7 @@ proptest! {
     fn corrupted_wal_never_panics(edits in proptest::collection::vec((0usize..(MIB as usize / 2 + 4096), any::<u8>()), 1..12),
                                   splice_at in 0usize..(MIB as usize - 600), splice in proptest::collection::vec(any::<u8>(), 0..600)) {
         let (id, orig) = valid_segment();
-        let (_, intact) = walk_all(*id, Lsn(MIB), &[orig.clone()]);
+        let (_, intact) = walk_all(*id, Lsn(MIB), std::slice::from_ref(orig));
         let mut seg = orig.clone();
         for (at, v) in edits { seg[at] = v; }
         seg[splice_at..splice_at + splice.len()].copy_from_slice(&splice);
@@ -426,5 +426,39 @@ proptest! {
         if let SegmentWalk::Ended { stop_lsn, .. } = r {
             let _ = first_page_claiming_more(Lsn(MIB), &seg, stop_lsn, &id);
         }
+    }
+}
+
+/// Manual check against a real cluster's `pg_wal` (not run by default; needs a stopped PostgreSQL cluster):
+/// `WALSHIP_PG_WAL=/path/pg_wal WALSHIP_EXPECT_END=0/7125430 cargo test --lib real_pg_wal -- --ignored --nocapture`.
+/// Compare with `pg_waldump`'s last record (the shutdown checkpoint) and the zero-length record after it.
+#[test]
+#[ignore]
+fn real_pg_wal_end() {
+    let dir = std::env::var("WALSHIP_PG_WAL").expect("set WALSHIP_PG_WAL to a pg_wal directory");
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.len() == 24)
+        .collect();
+    names.sort();
+    let first = std::fs::read(Path::new(&dir).join(&names[0])).unwrap();
+    let id = WalIdentity::from_first_page(&first).unwrap();
+    println!("identity: {id:?}");
+    let files: Vec<_> = names.iter().map(|n| Path::new(&dir).join(n)).collect();
+    let mut walker = RecordWalker::new(id, seg_start_of(&files[0], id.seg_size));
+    for path in &files {
+        let seg_start = seg_start_of(path, id.seg_size);
+        let bytes = std::fs::read(path).unwrap();
+        let r = walker.walk_segment(seg_start, &bytes).unwrap();
+        println!("{}: {r:?}", path.display());
+        if let SegmentWalk::Ended { stop_lsn, .. } = r {
+            println!("claims more: {:?}", first_page_claiming_more(seg_start, &bytes, stop_lsn, &id));
+            break;
+        }
+    }
+    println!("valid_end {} after {} records", walker.valid_end(), walker.records_walked());
+    if let Ok(expected) = std::env::var("WALSHIP_EXPECT_END") {
+        assert_eq!(walker.valid_end(), expected.parse::<Lsn>().unwrap());
     }
 }
