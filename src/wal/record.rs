@@ -393,8 +393,9 @@ impl RecordWalker {
         if computed != header.crc {
             return self.end(start, EndReason::BadCrc { found: header.crc, computed });
         }
-        let end = (start + u64::from(header.tot_len)).maxalign();
-        debug_assert_eq!(self.pos.maxalign(), end);
+        // `pos` is just past the record's last byte (page headers crossed included).
+        debug_assert!(self.pos >= start + u64::from(header.tot_len));
+        let end = self.pos.maxalign();
         self.records += 1;
         self.prev_record = Some(start);
         self.valid_end = if header.is_switch() { round_up_to_segment(end, self.id.seg_size) } else { end };
