@@ -110,7 +110,8 @@ pub(crate) struct Stream {
     buf_seg_start: Lsn,
     pub(crate) pos: Lsn,
     pub(crate) prev: Lsn,
-    scratch: Vec<u8>,
+    /// Seeded random bytes; record bodies are slices of it at random offsets (no per-byte RNG work).
+    pool: Vec<u8>,
     rng: SmallRng,
     pub(crate) sink: Sink,
 }
@@ -123,7 +124,7 @@ impl Stream {
             buf_seg_start: pos.segment_start(id.seg_size),
             pos,
             prev: Lsn::INVALID,
-            scratch: Vec::new(),
+            pool: Vec::new(),
             rng: SmallRng::seed_from_u64(seed),
             sink,
         }
@@ -179,9 +180,9 @@ impl Stream {
         Ok(())
     }
 
-    /// Lay out `self.scratch` (one whole record) at `pos`, inserting page headers.
-    fn put_scratch(&mut self) -> io::Result<()> {
-        let total = self.scratch.len();
+    /// Lay out one whole record (`header` then `body`) at `pos`, inserting page headers.
+    fn put_parts(&mut self, header: &[u8], body: &[u8]) -> io::Result<()> {
+        let total = header.len() + body.len();
         let mut written = 0usize;
         while written < total {
             if self.pos.page_offset(self.id.block_size) == 0 {
@@ -191,27 +192,50 @@ impl Stream {
             let page_left = (self.id.block_size - self.pos.page_offset(self.id.block_size)) as usize;
             let n = page_left.min(total - written);
             let off = self.offset();
-            self.buf[off..off + n].copy_from_slice(&self.scratch[written..written + n]);
-            written += n;
+            let mut dst = &mut self.buf[off..off + n];
+            if written < header.len() {
+                let h = (header.len() - written).min(n);
+                dst[..h].copy_from_slice(&header[written..written + h]);
+                dst = &mut dst[h..];
+                written += h;
+            }
+            if !dst.is_empty() {
+                let b = written - header.len();
+                let len = dst.len();
+                dst.copy_from_slice(&body[b..b + len]);
+                written += len;
+            }
             self.pos = self.pos + n as u64;
         }
         self.pos = self.pos.maxalign();
         Ok(())
     }
 
-    /// Build a record of `tot_len` bytes in `scratch` with a random body, then lay it out. Returns its LSN.
+    /// Make the pool hold at least `len` seeded random bytes (1 MiB minimum).
+    fn reserve_pool(&mut self, len: usize) {
+        if self.pool.len() < len.max(1 << 20) {
+            self.pool.resize(len.max(1 << 20), 0);
+            self.rng.fill_bytes(&mut self.pool);
+        }
+    }
+
+    /// Build a record of `tot_len` bytes with a random body, then lay it out. Returns its LSN.
     pub(crate) fn put_record(&mut self, tot_len: u32, rmid: u8, info: u8) -> io::Result<Lsn> {
         debug_assert!(tot_len >= HEADER_LEN_U32);
         if self.pos.page_offset(self.id.block_size) == 0 {
             self.page_header(0, 0)?;
         }
         let start = self.pos;
-        self.scratch.resize(tot_len as usize, 0);
-        self.rng.fill_bytes(&mut self.scratch[XLOG_RECORD_HEADER_LEN..]);
+        let body_len = tot_len as usize - XLOG_RECORD_HEADER_LEN;
+        self.reserve_pool(body_len);
+        let pool = std::mem::take(&mut self.pool);
+        let at = self.rng.random_range(0..=pool.len() - body_len);
+        let body = &pool[at..at + body_len];
         let mut hdr = RecordHeader { tot_len, xid: self.rng.random(), prev: self.prev, info, rmid, crc: 0 };
-        hdr.crc = record_crc(&hdr.encode()[..20], &self.scratch[XLOG_RECORD_HEADER_LEN..]);
-        self.scratch[..XLOG_RECORD_HEADER_LEN].copy_from_slice(&hdr.encode());
-        self.put_scratch()?;
+        hdr.crc = record_crc(&hdr.encode()[..20], body);
+        let result = self.put_parts(&hdr.encode(), body);
+        self.pool = pool;
+        result?;
         self.prev = start;
         Ok(start)
     }
