@@ -386,6 +386,7 @@ fn check_options(opts: &GenOptions) -> io::Result<()> {
 /// Generate the WAL described by `opts` into `opts.dir`.
 pub fn generate(opts: &GenOptions) -> io::Result<GenReport> {
     check_options(opts)?;
+    std::fs::create_dir_all(&opts.dir)?;
     let id = opts.identity();
     let first_seg_start = Lsn(opts.start_segno * opts.seg_size);
     let sink = Sink::Files {
