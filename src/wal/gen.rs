@@ -16,7 +16,9 @@ use rand::rngs::SmallRng;
 use rand::{Rng, RngCore, SeedableRng};
 
 use super::lsn::Lsn;
-use super::page::{LongPageHeader, PageHeader, WalIdentity, XLP_FIRST_IS_CONTRECORD, XLP_LONG_HEADER};
+use super::page::{
+    LongPageHeader, PageHeader, WalIdentity, XLP_FIRST_IS_CONTRECORD, XLP_LONG_HEADER,
+};
 use super::record::{record_crc, RecordHeader, XLOG_RECORD_HEADER_LEN};
 use super::segment::{is_valid_block_size, is_valid_seg_size, segment_file_name};
 
@@ -98,7 +100,10 @@ pub struct GenReport {
 /// Where finished segments go.
 pub(crate) enum Sink {
     /// Write files for segments `>= first_segno`; drop earlier ones (lead-in for `start_mid_record`).
-    Files { opts: GenOptions, files: Vec<PathBuf> },
+    Files {
+        opts: GenOptions,
+        files: Vec<PathBuf>,
+    },
     /// Keep every finished segment in memory (stale content, hand-built test WAL).
     Capture(Vec<Vec<u8>>),
 }
@@ -110,7 +115,8 @@ pub(crate) struct Stream {
     buf_seg_start: Lsn,
     pub(crate) pos: Lsn,
     pub(crate) prev: Lsn,
-    scratch: Vec<u8>,
+    /// Seeded random bytes; record bodies are slices of it at random offsets (no per-byte RNG work).
+    pool: Vec<u8>,
     rng: SmallRng,
     pub(crate) sink: Sink,
 }
@@ -123,7 +129,7 @@ impl Stream {
             buf_seg_start: pos.segment_start(id.seg_size),
             pos,
             prev: Lsn::INVALID,
-            scratch: Vec::new(),
+            pool: Vec::new(),
             rng: SmallRng::seed_from_u64(seed),
             sink,
         }
@@ -135,7 +141,9 @@ impl Stream {
         match &mut self.sink {
             Sink::Files { opts, files } => {
                 if segno >= opts.start_segno {
-                    let path = opts.dir.join(segment_file_name(opts.tli, segno, opts.seg_size));
+                    let path = opts
+                        .dir
+                        .join(segment_file_name(opts.tli, segno, opts.seg_size));
                     let mut f = File::create(&path)?;
                     f.write_all(&self.buf)?;
                     files.push(path);
@@ -171,54 +179,102 @@ impl Stream {
             seg_size: self.id.seg_size as u32,
             block_size: self.id.block_size as u32,
         });
-        let info = if long.is_some() { info | XLP_LONG_HEADER } else { info };
-        let hdr = PageHeader { magic: self.id.magic, info, tli: self.id.tli, pageaddr: self.pos, rem_len, long };
+        let info = if long.is_some() {
+            info | XLP_LONG_HEADER
+        } else {
+            info
+        };
+        let hdr = PageHeader {
+            magic: self.id.magic,
+            info,
+            tli: self.id.tli,
+            pageaddr: self.pos,
+            rem_len,
+            long,
+        };
         let off = self.offset();
         hdr.encode(&mut self.buf[off..]);
         self.pos = self.pos + hdr.header_len() as u64;
         Ok(())
     }
 
-    /// Lay out `self.scratch` (one whole record) at `pos`, inserting page headers.
-    fn put_scratch(&mut self) -> io::Result<()> {
-        let total = self.scratch.len();
+    /// Lay out one whole record (`header` then `body`) at `pos`, inserting page headers.
+    fn put_parts(&mut self, header: &[u8], body: &[u8]) -> io::Result<()> {
+        let total = header.len() + body.len();
         let mut written = 0usize;
         while written < total {
             if self.pos.page_offset(self.id.block_size) == 0 {
-                let (info, rem) = if written > 0 { (XLP_FIRST_IS_CONTRECORD, (total - written) as u32) } else { (0, 0) };
+                let (info, rem) = if written > 0 {
+                    (XLP_FIRST_IS_CONTRECORD, (total - written) as u32)
+                } else {
+                    (0, 0)
+                };
                 self.page_header(info, rem)?;
             }
-            let page_left = (self.id.block_size - self.pos.page_offset(self.id.block_size)) as usize;
+            let page_left =
+                (self.id.block_size - self.pos.page_offset(self.id.block_size)) as usize;
             let n = page_left.min(total - written);
             let off = self.offset();
-            self.buf[off..off + n].copy_from_slice(&self.scratch[written..written + n]);
-            written += n;
+            let mut dst = &mut self.buf[off..off + n];
+            if written < header.len() {
+                let h = (header.len() - written).min(n);
+                dst[..h].copy_from_slice(&header[written..written + h]);
+                dst = &mut dst[h..];
+                written += h;
+            }
+            if !dst.is_empty() {
+                let b = written - header.len();
+                let len = dst.len();
+                dst.copy_from_slice(&body[b..b + len]);
+                written += len;
+            }
             self.pos = self.pos + n as u64;
         }
         self.pos = self.pos.maxalign();
         Ok(())
     }
 
-    /// Build a record of `tot_len` bytes in `scratch` with a random body, then lay it out. Returns its LSN.
+    /// Make the pool hold at least `len` seeded random bytes (1 MiB minimum).
+    fn reserve_pool(&mut self, len: usize) {
+        if self.pool.len() < len.max(1 << 20) {
+            self.pool.resize(len.max(1 << 20), 0);
+            self.rng.fill_bytes(&mut self.pool);
+        }
+    }
+
+    /// Build a record of `tot_len` bytes with a random body, then lay it out. Returns its LSN.
     pub(crate) fn put_record(&mut self, tot_len: u32, rmid: u8, info: u8) -> io::Result<Lsn> {
         debug_assert!(tot_len >= HEADER_LEN_U32);
         if self.pos.page_offset(self.id.block_size) == 0 {
             self.page_header(0, 0)?;
         }
         let start = self.pos;
-        self.scratch.resize(tot_len as usize, 0);
-        self.rng.fill_bytes(&mut self.scratch[XLOG_RECORD_HEADER_LEN..]);
-        let mut hdr = RecordHeader { tot_len, xid: self.rng.random(), prev: self.prev, info, rmid, crc: 0 };
-        hdr.crc = record_crc(&hdr.encode()[..20], &self.scratch[XLOG_RECORD_HEADER_LEN..]);
-        self.scratch[..XLOG_RECORD_HEADER_LEN].copy_from_slice(&hdr.encode());
-        self.put_scratch()?;
+        let body_len = tot_len as usize - XLOG_RECORD_HEADER_LEN;
+        self.reserve_pool(body_len);
+        let pool = std::mem::take(&mut self.pool);
+        let at = self.rng.random_range(0..=pool.len() - body_len);
+        let body = &pool[at..at + body_len];
+        let mut hdr = RecordHeader {
+            tot_len,
+            xid: self.rng.random(),
+            prev: self.prev,
+            info,
+            rmid,
+            crc: 0,
+        };
+        hdr.crc = record_crc(&hdr.encode()[..20], body);
+        let result = self.put_parts(&hdr.encode(), body);
+        self.pool = pool;
+        result?;
         self.prev = start;
         Ok(start)
     }
 
     /// A random ordinary (non-switch) record.
     pub(crate) fn put_random_record(&mut self, record_bytes_max: u32) -> io::Result<Lsn> {
-        let tot_len = self.rng.random_range(HEADER_LEN_U32..=record_bytes_max.max(HEADER_LEN_U32));
+        let tot_len = self
+            .rng
+            .random_range(HEADER_LEN_U32..=record_bytes_max.max(HEADER_LEN_U32));
         let rmid = self.rng.random_range(0..22u8);
         let mut info = self.rng.random::<u8>() & 0xF0;
         if rmid == 0 && info == 0x40 {
@@ -227,16 +283,53 @@ impl Stream {
         self.put_record(tot_len, rmid, info)
     }
 
-    /// An `XLOG_SWITCH` record, then padding pages (header only) to the segment end. Returns the new end.
+    /// An `XLOG_SWITCH` record, then padding pages (header only) to the segment end. Returns its LSN;
+    /// `pos` is then the next segment start.
     pub(crate) fn put_switch(&mut self) -> io::Result<Lsn> {
-        self.put_record(HEADER_LEN_U32, 0, 0x40)?;
+        let start = self.put_record(HEADER_LEN_U32, 0, 0x40)?;
         let block = self.id.block_size;
         self.pos = Lsn(self.pos.0.div_ceil(block) * block);
         while self.pos.segment_offset(self.id.seg_size) != 0 {
             self.page_header(0, 0)?;
             self.pos = self.pos.page_start(block) + block;
         }
-        Ok(self.pos)
+        Ok(start)
+    }
+}
+
+/// When to emit `XLOG_SWITCH`: in the second half of every n-th segment, where a header fits on the page.
+struct SwitchSchedule {
+    every_segments: u64,
+    next_segno: u64,
+}
+
+impl SwitchSchedule {
+    fn new(opts: &GenOptions) -> SwitchSchedule {
+        let every_segments = opts.switch_every_segments.map_or(0, u64::from);
+        SwitchSchedule {
+            every_segments,
+            next_segno: opts.start_segno + every_segments.saturating_sub(1),
+        }
+    }
+
+    fn due(&mut self, opts: &GenOptions, pos: Lsn) -> bool {
+        if self.every_segments == 0 {
+            return false;
+        }
+        let segno = pos.segno(opts.seg_size);
+        if segno > self.next_segno {
+            // A long record jumped over the chosen segment: pick the next one in the schedule.
+            self.next_segno +=
+                self.every_segments * (segno - self.next_segno).div_ceil(self.every_segments);
+        }
+        let in_second_half = pos.segment_offset(opts.seg_size) >= opts.seg_size / 2;
+        let header_fits =
+            opts.block_size - pos.page_offset(opts.block_size) >= XLOG_RECORD_HEADER_LEN as u64;
+        if segno == self.next_segno && in_second_half && header_fits {
+            self.next_segno += self.every_segments;
+            return true;
+        }
+        false
     }
 }
 
@@ -260,16 +353,25 @@ fn stale_segment(opts: &GenOptions, segno: u64) -> io::Result<Vec<u8>> {
     stream.roll_segment()?;
     match stream.sink {
         Sink::Capture(mut segments) if !segments.is_empty() => Ok(segments.swap_remove(0)),
-        _ => Err(io::Error::other("stale segment generation produced nothing")),
+        _ => Err(io::Error::other(
+            "stale segment generation produced nothing",
+        )),
     }
 }
 
 fn check_options(opts: &GenOptions) -> io::Result<()> {
-    let bad = |what: &str| Err(io::Error::new(io::ErrorKind::InvalidInput, format!("GenOptions: {what}")));
+    let bad = |what: &str| {
+        Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("GenOptions: {what}"),
+        ))
+    };
     if !is_valid_seg_size(opts.seg_size) || !is_valid_block_size(opts.block_size) {
         return bad("seg_size/block_size invalid");
     }
-    if opts.record_bytes_max < HEADER_LEN_U32 || opts.record_bytes_max > super::record::RECORD_LEN_MAX {
+    if opts.record_bytes_max < HEADER_LEN_U32
+        || opts.record_bytes_max > super::record::RECORD_LEN_MAX
+    {
         return bad("record_bytes_max must be in 24..=1 GiB");
     }
     if opts.start_mid_record && opts.start_segno == 0 {
@@ -284,45 +386,41 @@ fn check_options(opts: &GenOptions) -> io::Result<()> {
 /// Generate the WAL described by `opts` into `opts.dir`.
 pub fn generate(opts: &GenOptions) -> io::Result<GenReport> {
     check_options(opts)?;
+    std::fs::create_dir_all(&opts.dir)?;
     let id = opts.identity();
     let first_seg_start = Lsn(opts.start_segno * opts.seg_size);
-    let sink = Sink::Files { opts: opts.clone(), files: Vec::new() };
+    let sink = Sink::Files {
+        opts: opts.clone(),
+        files: Vec::new(),
+    };
     let mut stream = Stream::new(id, first_seg_start, opts.seed, sink);
     if opts.start_mid_record {
         // A record starting 3.5 pages before the first segment and spilling ~2.5 pages into it.
         let lead_bytes = 3 * opts.block_size + opts.block_size / 2;
-        stream = Stream::new(id, Lsn(first_seg_start.0 - lead_bytes), opts.seed, stream.sink);
-        stream.put_record((lead_bytes + 2 * opts.block_size + opts.block_size / 2) as u32, 11, 0x10)?;
+        stream = Stream::new(
+            id,
+            Lsn(first_seg_start.0 - lead_bytes),
+            opts.seed,
+            stream.sink,
+        );
+        stream.put_record(
+            (lead_bytes + 2 * opts.block_size + opts.block_size / 2) as u32,
+            11,
+            0x10,
+        )?;
     }
     let target_end = first_seg_start + opts.wal_bytes;
     let mut first_lsn = None;
     let mut records = 0u64;
     let mut end_lsn = stream.pos;
-    let mut next_switch_segno = opts.switch_every_segments.map(|n| opts.start_segno + u64::from(n) - 1);
+    let mut switches = SwitchSchedule::new(opts);
     while stream.pos < target_end {
-        let segno = stream.pos.segno(opts.seg_size);
-        let seg_off = stream.pos.segment_offset(opts.seg_size);
-        let page_left = opts.block_size - stream.pos.page_offset(opts.block_size);
-        let switch_now = match (next_switch_segno, opts.switch_every_segments) {
-            (Some(at), Some(every)) if segno > at => {
-                next_switch_segno = Some(at + u64::from(every) * (segno - at).div_ceil(u64::from(every)));
-                false
-            }
-            (Some(at), Some(every)) if segno == at && seg_off >= opts.seg_size / 2 && page_left >= 24 => {
-                next_switch_segno = Some(at + u64::from(every));
-                true
-            }
-            _ => false,
-        };
-        let start = if switch_now {
-            let start = stream.pos;
-            end_lsn = stream.put_switch()?;
-            start
+        let start = if switches.due(opts, stream.pos) {
+            stream.put_switch()?
         } else {
-            let start = stream.put_random_record(opts.record_bytes_max)?;
-            end_lsn = stream.pos;
-            start
+            stream.put_random_record(opts.record_bytes_max)?
         };
+        end_lsn = stream.pos;
         first_lsn.get_or_insert(start);
         records += 1;
     }
@@ -330,7 +428,13 @@ pub fn generate(opts: &GenOptions) -> io::Result<GenReport> {
 }
 
 /// Write the last real segment (stale tail if asked) and the recycled segments.
-fn finish(opts: &GenOptions, mut stream: Stream, first_lsn: Lsn, end_lsn: Lsn, records: u64) -> io::Result<GenReport> {
+fn finish(
+    opts: &GenOptions,
+    mut stream: Stream,
+    first_lsn: Lsn,
+    end_lsn: Lsn,
+    records: u64,
+) -> io::Result<GenReport> {
     if !opts.fill_tail_with_zeros {
         let stale = stale_segment(opts, stream.buf_seg_start.segno(opts.seg_size))?;
         let tail_from = end_lsn.0.div_ceil(opts.block_size) * opts.block_size;
@@ -338,17 +442,28 @@ fn finish(opts: &GenOptions, mut stream: Stream, first_lsn: Lsn, end_lsn: Lsn, r
         stream.buf[tail_off..].copy_from_slice(&stale[tail_off..]);
     }
     stream.emit()?;
-    let Sink::Files { files: mut segment_files, .. } = stream.sink else {
+    let Sink::Files {
+        files: mut segment_files,
+        ..
+    } = stream.sink
+    else {
         return Err(io::Error::other("generator sink lost"));
     };
     let last_segno = stream.buf_seg_start.segno(opts.seg_size);
     for k in 1..=u64::from(opts.recycled_segments) {
         let segno = last_segno + k;
-        let path = opts.dir.join(segment_file_name(opts.tli, segno, opts.seg_size));
+        let path = opts
+            .dir
+            .join(segment_file_name(opts.tli, segno, opts.seg_size));
         File::create(&path)?.write_all(&stale_segment(opts, segno)?)?;
         segment_files.push(path);
     }
-    Ok(GenReport { first_lsn, end_lsn, segment_files, records })
+    Ok(GenReport {
+        first_lsn,
+        end_lsn,
+        segment_files,
+        records,
+    })
 }
 
 #[cfg(test)]
@@ -358,16 +473,26 @@ mod tests {
     use crate::wal::segment::WalFileName;
 
     fn opts_in(dir: &std::path::Path) -> GenOptions {
-        GenOptions { dir: dir.to_path_buf(), seg_size: 1 << 20, wal_bytes: (2 << 20) + 5000, ..GenOptions::default() }
+        GenOptions {
+            dir: dir.to_path_buf(),
+            seg_size: 1 << 20,
+            wal_bytes: (2 << 20) + 5000,
+            ..GenOptions::default()
+        }
     }
 
     #[test]
     fn writes_whole_canonical_files_with_valid_first_pages() {
         let dir = tempfile::tempdir().unwrap();
-        let opts = GenOptions { recycled_segments: 1, ..opts_in(dir.path()) };
+        let opts = GenOptions {
+            recycled_segments: 1,
+            ..opts_in(dir.path())
+        };
         let report = generate(&opts).unwrap();
         assert_eq!(report.first_lsn, Lsn((1 << 20) + 40));
-        assert!(report.end_lsn >= Lsn((3 << 20) + 5000) && report.end_lsn.maxalign() == report.end_lsn);
+        assert!(
+            report.end_lsn >= Lsn((3 << 20) + 5000) && report.end_lsn.maxalign() == report.end_lsn
+        );
         assert_eq!(report.segment_files.len(), 3 + 1);
         assert!(report.records > 100);
         for (i, path) in report.segment_files.iter().enumerate() {
@@ -375,7 +500,10 @@ mod tests {
             assert_eq!(bytes.len() as u64, opts.seg_size);
             let name = path.file_name().unwrap().to_str().unwrap();
             let segno = 1 + i as u64;
-            assert_eq!(WalFileName::parse(name, opts.seg_size), Some(WalFileName::Segment { tli: 1, segno }));
+            assert_eq!(
+                WalFileName::parse(name, opts.seg_size),
+                Some(WalFileName::Segment { tli: 1, segno })
+            );
             let first_page = validate_page(&bytes, Lsn(segno << 20), &opts.identity());
             assert_eq!(first_page.is_ok(), i < 3, "segment {i}: {first_page:?}");
         }
@@ -384,8 +512,16 @@ mod tests {
     #[test]
     fn same_seed_same_bytes() {
         let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let ra = generate(&GenOptions { seed: 5, ..opts_in(a.path()) }).unwrap();
-        let rb = generate(&GenOptions { seed: 5, ..opts_in(b.path()) }).unwrap();
+        let ra = generate(&GenOptions {
+            seed: 5,
+            ..opts_in(a.path())
+        })
+        .unwrap();
+        let rb = generate(&GenOptions {
+            seed: 5,
+            ..opts_in(b.path())
+        })
+        .unwrap();
         assert_eq!((ra.end_lsn, ra.records), (rb.end_lsn, rb.records));
         for (fa, fb) in ra.segment_files.iter().zip(&rb.segment_files) {
             assert!(std::fs::read(fa).unwrap() == std::fs::read(fb).unwrap());
@@ -397,13 +533,32 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let base = opts_in(dir.path());
         for bad in [
-            GenOptions { seg_size: 3 << 20, ..base.clone() },
-            GenOptions { block_size: 100, ..base.clone() },
-            GenOptions { record_bytes_max: 10, ..base.clone() },
-            GenOptions { switch_every_segments: Some(0), ..base.clone() },
-            GenOptions { start_mid_record: true, start_segno: 0, ..base.clone() },
+            GenOptions {
+                seg_size: 3 << 20,
+                ..base.clone()
+            },
+            GenOptions {
+                block_size: 100,
+                ..base.clone()
+            },
+            GenOptions {
+                record_bytes_max: 10,
+                ..base.clone()
+            },
+            GenOptions {
+                switch_every_segments: Some(0),
+                ..base.clone()
+            },
+            GenOptions {
+                start_mid_record: true,
+                start_segno: 0,
+                ..base.clone()
+            },
         ] {
-            assert_eq!(generate(&bad).unwrap_err().kind(), io::ErrorKind::InvalidInput);
+            assert_eq!(
+                generate(&bad).unwrap_err().kind(),
+                io::ErrorKind::InvalidInput
+            );
         }
     }
 
@@ -411,12 +566,24 @@ mod tests {
     #[test]
     #[ignore]
     fn gen_throughput() {
-        let dir = tempfile::tempdir_in(std::env::var("WALSHIP_GEN_DIR").unwrap_or_else(|_| "/tmp".into())).unwrap();
-        let opts = GenOptions { dir: dir.path().to_path_buf(), wal_bytes: 1 << 30, ..GenOptions::default() };
+        let dir = tempfile::tempdir_in(
+            std::env::var("WALSHIP_GEN_DIR").unwrap_or_else(|_| "/tmp".into()),
+        )
+        .unwrap();
+        let opts = GenOptions {
+            dir: dir.path().to_path_buf(),
+            wal_bytes: 1 << 30,
+            ..GenOptions::default()
+        };
         let t = std::time::Instant::now();
         let report = generate(&opts).unwrap();
         let secs = t.elapsed().as_secs_f64();
         let bytes = report.segment_files.len() as f64 * opts.seg_size as f64;
-        println!("{} records, {:.0} MB in {secs:.2}s = {:.0} MB/s", report.records, bytes / 1e6, bytes / 1e6 / secs);
+        println!(
+            "{} records, {:.0} MB in {secs:.2}s = {:.0} MB/s",
+            report.records,
+            bytes / 1e6,
+            bytes / 1e6 / secs
+        );
     }
 }

@@ -64,12 +64,20 @@ pub enum LsnParseError {
     #[error("LSN {input:?}: expected HIGH/LOW in hex, e.g. 16/B374D848")]
     MissingSlash { input: String },
     #[error("LSN {input:?}: {part} part {value:?} is not 1-8 hex digits")]
-    BadHex { input: String, part: &'static str, value: String },
+    BadHex {
+        input: String,
+        part: &'static str,
+        value: String,
+    },
 }
 
 fn parse_half(input: &str, part: &'static str, value: &str) -> Result<u64, LsnParseError> {
     let ok = !value.is_empty() && value.len() <= 8 && value.bytes().all(|b| b.is_ascii_hexdigit());
-    let bad = || LsnParseError::BadHex { input: input.to_string(), part, value: value.to_string() };
+    let bad = || LsnParseError::BadHex {
+        input: input.to_string(),
+        part,
+        value: value.to_string(),
+    };
     if !ok {
         return Err(bad());
     }
@@ -81,8 +89,11 @@ impl FromStr for Lsn {
 
     /// Parses `%X/%X` and `%X/%08X` (hex digits of either case, as `pg_lsn_in` does).
     fn from_str(s: &str) -> Result<Lsn, LsnParseError> {
-        let (high, low) =
-            s.split_once('/').ok_or_else(|| LsnParseError::MissingSlash { input: s.to_string() })?;
+        let (high, low) = s
+            .split_once('/')
+            .ok_or_else(|| LsnParseError::MissingSlash {
+                input: s.to_string(),
+            })?;
         let high = parse_half(s, "high", high)?;
         let low = parse_half(s, "low", low)?;
         Ok(Lsn((high << 32) | low))
@@ -92,7 +103,10 @@ impl FromStr for Lsn {
 impl Add<u64> for Lsn {
     type Output = Lsn;
     fn add(self, bytes: u64) -> Lsn {
-        debug_assert!(self.0.checked_add(bytes).is_some(), "LSN overflow: {self} + {bytes}");
+        debug_assert!(
+            self.0.checked_add(bytes).is_some(),
+            "LSN overflow: {self} + {bytes}"
+        );
         Lsn(self.0.wrapping_add(bytes))
     }
 }
@@ -129,7 +143,20 @@ mod tests {
 
     #[test]
     fn rejects_garbage() {
-        for s in ["", "/", "16", "16/", "/1", "1/2/3", "123456789/0", "0/123456789", "+1/0", "0/-1", "g/0", " 1/0"] {
+        for s in [
+            "",
+            "/",
+            "16",
+            "16/",
+            "/1",
+            "1/2/3",
+            "123456789/0",
+            "0/123456789",
+            "+1/0",
+            "0/-1",
+            "g/0",
+            " 1/0",
+        ] {
             assert!(s.parse::<Lsn>().is_err(), "{s:?} parsed");
         }
     }

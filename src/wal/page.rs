@@ -57,27 +57,68 @@ pub struct WalIdentity {
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum PageError {
     #[error("page header truncated: have {found_bytes} bytes, need {needed_bytes}")]
-    Truncated { needed_bytes: usize, found_bytes: usize },
+    Truncated {
+        needed_bytes: usize,
+        found_bytes: usize,
+    },
     #[error("page at {page_lsn} is not block aligned (block size {block_size})")]
     Misaligned { page_lsn: Lsn, block_size: u64 },
     #[error("page at {page_lsn}: xlp_magic is {found:#06X}, expected {expected:#06X}")]
-    BadMagic { page_lsn: Lsn, found: u16, expected: u16 },
+    BadMagic {
+        page_lsn: Lsn,
+        found: u16,
+        expected: u16,
+    },
     #[error("page at {page_lsn}: xlp_info {found:#06X} has unknown flag bits {unknown:#06X}")]
-    UnknownFlags { page_lsn: Lsn, found: u16, unknown: u16 },
-    #[error("page at {page_lsn}: xlp_pageaddr is {found}, expected {expected} (recycled segment?)")]
-    BadPageAddr { page_lsn: Lsn, found: Lsn, expected: Lsn },
+    UnknownFlags {
+        page_lsn: Lsn,
+        found: u16,
+        unknown: u16,
+    },
+    #[error(
+        "page at {page_lsn}: xlp_pageaddr is {found}, expected {expected} (recycled segment?)"
+    )]
+    BadPageAddr {
+        page_lsn: Lsn,
+        found: Lsn,
+        expected: Lsn,
+    },
     #[error("page at {page_lsn}: xlp_tli is {found}, expected {expected}")]
-    BadTimeline { page_lsn: Lsn, found: u32, expected: u32 },
+    BadTimeline {
+        page_lsn: Lsn,
+        found: u32,
+        expected: u32,
+    },
     #[error("page at {page_lsn}: long header present is {found}, expected {expected} (segment start: {expected})")]
-    LongHeaderMismatch { page_lsn: Lsn, found: bool, expected: bool },
+    LongHeaderMismatch {
+        page_lsn: Lsn,
+        found: bool,
+        expected: bool,
+    },
     #[error("page at {page_lsn}: xlp_sysid is {found}, expected {expected}")]
-    BadSystemId { page_lsn: Lsn, found: u64, expected: u64 },
+    BadSystemId {
+        page_lsn: Lsn,
+        found: u64,
+        expected: u64,
+    },
     #[error("page at {page_lsn}: xlp_seg_size is {found}, expected {expected}")]
-    BadSegSize { page_lsn: Lsn, found: u64, expected: u64 },
+    BadSegSize {
+        page_lsn: Lsn,
+        found: u64,
+        expected: u64,
+    },
     #[error("page at {page_lsn}: xlp_xlog_blcksz is {found}, expected {expected}")]
-    BadBlockSize { page_lsn: Lsn, found: u64, expected: u64 },
-    #[error("page at {page_lsn}: page has {found_bytes} bytes, expected the block size {expected_bytes}")]
-    BadPageLength { page_lsn: Lsn, found_bytes: usize, expected_bytes: usize },
+    BadBlockSize {
+        page_lsn: Lsn,
+        found: u64,
+        expected: u64,
+    },
+    #[error("page at {page_lsn}: long header declares seg_size {seg_size} / block_size {block_size}, expected powers of two in 1 MiB..1 GiB / 1 KiB..64 KiB")]
+    InvalidSizes {
+        page_lsn: Lsn,
+        seg_size: u64,
+        block_size: u64,
+    },
 }
 
 fn u16_at(b: &[u8], at: usize) -> u16 {
@@ -97,7 +138,10 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 impl PageHeader {
     /// Decode a header from the start of `bytes` (>= 24 bytes, >= 40 if the long flag is set).
     pub fn parse(bytes: &[u8]) -> Result<PageHeader, PageError> {
-        let truncated = |needed_bytes| PageError::Truncated { needed_bytes, found_bytes: bytes.len() };
+        let truncated = |needed_bytes| PageError::Truncated {
+            needed_bytes,
+            found_bytes: bytes.len(),
+        };
         if bytes.len() < SHORT_PAGE_HEADER_LEN {
             return Err(truncated(SHORT_PAGE_HEADER_LEN));
         }
@@ -137,7 +181,11 @@ impl PageHeader {
     /// `long` is present. Panics if `out` is shorter than `header_len()` (a caller bug, not input data).
     pub fn encode(&self, out: &mut [u8]) {
         let len = self.header_len();
-        assert!(out.len() >= len, "page header buffer too short: {} < {len}", out.len());
+        assert!(
+            out.len() >= len,
+            "page header buffer too short: {} < {len}",
+            out.len()
+        );
         let info = match self.long {
             Some(_) => self.info | XLP_LONG_HEADER,
             None => self.info & !XLP_LONG_HEADER,
@@ -162,38 +210,69 @@ impl WalIdentity {
         let hdr = PageHeader::parse(bytes)?;
         let page_lsn = hdr.pageaddr;
         let Some(long) = hdr.long else {
-            return Err(PageError::LongHeaderMismatch { page_lsn, found: false, expected: true });
+            return Err(PageError::LongHeaderMismatch {
+                page_lsn,
+                found: false,
+                expected: true,
+            });
         };
         let seg_size = u64::from(long.seg_size);
         let block_size = u64::from(long.block_size);
-        if !is_valid_seg_size(seg_size) {
-            return Err(PageError::BadSegSize { page_lsn, found: seg_size, expected: 16 << 20 });
-        }
-        if !is_valid_block_size(block_size) || block_size > seg_size {
-            return Err(PageError::BadBlockSize { page_lsn, found: block_size, expected: 8192 });
+        if !is_valid_seg_size(seg_size) || !is_valid_block_size(block_size) {
+            return Err(PageError::InvalidSizes {
+                page_lsn,
+                seg_size,
+                block_size,
+            });
         }
         if hdr.info & !XLP_ALL_FLAGS != 0 {
             let unknown = hdr.info & !XLP_ALL_FLAGS;
-            return Err(PageError::UnknownFlags { page_lsn, found: hdr.info, unknown });
+            return Err(PageError::UnknownFlags {
+                page_lsn,
+                found: hdr.info,
+                unknown,
+            });
         }
-        Ok(WalIdentity { system_id: long.system_id, seg_size, block_size, magic: hdr.magic, tli: hdr.tli })
+        Ok(WalIdentity {
+            system_id: long.system_id,
+            seg_size,
+            block_size,
+            magic: hdr.magic,
+            tli: hdr.tli,
+        })
     }
 }
 
 fn check_long_header(hdr: &PageHeader, page_lsn: Lsn, id: &WalIdentity) -> Result<(), PageError> {
     let is_seg_start = page_lsn.segment_offset(id.seg_size) == 0;
     if hdr.long.is_some() != is_seg_start {
-        return Err(PageError::LongHeaderMismatch { page_lsn, found: hdr.long.is_some(), expected: is_seg_start });
+        return Err(PageError::LongHeaderMismatch {
+            page_lsn,
+            found: hdr.long.is_some(),
+            expected: is_seg_start,
+        });
     }
     let Some(long) = hdr.long else { return Ok(()) };
     if long.system_id != id.system_id {
-        return Err(PageError::BadSystemId { page_lsn, found: long.system_id, expected: id.system_id });
+        return Err(PageError::BadSystemId {
+            page_lsn,
+            found: long.system_id,
+            expected: id.system_id,
+        });
     }
     if u64::from(long.seg_size) != id.seg_size {
-        return Err(PageError::BadSegSize { page_lsn, found: long.seg_size.into(), expected: id.seg_size });
+        return Err(PageError::BadSegSize {
+            page_lsn,
+            found: long.seg_size.into(),
+            expected: id.seg_size,
+        });
     }
     if u64::from(long.block_size) != id.block_size {
-        return Err(PageError::BadBlockSize { page_lsn, found: long.block_size.into(), expected: id.block_size });
+        return Err(PageError::BadBlockSize {
+            page_lsn,
+            found: long.block_size.into(),
+            expected: id.block_size,
+        });
     }
     Ok(())
 }
@@ -201,25 +280,48 @@ fn check_long_header(hdr: &PageHeader, page_lsn: Lsn, id: &WalIdentity) -> Resul
 /// Validate the page that starts at `page_lsn` (block aligned): magic, no unknown flags,
 /// `pageaddr == page_lsn`, `tli == id.tli`, long header present iff `page_lsn` is a segment start and its
 /// sysid/seg_size/block_size match. Mirrors `XLogReaderValidatePageHeader`.
-pub fn validate_page(page: &[u8], page_lsn: Lsn, id: &WalIdentity) -> Result<PageHeader, PageError> {
+pub fn validate_page(
+    page: &[u8],
+    page_lsn: Lsn,
+    id: &WalIdentity,
+) -> Result<PageHeader, PageError> {
     debug_assert!(is_valid_block_size(id.block_size) && is_valid_seg_size(id.seg_size));
     if page_lsn.page_offset(id.block_size) != 0 {
-        return Err(PageError::Misaligned { page_lsn, block_size: id.block_size });
+        return Err(PageError::Misaligned {
+            page_lsn,
+            block_size: id.block_size,
+        });
     }
     let hdr = PageHeader::parse(page)?;
     if hdr.magic != id.magic {
-        return Err(PageError::BadMagic { page_lsn, found: hdr.magic, expected: id.magic });
+        return Err(PageError::BadMagic {
+            page_lsn,
+            found: hdr.magic,
+            expected: id.magic,
+        });
     }
     let unknown = hdr.info & !XLP_ALL_FLAGS;
     if unknown != 0 {
-        return Err(PageError::UnknownFlags { page_lsn, found: hdr.info, unknown });
+        return Err(PageError::UnknownFlags {
+            page_lsn,
+            found: hdr.info,
+            unknown,
+        });
     }
     check_long_header(&hdr, page_lsn, id)?;
     if hdr.pageaddr != page_lsn {
-        return Err(PageError::BadPageAddr { page_lsn, found: hdr.pageaddr, expected: page_lsn });
+        return Err(PageError::BadPageAddr {
+            page_lsn,
+            found: hdr.pageaddr,
+            expected: page_lsn,
+        });
     }
     if hdr.tli != id.tli {
-        return Err(PageError::BadTimeline { page_lsn, found: hdr.tli, expected: id.tli });
+        return Err(PageError::BadTimeline {
+            page_lsn,
+            found: hdr.tli,
+            expected: id.tli,
+        });
     }
     Ok(hdr)
 }
@@ -227,7 +329,9 @@ pub fn validate_page(page: &[u8], page_lsn: Lsn, id: &WalIdentity) -> Result<Pag
 /// Cheap check used to tell "end of WAL" from corruption: does this page's header look like one PostgreSQL
 /// wrote for exactly this position (magic matches, `pageaddr == page_lsn`)?
 pub fn page_belongs_here(page: &[u8], page_lsn: Lsn, id: &WalIdentity) -> bool {
-    page.len() >= SHORT_PAGE_HEADER_LEN && u16_at(page, 0) == id.magic && u64_at(page, 8) == page_lsn.0
+    page.len() >= SHORT_PAGE_HEADER_LEN
+        && u16_at(page, 0) == id.magic
+        && u64_at(page, 8) == page_lsn.0
 }
 
 #[cfg(test)]
@@ -238,7 +342,13 @@ mod tests {
     const SEG: u64 = 16 << 20;
 
     fn id() -> WalIdentity {
-        WalIdentity { system_id: 77, seg_size: SEG, block_size: 8192, magic: 0xD110, tli: 1 }
+        WalIdentity {
+            system_id: 77,
+            seg_size: SEG,
+            block_size: 8192,
+            magic: 0xD110,
+            tli: 1,
+        }
     }
 
     fn header_at(page_lsn: Lsn) -> PageHeader {
@@ -247,7 +357,14 @@ mod tests {
             seg_size: SEG as u32,
             block_size: 8192,
         });
-        PageHeader { magic: 0xD110, info: if long.is_some() { XLP_LONG_HEADER } else { 0 }, tli: 1, pageaddr: page_lsn, rem_len: 0, long }
+        PageHeader {
+            magic: 0xD110,
+            info: if long.is_some() { XLP_LONG_HEADER } else { 0 },
+            tli: 1,
+            pageaddr: page_lsn,
+            rem_len: 0,
+            long,
+        }
     }
 
     fn page(hdr: &PageHeader) -> Vec<u8> {
@@ -269,16 +386,51 @@ mod tests {
             assert_eq!(validate_page(&p, lsn, &id()), Ok(hdr));
             assert!(page_belongs_here(&p, lsn, &id()));
         }
-        assert_eq!(WalIdentity::from_first_page(&page(&header_at(Lsn(SEG)))), Ok(id()));
+        assert_eq!(
+            WalIdentity::from_first_page(&page(&header_at(Lsn(SEG)))),
+            Ok(id())
+        );
     }
 
     #[test]
     fn parse_needs_enough_bytes() {
-        assert!(matches!(PageHeader::parse(&[0u8; 23]), Err(PageError::Truncated { needed_bytes: 24, .. })));
+        assert!(matches!(
+            PageHeader::parse(&[0u8; 23]),
+            Err(PageError::Truncated {
+                needed_bytes: 24,
+                ..
+            })
+        ));
         let p = page(&header_at(Lsn(SEG)));
-        assert!(matches!(PageHeader::parse(&p[..39]), Err(PageError::Truncated { needed_bytes: 40, .. })));
+        assert!(matches!(
+            PageHeader::parse(&p[..39]),
+            Err(PageError::Truncated {
+                needed_bytes: 40,
+                ..
+            })
+        ));
         assert!(PageHeader::parse(&p[..40]).is_ok());
         assert!(WalIdentity::from_first_page(&page(&header_at(Lsn(SEG + 8192)))).is_err());
+        let first = header_at(Lsn(SEG));
+        for (seg_size, block_size) in [
+            (3 << 20, 8192),
+            (SEG as u32, 512),
+            (SEG as u32, 0),
+            (1 << 31, 8192),
+        ] {
+            let hdr = PageHeader {
+                long: Some(LongPageHeader {
+                    system_id: 77,
+                    seg_size,
+                    block_size,
+                }),
+                ..first
+            };
+            assert!(matches!(
+                WalIdentity::from_first_page(&page(&hdr)),
+                Err(PageError::InvalidSizes { .. })
+            ));
+        }
     }
 
     #[test]
@@ -287,23 +439,84 @@ mod tests {
         let good = header_at(lsn);
         let check = |hdr: PageHeader, at: Lsn| validate_page(&page(&hdr), at, &id()).unwrap_err();
 
-        assert!(matches!(validate_page(&page(&good), Lsn(lsn.0 + 8), &id()), Err(PageError::Misaligned { .. })));
-        assert!(matches!(check(PageHeader { magic: 0xD113, ..good }, lsn), PageError::BadMagic { found: 0xD113, .. }));
-        assert!(matches!(check(PageHeader { info: 0x10, ..good }, lsn), PageError::UnknownFlags { unknown: 0x10, .. }));
-        let stale = PageHeader { pageaddr: Lsn(0xA2000), ..header_at(Lsn(0x1A2000)) };
+        assert!(matches!(
+            validate_page(&page(&good), Lsn(lsn.0 + 8), &id()),
+            Err(PageError::Misaligned { .. })
+        ));
+        assert!(matches!(
+            check(
+                PageHeader {
+                    magic: 0xD113,
+                    ..good
+                },
+                lsn
+            ),
+            PageError::BadMagic { found: 0xD113, .. }
+        ));
+        assert!(matches!(
+            check(PageHeader { info: 0x10, ..good }, lsn),
+            PageError::UnknownFlags { unknown: 0x10, .. }
+        ));
+        let stale = PageHeader {
+            pageaddr: Lsn(0xA2000),
+            ..header_at(Lsn(0x1A2000))
+        };
         let e = check(stale, Lsn(0x1A2000));
         assert_eq!(e.to_string(), "page at 0/001A2000: xlp_pageaddr is 0/000A2000, expected 0/001A2000 (recycled segment?)");
-        assert!(matches!(check(PageHeader { tli: 2, ..good }, lsn), PageError::BadTimeline { found: 2, expected: 1, .. }));
+        assert!(matches!(
+            check(PageHeader { tli: 2, ..good }, lsn),
+            PageError::BadTimeline {
+                found: 2,
+                expected: 1,
+                ..
+            }
+        ));
         // Long header on a non-first page, short header on a first page.
         let long = header_at(Lsn(SEG)).long;
-        assert!(matches!(check(PageHeader { long, ..good }, lsn), PageError::LongHeaderMismatch { found: true, .. }));
+        assert!(matches!(
+            check(PageHeader { long, ..good }, lsn),
+            PageError::LongHeaderMismatch { found: true, .. }
+        ));
         let first = header_at(Lsn(SEG));
-        assert!(matches!(check(PageHeader { long: None, ..first }, Lsn(SEG)), PageError::LongHeaderMismatch { found: false, .. }));
+        assert!(matches!(
+            check(
+                PageHeader {
+                    long: None,
+                    ..first
+                },
+                Lsn(SEG)
+            ),
+            PageError::LongHeaderMismatch { found: false, .. }
+        ));
         let l = first.long.unwrap();
-        let with = |l: LongPageHeader| PageHeader { long: Some(l), ..first };
-        assert!(matches!(check(with(LongPageHeader { system_id: 5, ..l }), Lsn(SEG)), PageError::BadSystemId { .. }));
-        assert!(matches!(check(with(LongPageHeader { seg_size: 1 << 20, ..l }), Lsn(SEG)), PageError::BadSegSize { .. }));
-        assert!(matches!(check(with(LongPageHeader { block_size: 4096, ..l }), Lsn(SEG)), PageError::BadBlockSize { .. }));
+        let with = |l: LongPageHeader| PageHeader {
+            long: Some(l),
+            ..first
+        };
+        assert!(matches!(
+            check(with(LongPageHeader { system_id: 5, ..l }), Lsn(SEG)),
+            PageError::BadSystemId { .. }
+        ));
+        assert!(matches!(
+            check(
+                with(LongPageHeader {
+                    seg_size: 1 << 20,
+                    ..l
+                }),
+                Lsn(SEG)
+            ),
+            PageError::BadSegSize { .. }
+        ));
+        assert!(matches!(
+            check(
+                with(LongPageHeader {
+                    block_size: 4096,
+                    ..l
+                }),
+                Lsn(SEG)
+            ),
+            PageError::BadBlockSize { .. }
+        ));
         assert!(!page_belongs_here(&page(&stale), Lsn(0x1A2000), &id()));
         assert!(!page_belongs_here(&[0u8; 8192], Lsn(0x1A2000), &id()));
     }

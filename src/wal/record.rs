@@ -25,6 +25,7 @@ use super::page::{
     page_belongs_here, validate_page, PageError, WalIdentity, XLP_FIRST_IS_CONTRECORD,
     XLP_FIRST_IS_OVERWRITE_CONTRECORD,
 };
+use super::segment::{is_valid_block_size, is_valid_seg_size};
 
 /// `SizeOfXLogRecord`.
 pub const XLOG_RECORD_HEADER_LEN: usize = 24;
@@ -97,7 +98,11 @@ pub enum SegmentWalk {
     /// WAL ends here. The first invalid thing starts at `stop_lsn`: the failing record's start for record
     /// checks (that start may lie in an earlier segment when the record spans segments), or the failing
     /// page's start for page and continuation checks.
-    Ended { valid_end: Lsn, stop_lsn: Lsn, reason: EndReason },
+    Ended {
+        valid_end: Lsn,
+        stop_lsn: Lsn,
+        reason: EndReason,
+    },
 }
 
 /// Why the walk stopped. Bad data is always an `EndReason`, never a `WalkError`.
@@ -116,7 +121,11 @@ pub enum EndReason {
     /// A record continues onto a page without `XLP_FIRST_IS_CONTRECORD`.
     MissingContrecord { page_lsn: Lsn, record_lsn: Lsn },
     /// A continuation page's `xlp_rem_len` disagrees with the bytes of the record still to come.
-    BadContrecordLength { page_lsn: Lsn, rem_len: u32, expected: u32 },
+    BadContrecordLength {
+        page_lsn: Lsn,
+        rem_len: u32,
+        expected: u32,
+    },
     /// A page says it starts with a continuation where a new record must start.
     UnexpectedContrecord { page_lsn: Lsn, rem_len: u32 },
 }
@@ -127,9 +136,15 @@ pub enum WalkError {
     #[error("walker expected the segment starting at {expected}, was given {found}")]
     UnexpectedSegment { expected: Lsn, found: Lsn },
     #[error("segment at {seg_start} has {found_bytes} bytes, expected {expected_bytes}")]
-    BadSegmentLength { seg_start: Lsn, found_bytes: u64, expected_bytes: u64 },
+    BadSegmentLength {
+        seg_start: Lsn,
+        found_bytes: u64,
+        expected_bytes: u64,
+    },
     #[error("the walk already ended at {valid_end}")]
     AlreadyEnded { valid_end: Lsn },
+    #[error("walker identity has invalid sizes: seg_size {seg_size}, block_size {block_size}")]
+    InvalidIdentity { seg_size: u64, block_size: u64 },
 }
 
 /// A record whose bytes are still arriving.
@@ -157,7 +172,9 @@ enum State {
     /// Nothing seen yet: the first page may begin with a continuation to skip.
     Start,
     /// Skipping the tail of a record that began before the walk started.
-    SkipContinuation { remaining_bytes: u32 },
+    SkipContinuation {
+        remaining_bytes: u32,
+    },
     /// At a record boundary.
     RecordStart,
     InRecord(PartialRecord),
@@ -180,7 +197,11 @@ pub struct RecordWalker {
 impl RecordWalker {
     /// Start at `start`, a segment start LSN, with no record in progress (a leading continuation is skipped).
     pub fn new(id: WalIdentity, start: Lsn) -> RecordWalker {
-        debug_assert_eq!(start.segment_offset(id.seg_size), 0, "walk must start at a segment start");
+        debug_assert_eq!(
+            start.segment_offset(id.seg_size),
+            0,
+            "walk must start at a segment start"
+        );
         RecordWalker {
             id,
             pos: start,
@@ -210,15 +231,30 @@ impl RecordWalker {
     /// Feed the whole segment that starts at `seg_start` (the one the walker expects; `bytes.len() ==
     /// seg_size`). Walks records until the segment end or the first invalid thing.
     pub fn walk_segment(&mut self, seg_start: Lsn, bytes: &[u8]) -> Result<SegmentWalk, WalkError> {
+        if !is_valid_seg_size(self.id.seg_size) || !is_valid_block_size(self.id.block_size) {
+            return Err(WalkError::InvalidIdentity {
+                seg_size: self.id.seg_size,
+                block_size: self.id.block_size,
+            });
+        }
         if matches!(self.state, State::Ended) {
-            return Err(WalkError::AlreadyEnded { valid_end: self.valid_end });
+            return Err(WalkError::AlreadyEnded {
+                valid_end: self.valid_end,
+            });
         }
         if seg_start != self.next_seg_start {
-            return Err(WalkError::UnexpectedSegment { expected: self.next_seg_start, found: seg_start });
+            return Err(WalkError::UnexpectedSegment {
+                expected: self.next_seg_start,
+                found: seg_start,
+            });
         }
         if bytes.len() as u64 != self.id.seg_size {
             let found_bytes = bytes.len() as u64;
-            return Err(WalkError::BadSegmentLength { seg_start, found_bytes, expected_bytes: self.id.seg_size });
+            return Err(WalkError::BadSegmentLength {
+                seg_start,
+                found_bytes,
+                expected_bytes: self.id.seg_size,
+            });
         }
         let seg_end = seg_start + self.id.seg_size;
         self.next_seg_start = seg_end;
@@ -228,7 +264,9 @@ impl RecordWalker {
                 return Ok(ended);
             }
         }
-        Ok(SegmentWalk::Continues { valid_end: self.valid_end })
+        Ok(SegmentWalk::Continues {
+            valid_end: self.valid_end,
+        })
     }
 
     /// Advance by one page header or one chunk of record bytes within the current page.
@@ -256,7 +294,11 @@ impl RecordWalker {
             }
             State::InRecord(_) => self.consume(avail),
             State::Start | State::RecordStart | State::Ended => {
-                debug_assert!(matches!(self.state, State::RecordStart), "unexpected state {:?}", self.state);
+                debug_assert!(
+                    matches!(self.state, State::RecordStart),
+                    "unexpected state {:?}",
+                    self.state
+                );
                 debug_assert_eq!(self.pos.maxalign(), self.pos);
                 self.state = State::InRecord(PartialRecord {
                     start: self.pos,
@@ -272,7 +314,11 @@ impl RecordWalker {
 
     fn end(&mut self, stop_lsn: Lsn, reason: EndReason) -> Option<SegmentWalk> {
         self.state = State::Ended;
-        Some(SegmentWalk::Ended { valid_end: self.valid_end, stop_lsn, reason })
+        Some(SegmentWalk::Ended {
+            valid_end: self.valid_end,
+            stop_lsn,
+            reason,
+        })
     }
 
     /// Validate a page header and check its continuation flags against the walk state.
@@ -288,7 +334,9 @@ impl RecordWalker {
         match &self.state {
             State::Start => {
                 self.state = if is_cont && !is_overwrite && rem_len > 0 {
-                    State::SkipContinuation { remaining_bytes: rem_len }
+                    State::SkipContinuation {
+                        remaining_bytes: rem_len,
+                    }
                 } else {
                     State::RecordStart
                 };
@@ -297,16 +345,32 @@ impl RecordWalker {
             State::SkipContinuation { remaining_bytes } => {
                 let expected = *remaining_bytes;
                 if !is_cont {
-                    return self.end(page_lsn, EndReason::MissingContrecord { page_lsn, record_lsn: Lsn::INVALID });
+                    return self.end(
+                        page_lsn,
+                        EndReason::MissingContrecord {
+                            page_lsn,
+                            record_lsn: Lsn::INVALID,
+                        },
+                    );
                 }
                 if rem_len != expected {
-                    return self.end(page_lsn, EndReason::BadContrecordLength { page_lsn, rem_len, expected });
+                    return self.end(
+                        page_lsn,
+                        EndReason::BadContrecordLength {
+                            page_lsn,
+                            rem_len,
+                            expected,
+                        },
+                    );
                 }
                 None
             }
             State::RecordStart => {
                 if is_cont {
-                    return self.end(page_lsn, EndReason::UnexpectedContrecord { page_lsn, rem_len });
+                    return self.end(
+                        page_lsn,
+                        EndReason::UnexpectedContrecord { page_lsn, rem_len },
+                    );
                 }
                 None
             }
@@ -319,10 +383,23 @@ impl RecordWalker {
                 let record_lsn = rec.start;
                 let expected = rec.remaining_bytes();
                 if !is_cont {
-                    return self.end(page_lsn, EndReason::MissingContrecord { page_lsn, record_lsn });
+                    return self.end(
+                        page_lsn,
+                        EndReason::MissingContrecord {
+                            page_lsn,
+                            record_lsn,
+                        },
+                    );
                 }
                 if rem_len != expected {
-                    return self.end(page_lsn, EndReason::BadContrecordLength { page_lsn, rem_len, expected });
+                    return self.end(
+                        page_lsn,
+                        EndReason::BadContrecordLength {
+                            page_lsn,
+                            rem_len,
+                            expected,
+                        },
+                    );
                 }
                 None
             }
@@ -343,14 +420,23 @@ impl RecordWalker {
         let hdr_len = XLOG_RECORD_HEADER_LEN as u32;
         if rec.read_bytes < hdr_len {
             // Header bytes: first the length (checked as soon as it is known, like PostgreSQL), then the rest.
-            let want = if rec.read_bytes < 4 { 4 - rec.read_bytes } else { hdr_len - rec.read_bytes };
+            let want = if rec.read_bytes < 4 {
+                4 - rec.read_bytes
+            } else {
+                hdr_len - rec.read_bytes
+            };
             let n = (want as usize).min(avail.len());
             let at = rec.read_bytes as usize;
             rec.header[at..at + n].copy_from_slice(&avail[..n]);
             rec.read_bytes += n as u32;
             self.pos = self.pos + n as u64;
             if rec.read_bytes == 4 {
-                let tot_len = u32::from_le_bytes([rec.header[0], rec.header[1], rec.header[2], rec.header[3]]);
+                let tot_len = u32::from_le_bytes([
+                    rec.header[0],
+                    rec.header[1],
+                    rec.header[2],
+                    rec.header[3],
+                ]);
                 let start = rec.start;
                 if tot_len == 0 {
                     return self.end(start, EndReason::ZeroLength);
@@ -391,14 +477,24 @@ impl RecordWalker {
         let computed = crc32c::crc32c_append(rec.body_crc, &rec.header[..HEADER_CRC_LEN]);
         let start = rec.start;
         if computed != header.crc {
-            return self.end(start, EndReason::BadCrc { found: header.crc, computed });
+            return self.end(
+                start,
+                EndReason::BadCrc {
+                    found: header.crc,
+                    computed,
+                },
+            );
         }
         // `pos` is just past the record's last byte (page headers crossed included).
         debug_assert!(self.pos >= start + u64::from(header.tot_len));
         let end = self.pos.maxalign();
         self.records += 1;
         self.prev_record = Some(start);
-        self.valid_end = if header.is_switch() { round_up_to_segment(end, self.id.seg_size) } else { end };
+        self.valid_end = if header.is_switch() {
+            round_up_to_segment(end, self.id.seg_size)
+        } else {
+            end
+        };
         self.pos = self.valid_end;
         self.state = State::RecordStart;
         None
@@ -419,7 +515,12 @@ fn round_up_to_segment(lsn: Lsn, seg_size: u64) -> Lsn {
 ///
 /// Caveat: a multi-page record torn by a crash (later pages written, record incomplete) also answers `Some`;
 /// PostgreSQL would treat that as end of WAL. Callers decide how loudly to complain.
-pub fn first_page_claiming_more(seg_start: Lsn, seg_bytes: &[u8], stop_lsn: Lsn, id: &WalIdentity) -> Option<Lsn> {
+pub fn first_page_claiming_more(
+    seg_start: Lsn,
+    seg_bytes: &[u8],
+    stop_lsn: Lsn,
+    id: &WalIdentity,
+) -> Option<Lsn> {
     let block = id.block_size;
     if block == 0 || seg_start.page_offset(block) != 0 {
         return None;

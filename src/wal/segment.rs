@@ -27,7 +27,7 @@ pub fn is_valid_block_size(block_size: u64) -> bool {
 /// Segments per "xlogid" (the middle 8 hex digits of a name): `0x1_0000_0000 / seg_size`.
 fn segments_per_xlogid(seg_size: u64) -> u64 {
     debug_assert!(is_valid_seg_size(seg_size), "bad seg_size {seg_size}");
-    0x1_0000_0000 / seg_size.max(1)
+    (0x1_0000_0000 / seg_size.max(1)).max(1)
 }
 
 /// `XLogFileName`: `%08X%08X%08X` of timeline, `segno / per_id`, `segno % per_id`.
@@ -54,7 +54,11 @@ pub enum WalFileName {
 
 /// Upper-case hex digits only, exactly 8 of them.
 fn parse_hex8(s: &str) -> Option<u32> {
-    if s.len() != 8 || !s.bytes().all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b)) {
+    if s.len() != 8
+        || !s
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b))
+    {
         return None;
     }
     u32::from_str_radix(s, 16).ok()
@@ -116,19 +120,36 @@ mod tests {
 
     #[test]
     fn sizes() {
-        assert!(is_valid_seg_size(1 << 20) && is_valid_seg_size(16 << 20) && is_valid_seg_size(1 << 30));
-        assert!(!is_valid_seg_size(0) && !is_valid_seg_size(1 << 19) && !is_valid_seg_size(1 << 31));
+        assert!(
+            is_valid_seg_size(1 << 20) && is_valid_seg_size(16 << 20) && is_valid_seg_size(1 << 30)
+        );
+        assert!(
+            !is_valid_seg_size(0) && !is_valid_seg_size(1 << 19) && !is_valid_seg_size(1 << 31)
+        );
         assert!(!is_valid_seg_size(3 << 20));
-        assert!(is_valid_block_size(1024) && is_valid_block_size(8192) && is_valid_block_size(65536));
-        assert!(!is_valid_block_size(512) && !is_valid_block_size(131072) && !is_valid_block_size(9000));
+        assert!(
+            is_valid_block_size(1024) && is_valid_block_size(8192) && is_valid_block_size(65536)
+        );
+        assert!(
+            !is_valid_block_size(512) && !is_valid_block_size(131072) && !is_valid_block_size(9000)
+        );
     }
 
     #[test]
     fn known_names() {
         let segno = Lsn(0x0100_0000).segno(MIB16);
-        assert_eq!(segment_file_name(1, segno, MIB16), "000000010000000000000001");
-        assert_eq!(segment_file_name(1, 0x100, MIB16), "000000010000000100000000");
-        assert_eq!(segment_file_name(0xA, 0x1FF, MIB16), "0000000A00000001000000FF");
+        assert_eq!(
+            segment_file_name(1, segno, MIB16),
+            "000000010000000000000001"
+        );
+        assert_eq!(
+            segment_file_name(1, 0x100, MIB16),
+            "000000010000000100000000"
+        );
+        assert_eq!(
+            segment_file_name(0xA, 0x1FF, MIB16),
+            "0000000A00000001000000FF"
+        );
         assert_eq!(history_file_name(2), "00000002.history");
         // 1 GiB segments: 4 per xlogid.
         let gib = 1 << 30;
@@ -142,7 +163,10 @@ mod tests {
             WalFileName::parse("000000010000000000000001.partial", MIB16),
             Some(WalFileName::Partial { tli: 1, segno: 1 })
         );
-        assert_eq!(WalFileName::parse("0000000A.history", MIB16), Some(WalFileName::History { tli: 10 }));
+        assert_eq!(
+            WalFileName::parse("0000000A.history", MIB16),
+            Some(WalFileName::History { tli: 10 })
+        );
     }
 
     #[test]

@@ -11,7 +11,10 @@ use std::sync::OnceLock;
 const MIB: u64 = 1 << 20;
 
 fn seg_start_of(path: &Path, seg_size: u64) -> Lsn {
-    let name = path.file_name().and_then(|n| n.to_str()).expect("utf-8 file name");
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .expect("utf-8 file name");
     match WalFileName::parse(name, seg_size) {
         Some(WalFileName::Segment { segno, .. }) => Lsn(segno * seg_size),
         other => panic!("unexpected file {name}: {other:?}"),
@@ -38,21 +41,37 @@ fn walk_files(opts: &GenOptions, files: &[std::path::PathBuf]) -> Outcome {
         last = walker.walk_segment(seg_start, &bytes).unwrap();
         if let SegmentWalk::Ended { stop_lsn, .. } = last {
             let claims_more = first_page_claiming_more(seg_start, &bytes, stop_lsn, &id);
-            return Outcome { walker, last, claims_more };
+            return Outcome {
+                walker,
+                last,
+                claims_more,
+            };
         }
     }
-    Outcome { walker, last, claims_more: None }
+    Outcome {
+        walker,
+        last,
+        claims_more: None,
+    }
 }
 
 fn gen(opts: &GenOptions) -> (tempfile::TempDir, GenOptions, GenReport) {
     let dir = tempfile::tempdir().unwrap();
-    let opts = GenOptions { dir: dir.path().to_path_buf(), ..opts.clone() };
+    let opts = GenOptions {
+        dir: dir.path().to_path_buf(),
+        ..opts.clone()
+    };
     let report = generate(&opts).unwrap();
     (dir, opts, report)
 }
 
 fn small(seed: u64) -> GenOptions {
-    GenOptions { seg_size: MIB, wal_bytes: 3 * MIB + 12345, seed, ..GenOptions::default() }
+    GenOptions {
+        seg_size: MIB,
+        wal_bytes: 3 * MIB + 12345,
+        seed,
+        ..GenOptions::default()
+    }
 }
 
 /// Walk the generated WAL; valid_end must be the generator's end exactly, and the tail must not claim more.
@@ -61,17 +80,33 @@ fn check_exact_end(opts: &GenOptions) -> Outcome {
     let out = walk_files(&opts, &report.segment_files);
     assert_eq!(out.walker.valid_end(), report.end_lsn, "{opts:?}");
     assert_eq!(out.walker.records_walked(), report.records, "{opts:?}");
-    if let SegmentWalk::Ended { valid_end, stop_lsn, .. } = &out.last {
+    if let SegmentWalk::Ended {
+        valid_end,
+        stop_lsn,
+        ..
+    } = &out.last
+    {
         assert_eq!(*valid_end, report.end_lsn);
         assert!(*stop_lsn >= report.end_lsn);
     }
-    assert_eq!(out.claims_more, None, "{opts:?}: tail claims more: {:?}", out.last);
+    assert_eq!(
+        out.claims_more, None,
+        "{opts:?}: tail claims more: {:?}",
+        out.last
+    );
     out
 }
 
 #[test]
 fn header_round_trip_and_switch() {
-    let h = RecordHeader { tot_len: 114, xid: 7, prev: Lsn(0x1_0000_0028), info: 0x40, rmid: 0, crc: 0xDEAD_BEEF };
+    let h = RecordHeader {
+        tot_len: 114,
+        xid: 7,
+        prev: Lsn(0x1_0000_0028),
+        info: 0x40,
+        rmid: 0,
+        crc: 0xDEAD_BEEF,
+    };
     assert_eq!(RecordHeader::parse(&h.encode()), h);
     assert!(h.is_switch());
     assert!(RecordHeader { info: 0x41, ..h }.is_switch());
@@ -86,51 +121,108 @@ fn header_round_trip_and_switch() {
 #[test]
 fn exact_end_1mib_segments_several_seeds_and_blocks() {
     for (seed, block) in [(1, 8192), (2, 8192), (3, 4096), (4, 16384), (5, 1024)] {
-        let out = check_exact_end(&GenOptions { block_size: block, ..small(seed) });
-        assert!(matches!(out.last, SegmentWalk::Ended { reason: EndReason::ZeroLength, .. }
-            | SegmentWalk::Ended { reason: EndReason::BadPage(_), .. }), "{:?}", out.last);
+        let out = check_exact_end(&GenOptions {
+            block_size: block,
+            ..small(seed)
+        });
+        assert!(
+            matches!(
+                out.last,
+                SegmentWalk::Ended {
+                    reason: EndReason::ZeroLength,
+                    ..
+                } | SegmentWalk::Ended {
+                    reason: EndReason::BadPage(_),
+                    ..
+                }
+            ),
+            "{:?}",
+            out.last
+        );
     }
 }
 
 #[test]
 fn exact_end_16mib_segments() {
-    check_exact_end(&GenOptions { wal_bytes: 20 * MIB + 777, seed: 9, ..GenOptions::default() });
+    check_exact_end(&GenOptions {
+        wal_bytes: 20 * MIB + 777,
+        seed: 9,
+        ..GenOptions::default()
+    });
 }
 
 #[test]
 fn exact_end_with_recycled_segments_and_stale_tail() {
     for (seed, zeros) in [(11, true), (12, false), (13, false)] {
-        let opts = GenOptions { recycled_segments: 2, fill_tail_with_zeros: zeros, ..small(seed) };
+        let opts = GenOptions {
+            recycled_segments: 2,
+            fill_tail_with_zeros: zeros,
+            ..small(seed)
+        };
         let (_dir, opts, report) = gen(&opts);
         assert_eq!(report.segment_files.len(), 4 + 2);
         let out = walk_files(&opts, &report.segment_files);
         assert_eq!(out.walker.valid_end(), report.end_lsn);
-        let SegmentWalk::Ended { stop_lsn, .. } = out.last else { panic!("walk did not end: {:?}", out.last) };
+        let SegmentWalk::Ended { stop_lsn, .. } = out.last else {
+            panic!("walk did not end: {:?}", out.last)
+        };
         // The walk ends in the last real segment, not in a recycled one.
-        assert_eq!(stop_lsn.segno(opts.seg_size), report.end_lsn.segno(opts.seg_size));
+        assert_eq!(
+            stop_lsn.segno(opts.seg_size),
+            report.end_lsn.segno(opts.seg_size)
+        );
         assert_eq!(out.claims_more, None);
         // A recycled file on its own: its first page belongs elsewhere.
         let recycled = std::fs::read(&report.segment_files[4]).unwrap();
         let seg_start = seg_start_of(&report.segment_files[4], opts.seg_size);
         let mut w = RecordWalker::new(opts.identity(), seg_start);
         let r = w.walk_segment(seg_start, &recycled).unwrap();
-        assert!(matches!(r, SegmentWalk::Ended { reason: EndReason::BadPage(PageError::BadPageAddr { .. }), .. }), "{r:?}");
-        assert_eq!(first_page_claiming_more(seg_start, &recycled, seg_start, &opts.identity()), None);
+        assert!(
+            matches!(
+                r,
+                SegmentWalk::Ended {
+                    reason: EndReason::BadPage(PageError::BadPageAddr { .. }),
+                    ..
+                }
+            ),
+            "{r:?}"
+        );
+        assert_eq!(
+            first_page_claiming_more(seg_start, &recycled, seg_start, &opts.identity()),
+            None
+        );
     }
 }
 
 #[test]
 fn end_exactly_at_segment_boundary_continues() {
-    let (_dir, opts, report) = gen(&GenOptions { switch_every_segments: Some(1), wal_bytes: MIB * 3 / 4, ..small(21) });
-    assert_eq!(report.end_lsn, Lsn(2 * MIB), "a switch in the first segment ends the WAL at the next segment");
+    let (_dir, opts, report) = gen(&GenOptions {
+        switch_every_segments: Some(1),
+        wal_bytes: MIB * 3 / 4,
+        ..small(21)
+    });
+    assert_eq!(
+        report.end_lsn,
+        Lsn(2 * MIB),
+        "a switch in the first segment ends the WAL at the next segment"
+    );
     let out = walk_files(&opts, &report.segment_files);
-    assert_eq!(out.last, SegmentWalk::Continues { valid_end: Lsn(2 * MIB) });
+    assert_eq!(
+        out.last,
+        SegmentWalk::Continues {
+            valid_end: Lsn(2 * MIB)
+        }
+    );
 }
 
 #[test]
 fn switch_records() {
     for seed in [31, 32] {
-        let opts = GenOptions { switch_every_segments: Some(2), wal_bytes: 5 * MIB + 100, ..small(seed) };
+        let opts = GenOptions {
+            switch_every_segments: Some(2),
+            wal_bytes: 5 * MIB + 100,
+            ..small(seed)
+        };
         let out = check_exact_end(&opts);
         assert!(out.walker.records_walked() > 0);
         // Segment 2 (the second file) ends in switch padding: header-only pages.
@@ -145,12 +237,19 @@ fn switch_records() {
 #[test]
 fn first_segment_begins_with_continuation() {
     for block in [8192, 4096] {
-        let opts = GenOptions { start_mid_record: true, block_size: block, ..small(41) };
+        let opts = GenOptions {
+            start_mid_record: true,
+            block_size: block,
+            ..small(41)
+        };
         let (_dir, opts, report) = gen(&opts);
         let first = std::fs::read(&report.segment_files[0]).unwrap();
         let hdr = PageHeader::parse(&first).unwrap();
         assert_ne!(hdr.info & XLP_FIRST_IS_CONTRECORD, 0);
-        assert!(hdr.rem_len as u64 > 2 * block, "continuation spans several pages");
+        assert!(
+            hdr.rem_len as u64 > 2 * block,
+            "continuation spans several pages"
+        );
         assert!(report.first_lsn > Lsn(MIB + 2 * block));
         let out = walk_files(&opts, &report.segment_files);
         assert_eq!(out.walker.valid_end(), report.end_lsn);
@@ -174,7 +273,10 @@ fn a_record_start(seg: &[u8], seg_start: Lsn, from: usize, block: usize) -> Lsn 
 #[test]
 fn flipped_byte_is_bad_crc_and_detectable_corruption() {
     for (seed, block) in [(51, 8192usize), (52, 4096)] {
-        let (_dir, opts, report) = gen(&GenOptions { block_size: block as u64, ..small(seed) });
+        let (_dir, opts, report) = gen(&GenOptions {
+            block_size: block as u64,
+            ..small(seed)
+        });
         let path = &report.segment_files[1];
         let seg_start = seg_start_of(path, opts.seg_size);
         let mut bytes = std::fs::read(path).unwrap();
@@ -183,11 +285,24 @@ fn flipped_byte_is_bad_crc_and_detectable_corruption() {
         bytes[(rec - seg_start) as usize + 5] ^= 0x20;
         std::fs::write(path, &bytes).unwrap();
         let out = walk_files(&opts, &report.segment_files);
-        let SegmentWalk::Ended { stop_lsn, reason, valid_end } = out.last else { panic!("{:?}", out.last) };
+        let SegmentWalk::Ended {
+            stop_lsn,
+            reason,
+            valid_end,
+        } = out.last
+        else {
+            panic!("{:?}", out.last)
+        };
         assert_eq!(stop_lsn, rec);
         assert!(matches!(reason, EndReason::BadCrc { .. }), "{reason:?}");
-        assert!(valid_end <= rec && rec - valid_end <= 40, "{valid_end} {rec}");
-        assert!(out.claims_more.is_some(), "valid pages follow the bad record: corruption, not end of WAL");
+        assert!(
+            valid_end <= rec && rec - valid_end <= 40,
+            "{valid_end} {rec}"
+        );
+        assert!(
+            out.claims_more.is_some(),
+            "valid pages follow the bad record: corruption, not end of WAL"
+        );
     }
 }
 
@@ -204,7 +319,14 @@ fn bad_prev_and_bad_length() {
         bytes[off + field_off] ^= 0x40;
         std::fs::write(path, &bytes).unwrap();
         let out = walk_files(&opts, &report.segment_files);
-        let SegmentWalk::Ended { stop_lsn, reason, valid_end } = out.last else { panic!() };
+        let SegmentWalk::Ended {
+            stop_lsn,
+            reason,
+            valid_end,
+        } = out.last
+        else {
+            panic!()
+        };
         assert!(valid_end <= rec);
         match check {
             0 => {
@@ -212,14 +334,28 @@ fn bad_prev_and_bad_length() {
                 assert!(matches!(reason, EndReason::BadPrev { .. }), "{reason:?}");
             }
             // A wrong length shows up at once, at the next continuation page, or as a bad CRC.
-            _ => assert!(stop_lsn >= rec && matches!(reason, EndReason::BadRecordLength { .. } | EndReason::BadCrc { .. }
-                | EndReason::BadContrecordLength { .. } | EndReason::MissingContrecord { .. }), "{reason:?}"),
+            _ => assert!(
+                stop_lsn >= rec
+                    && matches!(
+                        reason,
+                        EndReason::BadRecordLength { .. }
+                            | EndReason::BadCrc { .. }
+                            | EndReason::BadContrecordLength { .. }
+                            | EndReason::MissingContrecord { .. }
+                    ),
+                "{reason:?}"
+            ),
         }
     }
 }
 
 fn id_1mib(block: u64) -> WalIdentity {
-    GenOptions { seg_size: MIB, block_size: block, ..GenOptions::default() }.identity()
+    GenOptions {
+        seg_size: MIB,
+        block_size: block,
+        ..GenOptions::default()
+    }
+    .identity()
 }
 
 fn captured(stream: Stream) -> Vec<Vec<u8>> {
@@ -260,8 +396,13 @@ fn header_split_across_pages_and_segments() {
     }
     let target = MIB - 16;
     let headers_crossed = target / 8192 - from / 8192;
-    s.put_record((target - from - headers_crossed * 24) as u32, 6, 0).unwrap();
-    assert_eq!(s.pos.segment_offset(MIB), MIB - 16, "next header straddles the segment end");
+    s.put_record((target - from - headers_crossed * 24) as u32, 6, 0)
+        .unwrap();
+    assert_eq!(
+        s.pos.segment_offset(MIB),
+        MIB - 16,
+        "next header straddles the segment end"
+    );
     let straddler = s.put_record(200, 7, 0).unwrap();
     s.put_record(64, 8, 0).unwrap();
     let end = s.pos;
@@ -271,11 +412,22 @@ fn header_split_across_pages_and_segments() {
     assert_eq!(segs.len(), 2);
     // Walk the first segment alone: the straddling record is not complete yet.
     let mut w = RecordWalker::new(id, start);
-    assert_eq!(w.walk_segment(start, &segs[0]).unwrap(), SegmentWalk::Continues { valid_end: straddler });
+    assert_eq!(
+        w.walk_segment(start, &segs[0]).unwrap(),
+        SegmentWalk::Continues {
+            valid_end: straddler
+        }
+    );
     let r = w.walk_segment(start + MIB, &segs[1]).unwrap();
-    assert!(matches!(r, SegmentWalk::Ended { valid_end, reason: EndReason::ZeroLength, .. } if valid_end == end), "{r:?}");
+    assert!(
+        matches!(r, SegmentWalk::Ended { valid_end, reason: EndReason::ZeroLength, .. } if valid_end == end),
+        "{r:?}"
+    );
     assert!(w.records_walked() > 5);
-    assert_eq!(w.walk_segment(start + 2 * MIB, &segs[1]), Err(WalkError::AlreadyEnded { valid_end: end }));
+    assert_eq!(
+        w.walk_segment(start + 2 * MIB, &segs[1]),
+        Err(WalkError::AlreadyEnded { valid_end: end })
+    );
 }
 
 #[test]
@@ -283,10 +435,34 @@ fn misuse_is_an_error() {
     let id = id_1mib(8192);
     let mut w = RecordWalker::new(id, Lsn(MIB));
     let seg = vec![0u8; MIB as usize];
-    assert!(matches!(w.walk_segment(Lsn(2 * MIB), &seg), Err(WalkError::UnexpectedSegment { .. })));
-    assert!(matches!(w.walk_segment(Lsn(MIB), &seg[..100]), Err(WalkError::BadSegmentLength { .. })));
+    assert!(matches!(
+        w.walk_segment(Lsn(2 * MIB), &seg),
+        Err(WalkError::UnexpectedSegment { .. })
+    ));
+    assert!(matches!(
+        w.walk_segment(Lsn(MIB), &seg[..100]),
+        Err(WalkError::BadSegmentLength { .. })
+    ));
     let r = w.walk_segment(Lsn(MIB), &seg).unwrap();
-    assert!(matches!(r, SegmentWalk::Ended { stop_lsn: Lsn(0x10_0000), reason: EndReason::BadPage(_), .. }));
+    assert!(matches!(
+        r,
+        SegmentWalk::Ended {
+            stop_lsn: Lsn(0x10_0000),
+            reason: EndReason::BadPage(_),
+            ..
+        }
+    ));
+    let mut w = RecordWalker::new(
+        WalIdentity {
+            block_size: 0,
+            ..id
+        },
+        Lsn(MIB),
+    );
+    assert!(matches!(
+        w.walk_segment(Lsn(MIB), &seg),
+        Err(WalkError::InvalidIdentity { .. })
+    ));
 }
 
 #[test]
@@ -304,26 +480,45 @@ fn overwrite_contrecord_abandons_partial_record() {
     // record at the start of page 1. Build that page by hand.
     let page1 = &mut seg[8192..16384];
     page1.fill(0);
-    let hdr = PageHeader { magic: id.magic, info: XLP_FIRST_IS_OVERWRITE_CONTRECORD, tli: id.tli,
-                           pageaddr: start + 8192, rem_len: 0, long: None };
+    let hdr = PageHeader {
+        magic: id.magic,
+        info: XLP_FIRST_IS_OVERWRITE_CONTRECORD,
+        tli: id.tli,
+        pageaddr: start + 8192,
+        rem_len: 0,
+        long: None,
+    };
     hdr.encode(page1);
     let body = [7u8; 16];
-    let mut rec = RecordHeader { tot_len: 40, xid: 0, prev: a, info: 0x10, rmid: 0, crc: 0 };
+    let mut rec = RecordHeader {
+        tot_len: 40,
+        xid: 0,
+        prev: a,
+        info: 0x10,
+        rmid: 0,
+        crc: 0,
+    };
     rec.crc = record_crc(&rec.encode()[..20], &body);
     page1[24..48].copy_from_slice(&rec.encode());
     page1[48..64].copy_from_slice(&body);
     let (w, last) = walk_all(id, start, &[seg.clone()]);
     let overwrite_rec = start + 8192 + 24;
     let expected_end = overwrite_rec + 40;
-    assert!(matches!(last, SegmentWalk::Ended { valid_end, stop_lsn, reason: EndReason::ZeroLength }
-        if valid_end == expected_end && stop_lsn == expected_end), "{last:?}");
+    assert!(
+        matches!(last, SegmentWalk::Ended { valid_end, stop_lsn, reason: EndReason::ZeroLength }
+        if valid_end == expected_end && stop_lsn == expected_end),
+        "{last:?}"
+    );
     assert_eq!(w.records_walked(), 2);
     // Without the flag (and without CONTRECORD) it is a missing continuation: the end is after record A.
     let page1 = &mut seg[8192..16384];
     PageHeader { info: 0, ..hdr }.encode(page1);
     let (_, last) = walk_all(id, start, &[seg]);
-    assert!(matches!(last, SegmentWalk::Ended { valid_end, reason: EndReason::MissingContrecord { .. }, .. }
-        if valid_end == a_end), "{last:?}");
+    assert!(
+        matches!(last, SegmentWalk::Ended { valid_end, reason: EndReason::MissingContrecord { .. }, .. }
+        if valid_end == a_end),
+        "{last:?}"
+    );
 }
 
 #[test]
@@ -339,7 +534,9 @@ fn unexpected_contrecord_and_bad_rem_len() {
     s.emit().unwrap();
     let seg = captured(s).remove(0);
     let (_, last) = walk_all(id, start, std::slice::from_ref(&seg));
-    assert!(matches!(last, SegmentWalk::Ended { valid_end, reason: EndReason::ZeroLength, .. } if valid_end == start + (8192 + 24 + 9000 + 24)));
+    assert!(
+        matches!(last, SegmentWalk::Ended { valid_end, reason: EndReason::ZeroLength, .. } if valid_end == start + (8192 + 24 + 9000 + 24))
+    );
     // Page 1 now claims a continuation where a record must start.
     let mut bad = seg.clone();
     let mut hdr = PageHeader::parse(&bad[8192..]).unwrap();
@@ -347,8 +544,11 @@ fn unexpected_contrecord_and_bad_rem_len() {
     hdr.rem_len = 5;
     hdr.encode(&mut bad[8192..]);
     let (_, last) = walk_all(id, start, &[bad]);
-    assert!(matches!(last, SegmentWalk::Ended { valid_end, stop_lsn, reason: EndReason::UnexpectedContrecord { .. } }
-        if valid_end == after && stop_lsn == after), "{last:?}");
+    assert!(
+        matches!(last, SegmentWalk::Ended { valid_end, stop_lsn, reason: EndReason::UnexpectedContrecord { .. } }
+        if valid_end == after && stop_lsn == after),
+        "{last:?}"
+    );
     // Page 2 continues the 9000-byte record with a wrong xlp_rem_len.
     let mut bad = seg;
     let mut hdr = PageHeader::parse(&bad[16384..]).unwrap();
@@ -356,8 +556,11 @@ fn unexpected_contrecord_and_bad_rem_len() {
     hdr.rem_len += 8;
     hdr.encode(&mut bad[16384..]);
     let (_, last) = walk_all(id, start, &[bad]);
-    assert!(matches!(last, SegmentWalk::Ended { valid_end, reason: EndReason::BadContrecordLength { .. }, .. }
-        if valid_end == after), "{last:?}");
+    assert!(
+        matches!(last, SegmentWalk::Ended { valid_end, reason: EndReason::BadContrecordLength { .. }, .. }
+        if valid_end == after),
+        "{last:?}"
+    );
 }
 
 #[test]
@@ -365,14 +568,39 @@ fn claiming_more_scans_pages_after_the_stop_page() {
     let id = id_1mib(8192);
     let start = Lsn(MIB);
     let mut seg = vec![0u8; MIB as usize];
-    assert_eq!(first_page_claiming_more(start, &seg, start + 100, &id), None);
-    let hdr = PageHeader { magic: id.magic, info: 0, tli: 1, pageaddr: start + 5 * 8192, rem_len: 0, long: None };
+    assert_eq!(
+        first_page_claiming_more(start, &seg, start + 100, &id),
+        None
+    );
+    let hdr = PageHeader {
+        magic: id.magic,
+        info: 0,
+        tli: 1,
+        pageaddr: start + 5 * 8192,
+        rem_len: 0,
+        long: None,
+    };
     hdr.encode(&mut seg[5 * 8192..]);
-    assert_eq!(first_page_claiming_more(start, &seg, start + 100, &id), Some(start + 5 * 8192));
-    assert_eq!(first_page_claiming_more(start, &seg, start + 5 * 8192 + 8, &id), None);
-    assert_eq!(first_page_claiming_more(start, &seg, Lsn(0), &id), Some(start + 5 * 8192));
-    assert_eq!(first_page_claiming_more(start, &seg, Lsn(u64::MAX), &id), None);
-    assert_eq!(first_page_claiming_more(start, &seg[..SHORT_PAGE_HEADER_LEN], Lsn(0), &id), None);
+    assert_eq!(
+        first_page_claiming_more(start, &seg, start + 100, &id),
+        Some(start + 5 * 8192)
+    );
+    assert_eq!(
+        first_page_claiming_more(start, &seg, start + 5 * 8192 + 8, &id),
+        None
+    );
+    assert_eq!(
+        first_page_claiming_more(start, &seg, Lsn(0), &id),
+        Some(start + 5 * 8192)
+    );
+    assert_eq!(
+        first_page_claiming_more(start, &seg, Lsn(u64::MAX), &id),
+        None
+    );
+    assert_eq!(
+        first_page_claiming_more(start, &seg[..SHORT_PAGE_HEADER_LEN], Lsn(0), &id),
+        None
+    );
 }
 
 /// One valid 1 MiB segment with small pages (many boundaries), generated once.
@@ -432,6 +660,16 @@ proptest! {
 /// Manual check against a real cluster's `pg_wal` (not run by default; needs a stopped PostgreSQL cluster):
 /// `WALSHIP_PG_WAL=/path/pg_wal WALSHIP_EXPECT_END=0/7125430 cargo test --lib real_pg_wal -- --ignored --nocapture`.
 /// Compare with `pg_waldump`'s last record (the shutdown checkpoint) and the zero-length record after it.
+///
+/// Checked 2026-11-24 on Debian PostgreSQL 15 (magic 0xD110, 16 MiB, 8 KiB): after `pgbench -i -s 5`, pgbench
+/// runs, one `pg_switch_wal()` (at 0/C496230) and `pg_ctl -m fast stop`, pg_wal held segments 7..D (7..C full,
+/// D current with a stale recycled tail). `pg_controldata`: latest checkpoint 0/DC77C18; pg_waldump: that
+/// CHECKPOINT_SHUTDOWN is 114 bytes and the next read fails "invalid record length at 0/DC77C90: wanted 24,
+/// got 0". The walker: Continues through 7..B, `Continues { valid_end: 0/0D000000 }` after C (switch padding),
+/// `Ended { valid_end: 0/0DC77C90, reason: ZeroLength }` in D, 507443 records, no page claiming more. Walking
+/// from segment 9 (first page XLP_FIRST_IS_CONTRECORD, rem_len 6355) gives the same end. A flipped byte at
+/// 8 MiB + 1000 in segment B: `BadCrc` at 0/0B8003D8 (pg_waldump: "incorrect resource manager data checksum in
+/// record at 0/B8003D8"), and `first_page_claiming_more` = Some(0/0B802000).
 #[test]
 #[ignore]
 fn real_pg_wal_end() {
@@ -453,12 +691,36 @@ fn real_pg_wal_end() {
         let r = walker.walk_segment(seg_start, &bytes).unwrap();
         println!("{}: {r:?}", path.display());
         if let SegmentWalk::Ended { stop_lsn, .. } = r {
-            println!("claims more: {:?}", first_page_claiming_more(seg_start, &bytes, stop_lsn, &id));
+            println!(
+                "claims more: {:?}",
+                first_page_claiming_more(seg_start, &bytes, stop_lsn, &id)
+            );
             break;
         }
     }
-    println!("valid_end {} after {} records", walker.valid_end(), walker.records_walked());
+    println!(
+        "valid_end {} after {} records",
+        walker.valid_end(),
+        walker.records_walked()
+    );
     if let Ok(expected) = std::env::var("WALSHIP_EXPECT_END") {
         assert_eq!(walker.valid_end(), expected.parse::<Lsn>().unwrap());
     }
+}
+
+/// `cargo test --release --lib walk_throughput -- --ignored --nocapture` (generates 512 MiB, walks it in memory).
+#[test]
+#[ignore]
+fn walk_throughput() {
+    let dir = tempfile::tempdir_in(std::env::var("WALSHIP_GEN_DIR").unwrap_or_else(|_| "/tmp".into())).unwrap();
+    let opts = GenOptions { dir: dir.path().to_path_buf(), wal_bytes: 512 << 20, ..GenOptions::default() };
+    let report = generate(&opts).unwrap();
+    let segs: Vec<Vec<u8>> = report.segment_files.iter().map(|p| std::fs::read(p).unwrap()).collect();
+    let start = seg_start_of(&report.segment_files[0], opts.seg_size);
+    let t = std::time::Instant::now();
+    let (w, _) = walk_all(opts.identity(), start, &segs);
+    let secs = t.elapsed().as_secs_f64();
+    assert_eq!(w.valid_end(), report.end_lsn);
+    let mb = (segs.len() as u64 * opts.seg_size) as f64 / 1e6;
+    println!("walked {} records, {mb:.0} MB in {secs:.3}s = {:.0} MB/s", w.records_walked(), mb / secs);
 }
