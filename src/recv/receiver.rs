@@ -102,6 +102,8 @@ pub struct Receiver {
     /// Segments with an open file; value: a write of it is still in flight or pending.
     open_segments: BTreeMap<u64, ()>,
     frame: Option<FrameInProgress>,
+    /// The connection ended: settled tail chunks may be released.
+    stream_stopped: bool,
     flusher: Flusher,
     next_write_id: u64,
 }
@@ -121,6 +123,7 @@ impl Receiver {
             free_slots: (0..cfg.slots).rev().collect(),
             open_segments: BTreeMap::new(),
             frame: None,
+            stream_stopped: false,
             flusher: Flusher::new(cfg.flush, durable),
             next_write_id: 1,
         }
@@ -296,13 +299,15 @@ impl Receiver {
         self.check_invariants();
     }
 
-    /// The connection failed mid-frame: forget the unverified bytes.
+    /// The connection ended (possibly mid-frame): forget unverified bytes, let the tail go once
+    /// it is written.
     pub fn abandon_frame(&mut self) {
         self.frame = None;
+        self.stream_stopped = true;
         for chunk in self.chunks.iter_mut() {
             chunk.unverified_end = chunk.received_end;
         }
-        self.release_idle_chunks();
+        self.release_idle_chunks(true);
     }
 
     fn issue_writes(&mut self, out: &mut Vec<Action>) {
@@ -346,7 +351,7 @@ impl Receiver {
         self.flusher.on_write_completed(segno, now_us);
         self.recompute_written();
         self.issue_writes(out);
-        self.release_idle_chunks();
+        self.release_idle_chunks(self.stream_stopped);
         self.next_piece(out);
         self.poll_flush(now_us, out);
         self.check_invariants();
@@ -367,17 +372,17 @@ impl Receiver {
         self.written = written;
     }
 
-    /// Frees slots of chunks that are full and written, and of a tail chunk that is written when
-    /// the stream stopped (its bytes are on disk; a resumed stream prefills the block).
-    fn release_idle_chunks(&mut self) {
+    /// Frees slots of chunks that are full and written; with `include_tail` (the stream
+    /// stopped) also a settled partial tail chunk: its bytes are on disk, and a resumed stream
+    /// prefills the block from there.
+    fn release_idle_chunks(&mut self, include_tail: bool) {
         let chunk_bytes = self.cfg.chunk_bytes;
-        let receiving = self.frame.is_some();
         let mut i = 0;
         while i < self.chunks.len() {
             let c = &self.chunks[i];
             let full = c.received_end == c.start + chunk_bytes;
             let settled = c.write_in_flight.is_none() && c.written_end == c.received_end && c.unverified_end == c.received_end;
-            if settled && (full || !receiving) {
+            if settled && (full || include_tail) {
                 let c = self.chunks.remove(i).expect("chunk");
                 self.free_slots.push(c.slot);
             } else {
