@@ -139,6 +139,11 @@ impl Flusher {
         out.extend(targets.into_iter().map(|target| FsyncRequest { batch_id: id, target }));
     }
 
+    /// Whether batch `batch_id` still waits for fsyncs.
+    pub fn batch_pending(&self, batch_id: u64) -> bool {
+        self.batches.iter().any(|b| b.id == batch_id)
+    }
+
     /// One fsync of batch `batch_id` succeeded. Returns the new `flushed` if it advanced.
     pub fn on_fsync_done(&mut self, batch_id: u64) -> Option<Lsn> {
         let batch = self

@@ -68,6 +68,28 @@ pub struct RecvSummary {
     pub flushed: Lsn,
     pub bytes_received: u64,
     pub connections: u64,
+    pub writes: u64,
+    pub bytes_written: u64,
+    pub fsyncs: u64,
+    pub fsync_batches: u64,
+    /// fdatasync latency, microseconds.
+    pub fsync_latency_us: Option<hdrhistogram::Histogram<u64>>,
+    /// Frames that had to wait for a free buffer slot or a chunk write.
+    pub frame_stalls: u64,
+}
+
+impl RecvSummary {
+    /// One line for the log: what was written and how the group commit went.
+    pub fn describe(&self) -> String {
+        let (p50, p99, max) = self.fsync_latency_us.as_ref().map_or((0, 0, 0), |h| {
+            (h.value_at_quantile(0.5), h.value_at_quantile(0.99), h.max())
+        });
+        let per_batch = if self.fsync_batches > 0 { self.bytes_written / self.fsync_batches } else { 0 };
+        format!(
+            "{} bytes received, {} writes ({} bytes), {} fdatasyncs in {} batches ({} bytes/batch), fdatasync p50 {} us p99 {} us max {} us, {} frame stalls",
+            self.bytes_received, self.writes, self.bytes_written, self.fsyncs, self.fsync_batches, per_batch, p50, p99, max, self.frame_stalls
+        )
+    }
 }
 
 const TAG_ACCEPT: u64 = 1 << 56;
@@ -122,6 +144,8 @@ struct Io {
     /// Writes in flight: id -> (segment, file offset, length), to name them in errors and
     /// detect short writes.
     writes: HashMap<u64, (u64, u64, usize)>,
+    /// fsync batches in flight: id -> issue time.
+    fsync_started: HashMap<u64, Instant>,
     epoch: Instant,
 }
 
@@ -146,7 +170,7 @@ pub fn run(cfg: &RecvConfig, shutdown: Arc<AtomicBool>) -> Result<RecvSummary, R
     if !ring.pool_registered() {
         warn!("could not register the buffer pool with io_uring (RLIMIT_MEMLOCK?); using unregistered writes");
     }
-    let mut io = Io { ring, segdir: None, files: HashMap::new(), writes: HashMap::new(), epoch: Instant::now() };
+    let mut io = Io { ring, segdir: None, files: HashMap::new(), writes: HashMap::new(), fsync_started: HashMap::new(), epoch: Instant::now() };
     let mut identity = state.identity;
     let mut receiver: Option<Receiver> = identity.map(|id| Receiver::new(receiver_config(cfg, id.seg_size), state.durable_end));
     if let (Some(id), true) = (identity, state.durable_end > Lsn(0)) {
@@ -223,7 +247,7 @@ pub fn run(cfg: &RecvConfig, shutdown: Arc<AtomicBool>) -> Result<RecvSummary, R
     // Drop the ring (drains anything left) before the files it may reference.
     let flushed = receiver.as_ref().map_or(summary.flushed, |r| r.flushed());
     summary.flushed = flushed;
-    info!(flushed = %flushed, "receiver stopped; everything below {flushed} is durable");
+    info!(flushed = %flushed, "receiver stopped; everything below {flushed} is durable; {}", summary.describe());
     Ok(summary)
 }
 
@@ -407,6 +431,8 @@ fn handle_completion(
                 let reason = format!("short O_DIRECT write: {} of {len} bytes (disk full?)", c.result);
                 return Err(RecvError::WriteFailed { path, offset, flushed: rx.flushed(), reason });
             }
+            summary.writes += 1;
+            summary.bytes_written += len as u64;
             rx.on_write_done(write_id, now, actions);
         }
         TAG_FSYNC => {
@@ -419,7 +445,17 @@ fn handle_completion(
                     source: std::io::Error::from_raw_os_error(-c.result),
                 });
             }
+            summary.fsyncs += 1;
+            if let Some(t) = io.fsync_started.get(&batch_id) {
+                let h = summary
+                    .fsync_latency_us
+                    .get_or_insert_with(|| hdrhistogram::Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds"));
+                let _ = h.record((t.elapsed().as_micros() as u64).max(1));
+            }
             rx.on_fsync_done(batch_id, actions);
+            if !rx.fsync_batch_pending(batch_id) {
+                io.fsync_started.remove(&batch_id);
+            }
         }
         _ => unreachable!("unknown completion tag {:#x}", c.tag),
     }
@@ -615,6 +651,9 @@ fn on_hello(
 fn on_piece(io: &mut Io, conn: &mut Conn, rx: &mut Receiver, actions: &mut Vec<Action>, summary: &mut RecvSummary, now: u64) {
     let ConnPhase::DataBody(header) = conn.phase else { unreachable!("piece outside a data frame") };
     if !rx.on_piece_received(actions) {
+        if rx.frame_waiting() {
+            summary.frame_stalls += 1;
+        }
         return; // more pieces to come (the next one may already be in `actions`)
     }
     // The whole body is in the pool: verify before anything is written.
@@ -691,6 +730,9 @@ fn execute(
                 }
                 Action::Fsync(req) => {
                     let tag = TAG_FSYNC | req.batch_id;
+                    if io.fsync_started.insert(req.batch_id, Instant::now()).is_none() {
+                        summary.fsync_batches += 1;
+                    }
                     match req.target {
                         SyncTarget::Segment(segno) => {
                             let fd = io.files.get(&segno).expect("fsync of a closed segment").direct.as_raw_fd();

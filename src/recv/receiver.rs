@@ -408,6 +408,11 @@ impl Receiver {
         out.extend(requests.into_iter().map(Action::Fsync));
     }
 
+    /// Whether fsyncs of `batch_id` are still outstanding.
+    pub fn fsync_batch_pending(&self, batch_id: u64) -> bool {
+        self.flusher.batch_pending(batch_id)
+    }
+
     /// An fsync of a batch succeeded (a failed fsync is fatal and never reaches here).
     pub fn on_fsync_done(&mut self, batch_id: u64, out: &mut Vec<Action>) {
         if let Some(flushed) = self.flusher.on_fsync_done(batch_id) {
