@@ -179,7 +179,7 @@ impl Measurement {
 struct Source {
     dir: PathBuf,
     files: Vec<PathBuf>,
-    /// Bytes of WAL to ship (end_lsn - first_lsn when gen-wal said so, else the files' total).
+    /// Bytes of WAL to ship (end_lsn - start of first_lsn's segment when gen-wal said so, else the files' total).
     wal_bytes: u64,
     first_lsn: Option<u64>,
     end_lsn: Option<u64>,
@@ -212,7 +212,13 @@ fn make_source(cfg: &Config, root: &Path) -> Result<Source, String> {
         Ok(f) if f.ok() => match json::parse_lenient(&f.stdout) {
             Ok(report) => {
                 let files = list_files(&dir).map_err(|e| e.to_string())?;
-                let first_lsn = report.get("first_lsn").and_then(parse_lsn);
+                // gen-wal's first_lsn is its first record, just past the long page header; the sender
+                // ships whole segments from the segment start, so count (and verify) from there.
+                let seg_size = files.first().and_then(|p| p.metadata().ok()).map_or(SEGMENT_BYTES, |m| m.len());
+                let first_lsn = report
+                    .get("first_lsn")
+                    .and_then(parse_lsn)
+                    .map(|lsn| if seg_size.is_power_of_two() { lsn - lsn % seg_size } else { lsn });
                 let end_lsn = report.get("end_lsn").and_then(parse_lsn);
                 let wal_bytes = match (first_lsn, end_lsn) {
                     (Some(a), Some(b)) if b > a => b - a,
