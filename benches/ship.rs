@@ -655,6 +655,18 @@ fn bench(cfg: &Config) -> Result<(), String> {
             cfg.scratch_parent.display()
         ));
     }
+    // Scratch dirs of earlier runs that died (their pid is gone) would eat the disk: remove them.
+    if let Ok(entries) = std::fs::read_dir(&cfg.scratch_parent) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(pid) = name.strip_prefix("ship-").and_then(|p| p.parse::<u32>().ok()) {
+                if !Path::new(&format!("/proc/{pid}")).exists() {
+                    eprintln!("ship bench: removing stale scratch dir {}", entry.path().display());
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        }
+    }
     let root = cfg.scratch_parent.join(format!("ship-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
     std::fs::create_dir_all(&root).map_err(|e| format!("create {}: {e}", root.display()))?;
