@@ -39,7 +39,9 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 }
 
 pub fn human_bytes(bytes: u64) -> String {
-    if bytes >= GIB && bytes % (GIB / 100) == 0 {
+    if bytes >= GIB && bytes % GIB == 0 {
+        format!("{} GiB", bytes / GIB)
+    } else if bytes >= GIB {
         format!("{:.2} GiB", bytes as f64 / GIB as f64)
     } else {
         format!("{:.0} MiB", bytes as f64 / MIB as f64)
