@@ -59,7 +59,9 @@ struct Config {
 }
 
 fn env_flag(name: &str) -> Option<bool> {
-    std::env::var(name).ok().map(|v| !matches!(v.as_str(), "" | "0" | "false" | "no"))
+    std::env::var(name)
+        .ok()
+        .map(|v| !matches!(v.as_str(), "" | "0" | "false" | "no"))
 }
 
 fn target_dir() -> PathBuf {
@@ -81,20 +83,24 @@ impl Config {
         };
         let bytes = (bytes / SEGMENT_BYTES).max(1) * SEGMENT_BYTES;
         let reps = match std::env::var("WALSHIP_BENCH_REPS") {
-            Ok(v) => v.parse::<usize>().map_err(|_| format!("bad WALSHIP_BENCH_REPS {v:?}"))?.max(1),
+            Ok(v) => v
+                .parse::<usize>()
+                .map_err(|_| format!("bad WALSHIP_BENCH_REPS {v:?}"))?
+                .max(1),
             Err(_) => 3,
         };
         let timeout_s = match std::env::var("WALSHIP_BENCH_TIMEOUT_S") {
-            Ok(v) => v.parse::<u64>().map_err(|_| format!("bad WALSHIP_BENCH_TIMEOUT_S {v:?}"))?,
+            Ok(v) => v
+                .parse::<u64>()
+                .map_err(|_| format!("bad WALSHIP_BENCH_TIMEOUT_S {v:?}"))?,
             Err(_) => 120 + bytes / 50_000_000,
         };
         let split = |name: &str| -> Vec<String> {
-            std::env::var(name).map(|v| v.split_whitespace().map(String::from).collect()).unwrap_or_default()
+            std::env::var(name)
+                .map(|v| v.split_whitespace().map(String::from).collect())
+                .unwrap_or_default()
         };
-        let filters = std::env::args()
-            .skip(1)
-            .filter(|a| !a.starts_with('-'))
-            .collect();
+        let filters = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
         Ok(Config {
             bytes,
             reps,
@@ -137,7 +143,16 @@ struct Measurement {
 
 impl Measurement {
     fn new(name: &'static str, rep: usize, bytes: u64) -> Measurement {
-        Measurement { name, rep, error: None, bytes, wall_s: f64::NAN, cpu: Vec::new(), command: String::new(), extra: Json::obj() }
+        Measurement {
+            name,
+            rep,
+            error: None,
+            bytes,
+            wall_s: f64::NAN,
+            cpu: Vec::new(),
+            command: String::new(),
+            extra: Json::obj(),
+        }
     }
     fn failed(mut self, error: String) -> Measurement {
         self.error = Some(error);
@@ -155,9 +170,13 @@ impl Measurement {
     }
     fn to_json(&self) -> Json {
         let mut j = Json::obj();
-        j.set("name", self.name).set("rep", self.rep).set("ok", self.error.is_none());
+        j.set("name", self.name)
+            .set("rep", self.rep)
+            .set("ok", self.error.is_none());
         j.set("error", self.error.clone());
-        j.set("bytes", self.bytes).set("wall_s", self.wall_s).set("gb_per_s", self.gbps());
+        j.set("bytes", self.bytes)
+            .set("wall_s", self.wall_s)
+            .set("gb_per_s", self.gbps());
         let cpu: Vec<Json> = self
             .cpu
             .iter()
@@ -170,7 +189,9 @@ impl Measurement {
                 o
             })
             .collect();
-        j.set("cpu", cpu).set("command", self.command.clone()).set("extra", self.extra.clone());
+        j.set("cpu", cpu)
+            .set("command", self.command.clone())
+            .set("extra", self.extra.clone());
         j
     }
 }
@@ -195,7 +216,10 @@ fn parse_lsn(v: &Json) -> Option<u64> {
         Json::Num(_) => v.as_u64(),
         Json::Str(s) => match s.split_once('/') {
             Some((hi, lo)) => Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?),
-            None => s.parse().ok().or_else(|| u64::from_str_radix(s.trim_start_matches("0x"), 16).ok()),
+            None => s
+                .parse()
+                .ok()
+                .or_else(|| u64::from_str_radix(s.trim_start_matches("0x"), 16).ok()),
         },
         _ => None,
     }
@@ -205,7 +229,12 @@ fn make_source(cfg: &Config, root: &Path) -> Result<Source, String> {
     let dir = root.join("src");
     std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
     let mut cmd = Command::new(&cfg.walship_bin);
-    cmd.arg("gen-wal").arg("--dir").arg(&dir).arg("--wal-bytes").arg(cfg.bytes.to_string()).args(["--seed", "1"]);
+    cmd.arg("gen-wal")
+        .arg("--dir")
+        .arg(&dir)
+        .arg("--wal-bytes")
+        .arg(cfg.bytes.to_string())
+        .args(["--seed", "1"]);
     let command = cmd_line(&cmd);
     let gen = run(&mut cmd, root, "gen-wal", cfg.timeout);
     let failure = match &gen {
@@ -214,11 +243,17 @@ fn make_source(cfg: &Config, root: &Path) -> Result<Source, String> {
                 let files = list_files(&dir).map_err(|e| e.to_string())?;
                 // gen-wal's first_lsn is its first record, just past the long page header; the sender
                 // ships whole segments from the segment start, so count (and verify) from there.
-                let seg_size = files.first().and_then(|p| p.metadata().ok()).map_or(SEGMENT_BYTES, |m| m.len());
-                let first_lsn = report
-                    .get("first_lsn")
-                    .and_then(parse_lsn)
-                    .map(|lsn| if seg_size.is_power_of_two() { lsn - lsn % seg_size } else { lsn });
+                let seg_size = files
+                    .first()
+                    .and_then(|p| p.metadata().ok())
+                    .map_or(SEGMENT_BYTES, |m| m.len());
+                let first_lsn = report.get("first_lsn").and_then(parse_lsn).map(|lsn| {
+                    if seg_size.is_power_of_two() {
+                        lsn - lsn % seg_size
+                    } else {
+                        lsn
+                    }
+                });
                 let end_lsn = report.get("end_lsn").and_then(parse_lsn);
                 let wal_bytes = match (first_lsn, end_lsn) {
                     (Some(a), Some(b)) if b > a => b - a,
@@ -229,7 +264,9 @@ fn make_source(cfg: &Config, root: &Path) -> Result<Source, String> {
                 } else {
                     let mut gen_report = report.clone();
                     if let Json::Obj(_) = gen_report {
-                        gen_report.set("command", command.clone()).set("wall_s", f.wall.as_secs_f64());
+                        gen_report
+                            .set("command", command.clone())
+                            .set("wall_s", f.wall.as_secs_f64());
                     }
                     return Ok(Source {
                         dir,
@@ -243,7 +280,10 @@ fn make_source(cfg: &Config, root: &Path) -> Result<Source, String> {
                     });
                 }
             }
-            Err(e) => Some(format!("gen-wal printed no JSON report ({e}): {}", tail(&f.stdout, 300))),
+            Err(e) => Some(format!(
+                "gen-wal printed no JSON report ({e}): {}",
+                tail(&f.stdout, 300)
+            )),
         },
         Ok(f) => Some(format!("`{command}` failed: {}", f.describe_failure())),
         Err(e) => Some(format!("`{command}` could not start: {e}")),
@@ -320,7 +360,9 @@ fn raw_tcp(bytes: u64) -> std::io::Result<(Duration, Cpu, Cpu)> {
     }
     sock.shutdown(Shutdown::Write)?;
     let send_cpu = thread_cpu().minus(&cpu0);
-    let (got, recv_cpu, end) = receiver.join().map_err(|_| std::io::Error::other("receiver thread panicked"))??;
+    let (got, recv_cpu, end) = receiver
+        .join()
+        .map_err(|_| std::io::Error::other("receiver thread panicked"))??;
     if got != bytes {
         return Err(std::io::Error::other(format!("receiver got {got} of {bytes} bytes")));
     }
@@ -334,12 +376,23 @@ fn bench_odirect_fio(cfg: &Config, root: &Path, dst: &Path, bytes: u64, rep: usi
     let m = Measurement::new("raw_odirect_fio", rep, bytes);
     let files = bytes / SEGMENT_BYTES;
     let mut cmd = Command::new("fio");
-    cmd.args(["--name=walship-odirect", "--ioengine=io_uring", "--direct=1", "--bs=1m", "--iodepth=16"])
-        .args(["--rw=write", "--filesize=16m", "--file_service_type=sequential", "--end_fsync=1"])
-        .arg(format!("--directory={}", dst.display()))
-        .arg(format!("--size={bytes}"))
-        .arg(format!("--nrfiles={files}"))
-        .arg("--output-format=json");
+    cmd.args([
+        "--name=walship-odirect",
+        "--ioengine=io_uring",
+        "--direct=1",
+        "--bs=1m",
+        "--iodepth=16",
+    ])
+    .args([
+        "--rw=write",
+        "--filesize=16m",
+        "--file_service_type=sequential",
+        "--end_fsync=1",
+    ])
+    .arg(format!("--directory={}", dst.display()))
+    .arg(format!("--size={bytes}"))
+    .arg(format!("--nrfiles={files}"))
+    .arg("--output-format=json");
     let mut m = m;
     m.command = cmd_line(&cmd);
     let f = match run(&mut cmd, root, &format!("fio-{rep}"), cfg.timeout) {
@@ -351,18 +404,25 @@ fn bench_odirect_fio(cfg: &Config, root: &Path, dst: &Path, bytes: u64, rep: usi
     }
     let written = dir_bytes(dst).unwrap_or(0);
     if written != bytes {
-        return m.failed(format!("fio left {written} bytes in {}, expected {bytes}", dst.display()));
+        return m.failed(format!(
+            "fio left {written} bytes in {}, expected {bytes}",
+            dst.display()
+        ));
     }
     m.cpu = vec![("fio", f.cpu)];
     m.extra.set("process_wall_s", f.wall.as_secs_f64());
-    m.extra.set("process_wall_gb_per_s", bytes as f64 / f.wall.as_secs_f64() / GB);
+    m.extra
+        .set("process_wall_gb_per_s", bytes as f64 / f.wall.as_secs_f64() / GB);
     let report = match json::parse_lenient(&f.stdout) {
         Ok(r) => r,
         Err(e) => return m.failed(format!("fio printed no JSON report ({e})")),
     };
     // fio's own job runtime: its process wall time carries ~0.25 s of fixed start-up (fork, file
     // layout, status thread) that is no part of writing to the disk and would swamp small runs.
-    let runtime_ms = report.path(&["jobs", "0", "write", "runtime"]).and_then(Json::as_u64).unwrap_or(0);
+    let runtime_ms = report
+        .path(&["jobs", "0", "write", "runtime"])
+        .and_then(Json::as_u64)
+        .unwrap_or(0);
     if runtime_ms == 0 {
         return m.failed("fio JSON has no jobs[0].write.runtime".into());
     }
@@ -370,8 +430,12 @@ fn bench_odirect_fio(cfg: &Config, root: &Path, dst: &Path, bytes: u64, rep: usi
     let bw = report.path(&["jobs", "0", "write", "bw_bytes"]).and_then(Json::as_f64);
     m.extra.set("fio_reported_gb_per_s", bw.map(|b| b / GB));
     m.extra.set("fio_job_runtime_ms", runtime_ms);
-    m.extra.set("fio_version", report.get("fio version").cloned().unwrap_or(Json::Null));
-    m.extra.set("note", "wall_s = fio's job runtime (1 ms resolution); process_wall_s includes fio start-up");
+    m.extra
+        .set("fio_version", report.get("fio version").cloned().unwrap_or(Json::Null));
+    m.extra.set(
+        "note",
+        "wall_s = fio's job runtime (1 ms resolution); process_wall_s includes fio start-up",
+    );
     m
 }
 
@@ -392,7 +456,11 @@ fn bench_odirect_rust(dst: &Path, bytes: u64, rep: usize, buf: &AlignedBuf) -> M
 // 3. cp + sync
 
 fn bench_cp_sync(cfg: &Config, root: &Path, src: &Source, dst: &Path, rep: usize) -> Measurement {
-    let bytes: u64 = src.files.iter().map(|p| p.metadata().map(|m| m.len()).unwrap_or(0)).sum();
+    let bytes: u64 = src
+        .files
+        .iter()
+        .map(|p| p.metadata().map(|m| m.len()).unwrap_or(0))
+        .sum();
     let mut m = Measurement::new("cp_sync", rep, bytes);
     let mut cp = Command::new("cp");
     cp.arg("--").args(&src.files).arg(dst);
@@ -410,7 +478,9 @@ fn bench_cp_sync(cfg: &Config, root: &Path, src: &Source, dst: &Path, rep: usize
     };
     m.wall_s = start.elapsed().as_secs_f64();
     m.cpu = vec![("cp", f.cpu), ("sync", s.cpu)];
-    m.extra.set("cp_wall_s", f.wall.as_secs_f64()).set("sync_wall_s", s.wall.as_secs_f64());
+    m.extra
+        .set("cp_wall_s", f.wall.as_secs_f64())
+        .set("sync_wall_s", s.wall.as_secs_f64());
     let copied = dir_bytes(dst).unwrap_or(0);
     if copied != bytes {
         return m.failed(format!("cp left {copied} bytes, expected {bytes}"));
@@ -433,7 +503,10 @@ fn bench_walship(cfg: &Config, root: &Path, src: &Source, dst: &Path, rep: usize
     let addr = format!("127.0.0.1:{port}");
     let report_path = root.join(format!("send-report-{rep}.json"));
     let mut recv_cmd = Command::new(&cfg.walship_bin);
-    recv_cmd.args(["recv", "--listen", &addr, "--dir"]).arg(dst).args(&cfg.recv_extra);
+    recv_cmd
+        .args(["recv", "--listen", &addr, "--dir"])
+        .arg(dst)
+        .args(&cfg.recv_extra);
     let mut send_cmd = Command::new(&cfg.walship_bin);
     send_cmd
         .args(["send", "--pg-wal"])
@@ -467,7 +540,10 @@ fn bench_walship(cfg: &Config, root: &Path, src: &Source, dst: &Path, rep: usize
         Ok(s) if s.ok() => s,
         Ok(s) => {
             let recv_err = recv_done.map(|r| tail(&r.stderr, 400)).unwrap_or_default();
-            return m.failed(format!("walship send failed: {}; recv stderr tail: {recv_err}", s.describe_failure()));
+            return m.failed(format!(
+                "walship send failed: {}; recv stderr tail: {recv_err}",
+                s.describe_failure()
+            ));
         }
         Err(e) => return m.failed(format!("walship send could not run: {e}")),
     };
@@ -496,7 +572,8 @@ fn bench_walship(cfg: &Config, root: &Path, src: &Source, dst: &Path, rep: usize
             m.extra.set("send_report", report);
         }
         Err(e) => {
-            m.extra.set("send_report_error", format!("{}: {e}", report_path.display()));
+            m.extra
+                .set("send_report_error", format!("{}: {e}", report_path.display()));
         }
     }
     // Durability is walship's claim; here we check that what it acked is what the source held.
@@ -528,7 +605,9 @@ fn verify_shipped(src: &Source, dst: &Path) -> Result<u64, String> {
         let seg = u64::from_str_radix(&name[16..24], 16).map_err(|e| e.to_string())?;
         let seg_start = (log * (0x1_0000_0000 / seg_size) + seg) * seg_size;
         let lo = src.first_lsn.map_or(seg_start, |f| f.max(seg_start));
-        let hi = src.end_lsn.map_or(seg_start + seg_size, |e| e.min(seg_start + seg_size));
+        let hi = src
+            .end_lsn
+            .map_or(seg_start + seg_size, |e| e.min(seg_start + seg_size));
         if lo >= hi {
             continue;
         }
@@ -543,18 +622,27 @@ fn verify_shipped(src: &Source, dst: &Path) -> Result<u64, String> {
         while off < end {
             let n = ((end - off) as usize).min(IO_BYTES);
             use std::os::unix::fs::FileExt;
-            fa.read_exact_at(&mut a[..n], off).map_err(|e| format!("{name} source @{off}: {e}"))?;
-            fb.read_exact_at(&mut b[..n], off).map_err(|e| format!("{} @{off}: {e}", theirs.display()))?;
+            fa.read_exact_at(&mut a[..n], off)
+                .map_err(|e| format!("{name} source @{off}: {e}"))?;
+            fb.read_exact_at(&mut b[..n], off)
+                .map_err(|e| format!("{} @{off}: {e}", theirs.display()))?;
             if a[..n] != b[..n] {
                 let i = a[..n].iter().zip(&b[..n]).position(|(x, y)| x != y).unwrap_or(0);
-                return Err(format!("{}: first difference at offset {}", theirs.display(), off + i as u64));
+                return Err(format!(
+                    "{}: first difference at offset {}",
+                    theirs.display(),
+                    off + i as u64
+                ));
             }
             off += n as u64;
             compared += n as u64;
         }
     }
     if compared != src.wal_bytes {
-        return Err(format!("compared {compared} bytes, source range holds {}", src.wal_bytes));
+        return Err(format!(
+            "compared {compared} bytes, source range holds {}",
+            src.wal_bytes
+        ));
     }
     Ok(compared)
 }
@@ -598,7 +686,10 @@ fn summarize(name: &'static str, all: &[Measurement]) -> Option<Summary> {
     let mut cpu_per_gib = Vec::new();
     if let Some(first) = ok.first() {
         for (i, (who, _)) in first.cpu.iter().enumerate() {
-            let mut v: Vec<f64> = ok.iter().filter_map(|m| m.cpu.get(i).map(|(_, c)| m.cpu_s_per_gib(c))).collect();
+            let mut v: Vec<f64> = ok
+                .iter()
+                .filter_map(|m| m.cpu.get(i).map(|(_, c)| m.cpu_s_per_gib(c)))
+                .collect();
             cpu_per_gib.push((*who, median(&mut v)));
         }
     }
@@ -642,12 +733,21 @@ fn bench(cfg: &Config) -> Result<(), String> {
     let date = command_output("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]).unwrap_or_else(|| "unknown".into());
     let date_compact: String = date.chars().filter(|c| c.is_ascii_alphanumeric()).collect();
     let manifest = env!("CARGO_MANIFEST_DIR");
-    let commit = command_output("git", &["-C", manifest, "rev-parse", "--short", "HEAD"]).unwrap_or_else(|| "unknown".into());
-    let dirty = command_output("git", &["-C", manifest, "status", "--porcelain", "--untracked-files=no"])
-        .map(|s| !s.is_empty());
-    let fio_version = if cfg.use_fio { command_output("fio", &["--version"]) } else { None };
+    let commit =
+        command_output("git", &["-C", manifest, "rev-parse", "--short", "HEAD"]).unwrap_or_else(|| "unknown".into());
+    let dirty = command_output(
+        "git",
+        &["-C", manifest, "status", "--porcelain", "--untracked-files=no"],
+    )
+    .map(|s| !s.is_empty());
+    let fio_version = if cfg.use_fio {
+        command_output("fio", &["--version"])
+    } else {
+        None
+    };
 
-    std::fs::create_dir_all(&cfg.scratch_parent).map_err(|e| format!("create {}: {e}", cfg.scratch_parent.display()))?;
+    std::fs::create_dir_all(&cfg.scratch_parent)
+        .map_err(|e| format!("create {}: {e}", cfg.scratch_parent.display()))?;
     let fs = fs_type(&cfg.scratch_parent);
     if fs == "tmpfs" {
         return Err(format!(
@@ -696,8 +796,17 @@ fn bench(cfg: &Config) -> Result<(), String> {
     // ---- summaries and ratios
     let names = ["raw_tcp", "raw_odirect_fio", "raw_odirect_rust", "cp_sync", "walship"];
     let summaries: Vec<Summary> = names.iter().filter_map(|n| summarize(n, &measurements)).collect();
-    let med = |n: &str| summaries.iter().find(|s| s.name == n).map_or(f64::NAN, |s| s.gbps_median);
-    let odirect_name = if med("raw_odirect_fio").is_finite() { "raw_odirect_fio" } else { "raw_odirect_rust" };
+    let med = |n: &str| {
+        summaries
+            .iter()
+            .find(|s| s.name == n)
+            .map_or(f64::NAN, |s| s.gbps_median)
+    };
+    let odirect_name = if med("raw_odirect_fio").is_finite() {
+        "raw_odirect_fio"
+    } else {
+        "raw_odirect_rust"
+    };
     let (tcp, odirect, cp, ws) = (med("raw_tcp"), med(odirect_name), med("cp_sync"), med("walship"));
     let raw_floor = tcp.min(odirect);
     let ratio_raw = ws / raw_floor;
@@ -710,7 +819,10 @@ fn bench(cfg: &Config) -> Result<(), String> {
         .set("git_dirty", dirty)
         .set("kernel", command_output("uname", &["-r"]))
         .set("cpu_model", cpu_model())
-        .set("nproc", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0))
+        .set(
+            "nproc",
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        )
         .set("scratch_dir", root.display().to_string())
         .set("scratch_fs", fs.clone())
         .set("loadavg_start", load_start.clone())
@@ -724,7 +836,10 @@ fn bench(cfg: &Config) -> Result<(), String> {
         .set("segment_bytes", SEGMENT_BYTES)
         .set("io_bytes", IO_BYTES)
         .set("units", "GB/s = 1e9 bytes/s; CPU s per GiB (2^30 bytes)")
-        .set("filters", cfg.filters.iter().map(|f| Json::from(f.as_str())).collect::<Vec<_>>())
+        .set(
+            "filters",
+            cfg.filters.iter().map(|f| Json::from(f.as_str())).collect::<Vec<_>>(),
+        )
         .set("command", std::env::args().collect::<Vec<_>>().join(" "));
     let mut src_json = Json::obj();
     src_json
@@ -767,7 +882,10 @@ fn bench(cfg: &Config) -> Result<(), String> {
         .set("source", src_json)
         .set("summary", summary_json)
         .set("ratios", ratios)
-        .set("measurements", measurements.iter().map(Measurement::to_json).collect::<Vec<_>>());
+        .set(
+            "measurements",
+            measurements.iter().map(Measurement::to_json).collect::<Vec<_>>(),
+        );
 
     std::fs::create_dir_all(&cfg.results_dir).map_err(|e| format!("create {}: {e}", cfg.results_dir.display()))?;
     let json_path = cfg.results_dir.join(format!("ship-{date_compact}.json"));
@@ -794,8 +912,17 @@ fn bench(cfg: &Config) -> Result<(), String> {
     ));
     md.push_str("| contender | GB/s | min–max | wall s | CPU s/GiB | ok |\n|---|---:|---:|---:|---|---:|\n");
     for s in &summaries {
-        let cpu = s.cpu_per_gib.iter().map(|(w, v)| format!("{w} {v:.2}")).collect::<Vec<_>>().join(", ");
-        let range = if s.ok_runs > 0 { format!("{}–{}", fmt_gbps(s.gbps_min), fmt_gbps(s.gbps_max)) } else { "—".into() };
+        let cpu = s
+            .cpu_per_gib
+            .iter()
+            .map(|(w, v)| format!("{w} {v:.2}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let range = if s.ok_runs > 0 {
+            format!("{}–{}", fmt_gbps(s.gbps_min), fmt_gbps(s.gbps_max))
+        } else {
+            "—".into()
+        };
         let note = match (&s.error, s.ok_runs) {
             (Some(e), 0) => format!(" ({})", tail(e, 160).replace('|', "/")),
             _ => String::new(),
@@ -806,7 +933,11 @@ fn bench(cfg: &Config) -> Result<(), String> {
             note,
             fmt_gbps(s.gbps_median),
             range,
-            if s.wall_median_s.is_finite() { format!("{:.2}", s.wall_median_s) } else { "—".into() },
+            if s.wall_median_s.is_finite() {
+                format!("{:.2}", s.wall_median_s)
+            } else {
+                "—".into()
+            },
             if cpu.is_empty() { "—".into() } else { cpu },
             s.ok_runs,
             s.runs
@@ -815,8 +946,16 @@ fn bench(cfg: &Config) -> Result<(), String> {
     md.push_str("| pg_receivewal (skipped: TODO, not implemented yet) | — | — | — | — | 0/0 |\n\n");
     md.push_str(&format!(
         "Ratios: walship / min(raw TCP, raw O_DIRECT [{odirect_name}]) = **{}**; walship / (cp + sync) = **{}**.\n",
-        if ratio_raw.is_finite() { format!("{ratio_raw:.2}") } else { "n/a".into() },
-        if ratio_cp.is_finite() { format!("{ratio_cp:.2}") } else { "n/a".into() },
+        if ratio_raw.is_finite() {
+            format!("{ratio_raw:.2}")
+        } else {
+            "n/a".into()
+        },
+        if ratio_cp.is_finite() {
+            format!("{ratio_cp:.2}")
+        } else {
+            "n/a".into()
+        },
     ));
     let report_path = cfg.results_dir.join("REPORT.md");
     let mut report = std::fs::read_to_string(&report_path).unwrap_or_default();
@@ -890,7 +1029,11 @@ fn run_all(cfg: &Config, root: &Path, fio: bool) -> Result<(Vec<Measurement>, So
                 m.name,
                 m.gbps(),
                 m.wall_s,
-                m.cpu.iter().map(|(w, c)| format!("{w} {:.2}s", c.total_s())).collect::<Vec<_>>().join(" ")
+                m.cpu
+                    .iter()
+                    .map(|(w, c)| format!("{w} {:.2}s", c.total_s()))
+                    .collect::<Vec<_>>()
+                    .join(" ")
             ),
             Some(e) if e.starts_with("skipped") => eprintln!("  rep {} {:<17} {}", m.rep, m.name, tail(e, 400)),
             Some(e) => eprintln!("  rep {} {:<17} FAILED: {}", m.rep, m.name, tail(e, 400)),

@@ -81,7 +81,11 @@ impl Json {
     }
 
     pub fn parse(text: &str) -> Result<Json, String> {
-        let mut parser = Parser { bytes: text.as_bytes(), pos: 0, depth: 0 };
+        let mut parser = Parser {
+            bytes: text.as_bytes(),
+            pos: 0,
+            depth: 0,
+        };
         parser.skip_ws();
         let value = parser.value()?;
         parser.skip_ws();
@@ -273,12 +277,16 @@ impl Parser<'_> {
         self.pos += 1;
         let mut out = Vec::new();
         loop {
-            let Some(&b) = self.bytes.get(self.pos) else { return self.err("unterminated string") };
+            let Some(&b) = self.bytes.get(self.pos) else {
+                return self.err("unterminated string");
+            };
             self.pos += 1;
             match b {
                 b'"' => break,
                 b'\\' => {
-                    let Some(&esc) = self.bytes.get(self.pos) else { return self.err("bad escape") };
+                    let Some(&esc) = self.bytes.get(self.pos) else {
+                        return self.err("bad escape");
+                    };
                     self.pos += 1;
                     match esc {
                         b'"' => out.push(b'"'),

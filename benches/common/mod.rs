@@ -61,10 +61,16 @@ impl Cpu {
     }
     fn from_rusage(ru: &libc::rusage) -> Cpu {
         let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-        Cpu { user_s: tv(ru.ru_utime), sys_s: tv(ru.ru_stime) }
+        Cpu {
+            user_s: tv(ru.ru_utime),
+            sys_s: tv(ru.ru_stime),
+        }
     }
     pub fn minus(&self, earlier: &Cpu) -> Cpu {
-        Cpu { user_s: self.user_s - earlier.user_s, sys_s: self.sys_s - earlier.sys_s }
+        Cpu {
+            user_s: self.user_s - earlier.user_s,
+            sys_s: self.sys_s - earlier.sys_s,
+        }
     }
 }
 
@@ -87,7 +93,10 @@ pub fn proc_cpu(pid: u32) -> Option<Cpu> {
     let stime: f64 = fields.get(12)?.parse().ok()?;
     // SAFETY: sysconf has no memory effects.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Some(Cpu { user_s: utime / hz, sys_s: stime / hz })
+    Some(Cpu {
+        user_s: utime / hz,
+        sys_s: stime / hz,
+    })
 }
 
 /// A child that ran to completion (or was killed at its deadline).
@@ -143,7 +152,13 @@ pub fn spawn(cmd: &mut Command, log_dir: &Path, label: &str) -> io::Result<Runni
         .stderr(File::create(&stderr_path)?);
     let started = Instant::now();
     let child = cmd.spawn()?;
-    Ok(Running { pid: child.id(), started, stdout_path, stderr_path, _child: child })
+    Ok(Running {
+        pid: child.id(),
+        started,
+        stdout_path,
+        stderr_path,
+        _child: child,
+    })
 }
 
 impl Running {
@@ -152,7 +167,12 @@ impl Running {
         // SAFETY: waitid with WNOWAIT only inspects our own child; siginfo is ours.
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
         let rc = unsafe {
-            libc::waitid(libc::P_PID, self.pid, &mut info, libc::WEXITED | libc::WNOHANG | libc::WNOWAIT)
+            libc::waitid(
+                libc::P_PID,
+                self.pid,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            )
         };
         rc == 0 && unsafe { info.si_pid() } != 0
     }
@@ -226,7 +246,9 @@ pub fn cmd_line(cmd: &Command) -> String {
 /// Is 127.0.0.1:port (or 0.0.0.0:port) in LISTEN state? Reads /proc/net/tcp; no connection is made,
 /// so the receiver never sees a probe as a client.
 pub fn tcp_listening(port: u16) -> bool {
-    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else { return false };
+    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
+        return false;
+    };
     let want = [format!("0100007F:{port:04X}"), format!("00000000:{port:04X}")];
     table.lines().skip(1).any(|line| {
         let f: Vec<&str> = line.split_whitespace().collect();
@@ -291,7 +313,10 @@ pub fn fsync_dir(dir: &Path) -> io::Result<()> {
 /// (one fdatasync per file, like a receiver finishing a segment), then fsync the directory.
 pub fn odirect_write_files(dir: &Path, files: u64, file_bytes: u64, buf: &AlignedBuf) -> io::Result<()> {
     let chunk = buf.as_slice().len() as u64;
-    assert!(file_bytes % chunk == 0, "file size must be a multiple of the write size");
+    assert!(
+        file_bytes % chunk == 0,
+        "file size must be a multiple of the write size"
+    );
     for i in 0..files {
         let path = dir.join(format!("{:024X}", i + 1));
         let file = std::fs::OpenOptions::new()
@@ -304,7 +329,12 @@ pub fn odirect_write_files(dir: &Path, files: u64, file_bytes: u64, buf: &Aligne
         while off < file_bytes {
             // SAFETY: buf is valid for `chunk` bytes and aligned; fd is open for writing.
             let n = unsafe {
-                libc::pwrite(file.as_raw_fd(), buf.as_slice().as_ptr().cast(), chunk as usize, off as libc::off_t)
+                libc::pwrite(
+                    file.as_raw_fd(),
+                    buf.as_slice().as_ptr().cast(),
+                    chunk as usize,
+                    off as libc::off_t,
+                )
             };
             if n < 0 {
                 return Err(io::Error::last_os_error());
@@ -322,7 +352,9 @@ pub fn odirect_write_files(dir: &Path, files: u64, file_bytes: u64, buf: &Aligne
 
 /// Filesystem type of `path` (statfs magic), e.g. "ext4", "tmpfs".
 pub fn fs_type(path: &Path) -> String {
-    let Ok(c) = CString::new(path.as_os_str().as_bytes()) else { return "unknown".into() };
+    let Ok(c) = CString::new(path.as_os_str().as_bytes()) else {
+        return "unknown".into();
+    };
     // SAFETY: statfs fills the zeroed struct we own; c is a valid C string.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
@@ -410,7 +442,9 @@ pub fn cpu_model() -> String {
 }
 
 pub fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg").map(|s| s.trim().to_string()).unwrap_or_default()
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }
 
 pub fn median(values: &mut [f64]) -> f64 {
