@@ -51,12 +51,31 @@ struct SendArgs {
     /// Receiver address, host:port.
     #[arg(long, env = "WALSHIP_TO")]
     to: String,
-    /// Ship everything valid in the directory, wait until the receiver holds it durably, exit.
-    #[arg(long)]
+    /// Ship everything valid in the directory (a stopped cluster, an archive), wait until the
+    /// receiver holds it durably, exit. Without it, follow the live server given by --conninfo.
+    #[arg(long, conflicts_with_all = ["conninfo", "slot"])]
     once: bool,
-    /// Keep reconnecting this long after losing the receiver (e.g. 30s, 5m).
+    /// Follow mode: connection string of the server writing --pg-wal (e.g. "host=/var/run/postgresql
+    /// user=postgres dbname=postgres"); its flush LSN is the horizon.
+    #[arg(long, env = "WALSHIP_CONNINFO", required_unless_present = "once")]
+    conninfo: Option<String>,
+    /// Follow mode: physical replication slot that keeps the server's WAL until the receiver holds
+    /// it durably (created if missing, advanced only to acknowledged LSNs).
+    #[arg(long, env = "WALSHIP_SLOT")]
+    slot: Option<String>,
+    /// Follow mode: how often to ask the server for its flush LSN.
+    #[arg(long, default_value = "1ms", value_parser = parse_duration)]
+    horizon_poll_interval: Duration,
+    /// Follow mode: advance the slot at most this often.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    slot_advance_interval: Duration,
+    /// On SIGTERM, wait at most this long for the receiver to acknowledge the final horizon.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
-    retry_for: Duration,
+    shutdown_timeout: Duration,
+    /// Keep reconnecting this long after losing the receiver (e.g. 30s, 5m; default 30s with
+    /// --once, 1 day when following).
+    #[arg(long, value_parser = parse_duration)]
+    retry_for: Option<Duration>,
     /// Zero-copy sends: auto = on for large sends to non-loopback peers.
     #[arg(long, value_enum, default_value = "auto")]
     zero_copy: ZeroCopy,
@@ -208,9 +227,6 @@ fn check_pow2(name: &str, value: u64, min: u64, max: u64) -> Result<()> {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Send(a) => {
-            if !a.once {
-                bail!("follow mode (without --once) is not available in this version: pass --once to ship what the directory holds");
-            }
             check_pow2("frame-bytes", a.frame_bytes, 64 << 10, 16 << 20)?;
             if a.in_flight_bytes_max < a.frame_bytes {
                 bail!("--in-flight-bytes-max ({}) must be at least --frame-bytes ({})", a.in_flight_bytes_max, a.frame_bytes);
@@ -218,11 +234,21 @@ fn run(cli: Cli) -> Result<()> {
             if a.send_batch_bytes_max < a.frame_bytes {
                 bail!("--send-batch-bytes-max must be at least --frame-bytes");
             }
+            let live = a.conninfo.map(|conninfo| walship::send::live::LiveConfig {
+                pg_wal: a.pg_wal.clone(),
+                conninfo,
+                slot: a.slot,
+                poll_interval: a.horizon_poll_interval,
+                slot_advance_interval: a.slot_advance_interval,
+            });
+            let default_retry = if a.once { Duration::from_secs(30) } else { Duration::from_secs(86_400) };
             let cfg = SendConfig {
                 pg_wal: a.pg_wal,
                 to: a.to,
                 once: a.once,
-                retry_for: a.retry_for,
+                retry_for: a.retry_for.unwrap_or(default_retry),
+                live,
+                shutdown_timeout: a.shutdown_timeout,
                 zero_copy: a.zero_copy,
                 frame_bytes: a.frame_bytes,
                 in_flight_bytes_max: a.in_flight_bytes_max,
@@ -243,9 +269,14 @@ fn run(cli: Cli) -> Result<()> {
                 summary.mb_per_s()
             );
             println!("{line}");
+            let latency = summary.ack_latency_percentiles_us();
+            if let Some((p50, p99, p999, max)) = latency {
+                println!("flush-to-durable-ack latency: p50 {p50} us, p99 {p99} us, p99.9 {p999} us, max {max} us");
+            }
             if let Some(path) = a.report_json {
+                let (p50, p99, p999, max) = latency.unwrap_or_default();
                 let json = format!(
-                    "{{\"bytes\":{},\"segments\":{},\"seconds\":{:.6},\"mb_per_s\":{:.3},\"start_lsn\":\"{}\",\"end_lsn\":\"{}\",\"connections\":{},\"zero_copy_sends\":{},\"zero_copy_copied\":{}}}\n",
+                    "{{\"bytes\":{},\"segments\":{},\"seconds\":{:.6},\"mb_per_s\":{:.3},\"start_lsn\":\"{}\",\"end_lsn\":\"{}\",\"connections\":{},\"zero_copy_sends\":{},\"zero_copy_copied\":{},\"ack_latency_us\":{{\"p50\":{p50},\"p99\":{p99},\"p999\":{p999},\"max\":{max}}}}}\n",
                     summary.bytes,
                     summary.segments,
                     summary.seconds,

@@ -1,6 +1,8 @@
-//! `walship send`: ships a WAL directory to a receiver. Handshake over a blocking socket; the
-//! data path is io_uring: one sendmsg (header + payload straight from the segment mmap,
-//! zero-copy when it pays) in flight per connection, acks received concurrently.
+//! `walship send`: ships WAL to a receiver, from a directory at rest (`--once`) or following a
+//! live server up to its flush LSN. Handshake over a blocking socket; the data path is io_uring:
+//! one sendmsg (header + payload straight from the segment mmap, zero-copy when it pays) in
+//! flight per connection, acks received concurrently.
+pub mod live;
 pub mod sender;
 pub mod source;
 
@@ -17,7 +19,8 @@ use tracing::{info, warn};
 use crate::uring::{BufferPool, Completion, CompletionKind, Ring, RingError, SendBatch};
 use crate::wal::Lsn;
 use crate::wire::{self, Decoder, ErrorCode, FrameHeader, Hello, Limits, Message, FRAME_HEADER_LEN};
-use sender::{AckError, FramePlan, Sender, SenderLimits};
+use sender::{FramePlan, Sender, SenderLimits};
+use live::{LiveConfig, LiveSource, ServerState};
 use source::{DirSource, SourceError, WalEnd};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -49,6 +52,103 @@ pub struct SendConfig {
     pub peer_timeout: Duration,
     pub connect_timeout: Duration,
     pub name: String,
+    /// Follow a live server (None: ship the directory at rest, `once`).
+    pub live: Option<LiveConfig>,
+    /// On SIGTERM, wait this long for the receiver to acknowledge the final horizon.
+    pub shutdown_timeout: Duration,
+}
+
+/// Where the WAL comes from.
+pub enum Source {
+    Dir(DirSource),
+    Live(LiveSource),
+}
+
+impl Source {
+    pub fn identity(&self) -> crate::wal::WalIdentity {
+        match self {
+            Source::Dir(s) => s.identity(),
+            Source::Live(s) => s.identity(),
+        }
+    }
+    pub fn first_lsn(&self) -> Lsn {
+        match self {
+            Source::Dir(s) => s.first_lsn(),
+            Source::Live(s) => s.first_lsn(),
+        }
+    }
+    /// Everything below this may be shipped.
+    pub fn horizon(&self) -> Lsn {
+        match self {
+            Source::Dir(s) => s.horizon(),
+            Source::Live(s) => s.horizon(),
+        }
+    }
+    /// The horizon will not move any more (the directory walk ended).
+    pub fn is_final(&self) -> bool {
+        match self {
+            Source::Dir(s) => s.end().is_some(),
+            Source::Live(_) => false,
+        }
+    }
+    /// Moves the horizon: walks further (directory) or asks the server (live).
+    fn refresh(&mut self, want: Lsn) -> Result<(), SourceError> {
+        match self {
+            Source::Dir(s) => s.walk_until(want),
+            Source::Live(s) => s.refresh(),
+        }
+    }
+    fn wait_hint(&self) -> Duration {
+        match self {
+            Source::Dir(_) => Duration::from_millis(100),
+            Source::Live(s) => s.next_refresh_in().max(Duration::from_micros(200)),
+        }
+    }
+    fn map_for(&mut self, lsn: Lsn) -> Result<Arc<crate::uring::SegmentMap>, SourceError> {
+        match self {
+            Source::Dir(s) => s.map_for(lsn),
+            Source::Live(s) => s.map_for(lsn),
+        }
+    }
+    fn check_pages(&mut self, lsn: Lsn, len: u64) -> Result<(), SourceError> {
+        match self {
+            // The record walk already checked every page below the horizon.
+            Source::Dir(_) => Ok(()),
+            Source::Live(s) => s.check_pages(lsn, len),
+        }
+    }
+    fn release_below(&mut self, lsn: Lsn) {
+        match self {
+            Source::Dir(s) => s.release_below(lsn),
+            Source::Live(s) => s.release_below(lsn),
+        }
+    }
+    fn on_durable(&mut self, flushed: Lsn) {
+        if let Source::Live(s) = self {
+            s.on_durable(flushed);
+        }
+    }
+    fn corrupt_end(&self) -> Option<Lsn> {
+        match self {
+            Source::Dir(s) => match s.end() {
+                Some(WalEnd::Corrupt { valid_end }) => Some(*valid_end),
+                _ => None,
+            },
+            Source::Live(_) => None,
+        }
+    }
+    fn take_corruption(&mut self) -> Option<SourceError> {
+        match self {
+            Source::Dir(s) => s.take_corruption(),
+            Source::Live(_) => None,
+        }
+    }
+    fn server_state(&self) -> Option<ServerState> {
+        match self {
+            Source::Dir(_) => None,
+            Source::Live(s) => Some(s.state()),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +180,9 @@ pub struct SendSummary {
     pub connections: u64,
     pub zero_copy_sends: u64,
     pub zero_copy_copied: u64,
+    /// Time from seeing a horizon (the server's flush LSN) to the receiver's durable ack
+    /// covering it, microseconds.
+    pub ack_latency_us: Option<hdrhistogram::Histogram<u64>>,
 }
 
 impl SendSummary {
@@ -89,6 +192,13 @@ impl SendSummary {
         } else {
             0.0
         }
+    }
+
+    /// (p50, p99, p99.9, max) of the ack latency in microseconds, when measured.
+    pub fn ack_latency_percentiles_us(&self) -> Option<(u64, u64, u64, u64)> {
+        self.ack_latency_us.as_ref().filter(|h| h.len() > 0).map(|h| {
+            (h.value_at_quantile(0.5), h.value_at_quantile(0.99), h.value_at_quantile(0.999), h.max())
+        })
     }
 }
 
@@ -105,9 +215,52 @@ const TAG_SEND: u64 = 1;
 const TAG_RECV: u64 = 2;
 const ACK_BUF_BYTES: usize = 4096;
 
-/// Ships until the receiver acknowledged the source's horizon (with `once`), reconnecting as needed.
+/// Progress shared across connections of one run.
+struct Progress {
+    start_lsn: Option<Lsn>,
+    /// Highest flushed LSN the receiver acknowledged.
+    acked: Lsn,
+    /// Horizons observed and not yet acknowledged: (lsn, when seen), for the ack latency.
+    horizons_seen: std::collections::VecDeque<(Lsn, Instant)>,
+    last_report: Instant,
+}
+
+impl Progress {
+    fn observe_horizon(&mut self, horizon: Lsn) {
+        if self.horizons_seen.back().is_none_or(|&(l, _)| horizon > l) && horizon > self.acked {
+            if self.horizons_seen.len() >= 100_000 {
+                self.horizons_seen.pop_front();
+            }
+            self.horizons_seen.push_back((horizon, Instant::now()));
+        }
+    }
+
+    fn on_acked(&mut self, flushed: Lsn, summary: &mut SendSummary) {
+        self.acked = self.acked.max(flushed);
+        while let Some(&(lsn, seen)) = self.horizons_seen.front() {
+            if lsn > flushed {
+                break;
+            }
+            self.horizons_seen.pop_front();
+            let h = summary
+                .ack_latency_us
+                .get_or_insert_with(|| hdrhistogram::Histogram::new_with_bounds(1, 600_000_000, 3).expect("histogram bounds"));
+            let _ = h.record((seen.elapsed().as_micros() as u64).max(1));
+        }
+    }
+}
+
+/// Ships until done (`--once`: the receiver acknowledged the directory's end; follow mode: until
+/// SIGTERM, then drains), reconnecting as needed.
 pub fn run(cfg: &SendConfig, shutdown: Arc<AtomicBool>) -> Result<SendSummary, SendError> {
-    let mut source = DirSource::open(&cfg.pg_wal)?;
+    let mut source = match &cfg.live {
+        None => {
+            let mut dir = DirSource::open(&cfg.pg_wal)?;
+            dir.walk_until(dir.first_lsn() + 1)?;
+            Source::Dir(dir)
+        }
+        Some(live) => Source::Live(LiveSource::open(live.clone())?),
+    };
     let id = source.identity();
     info!(
         dir = %cfg.pg_wal.display(),
@@ -119,20 +272,23 @@ pub fn run(cfg: &SendConfig, shutdown: Arc<AtomicBool>) -> Result<SendSummary, S
         first = %source.first_lsn(),
         "source opened"
     );
-    source.walk_until(source.first_lsn() + 1)?;
     let started = Instant::now();
     let mut summary = SendSummary::default();
-    let mut start_lsn: Option<Lsn> = None;
-    let mut last_acked: Lsn = Lsn(0);
+    let mut progress = Progress {
+        start_lsn: None,
+        acked: Lsn(0),
+        horizons_seen: Default::default(),
+        last_report: Instant::now(),
+    };
     let mut lost_at = Instant::now();
     let mut backoff = Duration::from_millis(100);
     loop {
-        if shutdown.load(Ordering::Relaxed) {
-            return Err(SendError::Interrupted { flushed: last_acked });
+        if shutdown.load(Ordering::Relaxed) && progress.start_lsn.is_none() {
+            return Err(SendError::Interrupted { flushed: progress.acked });
         }
-        let acked_before = last_acked;
-        let end = ship_once(cfg, &mut source, &shutdown, &mut summary, &mut start_lsn, &mut last_acked);
-        if last_acked > acked_before {
+        let acked_before = progress.acked;
+        let end = ship_once(cfg, &mut source, &shutdown, &mut summary, &mut progress);
+        if progress.acked > acked_before {
             // A connection that made progress resets the retry clock and the backoff.
             lost_at = Instant::now();
             backoff = Duration::from_millis(100);
@@ -141,6 +297,9 @@ pub fn run(cfg: &SendConfig, shutdown: Arc<AtomicBool>) -> Result<SendSummary, S
             ConnEnd::Done => break,
             ConnEnd::Fatal(e) => return Err(e),
             ConnEnd::Transient(why) => {
+                if shutdown.load(Ordering::Relaxed) {
+                    return Err(SendError::Interrupted { flushed: progress.acked });
+                }
                 if lost_at.elapsed() > cfg.retry_for {
                     return Err(SendError::GaveUp { retry_for: cfg.retry_for, last: why });
                 }
@@ -150,14 +309,14 @@ pub fn run(cfg: &SendConfig, shutdown: Arc<AtomicBool>) -> Result<SendSummary, S
             }
         }
     }
-    let start = start_lsn.unwrap_or(source.first_lsn());
+    let start = progress.start_lsn.unwrap_or(source.first_lsn());
     summary.start_lsn = start;
-    summary.end_lsn = last_acked;
-    summary.bytes = last_acked - start.min(last_acked);
+    summary.end_lsn = progress.acked;
+    summary.bytes = progress.acked - start.min(progress.acked);
     summary.segments = if summary.bytes == 0 {
         0
     } else {
-        (last_acked.0 - 1) / id.seg_size - start.0 / id.seg_size + 1
+        (progress.acked.0 - 1) / id.seg_size - start.0 / id.seg_size + 1
     };
     summary.seconds = started.elapsed().as_secs_f64();
     Ok(summary)
@@ -180,11 +339,10 @@ fn resolve(to: &str) -> Result<SocketAddr, SendError> {
 /// One connection: handshake, then stream until done or broken.
 fn ship_once(
     cfg: &SendConfig,
-    source: &mut DirSource,
+    source: &mut Source,
     shutdown: &AtomicBool,
     summary: &mut SendSummary,
-    start_lsn: &mut Option<Lsn>,
-    last_acked: &mut Lsn,
+    progress: &mut Progress,
 ) -> ConnEnd {
     let addr = match resolve(&cfg.to) {
         Ok(a) => a,
@@ -206,7 +364,7 @@ fn ship_once(
         seg_size: id.seg_size as u32,
         block_size: id.block_size as u32,
         first_lsn: source.first_lsn().0,
-        horizon_lsn: source.horizon().0,
+        horizon_lsn: source.horizon().0.max(source.first_lsn().0),
         sender_name: cfg.name.clone(),
     };
     let welcome = match handshake(&stream, &hello, cfg.peer_timeout) {
@@ -223,23 +381,24 @@ fn ship_once(
     };
     let durable = Lsn(welcome.durable_lsn);
     let resume = if durable == Lsn(0) { source.first_lsn() } else { durable };
-    if resume < *last_acked {
+    if resume < progress.acked {
         warn!(
             peer = %peer,
             "receiver acknowledged {} as durable earlier but now holds only {resume}: its storage lost acknowledged WAL; re-sending from {resume}",
-            *last_acked
+            progress.acked
         );
     }
-    if let Err(e) = source.walk_until(resume) {
+    if let Err(e) = source.refresh(resume) {
         return ConnEnd::Fatal(e.into());
     }
-    if source.end().is_some() && source.horizon() < resume {
+    if source.is_final() && source.horizon() < resume {
         return ConnEnd::Fatal(SendError::ReceiverAhead { peer, receiver: resume, source_end: source.horizon() });
     }
-    start_lsn.get_or_insert(resume);
-    *last_acked = resume;
+    progress.start_lsn.get_or_insert(resume);
+    progress.acked = resume;
+    source.on_durable(resume);
     info!(peer = %peer, resume = %resume, horizon = %source.horizon(), "streaming from {resume}");
-    match stream_data(cfg, source, &stream, &peer, resume, shutdown, summary, last_acked) {
+    match stream_data(cfg, source, &stream, &peer, resume, shutdown, summary, progress) {
         Ok(end) => end,
         Err(e) => ConnEnd::Fatal(e),
     }
@@ -292,13 +451,13 @@ fn is_loopback(stream: &TcpStream) -> bool {
 #[allow(clippy::too_many_arguments)]
 fn stream_data(
     cfg: &SendConfig,
-    source: &mut DirSource,
+    source: &mut Source,
     stream: &TcpStream,
     peer: &str,
     resume: Lsn,
     shutdown: &AtomicBool,
     summary: &mut SendSummary,
-    last_acked: &mut Lsn,
+    progress: &mut Progress,
 ) -> Result<ConnEnd, SendError> {
     let _ = stream.set_read_timeout(None);
     let id = source.identity();
@@ -322,43 +481,79 @@ fn stream_data(
     let mut plans: Vec<FramePlan> = Vec::new();
     let mut last_progress = Instant::now();
     let mut draining_since: Option<Instant> = None;
+    let mut shutdown_logged: Option<Lsn> = None;
     let lookahead = id.seg_size;
     let frames_per_batch = ((crate::uring::IOV_MAX / 2) as u64).min(cfg.send_batch_bytes_max / frame_bytes.max(1) + 2) as usize;
+    let live = cfg.live.is_some();
     loop {
         if shutdown.load(Ordering::Relaxed) && draining_since.is_none() {
-            info!("interrupted: waiting for the receiver to acknowledge what was sent");
             draining_since = Some(Instant::now());
+            if live {
+                // Shutdown drains (walsender's rule): ship up to the horizon as it is now, then go.
+                source.refresh(core.sent())?;
+                info!(horizon = %source.horizon(), "SIGTERM: shipping up to the current horizon {} and waiting for the ack", source.horizon());
+            } else {
+                info!("interrupted: waiting for the receiver to acknowledge what was sent");
+            }
         }
         if let Some(since) = draining_since {
-            if core.flushed() == core.sent() || since.elapsed() > Duration::from_secs(30) {
-                *last_acked = core.flushed();
+            let target = if live { source.horizon() } else { core.sent() };
+            if core.flushed() >= target {
+                progress.on_acked(core.flushed(), summary);
+                let _ = stream.shutdown(std::net::Shutdown::Both);
+                drain_ring(&mut ring);
+                return Ok(if live { ConnEnd::Done } else { ConnEnd::Fatal(SendError::Interrupted { flushed: core.flushed() }) });
+            }
+            if since.elapsed() > cfg.shutdown_timeout {
+                drain_ring(&mut ring);
                 return Ok(ConnEnd::Fatal(SendError::Interrupted { flushed: core.flushed() }));
             }
         }
-        // Keep the walk a segment ahead of what is sent.
-        if source.end().is_none() && source.horizon() < core.sent() + lookahead {
-            source.walk_until(core.sent() + lookahead)?;
+        // Move the horizon: keep the directory walk a segment ahead; ask a live server.
+        if draining_since.is_none() && !source.is_final() {
+            source.refresh(core.sent() + lookahead)?;
+            progress.observe_horizon(source.horizon());
         }
-        if let Some(WalEnd::Corrupt { valid_end }) = source.end() {
-            if core.flushed() >= *valid_end {
-                *last_acked = core.flushed();
+        if let Some(valid_end) = source.corrupt_end() {
+            if core.flushed() >= valid_end {
                 let err = source.take_corruption().expect("corruption described");
                 return Ok(ConnEnd::Fatal(err.into()));
             }
         }
-        if source.end().is_some() && core.flushed() >= source.horizon() {
-            *last_acked = core.flushed();
+        if source.is_final() && core.flushed() >= source.horizon() {
             let _ = stream.shutdown(std::net::Shutdown::Both);
             drain_ring(&mut ring);
             return Ok(ConnEnd::Done);
+        }
+        if let Some(ServerState::ShutDown { checkpoint, end }) = source.server_state() {
+            if core.flushed() >= end && shutdown_logged != Some(end) {
+                shutdown_logged = Some(end);
+                info!(
+                    checkpoint = %checkpoint,
+                    "the receiver holds the server's WAL durably through its shutdown checkpoint (up to {end}); waiting for the server to come back"
+                );
+            }
+        }
+        if live && progress.last_report.elapsed() > Duration::from_secs(10) {
+            progress.last_report = Instant::now();
+            let lag = source.horizon() - core.flushed().min(source.horizon());
+            info!(
+                sent = %core.sent(),
+                written = %core.written(),
+                flushed = %core.flushed(),
+                horizon = %source.horizon(),
+                lag_bytes = lag,
+                "following"
+            );
         }
         if !recv_in_flight {
             ring.recv_ctl(fd, TAG_RECV, 0, ACK_BUF_BYTES.min(decoder.room().max(1)), false);
             recv_in_flight = true;
         }
-        if !send_in_flight && draining_since.is_none() {
+        if !send_in_flight {
             plans.clear();
-            core.plan(source.horizon(), cfg.send_batch_bytes_max, frames_per_batch, &mut plans);
+            let limit = source.horizon();
+            core.plan(limit, cfg.send_batch_bytes_max, frames_per_batch, &mut plans);
             if !plans.is_empty() {
                 let batch = build_batch(source, &plans)?;
                 let zc = zero_copy && batch.len_bytes() as u64 >= cfg.zero_copy_bytes_min;
@@ -370,7 +565,8 @@ fn stream_data(
                 source.release_below(core.flushed());
             }
         }
-        ring.submit_and_wait(Some(Duration::from_millis(100)))?;
+        let wait = if send_in_flight { Duration::from_millis(100) } else { source.wait_hint().min(Duration::from_millis(100)) };
+        ring.submit_and_wait(Some(wait))?;
         completions.clear();
         ring.drain(&mut completions);
         for c in completions.iter().copied() {
@@ -379,7 +575,6 @@ fn stream_data(
                     send_in_flight = false;
                     if c.result < 0 {
                         let e = std::io::Error::from_raw_os_error(-c.result);
-                        *last_acked = core.flushed();
                         drain_ring(&mut ring);
                         return Ok(ConnEnd::Transient(format!("send to {peer} failed: {e}")));
                     }
@@ -392,7 +587,6 @@ fn stream_data(
                 (TAG_RECV, _) => {
                     recv_in_flight = false;
                     if c.result <= 0 {
-                        *last_acked = core.flushed();
                         drain_ring(&mut ring);
                         let why = if c.result == 0 {
                             "receiver closed the connection".to_string()
@@ -408,17 +602,17 @@ fn stream_data(
                                 Ok(advanced) => {
                                     if advanced {
                                         last_progress = Instant::now();
-                                        *last_acked = core.flushed();
+                                        progress.on_acked(core.flushed(), summary);
+                                        source.on_durable(core.flushed());
                                     }
                                 }
-                                Err(e @ AckError::Backwards { .. }) | Err(e @ AckError::PastSent { .. }) | Err(e @ AckError::FlushedPastWritten { .. }) => {
+                                Err(e) => {
                                     drain_ring(&mut ring);
                                     return Ok(ConnEnd::Fatal(SendError::Refused { peer: peer.into(), message: format!("protocol violation: {e}") }));
                                 }
                             },
                             Ok(Some(Message::Keepalive(_))) => {}
                             Ok(Some(Message::Error(e))) => {
-                                *last_acked = core.flushed();
                                 drain_ring(&mut ring);
                                 let message = e.message.clone();
                                 return Ok(match e.code {
@@ -447,7 +641,6 @@ fn stream_data(
             }
         }
         if core.unacked_bytes() > 0 && last_progress.elapsed() > cfg.peer_timeout {
-            *last_acked = core.flushed();
             drain_ring(&mut ring);
             return Ok(ConnEnd::Transient(format!(
                 "receiver {peer} acknowledged nothing for {:?} with {} bytes outstanding",
@@ -474,11 +667,12 @@ fn drain_ring(ring: &mut Ring) {
 }
 
 /// Frames as header + payload iovecs straight from the segment maps; each header carries the
-/// payload's CRC32C.
-fn build_batch(source: &mut DirSource, plans: &[FramePlan]) -> Result<SendBatch, SendError> {
+/// payload's CRC32C. Pages are re-checked first (a live server may have recycled the file).
+fn build_batch(source: &mut Source, plans: &[FramePlan]) -> Result<SendBatch, SendError> {
     let seg_size = source.identity().seg_size;
     let mut batch = SendBatch::new(plans.len() * FRAME_HEADER_LEN);
     for plan in plans {
+        source.check_pages(plan.lsn, plan.len)?;
         let map = source.map_for(plan.lsn)?;
         let offset = (plan.lsn.0 % seg_size) as usize;
         let payload = &map.bytes()[offset..offset + plan.len as usize];

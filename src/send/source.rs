@@ -31,6 +31,10 @@ pub enum SourceError {
          of WAL. Everything before {valid_end} was shipped; nothing after it"
     )]
     Corrupt { path: PathBuf, offset: u64, lsn: Lsn, reason: String, valid_end: Lsn, claimed: Lsn },
+    #[error("cannot use the server ({conninfo}): {why}")]
+    Server { conninfo: String, why: String },
+    #[error("{path}: WAL at {lsn} is no longer what the server wrote there: {why}")]
+    Recycled { path: PathBuf, lsn: Lsn, why: String },
     #[error("segment {name} is missing from {dir} although later segments exist (WAL between {from} and {to} is not available)")]
     MissingSegment { dir: PathBuf, name: String, from: Lsn, to: Lsn },
 }

@@ -4,6 +4,7 @@
 //! parsers and no `unsafe`. Parsers never panic on input bytes; bad data is a typed error or an end reason.
 #![forbid(unsafe_code)]
 
+pub mod control;
 pub mod gen;
 pub mod lsn;
 pub mod page;
