@@ -403,8 +403,21 @@ fn complete_segments_identical_partial_up_to_horizon() {
     assert_eq!(r.report_lsn("start_lsn"), first_seg_start, "report start_lsn");
     assert_eq!(r.report_field("bytes").parse::<u64>().unwrap(), g.end_lsn - first_seg_start, "report bytes");
     assert_received(&g.dir, &dst, g.seg_size, g.first_segno(), g.end_lsn);
-    // Sanity of the check itself: the end lies inside a segment, so there is a .partial.
-    assert!(list_names(&dst).last().unwrap().ends_with(".partial"));
+    // Sanity of the check itself: the end lies inside a segment, so there is a .partial ...
+    let names = list_names(&dst);
+    let partial = dst.join(names.last().unwrap());
+    assert!(partial.to_str().unwrap().ends_with(".partial"));
+    // ... and the comparison does catch one wrong byte: in a complete segment, below the end in the
+    // .partial, and in the .partial's zero tail.
+    let end_off = g.end_lsn % g.seg_size;
+    for (file, off) in [(dst.join(&names[3]), 12345u64), (partial.clone(), end_off / 2), (partial.clone(), end_off + 1)] {
+        let orig = fs::read(&file).unwrap();
+        patch(&file, off, &[orig[off as usize] ^ 1]);
+        let caught = std::panic::catch_unwind(|| assert_received(&g.dir, &dst, g.seg_size, g.first_segno(), g.end_lsn));
+        assert!(caught.is_err(), "assert_received missed a flipped byte at offset {off} of {}", file.display());
+        fs::write(&file, &orig).unwrap();
+    }
+    assert_received(&g.dir, &dst, g.seg_size, g.first_segno(), g.end_lsn);
 }
 
 #[test]
@@ -567,7 +580,7 @@ fn corrupt_page_stops_the_ship_with_file_offset_lsn() {
 
 /// Overwrites a header field of the page in the middle of the middle segment with `value(page_lsn)`.
 fn damage_page_header(ctx: &Ctx, what: &str, field_off: u64, value: impl Fn(u64) -> Vec<u8>) {
-    let g = gen_wal(&ctx, "src", "8MiB", MIB, &["--seed", "16"]);
+    let g = gen_wal(ctx, "src", "8MiB", MIB, &["--seed", "16"]);
     let segno = g.first_segno() + g.segments / 2; // the middle segment
     assert!((segno + 1) * g.seg_size < g.end_lsn, "the damaged segment must be followed by valid WAL");
     let path = g.seg_path(segno);
@@ -581,8 +594,8 @@ fn damage_page_header(ctx: &Ctx, what: &str, field_off: u64, value: impl Fn(u64)
 
     let dst = ctx.path("dst");
     let port = free_port();
-    let recv = start_recv(&ctx, &dst, port, &[]);
-    let r = send(&ctx, &g.dir, port, &[]);
+    let recv = start_recv(ctx, &dst, port, &[]);
+    let r = send(ctx, &g.dir, port, &[]);
     recv.stop();
     let (err_lsn, valid_end) = assert_stopped_at_damage(&g, &r, &dst, segno);
     // The failing record starts before the damaged page (or is its first record) and cannot be a whole
