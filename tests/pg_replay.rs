@@ -1,0 +1,880 @@
+//! Real PostgreSQL end-to-end replay test, run the way an operator would use walship:
+//!
+//! 1. initdb + start a primary (wal_level=replica, unix socket in a private temp dir).
+//! 2. Generate some throw-away WAL (so later checkpoints recycle old segments into future names),
+//!    create a physical slot (keeps the WAL from the backup on), `pg_basebackup -X none` (no WAL in it).
+//! 3. pgbench -i -s 10, CHECKPOINT, pgbench runs with a CHECKPOINT in between (several 16 MiB segments).
+//! 4. Checksums of every table on the primary.
+//! 5. Stop the primary cleanly; pg_controldata (latest checkpoint, system id); the exact end of WAL from
+//!    pg_waldump (end of the shutdown checkpoint record).
+//! 6. `walship recv` + `walship send --once` of the stopped primary's pg_wal; compare received files with
+//!    the primary's byte for byte (complete segments; the `.partial` up to end_lsn, zeros after).
+//! 7. A standby from the base backup with an EMPTY pg_wal, `restore_command = 'walship restore ...'`.
+//! 8. Wait until it replayed to end_lsn exactly, compare checksums with the primary's.
+//! 9. Stop everything (guards stop servers with `-m immediate` and kill walship on any failure).
+//!
+//! Needs PostgreSQL (`/usr/lib/postgresql/<major>/bin`, newest wins; `WALSHIP_PG_BIN` overrides). Without it
+//! the test prints "SKIP: PostgreSQL not installed" and passes, unless `WALSHIP_REQUIRE_PG=1`.
+//! As root, PostgreSQL programs run as the `postgres` OS user via `runuser`.
+//!
+//! Env knobs: `WALSHIP_KEEP_TMP=1` keeps the temp dir (path printed); `WALSHIP_PG_SHIP=copy` replaces
+//! step 6 by a plain file copy + `cp` restore_command (self-check of the PostgreSQL steps only: it does
+//! NOT test walship and says so loudly).
+//!
+//! Run: `cargo test --test pg_replay -- --nocapture`.
+
+mod common;
+
+use common::*;
+use std::fmt::Write as _;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const PRIMARY_PORT: u16 = 5491;
+const STANDBY_PORT: u16 = 5492;
+const PG_USER: &str = "postgres";
+const REPLAY_TIMEOUT: Duration = Duration::from_secs(120);
+const SHIP_TIMEOUT: Duration = Duration::from_secs(180);
+/// Segments filled before the slot exists: later checkpoints recycle them into future segment names, so the
+/// stopped primary's pg_wal ends with files that hold stale pages past the end of valid WAL.
+const WARMUP_SWITCHES: usize = 24;
+
+type R<T> = Result<T, String>;
+
+// ---------------------------------------------------------------------------------------------------------
+// PostgreSQL plumbing
+
+/// Where PostgreSQL's programs are and whom to run them as.
+#[derive(Clone)]
+struct Pg {
+    bin: PathBuf,
+    /// Run server-side programs as the `postgres` OS user (we are root).
+    as_user: Option<(u32, u32)>,
+    /// cwd for every PostgreSQL command (must be accessible to the postgres user).
+    cwd: PathBuf,
+}
+
+impl Pg {
+    /// Newest `/usr/lib/postgresql/<major>/bin` with initdb in it (or `WALSHIP_PG_BIN`).
+    fn find_bin() -> Option<PathBuf> {
+        if let Some(p) = std::env::var_os("WALSHIP_PG_BIN") {
+            let p = PathBuf::from(p);
+            return p.join("initdb").exists().then_some(p);
+        }
+        let mut best: Option<(u32, PathBuf)> = None;
+        for e in fs::read_dir("/usr/lib/postgresql").ok()?.flatten() {
+            let Ok(major) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+            let bin = e.path().join("bin");
+            if bin.join("initdb").exists() && bin.join("pg_ctl").exists() && best.as_ref().map_or(true, |b| major > b.0) {
+                best = Some((major, bin));
+            }
+        }
+        best.map(|b| b.1)
+    }
+
+    fn cmd(&self, prog: &str) -> Command {
+        let path = self.bin.join(prog);
+        let mut c = if self.as_user.is_some() {
+            let mut c = Command::new("runuser");
+            c.args(["-u", PG_USER, "--"]).arg(path);
+            c
+        } else {
+            Command::new(path)
+        };
+        c.current_dir(&self.cwd);
+        // Never let the caller's libpq environment redirect us to some other server.
+        for v in ["PGHOST", "PGPORT", "PGDATA", "PGUSER", "PGDATABASE", "PGSERVICE", "PGOPTIONS"] {
+            c.env_remove(v);
+        }
+        c
+    }
+
+    /// Give the postgres user ownership of `path` (recursively) when running as root.
+    fn chown(&self, path: &Path) -> R<()> {
+        if let Some((uid, gid)) = self.as_user {
+            chown_r(path, uid, gid).map_err(|e| format!("chown -R {PG_USER} {}: {e}", path.display()))?;
+        }
+        Ok(())
+    }
+}
+
+/// One PostgreSQL server; stopped with `pg_ctl -m immediate stop` on drop if still running.
+struct Server {
+    pg: Pg,
+    name: &'static str,
+    data: PathBuf,
+    log: PathBuf,
+    sock: PathBuf,
+    port: u16,
+    running: bool,
+}
+
+impl Server {
+    fn new(pg: &Pg, name: &'static str, data: PathBuf, log: PathBuf, sock: PathBuf, port: u16) -> Server {
+        Server { pg: pg.clone(), name, data, log, sock, port, running: false }
+    }
+
+    fn log_tail(&self, n: usize) -> String {
+        tail_file(&self.log, n)
+    }
+
+    fn err(&self, msg: impl std::fmt::Display) -> String {
+        format!("{msg}\n--- {} server log tail ({}) ---\n{}", self.name, self.log.display(), self.log_tail(40))
+    }
+
+    fn pg_ctl_start(&mut self, wait: bool) -> R<()> {
+        let mut c = self.pg.cmd("pg_ctl");
+        c.arg("-D").arg(&self.data).arg("-l").arg(&self.log);
+        if wait {
+            c.args(["-w", "-t", "120"]);
+        } else {
+            c.arg("-W");
+        }
+        c.arg("start");
+        // pg_ctl's postmaster inherits our stdout/stderr pipes unless redirected; -l sends the log to a file,
+        // but keep the pipes closed anyway so `output()` cannot hang on a daemon holding them.
+        c.stdout(Stdio::null()).stderr(Stdio::piped());
+        self.running = true; // from now on the guard tries to stop it
+        let out = run(&mut c)?;
+        if !out.status.success() {
+            return Err(self.err(describe_failure(&c, &out)));
+        }
+        Ok(())
+    }
+
+    fn stop(&mut self, mode: &str) -> R<()> {
+        let mut c = self.pg.cmd("pg_ctl");
+        c.arg("-D").arg(&self.data).args(["-m", mode, "-w", "-t", "120", "stop"]);
+        let out = run(&mut c)?;
+        if !out.status.success() {
+            return Err(self.err(describe_failure(&c, &out)));
+        }
+        self.running = false;
+        Ok(())
+    }
+
+    /// Is the postmaster alive? (`pg_ctl status` exits 0 when running, 3 when not.)
+    fn alive(&self) -> bool {
+        let mut c = self.pg.cmd("pg_ctl");
+        c.arg("-D").arg(&self.data).arg("status");
+        run(&mut c).map(|o| o.status.success()).unwrap_or(false)
+    }
+
+    fn psql_cmd(&self) -> Command {
+        let mut c = self.pg.cmd("psql");
+        c.arg("-h").arg(&self.sock).args(["-p", &self.port.to_string(), "-U", PG_USER, "-d", "postgres"]);
+        c.args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1"]);
+        c
+    }
+
+    /// Run SQL, return trimmed stdout. Errors include the server log tail.
+    fn sql(&self, sql: &str) -> R<String> {
+        let mut c = self.psql_cmd();
+        c.arg("-c").arg(sql);
+        let out = run(&mut c)?;
+        if !out.status.success() {
+            return Err(self.err(describe_failure(&c, &out)));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    /// Like `sql` but without the log tail (for polling).
+    fn sql_quiet(&self, sql: &str) -> Result<String, String> {
+        let mut c = self.psql_cmd();
+        c.arg("-c").arg(sql);
+        let out = run(&mut c)?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+        }
+    }
+
+    fn controldata(&self) -> R<ControlData> {
+        let mut c = self.pg.cmd("pg_controldata");
+        c.arg("-D").arg(&self.data);
+        let out = run_ok(&mut c)?;
+        ControlData::parse(&String::from_utf8_lossy(&out.stdout))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if self.running {
+            eprintln!("guard: stopping {} server (pg_ctl -m immediate stop)", self.name);
+            let mut c = self.pg.cmd("pg_ctl");
+            c.arg("-D").arg(&self.data).args(["-m", "immediate", "-w", "-t", "60", "stop"]);
+            let _ = run(&mut c);
+        }
+    }
+}
+
+#[derive(Debug)]
+struct ControlData {
+    state: String,
+    checkpoint: u64,
+    redo: u64,
+    sysid: u64,
+    seg_size: u64,
+    block_size: u64,
+    tli: u32,
+}
+
+impl ControlData {
+    fn parse(text: &str) -> R<ControlData> {
+        let field = |k: &str| -> R<String> {
+            text.lines()
+                .find_map(|l| l.strip_prefix(k).map(|v| v.trim_start_matches(':').trim().to_string()))
+                .ok_or_else(|| format!("pg_controldata: no `{k}` in:\n{text}"))
+        };
+        let num = |k: &str| -> R<u64> { field(k)?.parse().map_err(|e| format!("pg_controldata `{k}`: {e}")) };
+        let lsn = |k: &str| -> R<u64> { parse_lsn(&field(k)?).ok_or_else(|| format!("pg_controldata `{k}`: bad LSN")) };
+        Ok(ControlData {
+            state: field("Database cluster state")?,
+            checkpoint: lsn("Latest checkpoint location")?,
+            redo: lsn("Latest checkpoint's REDO location")?,
+            sysid: num("Database system identifier")?,
+            seg_size: num("Bytes per WAL segment")?,
+            block_size: num("WAL block size")?,
+            tli: num("Latest checkpoint's TimeLineID")? as u32,
+        })
+    }
+}
+
+/// (table, "count:...") checksums; identical on primary and replayed standby or the test fails.
+const CHECKSUM_QUERIES: &[(&str, &str)] = &[
+    (
+        "pgbench_accounts",
+        "SELECT count(*) || ' sum=' || coalesce(sum(abalance),0) || ' md5=' || \
+         coalesce(md5(string_agg(md5(t::text), '' ORDER BY aid)),'-') FROM pgbench_accounts t",
+    ),
+    (
+        "pgbench_branches",
+        "SELECT count(*) || ' sum=' || coalesce(sum(bbalance),0) || ' md5=' || \
+         coalesce(md5(string_agg(t::text, ',' ORDER BY bid)),'-') FROM pgbench_branches t",
+    ),
+    (
+        "pgbench_tellers",
+        "SELECT count(*) || ' sum=' || coalesce(sum(tbalance),0) || ' md5=' || \
+         coalesce(md5(string_agg(t::text, ',' ORDER BY tid)),'-') FROM pgbench_tellers t",
+    ),
+    (
+        "pgbench_history",
+        "SELECT count(*) || ' sum=' || coalesce(sum(delta),0) || ' md5=' || \
+         coalesce(md5(string_agg(t::text, ',' ORDER BY tid, bid, aid, delta, mtime, t::text)),'-') \
+         FROM pgbench_history t",
+    ),
+    ("warmup", "SELECT count(*) || ' md5=' || coalesce(md5(string_agg(md5(t::text), '' ORDER BY g)),'-') FROM warmup t"),
+];
+
+fn checksums(s: &Server) -> R<Vec<(String, String)>> {
+    CHECKSUM_QUERIES.iter().map(|(t, q)| Ok((t.to_string(), s.sql(q)?))).collect()
+}
+
+/// End of WAL after a clean shutdown = end (MAXALIGN'd, as `pg_last_wal_replay_lsn()` reports it) of the
+/// shutdown checkpoint record at `ckpt`, found independently of walship with pg_waldump.
+fn wal_end_after_checkpoint(pg: &Pg, pg_wal: &Path, ckpt: u64, block_size: u64) -> R<u64> {
+    let mut c = pg.cmd("pg_waldump");
+    c.arg("-p").arg(pg_wal).arg("-s").arg(fmt_lsn(ckpt));
+    let out = run(&mut c)?;
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    let recs: Vec<&str> = stdout.lines().filter(|l| l.starts_with("rmgr:")).collect();
+    let ctx = || format!("`{}`\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}", cmdline(&c));
+    if recs.len() != 1 || !recs[0].contains("CHECKPOINT_SHUTDOWN") {
+        return Err(format!("expected exactly one record (CHECKPOINT_SHUTDOWN) at the latest checkpoint: {}", ctx()));
+    }
+    // "rmgr: XLOG        len (rec/tot):    114/   114, tx:          0, lsn: 0/0A000028, prev 0/..."
+    let rec = recs[0];
+    let tot: u64 = rec
+        .split("len (rec/tot):")
+        .nth(1)
+        .and_then(|s| s.split(',').next())
+        .and_then(|s| s.split('/').nth(1))
+        .and_then(|s| s.trim().parse().ok())
+        .ok_or_else(|| format!("cannot parse record length: {}", ctx()))?;
+    let from_len = if (ckpt % block_size) + tot <= block_size { Some((ckpt + tot + 7) & !7) } else { None };
+    // "pg_waldump: error: error in WAL record at 0/A000028: invalid record length at 0/A0000A0: wanted 24, got 0"
+    let from_err = stderr
+        .split("invalid record length at ")
+        .nth(1)
+        .and_then(|s| s.split(':').next())
+        .and_then(parse_lsn);
+    match (from_len, from_err) {
+        (Some(a), Some(b)) if a != b => Err(format!("end of WAL: record length says {}, error says {}: {}", fmt_lsn(a), fmt_lsn(b), ctx())),
+        (Some(a), _) => Ok(a),
+        (None, Some(b)) => Ok(b),
+        (None, None) => Err(format!("cannot determine the end of WAL: {}", ctx())),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The test
+
+struct Timings(Vec<(String, Duration)>);
+
+impl Timings {
+    fn step<T>(&mut self, name: &str, f: impl FnOnce() -> R<T>) -> R<T> {
+        println!("== step {name}");
+        let t0 = Instant::now();
+        let r = f().map_err(|e| format!("step {name} FAILED: {e}"));
+        let dt = t0.elapsed();
+        println!("   ({name}: {:.2} s{})", dt.as_secs_f64(), if r.is_err() { ", failed" } else { "" });
+        self.0.push((name.to_string(), dt));
+        r
+    }
+    fn report(&self) -> String {
+        let mut s = String::from("phase timings:\n");
+        for (n, d) in &self.0 {
+            let _ = writeln!(s, "  {:>8.2} s  {n}", d.as_secs_f64());
+        }
+        let total: Duration = self.0.iter().map(|x| x.1).sum();
+        let _ = write!(s, "  {:>8.2} s  total", total.as_secs_f64());
+        s
+    }
+}
+
+/// What the ship step produced (from `--report-json`, or the copy self-check).
+#[derive(Debug)]
+struct ShipReport {
+    start_lsn: u64,
+    end_lsn: u64,
+    json: String,
+}
+
+struct Env {
+    pg: Pg,
+    tmp: TestDir,
+    walship: PathBuf,
+    copy_mode: bool,
+    recv_log: PathBuf,
+    send_log: PathBuf,
+}
+
+#[test]
+fn pg_replay_end_to_end() {
+    let require = std::env::var("WALSHIP_REQUIRE_PG").as_deref() == Ok("1");
+    let Some(bin) = Pg::find_bin() else {
+        if require {
+            panic!("WALSHIP_REQUIRE_PG=1 but PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb)");
+        }
+        println!("SKIP: PostgreSQL not installed");
+        return;
+    };
+    let as_user = if is_root() {
+        match user_ids(PG_USER) {
+            Some(ids) => Some(ids),
+            None => {
+                if require {
+                    panic!("running as root but there is no `{PG_USER}` OS user to run PostgreSQL as");
+                }
+                println!("SKIP: running as root without a `{PG_USER}` user (initdb refuses root)");
+                return;
+            }
+        }
+    } else {
+        None
+    };
+    let copy_mode = std::env::var("WALSHIP_PG_SHIP").as_deref() == Ok("copy");
+    if copy_mode {
+        println!("!!! WALSHIP_PG_SHIP=copy: step 6 is a plain file copy; this run does NOT test walship !!!");
+    }
+    let tmp = TestDir::new("pg-replay");
+    println!("PostgreSQL bin: {}  temp dir: {}  as_user: {:?}", bin.display(), tmp.path().display(), as_user);
+    let env = Env {
+        pg: Pg { bin, as_user, cwd: tmp.path().to_path_buf() },
+        recv_log: tmp.join("walship-recv.log"),
+        send_log: tmp.join("walship-send.log"),
+        tmp,
+        walship: walship_bin(),
+        copy_mode,
+    };
+    let mut t = Timings(Vec::new());
+    let t0 = Instant::now();
+    let res = run_test(&env, &mut t);
+    println!("{}", t.report());
+    println!("wall time: {:.2} s", t0.elapsed().as_secs_f64());
+    if let Err(e) = res {
+        panic!(
+            "{e}\n--- walship recv stderr tail ({}) ---\n{}\n--- walship send output tail ({}) ---\n{}\n(temp dir {}; WALSHIP_KEEP_TMP=1 keeps it)",
+            env.recv_log.display(),
+            tail_file(&env.recv_log, 30),
+            env.send_log.display(),
+            tail_file(&env.send_log, 30),
+            env.tmp.path().display()
+        );
+    }
+}
+
+fn run_test(env: &Env, t: &mut Timings) -> R<()> {
+    let pg = &env.pg;
+    let root = env.tmp.path();
+    let pgdir = root.join("pg"); // everything the servers touch, owned by postgres
+    let sock = pgdir.join("sock");
+    let recv_dir = root.join("recv");
+    fs::create_dir_all(&sock).map_err(|e| e.to_string())?;
+    fs::set_permissions(&sock, fs::Permissions::from_mode(0o700)).map_err(|e| e.to_string())?;
+    pg.chown(&pgdir)?;
+
+    let mut primary = Server::new(pg, "primary", pgdir.join("primary"), pgdir.join("primary.log"), sock.clone(), PRIMARY_PORT);
+    let mut standby = Server::new(pg, "standby", pgdir.join("standby"), pgdir.join("standby.log"), sock.clone(), STANDBY_PORT);
+
+    // 1. initdb + start the primary -----------------------------------------------------------------------
+    t.step("1 initdb + start primary", || {
+        let mut c = pg.cmd("initdb");
+        c.arg("-D").arg(&primary.data);
+        c.args(["-U", PG_USER, "--auth=trust", "--locale=C", "--encoding=UTF8", "--no-sync"]);
+        run_ok(&mut c)?;
+        append(
+            &primary.data.join("postgresql.conf"),
+            &format!(
+                "\n# walship pg_replay test\nport = {PRIMARY_PORT}\nlisten_addresses = ''\nunix_socket_directories = '{}'\n\
+                 wal_level = replica\nmax_wal_senders = 4\nmax_replication_slots = 4\nwal_keep_size = 0\n\
+                 max_wal_size = 1GB\nmin_wal_size = 80MB\nsynchronous_commit = off\nlog_checkpoints = on\n",
+                sock.display()
+            ),
+        )?;
+        primary.pg_ctl_start(true)?;
+        println!("   {}", primary.sql("SELECT version()")?);
+        Ok(())
+    })?;
+
+    // 2. throw-away WAL, slot, base backup without WAL -------------------------------------------------------
+    let base = pgdir.join("base");
+    let backup_start = t.step("2 warm-up WAL + slot + pg_basebackup -X none", || {
+        // WAL before the slot: later checkpoints may remove/recycle these segments (recycled files get future
+        // names and keep stale pages: walship must find the end of valid WAL, not the end of the files).
+        // Keep every segment from here on (WAL retention a real shipper relies on: safety rule 2). Created
+        // before the warm-up so that the backup's checkpoint cannot recycle the warm-up segments yet.
+        primary.sql("SELECT pg_create_physical_replication_slot('walship_pg_replay', true)")?;
+        primary.sql("CREATE TABLE warmup AS SELECT g, repeat(md5(g::text), 16) AS pad FROM generate_series(1, 20000) g")?;
+        primary.sql("UPDATE warmup SET pad = reverse(pad)")?;
+        for _ in 0..WARMUP_SWITCHES {
+            primary.sql("INSERT INTO warmup SELECT -1, 'x'; DELETE FROM warmup WHERE g = -1; SELECT pg_switch_wal()")?;
+        }
+        let mut c = pg.cmd("pg_basebackup");
+        c.arg("-h").arg(&sock).args(["-p", &PRIMARY_PORT.to_string(), "-U", PG_USER]);
+        c.arg("-D").arg(&base).args(["-c", "fast", "-X", "none", "--no-sync"]);
+        run_ok(&mut c).map_err(|e| primary.err(e))?;
+        let label = fs::read_to_string(base.join("backup_label")).map_err(|e| format!("read backup_label: {e}"))?;
+        let start = label
+            .lines()
+            .find_map(|l| l.strip_prefix("START WAL LOCATION: "))
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(parse_lsn)
+            .ok_or_else(|| format!("no START WAL LOCATION in backup_label:\n{label}"))?;
+        // Release the warm-up WAL (only the backup's start onwards is needed): the next checkpoint recycles
+        // those segments into future names, which then sit past the end of valid WAL.
+        primary.sql(&format!("SELECT pg_replication_slot_advance('walship_pg_replay', '{}')", fmt_lsn(start)))?;
+        println!("   backup START WAL LOCATION {}", fmt_lsn(start));
+        Ok(start)
+    })?;
+
+    // 3. pgbench ------------------------------------------------------------------------------------------
+    let pgbench = |args: &[&str]| -> R<String> {
+        let mut c = pg.cmd("pgbench");
+        c.arg("-h").arg(&sock).args(["-p", &PRIMARY_PORT.to_string(), "-U", PG_USER]);
+        c.args(args).arg("postgres");
+        let out = run_ok(&mut c).map_err(|e| primary.err(e))?;
+        Ok(String::from_utf8_lossy(&out.stdout).to_string())
+    };
+    t.step("3 pgbench -i -s 10 + runs with CHECKPOINTs", || {
+        pgbench(&["-i", "-s", "10", "-q"])?;
+        primary.sql("CHECKPOINT")?;
+        for (i, secs) in ["3", "3"].iter().enumerate() {
+            let out = pgbench(&["-c", "2", "-j", "2", "-T", secs, "-n"])?;
+            let tps = out.lines().find(|l| l.starts_with("tps")).unwrap_or("").to_string();
+            println!("   pgbench run {}: {tps}", i + 1);
+            if i == 0 {
+                primary.sql("CHECKPOINT")?;
+            }
+        }
+        let lsn = parse_lsn(&primary.sql("SELECT pg_current_wal_lsn()")?).ok_or("bad pg_current_wal_lsn")?;
+        let mb = (lsn - backup_start) as f64 / 1048576.0;
+        println!("   WAL since backup start: {mb:.1} MiB (now at {})", fmt_lsn(lsn));
+        if lsn - backup_start < 4 * 16 * 1048576 {
+            return Err(format!("only {mb:.1} MiB of WAL since the backup: want > 4 segments"));
+        }
+        Ok(())
+    })?;
+
+    // 4. checksums on the primary -----------------------------------------------------------------------------
+    let sums = t.step("4 checksums on primary", || {
+        let s = checksums(&primary)?;
+        for (tbl, v) in &s {
+            println!("   {tbl}: {v}");
+        }
+        Ok(s)
+    })?;
+
+    // 5. clean stop + control data + exact end of WAL ------------------------------------------------------------
+    let (cd, expected_end) = t.step("5 stop primary + pg_controldata + pg_waldump end of WAL", || {
+        primary.stop("fast")?;
+        let cd = primary.controldata()?;
+        if cd.state != "shut down" {
+            return Err(format!("primary cluster state after stop is `{}`, want `shut down`", cd.state));
+        }
+        if cd.redo != cd.checkpoint {
+            return Err(format!("shutdown checkpoint REDO {} != location {}", fmt_lsn(cd.redo), fmt_lsn(cd.checkpoint)));
+        }
+        let end = wal_end_after_checkpoint(pg, &primary.data.join("pg_wal"), cd.checkpoint, cd.block_size)?;
+        println!(
+            "   system id {}  latest checkpoint {}  end of WAL {}  seg {} B  block {} B  tli {}",
+            cd.sysid,
+            fmt_lsn(cd.checkpoint),
+            fmt_lsn(end),
+            cd.seg_size,
+            cd.block_size,
+            cd.tli
+        );
+        Ok((cd, end))
+    })?;
+    let primary_wal = primary.data.join("pg_wal");
+
+    // 6. ship -----------------------------------------------------------------------------------------------
+    let report = t.step("6 walship recv + send --once + compare bytes", || {
+        fs::create_dir_all(&recv_dir).map_err(|e| e.to_string())?;
+        let report = if env.copy_mode {
+            copy_ship(&primary_wal, &recv_dir, &cd, expected_end)?
+        } else {
+            walship_ship(env, &primary_wal, &recv_dir)?
+        };
+        println!("   report: {}", report.json.trim());
+        check_received(&primary_wal, &recv_dir, &cd, &report, expected_end, backup_start)?;
+        Ok(report)
+    })?;
+
+    // 7. standby from the base backup, WAL only through walship restore -----------------------------------------
+    t.step("7 standby from base backup with restore_command", || {
+        let mut c = cmd("cp", ["-a"]);
+        c.arg(&base).arg(&standby.data);
+        run_ok(&mut c)?;
+        let wal = standby.data.join("pg_wal");
+        // Recovery silently falls back to pg_wal: it must be empty so every byte comes through restore_command.
+        for e in fs::read_dir(&wal).map_err(|e| e.to_string())?.flatten() {
+            let p = e.path();
+            let r = if p.is_dir() { fs::remove_dir_all(&p) } else { fs::remove_file(&p) };
+            r.map_err(|e| format!("empty {}: {e}", wal.display()))?;
+        }
+        fs::write(standby.data.join("standby.signal"), b"").map_err(|e| e.to_string())?;
+        let restore = if env.copy_mode {
+            format!("cp {0}/%f %p 2>/dev/null || cp {0}/%f.partial %p", recv_dir.display())
+        } else {
+            let exe = restore_exe(env)?;
+            format!("{} restore %f %p --dir {}", exe.display(), recv_dir.display())
+        };
+        append(
+            &standby.data.join("postgresql.auto.conf"),
+            &format!(
+                "\n# walship pg_replay test standby\nport = {STANDBY_PORT}\nrestore_command = '{restore}'\nhot_standby = on\n\
+                 wal_retrieve_retry_interval = '1s'\nlog_min_messages = info\n"
+            ),
+        )?;
+        pg.chown(&standby.data)?;
+        chmod_a_rx(&recv_dir).map_err(|e| format!("chmod -R a+rX {}: {e}", recv_dir.display()))?;
+        println!("   restore_command = '{restore}'");
+        standby.pg_ctl_start(false)
+    })?;
+
+    // 8. replay to end_lsn, compare -------------------------------------------------------------------------------
+    t.step("8 standby replays to end_lsn + checksums match", || {
+        let target = report.end_lsn;
+        let mut last = String::new();
+        let t0 = Instant::now();
+        let reached = poll_until(REPLAY_TIMEOUT, Duration::from_millis(250), || {
+            match standby.sql_quiet("SELECT pg_last_wal_replay_lsn()") {
+                Ok(s) => {
+                    last = s.clone();
+                    parse_lsn(&s).filter(|&l| l >= target).map(Ok)
+                }
+                Err(e) => {
+                    last = e;
+                    // Starting up (not yet consistent) is expected; a dead postmaster is not.
+                    if t0.elapsed() > Duration::from_secs(3) && !standby.alive() {
+                        Some(Err(standby.err(format!("standby postmaster died during recovery (last psql: {last})"))))
+                    } else {
+                        None
+                    }
+                }
+            }
+        })
+        .ok_or_else(|| {
+            standby.err(format!(
+                "standby did not replay to {} within {REPLAY_TIMEOUT:?}; last pg_last_wal_replay_lsn() / error: {last}",
+                fmt_lsn(target)
+            ))
+        })??;
+        println!("   replayed to {} after {:.1} s", fmt_lsn(reached), t0.elapsed().as_secs_f64());
+        if reached != target {
+            return Err(standby.err(format!(
+                "pg_last_wal_replay_lsn() = {} != end_lsn {} (walship report)",
+                fmt_lsn(reached),
+                fmt_lsn(target)
+            )));
+        }
+        if reached <= cd.checkpoint {
+            return Err(format!("replayed LSN {} not past the primary's latest checkpoint {}", fmt_lsn(reached), fmt_lsn(cd.checkpoint)));
+        }
+        if standby.sql("SELECT pg_is_in_recovery()")? != "t" {
+            return Err(standby.err("standby is not in recovery (it should stay a standby)"));
+        }
+        let got = checksums(&standby)?;
+        let mut bad = String::new();
+        for ((tbl, want), (_, have)) in sums.iter().zip(&got) {
+            if want != have {
+                let _ = writeln!(bad, "  {tbl}: primary {want}\n  {tbl}: standby {have}");
+            }
+        }
+        if !bad.is_empty() {
+            return Err(standby.err(format!("checksums differ after replay:\n{bad}")));
+        }
+        println!("   all {} table checksums equal", got.len());
+        // What recovery asked for: every segment from the backup's start to the end, never a `.partial`.
+        let log = fs::read_to_string(&standby.log).unwrap_or_default();
+        let restored: Vec<&str> = log
+            .lines()
+            .filter_map(|l| l.split("restored log file \"").nth(1).and_then(|s| s.split('"').next()))
+            .collect();
+        let first = backup_start / cd.seg_size;
+        let last_seg = (report.end_lsn - 1) / cd.seg_size;
+        let want: Vec<String> = (first..=last_seg).map(|s| seg_name(cd.tli, s, cd.seg_size)).collect();
+        let missing: Vec<&String> = want.iter().filter(|n| !restored.contains(&n.as_str())).collect();
+        if !missing.is_empty() {
+            return Err(standby.err(format!("standby log shows no `restored log file` for {missing:?}")));
+        }
+        if restored.iter().any(|n| n.contains("partial")) {
+            return Err(standby.err(format!("recovery restored a .partial name: {restored:?}")));
+        }
+        println!("   standby restored {} files via restore_command ({} .. {})", restored.len(), want[0], want[want.len() - 1]);
+        Ok(())
+    })?;
+
+    // 9. clean stop -------------------------------------------------------------------------------------------
+    t.step("9 stop standby", || {
+        standby.stop("fast")?;
+        let scd = standby.controldata()?;
+        if scd.sysid != cd.sysid {
+            return Err(format!("standby system id {} != primary {}", scd.sysid, cd.sysid));
+        }
+        Ok(())
+    })?;
+    Ok(())
+}
+
+fn append(path: &Path, text: &str) -> R<()> {
+    use std::io::Write;
+    let mut f = fs::OpenOptions::new().append(true).open(path).map_err(|e| format!("open {}: {e}", path.display()))?;
+    f.write_all(text.as_bytes()).map_err(|e| format!("append to {}: {e}", path.display()))
+}
+
+/// The walship binary as the postgres user can execute it: in place if every parent dir is traversable,
+/// else a copy in the temp dir.
+fn restore_exe(env: &Env) -> R<PathBuf> {
+    if env.pg.as_user.is_none() || others_can_reach(&env.walship) {
+        return Ok(env.walship.clone());
+    }
+    let dir = env.tmp.join("bin");
+    fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let exe = dir.join("walship");
+    fs::copy(&env.walship, &exe).map_err(|e| format!("copy {}: {e}", env.walship.display()))?;
+    fs::set_permissions(&exe, fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())?;
+    Ok(exe)
+}
+
+/// Step 6 for real: `walship recv` until SIGTERM, `walship send --once`.
+fn walship_ship(env: &Env, pg_wal: &Path, recv_dir: &Path) -> R<ShipReport> {
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let report_path = env.tmp.join("report.json");
+    let file = |p: &Path| fs::File::create(p).map_err(|e| format!("create {}: {e}", p.display()));
+
+    let mut rc = Command::new(&env.walship);
+    rc.args(["recv", "--listen", &addr, "--dir"]).arg(recv_dir);
+    // recv logs on stderr: that goes to recv_log (the file a failure message tails).
+    rc.stdin(Stdio::null());
+    rc.stdout(file(&env.tmp.join("walship-recv.stdout"))?).stderr(file(&env.recv_log)?);
+    println!("   $ {}", cmdline(&rc));
+    let mut recv = ChildGuard::spawn("walship recv", &mut rc).map_err(|e| format!("spawn `{}`: {e}", cmdline(&rc)))?;
+
+    let mut sc = Command::new(&env.walship);
+    sc.arg("send").arg("--pg-wal").arg(pg_wal).args(["--to", &addr, "--once", "--retry-for", "30s", "--report-json"]);
+    sc.arg(&report_path);
+    sc.stdin(Stdio::null()).stdout(file(&env.send_log)?).stderr(
+        fs::OpenOptions::new().append(true).open(&env.send_log).map_err(|e| e.to_string())?,
+    );
+    println!("   $ {}", cmdline(&sc));
+    let t0 = Instant::now();
+    let mut send = ChildGuard::spawn("walship send", &mut sc).map_err(|e| format!("spawn `{}`: {e}", cmdline(&sc)))?;
+    let st = send.wait_timeout(SHIP_TIMEOUT).map_err(|e| e.to_string())?;
+    let send_secs = t0.elapsed().as_secs_f64();
+    let send_out = fs::read_to_string(&env.send_log).unwrap_or_default();
+    match st {
+        None => return Err(format!("walship send still running after {SHIP_TIMEOUT:?} (killed)")),
+        Some(st) if !st.success() => {
+            return Err(format!("`{}` exited with {st}; output:\n{}", cmdline(&sc), tail_str(&send_out, 40)))
+        }
+        Some(_) => {}
+    }
+    println!("   send exited 0 after {send_secs:.2} s; stdout/stderr:\n{}", indent(&tail_str(&send_out, 15)));
+    if let Ok(Some(st)) = recv.try_wait() {
+        return Err(format!("walship recv exited early with {st}"));
+    }
+    recv.signal(libc::SIGTERM).map_err(|e| format!("SIGTERM walship recv: {e}"))?;
+    match recv.wait_timeout(Duration::from_secs(30)).map_err(|e| e.to_string())? {
+        None => return Err("walship recv did not exit within 30 s of SIGTERM".into()),
+        Some(st) if !st.success() => return Err(format!("walship recv exited with {st} after SIGTERM (want 0)")),
+        Some(_) => {}
+    }
+    println!("   recv exited 0 after SIGTERM; stderr tail:\n{}", indent(&tail_file(&env.recv_log, 8)));
+
+    let json = fs::read_to_string(&report_path).map_err(|e| format!("read --report-json {}: {e}", report_path.display()))?;
+    let lsn = |k: &str| -> R<u64> {
+        json_field(&json, k).and_then(|s| parse_lsn(&s)).ok_or_else(|| format!("report JSON has no valid `{k}`: {json}"))
+    };
+    let r = ShipReport { start_lsn: lsn("start_lsn")?, end_lsn: lsn("end_lsn")?, json: json.clone() };
+    for k in ["bytes", "segments", "seconds", "mb_per_s"] {
+        if json_field(&json, k).is_none() {
+            return Err(format!("report JSON lacks `{k}`: {json}"));
+        }
+    }
+    if let Some(b) = json_field(&json, "bytes").and_then(|s| s.parse::<u64>().ok()) {
+        if b != r.end_lsn - r.start_lsn {
+            println!("   note: report bytes {b} != end_lsn - start_lsn {}", r.end_lsn - r.start_lsn);
+        }
+    }
+    Ok(r)
+}
+
+/// Step 6 self-check (`WALSHIP_PG_SHIP=copy`): what the receiver should produce, made by copying.
+fn copy_ship(pg_wal: &Path, recv_dir: &Path, cd: &ControlData, end: u64) -> R<ShipReport> {
+    let segs = primary_segments(pg_wal)?;
+    let first = segs.first().ok_or("no segments in primary pg_wal")?;
+    let first_no = segno_of(first, cd.seg_size);
+    let end_seg = end / cd.seg_size;
+    for s in first_no..=end_seg {
+        let name = seg_name(cd.tli, s, cd.seg_size);
+        let mut data = fs::read(pg_wal.join(&name)).map_err(|e| format!("read {name}: {e}"))?;
+        if s == end_seg {
+            let off = (end % cd.seg_size) as usize;
+            if off == 0 {
+                break;
+            }
+            data[off..].fill(0);
+            fs::write(recv_dir.join(format!("{name}.partial")), &data).map_err(|e| e.to_string())?;
+        } else {
+            fs::write(recv_dir.join(&name), &data).map_err(|e| e.to_string())?;
+        }
+    }
+    let start = first_no * cd.seg_size;
+    Ok(ShipReport {
+        start_lsn: start,
+        end_lsn: end,
+        json: format!("{{\"copy\":true,\"start_lsn\":\"{}\",\"end_lsn\":\"{}\"}}", fmt_lsn(start), fmt_lsn(end)),
+    })
+}
+
+fn primary_segments(pg_wal: &Path) -> R<Vec<String>> {
+    let mut v: Vec<String> = fs::read_dir(pg_wal)
+        .map_err(|e| format!("read_dir {}: {e}", pg_wal.display()))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| is_seg_name(n))
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+fn segno_of(name: &str, seg_size: u64) -> u64 {
+    let hi = u64::from_str_radix(&name[8..16], 16).unwrap();
+    let lo = u64::from_str_radix(&name[16..24], 16).unwrap();
+    hi * (0x1_0000_0000 / seg_size) + lo
+}
+
+/// Received directory vs the primary's pg_wal: names, bytes, zero padding, long page headers.
+fn check_received(pg_wal: &Path, recv: &Path, cd: &ControlData, r: &ShipReport, expected_end: u64, backup_start: u64) -> R<()> {
+    if r.end_lsn != expected_end {
+        return Err(format!(
+            "report end_lsn {} != end of the shutdown checkpoint record {} (pg_waldump)",
+            fmt_lsn(r.end_lsn),
+            fmt_lsn(expected_end)
+        ));
+    }
+    if r.start_lsn > backup_start {
+        return Err(format!("report start_lsn {} is after the base backup's start {}", fmt_lsn(r.start_lsn), fmt_lsn(backup_start)));
+    }
+    let segs = primary_segments(pg_wal)?;
+    println!(
+        "   primary pg_wal: {} segment files {} .. {} (files after the end are recycled/preallocated)",
+        segs.len(),
+        segs.first().map(String::as_str).unwrap_or("-"),
+        segs.last().map(String::as_str).unwrap_or("-")
+    );
+    let end_name = seg_name(cd.tli, r.end_lsn / cd.seg_size, cd.seg_size);
+    let beyond: Vec<&String> = segs.iter().filter(|n| **n > end_name).collect();
+    println!("   {} segment files past the end segment {end_name} (recycled/preallocated; must not be shipped)", beyond.len());
+    if let Some(f) = segs.first() {
+        let oldest = segno_of(f, cd.seg_size) * cd.seg_size;
+        if r.start_lsn != oldest {
+            println!("   note: start_lsn {} != start of the oldest segment file {f} ({})", fmt_lsn(r.start_lsn), fmt_lsn(oldest));
+        }
+    }
+    let mut names: Vec<String> = fs::read_dir(recv)
+        .map_err(|e| e.to_string())?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    let first_seg = r.start_lsn / cd.seg_size;
+    let end_seg = r.end_lsn / cd.seg_size;
+    let end_off = r.end_lsn % cd.seg_size;
+    let mut want: Vec<String> = (first_seg..end_seg).map(|s| seg_name(cd.tli, s, cd.seg_size)).collect();
+    let partial = (end_off != 0).then(|| format!("{}.partial", seg_name(cd.tli, end_seg, cd.seg_size)));
+    want.extend(partial.clone());
+    let unexpected: Vec<&String> = names.iter().filter(|n| !want.contains(n)).collect();
+    let missing: Vec<&String> = want.iter().filter(|n| !names.contains(n)).collect();
+    if !missing.is_empty() || !unexpected.is_empty() {
+        return Err(format!("receiver dir {}: missing {missing:?}, unexpected {unexpected:?} (have {names:?})", recv.display()));
+    }
+    if want.len() < 4 {
+        return Err(format!("only {} files shipped ({want:?}); the test wants several complete segments + a .partial", want.len()));
+    }
+    let mut bytes = 0u64;
+    for (i, name) in want.iter().enumerate() {
+        let got = fs::read(recv.join(name)).map_err(|e| format!("read received {name}: {e}"))?;
+        let base = name.trim_end_matches(".partial");
+        let src = fs::read(pg_wal.join(base)).map_err(|e| format!("read primary {base}: {e}"))?;
+        if got.len() as u64 != cd.seg_size {
+            return Err(format!("received {name} is {} bytes, want {} (full segment size)", got.len(), cd.seg_size));
+        }
+        let upto = if name.ends_with(".partial") { end_off as usize } else { got.len() };
+        if let Some(at) = got[..upto].iter().zip(&src[..upto]).position(|(a, b)| a != b) {
+            return Err(format!("received {name} differs from the primary's {base} at byte {at} (of {upto} compared)"));
+        }
+        if let Some(at) = got[upto..].iter().position(|&b| b != 0) {
+            return Err(format!("received {name} has non-zero byte at {} after end_lsn offset {upto}", upto + at));
+        }
+        // Long page header: xlp_sysid at 24, xlp_seg_size at 32, xlp_xlog_blcksz at 36.
+        let sysid = u64::from_le_bytes(got[24..32].try_into().unwrap());
+        let segsz = u32::from_le_bytes(got[32..36].try_into().unwrap()) as u64;
+        if sysid != cd.sysid || segsz != cd.seg_size {
+            return Err(format!("received {name}: long header sysid {sysid} seg_size {segsz}, want {} {}", cd.sysid, cd.seg_size));
+        }
+        bytes += upto as u64;
+        let _ = i;
+    }
+    println!(
+        "   received {} files ({} complete + {}), {:.1} MiB of WAL, byte-identical to the primary; zero padding after end_lsn",
+        want.len(),
+        want.len() - partial.iter().count(),
+        partial.as_deref().unwrap_or("no .partial"),
+        bytes as f64 / 1048576.0
+    );
+    Ok(())
+}
+
+fn indent(s: &str) -> String {
+    s.lines().map(|l| format!("     | {l}")).collect::<Vec<_>>().join("\n")
+}
