@@ -43,10 +43,20 @@ pub fn run(dir: &Path, wal_bytes: u64, port: u16, keep: bool) -> Result<(), Demo
         report.end_lsn,
         t.elapsed().as_secs_f64()
     );
+    // The demo authenticates like a real deployment: one shared key for both sides.
+    let key_file = dir.join("auth.key");
+    let key: String = crate::auth::nonce().map_err(step("make a key"))?.iter().map(|b| format!("{b:02x}")).collect();
+    std::fs::write(&key_file, key).map_err(step("write the key file"))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).map_err(step("chmod the key file"))?;
+    }
     let listen = format!("127.0.0.1:{port}");
     let recv = Command::new(&exe)
         .args(["recv", "--listen", &listen, "--dir"])
         .arg(&dst)
+        .arg("--auth-key-file")
+        .arg(&key_file)
         .env("WALSHIP_LOG", "warn")
         .stdin(Stdio::null())
         .spawn()
@@ -58,6 +68,8 @@ pub fn run(dir: &Path, wal_bytes: u64, port: u16, keep: bool) -> Result<(), Demo
         .arg(&src)
         .arg("--report-json")
         .arg(&report_json)
+        .arg("--auth-key-file")
+        .arg(&key_file)
         .env("WALSHIP_LOG", "warn")
         .status()
         .map_err(step("run sender"))?;

@@ -1,6 +1,7 @@
 //! walship: ship PostgreSQL WAL with io_uring; acknowledge only what is durable.
 //!
 //! Imports flow one way: `wal` <- `wire` <- {`send`, `recv`} -> `uring`.
+pub mod auth;
 pub mod demo;
 pub mod recv;
 pub mod restore;

@@ -43,8 +43,39 @@ enum Command {
     Demo(DemoArgs),
 }
 
+/// Who may connect: a shared key, or an explicit opt-out.
+#[derive(clap::Args)]
+struct AuthArgs {
+    /// File holding the shared key (at least 16 bytes; e.g. 32 random bytes, base64). Sender and
+    /// receiver must use the same key; both prove they know it before any WAL moves.
+    #[arg(long, env = "WALSHIP_AUTH_KEY_FILE", conflicts_with = "insecure_no_auth")]
+    auth_key_file: Option<PathBuf>,
+    /// Run without authentication: anyone who can reach the receiver may write WAL into its
+    /// directory. Only for trusted networks and tests.
+    #[arg(long, env = "WALSHIP_INSECURE_NO_AUTH")]
+    insecure_no_auth: bool,
+}
+
+impl AuthArgs {
+    fn key(&self, side: &str) -> Result<Option<walship::auth::AuthKey>> {
+        match (&self.auth_key_file, self.insecure_no_auth) {
+            (Some(path), _) => Ok(Some(walship::auth::AuthKey::load(path)?)),
+            (None, true) => {
+                tracing::warn!("{side} runs WITHOUT authentication (--insecure-no-auth): anyone who can reach it is trusted");
+                Ok(None)
+            }
+            (None, false) => bail!(
+                "walship {side} needs --auth-key-file FILE (the key shared by sender and receiver), or --insecure-no-auth \
+                 to run without authentication on a trusted network"
+            ),
+        }
+    }
+}
+
 #[derive(clap::Args)]
 struct SendArgs {
+    #[command(flatten)]
+    auth: AuthArgs,
     /// Directory holding WAL segment files (a stopped cluster's pg_wal, or an archive).
     #[arg(long, env = "WALSHIP_PG_WAL")]
     pg_wal: PathBuf,
@@ -104,6 +135,8 @@ struct SendArgs {
 
 #[derive(clap::Args)]
 struct RecvArgs {
+    #[command(flatten)]
+    auth: AuthArgs,
     /// Address to listen on, e.g. 0.0.0.0:5499.
     #[arg(long, env = "WALSHIP_LISTEN")]
     listen: SocketAddr,
@@ -249,6 +282,7 @@ fn run(cli: Cli) -> Result<()> {
                 retry_for: a.retry_for.unwrap_or(default_retry),
                 live,
                 shutdown_timeout: a.shutdown_timeout,
+                auth: a.auth.key("send")?,
                 zero_copy: a.zero_copy,
                 frame_bytes: a.frame_bytes,
                 in_flight_bytes_max: a.in_flight_bytes_max,
@@ -313,6 +347,7 @@ fn run(cli: Cli) -> Result<()> {
                 frame_bytes_max: u32::try_from(a.frame_bytes_max).context("--frame-bytes-max too large")?,
                 peer_timeout: a.peer_timeout,
                 status_interval: a.status_interval,
+                auth: a.auth.key("recv")?,
             };
             walship::recv::run(&cfg, shutdown_flag()?)?;
             Ok(())

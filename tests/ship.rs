@@ -72,6 +72,8 @@ fn walship(args: &[&str]) -> Command {
     let mut c = Command::new(walship_bin());
     c.args(args);
     c.env("NO_COLOR", "1").env_remove("WALSHIP_LOG");
+    // These tests are about shipping; authentication has its own tests (tests/auth.rs).
+    c.env("WALSHIP_INSECURE_NO_AUTH", "true");
     c.stdin(Stdio::null());
     c
 }

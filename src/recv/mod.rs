@@ -42,6 +42,8 @@ pub struct RecvConfig {
     pub peer_timeout: Duration,
     /// Send a status ack at least this often.
     pub status_interval: Duration,
+    /// Shared key senders must prove they know (None: `--insecure-no-auth`).
+    pub auth: Option<crate::auth::AuthKey>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -170,6 +172,9 @@ fn unix_time_us() -> u64 {
 enum ConnPhase {
     AwaitHelloHeader,
     AwaitHelloBody(FrameHeader),
+    /// Challenge sent; waiting for the sender's response.
+    AwaitAuthHeader,
+    AwaitAuthBody(FrameHeader),
     AwaitHeader,
     AwaitControlBody(FrameHeader),
     /// Receiving a data frame's body into the buffer pool.
@@ -190,6 +195,8 @@ struct Conn {
     last_status: Instant,
     /// Closing: no new receives; wait for in-flight socket operations, then drop.
     closing: bool,
+    /// While authenticating: our nonce, and the Hello (with its body bytes) it answers.
+    auth_pending: Option<([u8; wire::AUTH_NONCE_LEN], Hello, Vec<u8>)>,
 }
 
 struct Io {
@@ -431,6 +438,7 @@ fn handle_completion(
                 last_heard: Instant::now(),
                 last_status: Instant::now(),
                 closing: false,
+                auth_pending: None,
             };
             post_header_recv(io, &mut conn);
             *conn_slot = Some(conn);
@@ -541,6 +549,13 @@ fn on_header(
             conn.phase = ConnPhase::AwaitHelloBody(header);
             post_body_recv(io, conn, header);
         }
+        (ConnPhase::AwaitAuthHeader, FrameKind::Auth) => {
+            conn.phase = ConnPhase::AwaitAuthBody(header);
+            post_body_recv(io, conn, header);
+        }
+        (ConnPhase::AwaitAuthHeader, kind) => {
+            send_error_and_close(io, conn, receiver.as_mut(), ErrorCode::Auth, format!("expected an authentication response from {}, got {kind}", conn.peer));
+        }
         (ConnPhase::AwaitHelloHeader, kind) => {
             send_error_and_close(io, conn, receiver.as_mut(), ErrorCode::Protocol, format!("expected Hello from {}, got {kind}", conn.peer));
         }
@@ -588,7 +603,7 @@ fn on_control_body(
     got: usize,
 ) -> Result<(), RecvError> {
     let header = match conn.phase {
-        ConnPhase::AwaitHelloBody(h) | ConnPhase::AwaitControlBody(h) => h,
+        ConnPhase::AwaitHelloBody(h) | ConnPhase::AwaitControlBody(h) | ConnPhase::AwaitAuthBody(h) => h,
         _ => unreachable!("control body in phase {:?}", conn.phase),
     };
     let body = io.ring.ctl(CTL)[..got.min(header.body_len as usize)].to_vec();
@@ -600,7 +615,36 @@ fn on_control_body(
         }
     };
     match msg {
-        Message::Hello(hello) => on_hello(io, cfg, conn, receiver, identity, hello)?,
+        Message::Hello(hello) => match &cfg.auth {
+            None => on_hello(io, cfg, conn, receiver, identity, hello)?,
+            Some(_) => {
+                // Nothing is decided, and nothing written, before the sender proves it knows the key.
+                let nonce_r = match crate::auth::nonce() {
+                    Ok(n) => n,
+                    Err(e) => {
+                        send_error_and_close(io, conn, receiver.as_mut(), ErrorCode::Io, e.to_string());
+                        return Ok(());
+                    }
+                };
+                conn.auth_pending = Some((nonce_r, hello, body));
+                queue_message(conn, &Message::Auth(wire::Auth { step: wire::AuthStep::Challenge, nonce: nonce_r, mac: [0; wire::AUTH_MAC_LEN] }));
+                conn.phase = ConnPhase::AwaitAuthHeader;
+                post_header_recv(io, conn);
+            }
+        },
+        Message::Auth(a) if matches!(conn.phase, ConnPhase::AwaitAuthBody(_)) && a.step == wire::AuthStep::Response => {
+            let key = cfg.auth.as_ref().expect("auth phase without a key");
+            let (nonce_r, hello, hello_body) = conn.auth_pending.take().expect("auth pending");
+            if !key.verify_sender(&nonce_r, &a.nonce, &hello_body, &a.mac) {
+                let msg = format!("sender {} failed authentication (it does not know this receiver's --auth-key-file key); refused before anything was written", conn.peer);
+                send_error_and_close(io, conn, receiver.as_mut(), ErrorCode::Auth, msg);
+                return Ok(());
+            }
+            let proof = key.receiver_mac(&a.nonce, &nonce_r);
+            queue_message(conn, &Message::Auth(wire::Auth { step: wire::AuthStep::Proof, nonce: [0; wire::AUTH_NONCE_LEN], mac: proof }));
+            info!(peer = %conn.peer, "sender authenticated");
+            on_hello(io, cfg, conn, receiver, identity, hello)?;
+        }
         Message::Keepalive(k) => {
             if k.reply_requested {
                 if let Some(Action::Ack { written, flushed }) = receiver.as_ref().map(|r| r.status()) {

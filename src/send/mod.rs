@@ -56,6 +56,8 @@ pub struct SendConfig {
     pub live: Option<LiveConfig>,
     /// On SIGTERM, wait this long for the receiver to acknowledge the final horizon.
     pub shutdown_timeout: Duration,
+    /// Shared key for the mutual handshake authentication (None: `--insecure-no-auth`).
+    pub auth: Option<crate::auth::AuthKey>,
 }
 
 /// Where the WAL comes from.
@@ -367,11 +369,11 @@ fn ship_once(
         horizon_lsn: source.horizon().0.max(source.first_lsn().0),
         sender_name: cfg.name.clone(),
     };
-    let welcome = match handshake(&stream, &hello, cfg.peer_timeout) {
+    let welcome = match handshake(&stream, &hello, cfg.peer_timeout, cfg.auth.as_ref()) {
         Ok(w) => w,
         Err(HandshakeError::Refused(code, message)) => {
             return match code {
-                ErrorCode::Identity | ErrorCode::Gap | ErrorCode::Protocol => {
+                ErrorCode::Identity | ErrorCode::Gap | ErrorCode::Protocol | ErrorCode::Auth => {
                     ConnEnd::Fatal(SendError::Refused { peer, message })
                 }
                 _ => ConnEnd::Transient(format!("receiver {peer} refused: {message}")),
@@ -409,17 +411,55 @@ enum HandshakeError {
     Io(String),
 }
 
-fn handshake(stream: &TcpStream, hello: &Hello, timeout: Duration) -> Result<wire::Welcome, HandshakeError> {
+fn handshake(
+    stream: &TcpStream,
+    hello: &Hello,
+    timeout: Duration,
+    auth: Option<&crate::auth::AuthKey>,
+) -> Result<wire::Welcome, HandshakeError> {
     let mut bytes = Vec::new();
     Message::Hello(hello.clone()).encode(&mut bytes);
+    let hello_body = bytes[FRAME_HEADER_LEN..].to_vec();
     let _ = stream.set_write_timeout(Some(timeout));
     let _ = stream.set_read_timeout(Some(timeout));
     (&*stream).write_all(&bytes).map_err(|e| HandshakeError::Io(e.to_string()))?;
     let mut decoder = Decoder::new(Limits::default());
     let mut buf = [0u8; 4096];
+    // (our nonce, the receiver's nonce) once we answered its challenge.
+    let mut answered: Option<([u8; wire::AUTH_NONCE_LEN], [u8; wire::AUTH_NONCE_LEN])> = None;
+    let mut receiver_proved = false;
+    let refuse = |why: String| HandshakeError::Refused(ErrorCode::Auth, why);
     loop {
         match decoder.next_message() {
+            Ok(Some(Message::Auth(a))) => match (a.step, auth) {
+                (wire::AuthStep::Challenge, None) => {
+                    return Err(refuse("the receiver requires authentication: give the sender the receiver's key with --auth-key-file".into()))
+                }
+                (wire::AuthStep::Challenge, Some(key)) if answered.is_none() => {
+                    let nonce_s = crate::auth::nonce().map_err(|e| HandshakeError::Io(e.to_string()))?;
+                    let mac = key.sender_mac(&a.nonce, &nonce_s, &hello_body);
+                    let mut out = Vec::new();
+                    Message::Auth(wire::Auth { step: wire::AuthStep::Response, nonce: nonce_s, mac }).encode(&mut out);
+                    (&*stream).write_all(&out).map_err(|e| HandshakeError::Io(e.to_string()))?;
+                    answered = Some((nonce_s, a.nonce));
+                }
+                (wire::AuthStep::Proof, Some(key)) if answered.is_some() => {
+                    let (nonce_s, nonce_r) = answered.expect("answered");
+                    if !key.verify_receiver(&nonce_s, &nonce_r, &a.mac) {
+                        return Err(refuse("the receiver failed to prove it knows the key (wrong --auth-key-file, or not the receiver you meant)".into()));
+                    }
+                    receiver_proved = true;
+                }
+                (step, _) => return Err(refuse(format!("unexpected authentication step {step:?} from the receiver"))),
+            },
             Ok(Some(Message::Welcome(w))) => {
+                if auth.is_some() && !receiver_proved {
+                    return Err(refuse(
+                        "the receiver did not authenticate itself (is it running with --insecure-no-auth?); this sender has \
+                         --auth-key-file and ships only to a receiver that proves it knows the key"
+                            .into(),
+                    ));
+                }
                 wire::check_version(w.protocol_version).map_err(|e| HandshakeError::Refused(ErrorCode::Protocol, e.to_string()))?;
                 if w.system_id != 0 && w.system_id != hello.system_id {
                     return Err(HandshakeError::Refused(

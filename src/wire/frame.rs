@@ -35,6 +35,11 @@ const WELCOME_LEN: usize = 2 + 2 + 4 + 8 + 8;
 const ACK_LEN: usize = 8 + 8 + 8;
 const KEEPALIVE_LEN: usize = 8 + 1;
 const ERROR_FIXED_LEN: usize = 2 + 2;
+const AUTH_LEN: usize = 1 + AUTH_NONCE_LEN + AUTH_MAC_LEN;
+/// Bytes of an authentication nonce.
+pub const AUTH_NONCE_LEN: usize = 32;
+/// Bytes of an authentication MAC (HMAC-SHA256).
+pub const AUTH_MAC_LEN: usize = 32;
 
 /// Kind of a frame, byte 4 of the header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -52,6 +57,8 @@ pub enum FrameKind {
     Keepalive = 5,
     /// Either way: the peer is giving up, with a code and a message.
     Error = 6,
+    /// Handshake authentication: challenge, response, proof (see [`Auth`]).
+    Auth = 7,
 }
 
 impl FrameKind {
@@ -64,6 +71,7 @@ impl FrameKind {
             4 => Some(FrameKind::Ack),
             5 => Some(FrameKind::Keepalive),
             6 => Some(FrameKind::Error),
+            7 => Some(FrameKind::Auth),
             _ => None,
         }
     }
@@ -78,6 +86,7 @@ impl fmt::Display for FrameKind {
             FrameKind::Ack => "Ack",
             FrameKind::Keepalive => "Keepalive",
             FrameKind::Error => "Error",
+            FrameKind::Auth => "Auth",
         };
         f.write_str(name)
     }
@@ -374,6 +383,8 @@ pub enum ErrorCode {
     Io,
     /// The peer is shutting down.
     Shutdown,
+    /// Authentication failed or is required.
+    Auth,
     /// Anything else (code 255).
     Other,
     /// A code this version does not name. Never holds a named code when produced by [`ErrorCode::from_code`].
@@ -390,6 +401,7 @@ impl ErrorCode {
             ErrorCode::Corrupt => 4,
             ErrorCode::Io => 5,
             ErrorCode::Shutdown => 6,
+            ErrorCode::Auth => 7,
             ErrorCode::Other => 255,
             ErrorCode::Unknown(n) => n,
         }
@@ -404,6 +416,7 @@ impl ErrorCode {
             4 => ErrorCode::Corrupt,
             5 => ErrorCode::Io,
             6 => ErrorCode::Shutdown,
+            7 => ErrorCode::Auth,
             255 => ErrorCode::Other,
             n => ErrorCode::Unknown(n),
         }
@@ -464,6 +477,25 @@ pub struct ErrorFrame {
     pub message: String,
 }
 
+/// Which step of the mutual challenge-response an [`Auth`] frame is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthStep {
+    /// Receiver -> sender: `nonce` is the receiver's fresh nonce; `mac` is zero.
+    Challenge = 1,
+    /// Sender -> receiver: `nonce` is the sender's fresh nonce, `mac` proves the sender knows the key.
+    Response = 2,
+    /// Receiver -> sender: `mac` proves the receiver knows the key; `nonce` is zero.
+    Proof = 3,
+}
+
+/// Handshake authentication frame: `step u8 | nonce [32] | mac [32]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Auth {
+    pub step: AuthStep,
+    pub nonce: [u8; AUTH_NONCE_LEN],
+    pub mac: [u8; AUTH_MAC_LEN],
+}
+
 /// One whole protocol message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -473,6 +505,7 @@ pub enum Message {
     Ack(Ack),
     Keepalive(Keepalive),
     Error(ErrorFrame),
+    Auth(Auth),
 }
 
 impl Message {
@@ -485,6 +518,7 @@ impl Message {
             Message::Ack(_) => FrameKind::Ack,
             Message::Keepalive(_) => FrameKind::Keepalive,
             Message::Error(_) => FrameKind::Error,
+            Message::Auth(_) => FrameKind::Auth,
         }
     }
 
@@ -540,7 +574,7 @@ impl Message {
                     ));
                 }
             }
-            Message::Welcome(_) | Message::Keepalive(_) => {}
+            Message::Welcome(_) | Message::Keepalive(_) | Message::Auth(_) => {}
         }
         Ok(())
     }
@@ -611,6 +645,11 @@ impl Message {
                 body.extend_from_slice(&e.code.code().to_le_bytes());
                 body.extend_from_slice(&(e.message.len() as u16).to_le_bytes());
                 body.extend_from_slice(e.message.as_bytes());
+            }
+            Message::Auth(a) => {
+                body.push(a.step as u8);
+                body.extend_from_slice(&a.nonce);
+                body.extend_from_slice(&a.mac);
             }
             Message::Data { .. } => unreachable!("Data handled above"),
         }
@@ -720,6 +759,20 @@ pub fn decode_control(header: &FrameHeader, body: &[u8]) -> Result<Message, Wire
             let code = ErrorCode::from_code(r.u16("code")?);
             let message = r.string("message", ERROR_MESSAGE_BYTES_MAX)?;
             Message::Error(ErrorFrame { code, message })
+        }
+        FrameKind::Auth => {
+            r.need_total(AUTH_LEN)?;
+            let step = match r.u8("step")? {
+                1 => AuthStep::Challenge,
+                2 => AuthStep::Response,
+                3 => AuthStep::Proof,
+                n => return Err(r.bad(format!("expected auth step 1..=3, found {n}"))),
+            };
+            let mut nonce = [0u8; AUTH_NONCE_LEN];
+            nonce.copy_from_slice(r.take(AUTH_NONCE_LEN, "nonce")?);
+            let mut mac = [0u8; AUTH_MAC_LEN];
+            mac.copy_from_slice(r.take(AUTH_MAC_LEN, "mac")?);
+            Message::Auth(Auth { step, nonce, mac })
         }
     };
     r.finish()?;
