@@ -1,1 +1,357 @@
-fn main() {}
+//! The `walship` binary: flags -> validated config -> library `run`. Errors print once, here.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+use walship::recv::RecvConfig;
+use walship::send::{SendConfig, ZeroCopy};
+use walship::wal::gen::GenOptions;
+
+#[derive(Parser)]
+#[command(name = "walship", version, about = "Ship PostgreSQL WAL with io_uring; acknowledge only what is durable")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    s.trim().parse::<bytesize::ByteSize>().map(|b| b.as_u64()).map_err(|e| format!("not a size ({e}); e.g. 1048576, 1MiB, 64MiB"))
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("not a duration ({e}); e.g. 30s, 5m, 250ms"))
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Ship the WAL in a pg_wal directory (or archive) to a receiver.
+    Send(SendArgs),
+    /// Receive WAL into a directory, durably (O_DIRECT + group-commit fdatasync), and acknowledge it.
+    Recv(RecvArgs),
+    /// restore_command helper: copy WAL file %f from the receiver directory to %p.
+    Restore(RestoreArgs),
+    /// Write synthetic, valid PostgreSQL-format WAL segments (for tests, benchmarks and the demo).
+    GenWal(GenArgs),
+    /// Generate WAL, ship it over loopback to a receiver on this machine, verify and report.
+    Demo(DemoArgs),
+}
+
+#[derive(clap::Args)]
+struct SendArgs {
+    /// Directory holding WAL segment files (a stopped cluster's pg_wal, or an archive).
+    #[arg(long, env = "WALSHIP_PG_WAL")]
+    pg_wal: PathBuf,
+    /// Receiver address, host:port.
+    #[arg(long, env = "WALSHIP_TO")]
+    to: String,
+    /// Ship everything valid in the directory (a stopped cluster, an archive), wait until the
+    /// receiver holds it durably, exit. Without it, follow the live server given by --conninfo.
+    #[arg(long, conflicts_with_all = ["conninfo", "slot"])]
+    once: bool,
+    /// Follow mode: connection string of the server writing --pg-wal (e.g. "host=/var/run/postgresql
+    /// user=postgres dbname=postgres"); its flush LSN is the horizon.
+    #[arg(long, env = "WALSHIP_CONNINFO", required_unless_present = "once")]
+    conninfo: Option<String>,
+    /// Follow mode: physical replication slot that keeps the server's WAL until the receiver holds
+    /// it durably (created if missing, advanced only to acknowledged LSNs).
+    #[arg(long, env = "WALSHIP_SLOT")]
+    slot: Option<String>,
+    /// Follow mode: how often to ask the server for its flush LSN.
+    #[arg(long, default_value = "1ms", value_parser = parse_duration)]
+    horizon_poll_interval: Duration,
+    /// Follow mode: advance the slot at most this often.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    slot_advance_interval: Duration,
+    /// On SIGTERM, wait at most this long for the receiver to acknowledge the final horizon.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    shutdown_timeout: Duration,
+    /// Keep reconnecting this long after losing the receiver (e.g. 30s, 5m; default 30s with
+    /// --once, 1 day when following).
+    #[arg(long, value_parser = parse_duration)]
+    retry_for: Option<Duration>,
+    /// Zero-copy sends: auto = on for large sends to non-loopback peers.
+    #[arg(long, value_enum, default_value = "auto")]
+    zero_copy: ZeroCopy,
+    /// Data frame size in bytes; frames end at multiples of it (power of two, 64KiB..16MiB).
+    #[arg(long, default_value = "1MiB", value_parser = parse_bytes)]
+    frame_bytes: u64,
+    /// Most bytes sent and not yet acknowledged durable by the receiver.
+    #[arg(long, default_value = "128MiB", value_parser = parse_bytes)]
+    in_flight_bytes_max: u64,
+    /// Most bytes handed to the kernel in one sendmsg.
+    #[arg(long, default_value = "8MiB", value_parser = parse_bytes)]
+    send_batch_bytes_max: u64,
+    /// Smallest sendmsg that goes zero-copy when zero-copy is on.
+    #[arg(long, default_value = "64KiB", value_parser = parse_bytes)]
+    zero_copy_bytes_min: u64,
+    /// Drop a connection whose receiver acknowledges nothing for this long while data is outstanding.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    peer_timeout: Duration,
+    /// Write a JSON report of the ship to this file.
+    #[arg(long)]
+    report_json: Option<PathBuf>,
+    /// Name this sender gives itself in the handshake (default: the host name).
+    #[arg(long)]
+    name: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct RecvArgs {
+    /// Address to listen on, e.g. 0.0.0.0:5499.
+    #[arg(long, env = "WALSHIP_LISTEN")]
+    listen: SocketAddr,
+    /// Directory to write WAL into (created if missing); must be on a filesystem with O_DIRECT.
+    #[arg(long, env = "WALSHIP_DIR")]
+    dir: PathBuf,
+    /// Buffer slot size in bytes: the unit of O_DIRECT writes (power of two, 64KiB..16MiB).
+    #[arg(long, default_value = "1MiB", value_parser = parse_bytes)]
+    chunk_bytes: u64,
+    /// Buffer pool size in bytes: bounds what is received but not yet written.
+    #[arg(long, default_value = "64MiB", value_parser = parse_bytes)]
+    in_flight_bytes_max: u64,
+    /// Cut an fdatasync batch once this many written bytes wait for it.
+    #[arg(long, default_value = "16MiB", value_parser = parse_bytes)]
+    fsync_batch_bytes: u64,
+    /// Cut an fdatasync batch once the oldest unsynced write is this many microseconds old.
+    #[arg(long, default_value_t = 1000)]
+    fsync_interval_us: u64,
+    /// Most fdatasync batches in flight at once.
+    #[arg(long, default_value_t = 4)]
+    fsync_batches_in_flight_max: usize,
+    /// Largest data frame accepted, in bytes.
+    #[arg(long, default_value = "8MiB", value_parser = parse_bytes)]
+    frame_bytes_max: u64,
+    /// Drop a sender that sends nothing for this long.
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    peer_timeout: Duration,
+    /// Send a status acknowledgement at least this often.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    status_interval: Duration,
+}
+
+#[derive(clap::Args)]
+struct RestoreArgs {
+    /// WAL file name requested by PostgreSQL (%f).
+    wal_file: String,
+    /// Where PostgreSQL wants it (%p).
+    target: PathBuf,
+    /// The receiver's directory.
+    #[arg(long, env = "WALSHIP_DIR")]
+    dir: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct GenArgs {
+    #[arg(long)]
+    dir: PathBuf,
+    /// Bytes of valid WAL to generate.
+    #[arg(long, default_value = "64MiB", value_parser = parse_bytes)]
+    wal_bytes: u64,
+    #[arg(long, default_value = "16MiB", value_parser = parse_bytes)]
+    seg_size: u64,
+    #[arg(long, default_value = "8KiB", value_parser = parse_bytes)]
+    block_size: u64,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    #[arg(long, default_value_t = 7_000_000_000_000_000_001)]
+    system_id: u64,
+    #[arg(long, default_value_t = 1)]
+    timeline: u32,
+    /// Extra segment files after the end holding stale WAL, like PostgreSQL's recycled files.
+    #[arg(long, default_value_t = 0)]
+    recycled_segments: u32,
+    /// Largest record in bytes (record sizes are uniform in 24..=this).
+    #[arg(long, default_value_t = 24576)]
+    record_bytes_max: u32,
+    /// Emit an XLOG_SWITCH record in every n-th segment.
+    #[arg(long)]
+    switch_every_segments: Option<u32>,
+}
+
+#[derive(clap::Args)]
+struct DemoArgs {
+    /// How much WAL to generate and ship.
+    #[arg(long, default_value = "1GiB", value_parser = parse_bytes)]
+    wal_bytes: u64,
+    /// Scratch directory (on a disk filesystem, not tmpfs); removed afterwards unless --keep.
+    #[arg(long, default_value = "walship-demo")]
+    dir: PathBuf,
+    #[arg(long)]
+    keep: bool,
+    /// Loopback port for the demo receiver.
+    #[arg(long, default_value_t = 54990)]
+    port: u16,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("walship: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WALSHIP_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+}
+
+fn shutdown_flag() -> Result<Arc<AtomicBool>> {
+    let flag = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(signal, Arc::clone(&flag)).context("installing signal handlers")?;
+    }
+    Ok(flag)
+}
+
+fn check_pow2(name: &str, value: u64, min: u64, max: u64) -> Result<()> {
+    if !value.is_power_of_two() || value < min || value > max {
+        bail!("--{name} must be a power of two between {min} and {max} bytes, got {value}");
+    }
+    Ok(())
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Send(a) => {
+            check_pow2("frame-bytes", a.frame_bytes, 64 << 10, 16 << 20)?;
+            if a.in_flight_bytes_max < a.frame_bytes {
+                bail!("--in-flight-bytes-max ({}) must be at least --frame-bytes ({})", a.in_flight_bytes_max, a.frame_bytes);
+            }
+            if a.send_batch_bytes_max < a.frame_bytes {
+                bail!("--send-batch-bytes-max must be at least --frame-bytes");
+            }
+            let live = a.conninfo.map(|conninfo| walship::send::live::LiveConfig {
+                pg_wal: a.pg_wal.clone(),
+                conninfo,
+                slot: a.slot,
+                poll_interval: a.horizon_poll_interval,
+                slot_advance_interval: a.slot_advance_interval,
+            });
+            let default_retry = if a.once { Duration::from_secs(30) } else { Duration::from_secs(86_400) };
+            let cfg = SendConfig {
+                pg_wal: a.pg_wal,
+                to: a.to,
+                once: a.once,
+                retry_for: a.retry_for.unwrap_or(default_retry),
+                live,
+                shutdown_timeout: a.shutdown_timeout,
+                zero_copy: a.zero_copy,
+                frame_bytes: a.frame_bytes,
+                in_flight_bytes_max: a.in_flight_bytes_max,
+                send_batch_bytes_max: a.send_batch_bytes_max,
+                zero_copy_bytes_min: a.zero_copy_bytes_min,
+                peer_timeout: a.peer_timeout,
+                connect_timeout: Duration::from_secs(5),
+                name: a.name.unwrap_or_else(host_name),
+            };
+            let summary = walship::send::run(&cfg, shutdown_flag()?)?;
+            let line = format!(
+                "shipped {} bytes ({} segments) {}..{} in {:.3} s: {:.1} MB/s durable at the receiver",
+                summary.bytes,
+                summary.segments,
+                summary.start_lsn,
+                summary.end_lsn,
+                summary.seconds,
+                summary.mb_per_s()
+            );
+            println!("{line}");
+            let latency = summary.ack_latency_percentiles_us();
+            if let Some((p50, p99, p999, max)) = latency {
+                println!("flush-to-durable-ack latency: p50 {p50} us, p99 {p99} us, p99.9 {p999} us, max {max} us");
+            }
+            if let Some(path) = a.report_json {
+                let (p50, p99, p999, max) = latency.unwrap_or_default();
+                let json = format!(
+                    "{{\"bytes\":{},\"segments\":{},\"seconds\":{:.6},\"mb_per_s\":{:.3},\"start_lsn\":\"{}\",\"end_lsn\":\"{}\",\"connections\":{},\"zero_copy_sends\":{},\"zero_copy_copied\":{},\"ack_latency_us\":{{\"p50\":{p50},\"p99\":{p99},\"p999\":{p999},\"max\":{max}}}}}\n",
+                    summary.bytes,
+                    summary.segments,
+                    summary.seconds,
+                    summary.mb_per_s(),
+                    summary.start_lsn,
+                    summary.end_lsn,
+                    summary.connections,
+                    summary.zero_copy_sends,
+                    summary.zero_copy_copied
+                );
+                std::fs::write(&path, json).with_context(|| format!("writing {}", path.display()))?;
+            }
+            Ok(())
+        }
+        Command::Recv(a) => {
+            check_pow2("chunk-bytes", a.chunk_bytes, 64 << 10, 16 << 20)?;
+            if a.in_flight_bytes_max < 4 * a.chunk_bytes {
+                bail!("--in-flight-bytes-max must hold at least 4 chunks ({} bytes)", 4 * a.chunk_bytes);
+            }
+            if a.frame_bytes_max > a.in_flight_bytes_max / 2 {
+                bail!("--frame-bytes-max must be at most half of --in-flight-bytes-max");
+            }
+            if a.fsync_batches_in_flight_max == 0 || a.fsync_batches_in_flight_max > 64 {
+                bail!("--fsync-batches-in-flight-max must be 1..=64");
+            }
+            let cfg = RecvConfig {
+                listen: a.listen,
+                dir: a.dir,
+                chunk_bytes: a.chunk_bytes,
+                in_flight_bytes_max: a.in_flight_bytes_max,
+                fsync_batch_bytes: a.fsync_batch_bytes,
+                fsync_interval_us: a.fsync_interval_us,
+                fsync_batches_in_flight_max: a.fsync_batches_in_flight_max,
+                frame_bytes_max: u32::try_from(a.frame_bytes_max).context("--frame-bytes-max too large")?,
+                peer_timeout: a.peer_timeout,
+                status_interval: a.status_interval,
+            };
+            walship::recv::run(&cfg, shutdown_flag()?)?;
+            Ok(())
+        }
+        Command::Restore(a) => {
+            let outcome = walship::restore::restore(&a.dir, &a.wal_file, &a.target)?;
+            eprintln!("walship restore: {outcome}");
+            Ok(())
+        }
+        Command::GenWal(a) => {
+            let opts = GenOptions {
+                dir: a.dir,
+                system_id: a.system_id,
+                tli: a.timeline,
+                seg_size: a.seg_size,
+                block_size: a.block_size,
+                wal_bytes: a.wal_bytes,
+                seed: a.seed,
+                recycled_segments: a.recycled_segments,
+                record_bytes_max: a.record_bytes_max,
+                switch_every_segments: a.switch_every_segments,
+                ..GenOptions::default()
+            };
+            std::fs::create_dir_all(&opts.dir).with_context(|| format!("creating {}", opts.dir.display()))?;
+            let report = walship::wal::gen::generate(&opts).context("generating WAL")?;
+            println!(
+                "{{\"first_lsn\":\"{}\",\"end_lsn\":\"{}\",\"segments\":{},\"records\":{},\"bytes\":{}}}",
+                report.first_lsn,
+                report.end_lsn,
+                report.segment_files.len(),
+                report.records,
+                report.end_lsn - report.first_lsn
+            );
+            Ok(())
+        }
+        Command::Demo(a) => Ok(walship::demo::run(&a.dir, a.wal_bytes, a.port, a.keep)?),
+    }
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "walship".into())
+}

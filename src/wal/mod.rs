@@ -1,1 +1,17 @@
-//! WAL domain: LSNs, segment names, page headers, record walk.
+//! WAL domain: LSNs, segment names, page headers, record walk, and a synthetic WAL generator.
+//!
+//! Everything here is pure computation over bytes (except `gen`, which writes test files): no I/O in the
+//! parsers and no `unsafe`. Parsers never panic on input bytes; bad data is a typed error or an end reason.
+#![forbid(unsafe_code)]
+
+pub mod control;
+pub mod gen;
+pub mod lsn;
+pub mod page;
+pub mod record;
+pub mod segment;
+
+pub use lsn::Lsn;
+pub use page::*;
+pub use record::*;
+pub use segment::*;

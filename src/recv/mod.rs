@@ -1,0 +1,765 @@
+//! `walship recv`: accepts one sender at a time and carries out the receiver state machine's
+//! actions with io_uring (socket receives, O_DIRECT writes, fdatasync, acks).
+pub mod flusher;
+pub mod receiver;
+pub mod segment_file;
+
+use std::collections::{HashMap, VecDeque};
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tracing::{error, info, warn};
+
+use crate::uring::{BufferPool, Completion, Ring, RingError};
+use crate::wal::{Lsn, WalIdentity};
+use crate::wire::{
+    self, Ack, ErrorCode, ErrorFrame, FrameHeader, FrameKind, Hello, Limits, Message, Welcome, FRAME_HEADER_LEN,
+};
+use flusher::{FlushPolicy, SyncTarget};
+use receiver::{Action, Receiver, ReceiverConfig, ReceiverError};
+use segment_file::{recover_dir, DirError, SegmentDir, SegmentFile};
+
+/// Everything `walship recv` needs, validated.
+#[derive(Debug, Clone)]
+pub struct RecvConfig {
+    pub listen: SocketAddr,
+    pub dir: PathBuf,
+    /// Bytes per buffer slot (and per O_DIRECT write of a full chunk).
+    pub chunk_bytes: u64,
+    /// Bytes of buffer pool: bounds what is received but not yet written.
+    pub in_flight_bytes_max: u64,
+    pub fsync_batch_bytes: u64,
+    pub fsync_interval_us: u64,
+    pub fsync_batches_in_flight_max: usize,
+    /// Largest data frame body accepted.
+    pub frame_bytes_max: u32,
+    /// Drop a sender that sends nothing for this long.
+    pub peer_timeout: Duration,
+    /// Send a status ack at least this often.
+    pub status_interval: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecvError {
+    #[error(transparent)]
+    Ring(#[from] RingError),
+    #[error(transparent)]
+    Dir(#[from] DirError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+    #[error(
+        "fdatasync of {path} failed: {source}. This is fatal and is not retried (the kernel may have dropped \
+         the dirty pages); nothing past {flushed} was acknowledged, the sender still holds it, and a restart \
+         resumes from there"
+    )]
+    FsyncFailed { path: PathBuf, flushed: Lsn, source: std::io::Error },
+    #[error("write to {path} at offset {offset} failed: {reason}; nothing past {flushed} was acknowledged")]
+    WriteFailed { path: PathBuf, offset: u64, flushed: Lsn, reason: String },
+}
+
+/// What the receiver did, for the final log line and tests.
+#[derive(Debug, Clone, Default)]
+pub struct RecvSummary {
+    pub flushed: Lsn,
+    pub bytes_received: u64,
+    pub connections: u64,
+    pub writes: u64,
+    pub bytes_written: u64,
+    pub fsyncs: u64,
+    pub fsync_batches: u64,
+    /// fdatasync latency, microseconds.
+    pub fsync_latency_us: Option<hdrhistogram::Histogram<u64>>,
+    /// Frames that had to wait for a free buffer slot or a chunk write.
+    pub frame_stalls: u64,
+}
+
+impl RecvSummary {
+    /// One line for the log: what was written and how the group commit went.
+    pub fn describe(&self) -> String {
+        let (p50, p99, max) = self.fsync_latency_us.as_ref().map_or((0, 0, 0), |h| {
+            (h.value_at_quantile(0.5), h.value_at_quantile(0.99), h.max())
+        });
+        let per_batch = if self.fsync_batches > 0 { self.bytes_written / self.fsync_batches } else { 0 };
+        format!(
+            "{} bytes received, {} writes ({} bytes), {} fdatasyncs in {} batches ({} bytes/batch), fdatasync p50 {} us p99 {} us max {} us, {} frame stalls",
+            self.bytes_received, self.writes, self.bytes_written, self.fsyncs, self.fsync_batches, per_batch, p50, p99, max, self.frame_stalls
+        )
+    }
+}
+
+const TAG_ACCEPT: u64 = 1 << 56;
+const TAG_RECV_HEADER: u64 = 2 << 56;
+const TAG_RECV_BODY: u64 = 3 << 56;
+const TAG_RECV_PIECE: u64 = 4 << 56;
+const TAG_WRITE: u64 = 5 << 56;
+const TAG_FSYNC: u64 = 6 << 56;
+const TAG_SEND: u64 = 7 << 56;
+const TAG_KIND_MASK: u64 = 0xFF << 56;
+/// Control buffer for headers and control bodies.
+const CTL: usize = 0;
+
+fn now_us(epoch: Instant) -> u64 {
+    epoch.elapsed().as_micros() as u64
+}
+
+fn unix_time_us() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ConnPhase {
+    AwaitHelloHeader,
+    AwaitHelloBody(FrameHeader),
+    AwaitHeader,
+    AwaitControlBody(FrameHeader),
+    /// Receiving a data frame's body into the buffer pool.
+    DataBody(FrameHeader),
+}
+
+struct Conn {
+    stream: TcpStream,
+    peer: SocketAddr,
+    phase: ConnPhase,
+    /// A receive on the socket is in flight.
+    recv_pending: bool,
+    send_pending: bool,
+    send_queue: VecDeque<Vec<u8>>,
+    /// Latest ack not yet sent (acks coalesce).
+    ack_pending: Option<(Lsn, Lsn)>,
+    last_heard: Instant,
+    last_status: Instant,
+    /// Closing: no new receives; wait for in-flight socket operations, then drop.
+    closing: bool,
+}
+
+struct Io {
+    ring: Ring,
+    segdir: Option<SegmentDir>,
+    files: HashMap<u64, SegmentFile>,
+    /// Writes in flight: id -> (segment, file offset, length), to name them in errors and
+    /// detect short writes.
+    writes: HashMap<u64, (u64, u64, usize)>,
+    /// fsync batches in flight: id -> issue time.
+    fsync_started: HashMap<u64, Instant>,
+    epoch: Instant,
+}
+
+/// Runs the receiver until `shutdown` is set; then drains, flushes, acks and returns.
+pub fn run(cfg: &RecvConfig, shutdown: Arc<AtomicBool>) -> Result<RecvSummary, RecvError> {
+    let state = recover_dir(&cfg.dir)?;
+    match &state.identity {
+        Some(id) => info!(
+            dir = %cfg.dir.display(),
+            durable_end = %state.durable_end,
+            system_id = id.system_id,
+            timeline = id.tli,
+            "directory holds WAL durably up to {}", state.durable_end
+        ),
+        None => info!(dir = %cfg.dir.display(), "directory is empty; the first sender decides where it starts"),
+    }
+    let listener = TcpListener::bind(cfg.listen).map_err(|source| RecvError::Listen { addr: cfg.listen, source })?;
+    info!(listen = %listener.local_addr().map_or(cfg.listen, |a| a), "listening");
+    let slots = (cfg.in_flight_bytes_max / cfg.chunk_bytes).max(4) as usize;
+    let pool = BufferPool::new(slots, cfg.chunk_bytes as usize).map_err(|e| RingError::Io { op: "buffer pool", source: e })?;
+    let ring = Ring::new(256, pool, 1, CONTROL_BUF_BYTES)?;
+    if !ring.pool_registered() {
+        warn!("could not register the buffer pool with io_uring (RLIMIT_MEMLOCK?); using unregistered writes");
+    }
+    let mut io = Io { ring, segdir: None, files: HashMap::new(), writes: HashMap::new(), fsync_started: HashMap::new(), epoch: Instant::now() };
+    let mut identity = state.identity;
+    let mut receiver: Option<Receiver> = identity.map(|id| Receiver::new(receiver_config(cfg, id.seg_size), state.durable_end));
+    if let (Some(id), true) = (identity, state.durable_end > Lsn(0)) {
+        io.segdir = Some(SegmentDir::open(&cfg.dir, id.tli, id.seg_size)?);
+    }
+    let limits = Limits::new(cfg.frame_bytes_max).unwrap_or_default();
+    let mut conn: Option<Conn> = None;
+    let mut summary = RecvSummary { flushed: state.durable_end, ..Default::default() };
+    let mut completions: Vec<Completion> = Vec::new();
+    let mut actions: Vec<Action> = Vec::new();
+    let mut accept_posted = false;
+    let mut stopping = false;
+    loop {
+        if shutdown.load(Ordering::Relaxed) && !stopping {
+            stopping = true;
+            info!("shutting down: finishing writes and flushing");
+            if let Some(c) = conn.as_mut() {
+                begin_close(&mut io, c, receiver.as_mut());
+            }
+        }
+        if !accept_posted && !stopping {
+            io.ring.accept(listener.as_raw_fd(), TAG_ACCEPT);
+            accept_posted = true;
+        }
+        // Timers: status acks, flush deadlines, silent peers.
+        if let Some(rx) = receiver.as_mut() {
+            let now = now_us(io.epoch);
+            if conn.as_ref().is_some_and(|c| c.closing) || stopping {
+                rx.force_flush(now, &mut actions);
+            } else {
+                rx.poll_flush(now, &mut actions);
+            }
+        }
+        if let Some(c) = conn.as_mut() {
+            if !c.closing && c.last_heard.elapsed() > cfg.peer_timeout {
+                warn!(peer = %c.peer, "sender silent for {:?}; dropping the connection", cfg.peer_timeout);
+                begin_close(&mut io, c, receiver.as_mut());
+            } else if !c.closing && c.last_status.elapsed() > cfg.status_interval {
+                if let Some(Action::Ack { written, flushed }) = receiver.as_ref().map(|r| r.status()) {
+                    c.ack_pending = Some((written, flushed));
+                }
+                c.last_status = Instant::now();
+            }
+        }
+        execute(&mut io, cfg, &mut actions, receiver.as_mut(), conn.as_mut(), &mut summary)?;
+        if let Some(c) = conn.as_mut() {
+            pump_sends(&mut io, c);
+        }
+        // A closed connection is gone once its socket operations completed and, so that the next
+        // sender resumes at an exact durable LSN, everything it sent is written and flushed.
+        if conn.as_ref().is_some_and(|c| c.closing && !c.recv_pending && !c.send_pending)
+            && receiver.as_ref().is_none_or(|r| r.is_drained())
+        {
+            let c = conn.take().expect("conn");
+            if let Some(rx) = receiver.as_ref() {
+                // Best effort: tell the sender the final durable position before closing.
+                let _ = blocking_send(&c.stream, &Message::Ack(ack_now(rx.written(), rx.flushed())));
+                summary.flushed = rx.flushed();
+            }
+            info!(peer = %c.peer, flushed = %summary.flushed, "connection closed");
+        }
+        if stopping && conn.is_none() && receiver.as_ref().is_none_or(|r| r.is_drained()) {
+            break;
+        }
+        io.ring.submit_and_wait(Some(Duration::from_millis(20)))?;
+        completions.clear();
+        io.ring.drain(&mut completions);
+        for i in 0..completions.len() {
+            let c = completions[i];
+            handle_completion(&mut io, cfg, &limits, c, &listener, &mut conn, &mut receiver, &mut identity, &mut actions, &mut summary, &mut accept_posted)?;
+            execute(&mut io, cfg, &mut actions, receiver.as_mut(), conn.as_mut(), &mut summary)?;
+        }
+    }
+    // Drop the ring (drains anything left) before the files it may reference.
+    let flushed = receiver.as_ref().map_or(summary.flushed, |r| r.flushed());
+    summary.flushed = flushed;
+    info!(flushed = %flushed, "receiver stopped; everything below {flushed} is durable; {}", summary.describe());
+    Ok(summary)
+}
+
+const CONTROL_BUF_BYTES: usize = FRAME_HEADER_LEN + wire::CONTROL_BODY_BYTES_MAX as usize;
+
+fn receiver_config(cfg: &RecvConfig, seg_size: u64) -> ReceiverConfig {
+    let chunk_bytes = cfg.chunk_bytes.min(seg_size);
+    ReceiverConfig {
+        seg_size,
+        chunk_bytes,
+        slots: ((cfg.in_flight_bytes_max / cfg.chunk_bytes).max(4)) as usize,
+        align_bytes: 4096,
+        flush: FlushPolicy {
+            batch_bytes: cfg.fsync_batch_bytes,
+            interval_us: cfg.fsync_interval_us,
+            batches_in_flight_max: cfg.fsync_batches_in_flight_max,
+        },
+    }
+}
+
+fn ack_now(written: Lsn, flushed: Lsn) -> Ack {
+    Ack { written_lsn: written.0, flushed_lsn: flushed.0, time_us: unix_time_us() }
+}
+
+fn blocking_send(stream: &TcpStream, msg: &Message) -> std::io::Result<()> {
+    let mut bytes = Vec::new();
+    msg.encode(&mut bytes);
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(2)));
+    (&*stream).write_all(&bytes)
+}
+
+fn queue_message(conn: &mut Conn, msg: &Message) {
+    let mut bytes = Vec::new();
+    msg.encode(&mut bytes);
+    conn.send_queue.push_back(bytes);
+}
+
+fn pump_sends(io: &mut Io, conn: &mut Conn) {
+    if conn.send_pending || conn.closing {
+        return;
+    }
+    if let Some((written, flushed)) = conn.ack_pending.take() {
+        queue_message(conn, &Message::Ack(ack_now(written, flushed)));
+    }
+    if let Some(bytes) = conn.send_queue.pop_front() {
+        io.ring.send_bytes(conn.stream.as_raw_fd(), TAG_SEND, bytes);
+        conn.send_pending = true;
+    }
+}
+
+fn begin_close(io: &mut Io, conn: &mut Conn, receiver: Option<&mut Receiver>) {
+    if conn.closing {
+        return;
+    }
+    conn.closing = true;
+    let _ = conn.stream.shutdown(std::net::Shutdown::Both);
+    if conn.recv_pending || conn.send_pending {
+        io.ring.cancel_fd(conn.stream.as_raw_fd());
+    }
+    if let Some(rx) = receiver {
+        if matches!(conn.phase, ConnPhase::DataBody(_)) && !conn.recv_pending {
+            rx.abandon_frame();
+        }
+    }
+}
+
+fn post_header_recv(io: &mut Io, conn: &mut Conn) {
+    debug_assert!(!conn.recv_pending);
+    io.ring.recv_ctl(conn.stream.as_raw_fd(), TAG_RECV_HEADER, CTL, FRAME_HEADER_LEN, true);
+    conn.recv_pending = true;
+}
+
+fn send_error_and_close(io: &mut Io, conn: &mut Conn, receiver: Option<&mut Receiver>, code: ErrorCode, message: String) {
+    error!(peer = %conn.peer, "{message}");
+    let _ = blocking_send(&conn.stream, &Message::Error(ErrorFrame { code, message }));
+    begin_close(io, conn, receiver);
+}
+
+#[allow(clippy::too_many_arguments)]
+fn handle_completion(
+    io: &mut Io,
+    cfg: &RecvConfig,
+    limits: &Limits,
+    c: Completion,
+    listener: &TcpListener,
+    conn_slot: &mut Option<Conn>,
+    receiver: &mut Option<Receiver>,
+    identity: &mut Option<WalIdentity>,
+    actions: &mut Vec<Action>,
+    summary: &mut RecvSummary,
+    accept_posted: &mut bool,
+) -> Result<(), RecvError> {
+    let now = now_us(io.epoch);
+    match c.tag & TAG_KIND_MASK {
+        TAG_ACCEPT => {
+            *accept_posted = false;
+            if c.result < 0 {
+                if c.result != -libc::ECANCELED {
+                    warn!("accept failed: {}", std::io::Error::from_raw_os_error(-c.result));
+                }
+                return Ok(());
+            }
+            let stream = crate::uring::accepted_stream(&c);
+            let peer = stream.peer_addr().unwrap_or_else(|_| listener.local_addr().expect("local addr"));
+            if conn_slot.is_some() {
+                let _ = blocking_send(
+                    &stream,
+                    &Message::Error(ErrorFrame { code: ErrorCode::Other, message: "receiver is busy with another sender".into() }),
+                );
+                warn!(peer = %peer, "refused a second sender while one is connected");
+                return Ok(());
+            }
+            let _ = stream.set_nodelay(true);
+            info!(peer = %peer, "sender connected");
+            summary.connections += 1;
+            let mut conn = Conn {
+                stream,
+                peer,
+                phase: ConnPhase::AwaitHelloHeader,
+                recv_pending: false,
+                send_pending: false,
+                send_queue: VecDeque::new(),
+                ack_pending: None,
+                last_heard: Instant::now(),
+                last_status: Instant::now(),
+                closing: false,
+            };
+            post_header_recv(io, &mut conn);
+            *conn_slot = Some(conn);
+        }
+        TAG_SEND => {
+            let Some(conn) = conn_slot.as_mut() else { return Ok(()) };
+            conn.send_pending = false;
+            if c.result < 0 && !conn.closing {
+                warn!(peer = %conn.peer, "send failed: {}", std::io::Error::from_raw_os_error(-c.result));
+                begin_close(io, conn, receiver.as_mut());
+            }
+        }
+        TAG_RECV_HEADER | TAG_RECV_BODY | TAG_RECV_PIECE => {
+            let Some(conn) = conn_slot.as_mut() else { return Ok(()) };
+            conn.recv_pending = false;
+            if conn.closing {
+                if c.tag & TAG_KIND_MASK == TAG_RECV_PIECE {
+                    if let Some(rx) = receiver.as_mut() {
+                        rx.abandon_frame();
+                    }
+                }
+                return Ok(());
+            }
+            if c.result <= 0 {
+                if c.result == 0 {
+                    info!(peer = %conn.peer, "sender closed the connection");
+                } else {
+                    warn!(peer = %conn.peer, "receive failed: {}", std::io::Error::from_raw_os_error(-c.result));
+                }
+                if c.tag & TAG_KIND_MASK == TAG_RECV_PIECE {
+                    if let Some(rx) = receiver.as_mut() {
+                        rx.abandon_frame();
+                    }
+                }
+                begin_close(io, conn, receiver.as_mut());
+                return Ok(());
+            }
+            conn.last_heard = Instant::now();
+            match c.tag & TAG_KIND_MASK {
+                TAG_RECV_HEADER => on_header(io, cfg, limits, conn, receiver, actions)?,
+                TAG_RECV_BODY => on_control_body(io, cfg, conn, receiver, identity, c.result as usize)?,
+                _ => on_piece(io, conn, receiver.as_mut().expect("receiver"), actions, summary, now),
+            }
+        }
+        TAG_WRITE => {
+            let rx = receiver.as_mut().expect("write without receiver");
+            let write_id = c.tag & !TAG_KIND_MASK;
+            let (segno, offset, len) = io.writes.remove(&write_id).expect("completion of an unknown write");
+            let path = io.segdir.as_ref().expect("segment dir").partial_path(segno);
+            if c.result < 0 {
+                let reason = std::io::Error::from_raw_os_error(-c.result).to_string();
+                return Err(RecvError::WriteFailed { path, offset, flushed: rx.flushed(), reason });
+            }
+            if c.result as usize != len {
+                let reason = format!("short O_DIRECT write: {} of {len} bytes (disk full?)", c.result);
+                return Err(RecvError::WriteFailed { path, offset, flushed: rx.flushed(), reason });
+            }
+            summary.writes += 1;
+            summary.bytes_written += len as u64;
+            rx.on_write_done(write_id, now, actions);
+        }
+        TAG_FSYNC => {
+            let rx = receiver.as_mut().expect("fsync without receiver");
+            let batch_id = c.tag & !TAG_KIND_MASK;
+            if c.result < 0 {
+                return Err(RecvError::FsyncFailed {
+                    path: cfg.dir.clone(),
+                    flushed: rx.flushed(),
+                    source: std::io::Error::from_raw_os_error(-c.result),
+                });
+            }
+            summary.fsyncs += 1;
+            if let Some(t) = io.fsync_started.get(&batch_id) {
+                let h = summary
+                    .fsync_latency_us
+                    .get_or_insert_with(|| hdrhistogram::Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds"));
+                let _ = h.record((t.elapsed().as_micros() as u64).max(1));
+            }
+            rx.on_fsync_done(batch_id, actions);
+            if !rx.fsync_batch_pending(batch_id) {
+                io.fsync_started.remove(&batch_id);
+            }
+        }
+        _ => unreachable!("unknown completion tag {:#x}", c.tag),
+    }
+    Ok(())
+}
+
+fn on_header(
+    io: &mut Io,
+    cfg: &RecvConfig,
+    limits: &Limits,
+    conn: &mut Conn,
+    receiver: &mut Option<Receiver>,
+    actions: &mut Vec<Action>,
+) -> Result<(), RecvError> {
+    let mut raw = [0u8; FRAME_HEADER_LEN];
+    raw.copy_from_slice(&io.ring.ctl(CTL)[..FRAME_HEADER_LEN]);
+    let header = match FrameHeader::decode(&raw, limits) {
+        Ok(h) => h,
+        Err(e) => {
+            send_error_and_close(io, conn, receiver.as_mut(), ErrorCode::Protocol, format!("bad frame from {}: {e}", conn.peer));
+            return Ok(());
+        }
+    };
+    match (conn.phase, header.kind) {
+        (ConnPhase::AwaitHelloHeader, FrameKind::Hello) => {
+            conn.phase = ConnPhase::AwaitHelloBody(header);
+            post_body_recv(io, conn, header);
+        }
+        (ConnPhase::AwaitHelloHeader, kind) => {
+            send_error_and_close(io, conn, receiver.as_mut(), ErrorCode::Protocol, format!("expected Hello from {}, got {kind}", conn.peer));
+        }
+        (ConnPhase::AwaitHeader, FrameKind::Data) => {
+            let rx = receiver.as_mut().expect("streaming without receiver");
+            conn.phase = ConnPhase::DataBody(header);
+            if let Err(e) = rx.on_data_header(Lsn(header.lsn), header.body_len as u64, actions) {
+                let code = match e {
+                    ReceiverError::NotContiguous { .. } => ErrorCode::Gap,
+                    _ => ErrorCode::Protocol,
+                };
+                conn.phase = ConnPhase::AwaitHeader;
+                send_error_and_close(io, conn, Some(rx), code, format!("from {}: {e}", conn.peer));
+            }
+            let _ = cfg;
+        }
+        (ConnPhase::AwaitHeader, FrameKind::Keepalive | FrameKind::Error) => {
+            conn.phase = ConnPhase::AwaitControlBody(header);
+            post_body_recv(io, conn, header);
+        }
+        (_, kind) => {
+            send_error_and_close(io, conn, receiver.as_mut(), ErrorCode::Protocol, format!("unexpected {kind} frame from {}", conn.peer));
+        }
+    }
+    Ok(())
+}
+
+fn post_body_recv(io: &mut Io, conn: &mut Conn, header: FrameHeader) {
+    if header.body_len == 0 {
+        // Nothing to receive: complete the body immediately by faking a zero-length receive.
+        io.ring.recv_ctl(conn.stream.as_raw_fd(), TAG_RECV_BODY, CTL, 1, false);
+        conn.recv_pending = true;
+        return;
+    }
+    io.ring.recv_ctl(conn.stream.as_raw_fd(), TAG_RECV_BODY, CTL, header.body_len as usize, true);
+    conn.recv_pending = true;
+}
+
+fn on_control_body(
+    io: &mut Io,
+    cfg: &RecvConfig,
+    conn: &mut Conn,
+    receiver: &mut Option<Receiver>,
+    identity: &mut Option<WalIdentity>,
+    got: usize,
+) -> Result<(), RecvError> {
+    let header = match conn.phase {
+        ConnPhase::AwaitHelloBody(h) | ConnPhase::AwaitControlBody(h) => h,
+        _ => unreachable!("control body in phase {:?}", conn.phase),
+    };
+    let body = io.ring.ctl(CTL)[..got.min(header.body_len as usize)].to_vec();
+    let msg = match header.verify_body(&body).and_then(|_| wire::decode_control(&header, &body)) {
+        Ok(m) => m,
+        Err(e) => {
+            send_error_and_close(io, conn, receiver.as_mut(), ErrorCode::Protocol, format!("bad {} frame from {}: {e}", header.kind, conn.peer));
+            return Ok(());
+        }
+    };
+    match msg {
+        Message::Hello(hello) => on_hello(io, cfg, conn, receiver, identity, hello)?,
+        Message::Keepalive(k) => {
+            if k.reply_requested {
+                if let Some(Action::Ack { written, flushed }) = receiver.as_ref().map(|r| r.status()) {
+                    conn.ack_pending = Some((written, flushed));
+                }
+            }
+            conn.phase = ConnPhase::AwaitHeader;
+            post_header_recv(io, conn);
+        }
+        Message::Error(e) => {
+            warn!(peer = %conn.peer, code = ?e.code, "sender gave up: {}", e.message);
+            begin_close(io, conn, receiver.as_mut());
+        }
+        other => {
+            send_error_and_close(io, conn, receiver.as_mut(), ErrorCode::Protocol, format!("unexpected {} from {}", other.kind(), conn.peer));
+        }
+    }
+    Ok(())
+}
+
+fn on_hello(
+    io: &mut Io,
+    cfg: &RecvConfig,
+    conn: &mut Conn,
+    receiver: &mut Option<Receiver>,
+    identity: &mut Option<WalIdentity>,
+    hello: Hello,
+) -> Result<(), RecvError> {
+    if let Err(e) = wire::check_version(hello.protocol_version) {
+        send_error_and_close(io, conn, receiver.as_mut(), ErrorCode::Protocol, format!("sender {}: {e}", conn.peer));
+        return Ok(());
+    }
+    let theirs = WalIdentity {
+        system_id: hello.system_id,
+        seg_size: hello.seg_size as u64,
+        block_size: hello.block_size as u64,
+        magic: hello.page_magic,
+        tli: hello.timeline,
+    };
+    if let Some(ours) = identity {
+        let mismatch = if ours.system_id != theirs.system_id {
+            Some(format!("system identifier {} but this directory holds WAL of system {}", theirs.system_id, ours.system_id))
+        } else if ours.seg_size != theirs.seg_size || ours.block_size != theirs.block_size {
+            Some(format!(
+                "segment/block size {}/{} but this directory holds {}/{}",
+                theirs.seg_size, theirs.block_size, ours.seg_size, ours.block_size
+            ))
+        } else if ours.tli != theirs.tli {
+            Some(format!("timeline {} but this directory holds timeline {}", theirs.tli, ours.tli))
+        } else if ours.magic != theirs.magic {
+            Some(format!("page magic {:#06X} but this directory holds {:#06X}", theirs.magic, ours.magic))
+        } else {
+            None
+        };
+        if let Some(why) = mismatch {
+            send_error_and_close(io, conn, receiver.as_mut(), ErrorCode::Identity, format!("refusing sender {}: it ships {why}", conn.peer));
+            return Ok(());
+        }
+    }
+    let rx = receiver.get_or_insert_with(|| Receiver::new(receiver_config(cfg, theirs.seg_size), Lsn(0)));
+    let durable = rx.resume_point();
+    if durable == Lsn(0) {
+        if hello.first_lsn % theirs.seg_size != 0 {
+            send_error_and_close(io, conn, Some(rx), ErrorCode::Protocol, format!("sender {} starts at {} which is not a segment start", conn.peer, Lsn(hello.first_lsn)));
+            return Ok(());
+        }
+        rx.set_start(Lsn(hello.first_lsn));
+    } else if durable < Lsn(hello.first_lsn) {
+        let msg = format!(
+            "gap: this directory holds WAL up to {durable} but sender {} starts at {}; the WAL in between is missing",
+            conn.peer,
+            Lsn(hello.first_lsn)
+        );
+        send_error_and_close(io, conn, Some(rx), ErrorCode::Gap, msg);
+        return Ok(());
+    }
+    if identity.is_none() {
+        *identity = Some(theirs);
+    }
+    if io.segdir.is_none() {
+        io.segdir = Some(SegmentDir::open(&cfg.dir, theirs.tli, theirs.seg_size)?);
+    }
+    info!(
+        peer = %conn.peer,
+        name = %hello.sender_name,
+        system_id = hello.system_id,
+        timeline = hello.timeline,
+        sender_first = %Lsn(hello.first_lsn),
+        sender_horizon = %Lsn(hello.horizon_lsn),
+        resume = %durable,
+        "handshake done; the stream resumes at {}", if durable == Lsn(0) { Lsn(hello.first_lsn) } else { durable }
+    );
+    let welcome = Welcome {
+        protocol_version: wire::PROTOCOL_VERSION,
+        timeline: theirs.tli,
+        system_id: identity.map_or(0, |i| i.system_id),
+        durable_lsn: durable.0,
+    };
+    queue_message(conn, &Message::Welcome(welcome));
+    conn.phase = ConnPhase::AwaitHeader;
+    post_header_recv(io, conn);
+    Ok(())
+}
+
+fn on_piece(io: &mut Io, conn: &mut Conn, rx: &mut Receiver, actions: &mut Vec<Action>, summary: &mut RecvSummary, now: u64) {
+    let ConnPhase::DataBody(header) = conn.phase else { unreachable!("piece outside a data frame") };
+    if !rx.on_piece_received(actions) {
+        if rx.frame_waiting() {
+            summary.frame_stalls += 1;
+        }
+        return; // more pieces to come (the next one may already be in `actions`)
+    }
+    // The whole body is in the pool: verify before anything is written.
+    let mut crc = 0u32;
+    for (slot, off, len) in rx.frame_pieces() {
+        crc = crc32c::crc32c_append(crc, &io.ring.pool().slot(slot)[off..off + len]);
+    }
+    if crc != header.body_crc {
+        let msg = format!(
+            "data frame at {} ({} bytes) from {} failed its CRC (expected {:#010x}, computed {:#010x}); nothing of it was written",
+            Lsn(header.lsn),
+            header.body_len,
+            conn.peer,
+            header.body_crc,
+            crc
+        );
+        rx.abandon_frame();
+        conn.phase = ConnPhase::AwaitHeader;
+        send_error_and_close(io, conn, Some(rx), ErrorCode::Corrupt, msg);
+        return;
+    }
+    summary.bytes_received += header.body_len as u64;
+    rx.on_frame_verified(now, actions);
+    conn.phase = ConnPhase::AwaitHeader;
+    post_header_recv(io, conn);
+}
+
+fn execute(
+    io: &mut Io,
+    cfg: &RecvConfig,
+    actions: &mut Vec<Action>,
+    mut receiver: Option<&mut Receiver>,
+    mut conn: Option<&mut Conn>,
+    summary: &mut RecvSummary,
+) -> Result<(), RecvError> {
+    // Actions may produce more actions (e.g. a piece posted after a prefill): loop until empty.
+    while !actions.is_empty() {
+        let batch: Vec<Action> = std::mem::take(actions);
+        for action in batch {
+            let now = now_us(io.epoch);
+            match action {
+                Action::OpenSegment { segno } => {
+                    let segdir = io.segdir.as_ref().expect("segment dir");
+                    let (file, created) = segdir.open_segment(segno)?;
+                    io.files.insert(segno, file);
+                    if created {
+                        if let Some(rx) = receiver.as_deref_mut() {
+                            rx.on_directory_changed(now);
+                        }
+                    }
+                }
+                Action::Prefill { segno, slot, slot_offset, file_offset, len } => {
+                    let segdir = io.segdir.as_ref().expect("segment dir");
+                    let file = io.files.get(&segno).expect("prefill of a closed segment");
+                    let buf = &mut io.ring.pool_mut().slot_mut(slot)[slot_offset..slot_offset + len];
+                    segdir.prefill(file, file_offset, buf)?;
+                }
+                Action::RecvPiece { slot, slot_offset, len } => {
+                    let c = conn.as_deref_mut().expect("piece without connection");
+                    if c.closing {
+                        if let Some(rx) = receiver.as_deref_mut() {
+                            rx.abandon_frame();
+                        }
+                        continue;
+                    }
+                    io.ring.recv_slot(c.stream.as_raw_fd(), TAG_RECV_PIECE, slot, slot_offset, len);
+                    c.recv_pending = true;
+                }
+                Action::Write { write_id, segno, slot, slot_offset, len, valid_len, file_offset } => {
+                    io.ring.pool_mut().slot_mut(slot)[slot_offset + valid_len..slot_offset + len].fill(0);
+                    let fd = io.files.get(&segno).expect("write to a closed segment").direct.as_raw_fd();
+                    io.writes.insert(write_id, (segno, file_offset, len));
+                    io.ring.write_slot(fd, TAG_WRITE | write_id, slot, slot_offset, len, file_offset);
+                }
+                Action::Fsync(req) => {
+                    let tag = TAG_FSYNC | req.batch_id;
+                    if io.fsync_started.insert(req.batch_id, Instant::now()).is_none() {
+                        summary.fsync_batches += 1;
+                    }
+                    match req.target {
+                        SyncTarget::Segment(segno) => {
+                            let fd = io.files.get(&segno).expect("fsync of a closed segment").direct.as_raw_fd();
+                            io.ring.fsync(fd, tag, true);
+                        }
+                        SyncTarget::Directory => {
+                            let fd = io.segdir.as_ref().expect("segment dir").dir_file.as_raw_fd();
+                            io.ring.fsync(fd, tag, false);
+                        }
+                    }
+                }
+                Action::CompleteSegment { segno } => {
+                    io.segdir.as_ref().expect("segment dir").complete(segno)?;
+                    io.files.remove(&segno);
+                    if let Some(rx) = receiver.as_deref_mut() {
+                        rx.on_directory_changed(now);
+                    }
+                }
+                Action::Ack { written, flushed } => {
+                    summary.flushed = flushed;
+                    if let Some(c) = conn.as_deref_mut() {
+                        c.ack_pending = Some((written, flushed));
+                    }
+                }
+            }
+        }
+    }
+    let _ = cfg;
+    Ok(())
+}

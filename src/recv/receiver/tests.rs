@@ -1,0 +1,239 @@
+//! Tests of the receiver state machine: a seeded simulation with a fake disk that completes
+//! writes and fsyncs in random order, checking on every step that nothing is acknowledged before
+//! the fake disk made it durable, that acks never move backwards, and that the final bytes match.
+
+use super::*;
+use crate::recv::flusher::{FlushPolicy, SyncTarget};
+use proptest::prelude::*;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const SEG: u64 = 1 << 20;
+const CHUNK: u64 = 64 << 10;
+
+fn config(slots: usize) -> ReceiverConfig {
+    ReceiverConfig {
+        seg_size: SEG,
+        chunk_bytes: CHUNK,
+        slots,
+        align_bytes: 4096,
+        flush: FlushPolicy { batch_bytes: 200_000, interval_us: 300, batches_in_flight_max: 3 },
+    }
+}
+
+/// A disk that knows what was written (completed writes) and what is durable (covered by a
+/// completed fsync issued after the write completed).
+#[derive(Default)]
+struct FakeDisk {
+    /// segno -> bytes as written (page cache).
+    written: BTreeMap<u64, Vec<u8>>,
+    /// segno -> (issue sequence of the fsync that made it durable, bytes as durable).
+    durable: BTreeMap<u64, (u64, Vec<u8>)>,
+    fsync_seq: u64,
+    /// A file created whose directory entry is not yet durable.
+    dir_entries_pending: Vec<u64>,
+    dir_entries_durable: Vec<u64>,
+}
+
+impl FakeDisk {
+    fn seg(&mut self, segno: u64) -> &mut Vec<u8> {
+        self.written.entry(segno).or_insert_with(|| vec![0; SEG as usize])
+    }
+    /// The longest prefix of the stream, from `start`, that survives a crash now.
+    fn durable_prefix(&self, start: Lsn, stream: &[u8]) -> Lsn {
+        let end = start.0 + stream.len() as u64;
+        let mut lsn = start.0;
+        while lsn < end {
+            let segno = lsn / SEG;
+            if !self.dir_entries_durable.contains(&segno) {
+                break;
+            }
+            let Some((_, d)) = self.durable.get(&segno) else { break };
+            let seg_end = ((segno + 1) * SEG).min(end);
+            let on_disk = &d[(lsn % SEG) as usize..(lsn % SEG + (seg_end - lsn)) as usize];
+            let want = &stream[(lsn - start.0) as usize..(seg_end - start.0) as usize];
+            match on_disk.iter().zip(want).position(|(a, b)| a != b) {
+                Some(i) => return Lsn(lsn + i as u64),
+                None => lsn = seg_end,
+            }
+        }
+        Lsn(lsn)
+    }
+}
+
+enum Pending {
+    Write { write_id: u64, segno: u64, data: Vec<u8>, file_offset: u64 },
+    Fsync { req: FsyncRequest, snapshot: Option<(u64, u64, Vec<u8>)>, dir: Vec<u64> },
+}
+
+/// Runs one seeded simulation. Returns the number of steps taken.
+fn simulate(seed: u64, stream_len: usize, frame_max: usize, slots: usize) -> usize {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let start = Lsn(SEG); // segment 1
+    let stream: Vec<u8> = (0..stream_len).map(|_| rng.random::<u8>() | 1).collect();
+    let mut rx = Receiver::new(config(slots), Lsn(0));
+    rx.set_start(start);
+    let mut pool: Vec<Vec<u8>> = vec![vec![0xEE; CHUNK as usize]; slots];
+    let mut disk = FakeDisk::default();
+    let mut pending: Vec<Pending> = Vec::new();
+    let mut piece_pending: Option<(usize, usize, usize)> = None;
+    let mut sent = 0usize;
+    let mut now = 0u64;
+    let mut last_ack = Lsn(0);
+    let mut steps = 0;
+    let mut actions = Vec::new();
+    loop {
+        steps += 1;
+        assert!(steps < 1_000_000, "simulation does not terminate");
+        now += rng.random_range(0..100);
+        // Carry out actions.
+        while !actions.is_empty() {
+            for action in std::mem::take(&mut actions) {
+                match action {
+                    Action::OpenSegment { segno } => {
+                        disk.seg(segno);
+                        disk.dir_entries_pending.push(segno);
+                        rx.on_directory_changed(now);
+                    }
+                    Action::Prefill { segno, slot, slot_offset, file_offset, len } => {
+                        let src = disk.seg(segno)[file_offset as usize..file_offset as usize + len].to_vec();
+                        pool[slot][slot_offset..slot_offset + len].copy_from_slice(&src);
+                    }
+                    Action::RecvPiece { slot, slot_offset, len } => {
+                        assert!(piece_pending.is_none());
+                        piece_pending = Some((slot, slot_offset, len));
+                    }
+                    Action::Write { write_id, segno, slot, slot_offset, len, valid_len, file_offset } => {
+                        assert_eq!(file_offset % 4096, 0, "O_DIRECT offset alignment");
+                        assert_eq!(len % 4096, 0, "O_DIRECT length alignment");
+                        pool[slot][slot_offset + valid_len..slot_offset + len].fill(0);
+                        let data = pool[slot][slot_offset..slot_offset + len].to_vec();
+                        pending.push(Pending::Write { write_id, segno, data, file_offset });
+                    }
+                    Action::Fsync(req) => {
+                        disk.fsync_seq += 1;
+                        let seq = disk.fsync_seq;
+                        let snapshot = match req.target {
+                            SyncTarget::Segment(s) => Some((s, seq, disk.seg(s).clone())),
+                            SyncTarget::Directory => None,
+                        };
+                        let dir = if snapshot.is_none() { disk.dir_entries_pending.clone() } else { Vec::new() };
+                        pending.push(Pending::Fsync { req, snapshot, dir });
+                    }
+                    Action::CompleteSegment { segno } => {
+                        assert!((segno + 1) * SEG <= rx.flushed().0, "renamed before durable");
+                        rx.on_directory_changed(now);
+                    }
+                    Action::Ack { written, flushed } => {
+                        assert!(flushed >= last_ack, "ack moved backwards");
+                        assert!(flushed <= written);
+                        let durable = disk.durable_prefix(start, &stream);
+                        assert!(flushed <= durable, "acked {flushed} but only {durable} is durable (seed {seed})");
+                        last_ack = flushed;
+                    }
+                }
+            }
+        }
+        assert!(rx.flushed() <= rx.written() && rx.written() <= rx.received());
+        if sent == stream.len() && piece_pending.is_none() && pending.is_empty() && rx.is_drained() {
+            break;
+        }
+        // Pick an event: a new frame header, a piece arriving, a completion, or a timer tick.
+        let choice = rng.random_range(0..4);
+        if choice == 0 && !rx.frame_in_progress() && sent < stream.len() {
+            let len = rng.random_range(1..=frame_max).min(stream.len() - sent);
+            rx.on_data_header(start + sent as u64, len as u64, &mut actions).unwrap();
+            sent += len;
+        } else if choice == 1 && piece_pending.is_some() {
+            let (slot, off, len) = piece_pending.take().unwrap();
+            let lsn_in_frame = frame_piece_lsn(&rx, slot, off);
+            let from = (lsn_in_frame.0 - start.0) as usize;
+            pool[slot][off..off + len].copy_from_slice(&stream[from..from + len]);
+            if rx.on_piece_received(&mut actions) {
+                rx.on_frame_verified(now, &mut actions);
+            }
+        } else if choice == 2 && !pending.is_empty() {
+            let i = rng.random_range(0..pending.len());
+            match pending.swap_remove(i) {
+                Pending::Write { write_id, segno, data, file_offset } => {
+                    disk.seg(segno)[file_offset as usize..file_offset as usize + data.len()].copy_from_slice(&data);
+                    rx.on_write_done(write_id, now, &mut actions);
+                }
+                Pending::Fsync { req, snapshot, dir } => {
+                    if let Some((s, seq, bytes)) = snapshot {
+                        // A later fsync's view wins whatever order they complete in.
+                        if disk.durable.get(&s).is_none_or(|(old, _)| *old < seq) {
+                            disk.durable.insert(s, (seq, bytes));
+                        }
+                    }
+                    for d in dir {
+                        if !disk.dir_entries_durable.contains(&d) {
+                            disk.dir_entries_durable.push(d);
+                        }
+                    }
+                    rx.on_fsync_done(req.batch_id, &mut actions);
+                }
+            }
+        } else if choice == 3 {
+            if sent == stream.len() && !rx.frame_in_progress() {
+                rx.force_flush(now, &mut actions);
+            } else {
+                rx.poll_flush(now, &mut actions);
+            }
+        }
+    }
+    assert_eq!(rx.flushed(), start + stream.len() as u64);
+    assert_eq!(disk.durable_prefix(start, &stream), start + stream.len() as u64, "final bytes differ (seed {seed})");
+    steps
+}
+
+/// The LSN a pending piece lands at: derived from the frame's pieces and the chunk layout.
+fn frame_piece_lsn(rx: &Receiver, slot: usize, off: usize) -> Lsn {
+    let chunk = rx.chunks.iter().find(|c| c.slot == slot).expect("chunk of piece");
+    chunk.start + off as u64
+}
+
+#[test]
+fn small_frames_many_seeds() {
+    for seed in 0..200 {
+        simulate(seed, 300_000, 9_000, 4);
+    }
+}
+
+#[test]
+fn large_frames_cross_chunks_and_segments() {
+    for seed in 0..50 {
+        simulate(1000 + seed, 3 * SEG as usize + 12345, 2 * CHUNK as usize, 6);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+    #[test]
+    fn any_seed_keeps_the_invariants(seed in any::<u64>(), len in 1usize..400_000, frame_max in 1usize..200_000) {
+        simulate(seed, len, frame_max.min(3 * CHUNK as usize), 8);
+    }
+}
+
+#[test]
+fn gap_is_refused() {
+    let mut rx = Receiver::new(config(4), Lsn(0));
+    rx.set_start(Lsn(SEG));
+    let mut out = Vec::new();
+    assert!(matches!(rx.on_data_header(Lsn(SEG + 10), 5, &mut out), Err(ReceiverError::NotContiguous { .. })));
+    assert!(matches!(rx.on_data_header(Lsn(SEG), 0, &mut out), Err(ReceiverError::EmptyFrame { .. })));
+    assert!(matches!(rx.on_data_header(Lsn(SEG), 10 * CHUNK, &mut out), Err(ReceiverError::FrameTooLarge { .. })));
+}
+
+#[test]
+fn resume_mid_block_prefills_the_block_head() {
+    let mut rx = Receiver::new(config(4), Lsn(SEG + 5000));
+    let mut out = Vec::new();
+    rx.on_data_header(Lsn(SEG + 5000), 100, &mut out).unwrap();
+    assert_eq!(out[0], Action::OpenSegment { segno: 1 });
+    assert_eq!(
+        out[1],
+        Action::Prefill { segno: 1, slot: 0, slot_offset: 4096, file_offset: 4096, len: 904 }
+    );
+    assert!(matches!(out[2], Action::RecvPiece { slot: 0, slot_offset: 5000, len: 100 }));
+}

@@ -1,0 +1,243 @@
+//! The receiver's directory: segment files opened for O_DIRECT, `.partial` naming and durable
+//! renames, and finding at start-up what the directory already holds durably.
+//!
+//! Only canonical PostgreSQL names are ever created, and only inside the directory.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::wal::{Lsn, RecordWalker, SegmentWalk, WalFileName, WalIdentity};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DirError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{path}: not a WAL segment this receiver can use: {why}")]
+    BadSegment { path: PathBuf, why: String },
+    #[error(
+        "{dir} holds WAL of timelines {found:?}; this version of walship keeps one timeline per directory"
+    )]
+    MixedTimelines { dir: PathBuf, found: Vec<u32> },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> DirError + '_ {
+    move |source| DirError::Io { path: path.to_path_buf(), source }
+}
+
+/// What a receiver directory holds durably.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirState {
+    /// Identity of the WAL already here (None: the directory has no segment yet).
+    pub identity: Option<WalIdentity>,
+    /// Everything below this LSN is durable here (0 when empty).
+    pub durable_end: Lsn,
+}
+
+/// One open segment file.
+#[derive(Debug)]
+pub struct SegmentFile {
+    pub segno: u64,
+    /// O_DIRECT descriptor for the data path.
+    pub direct: File,
+    /// Buffered descriptor for pre-reading the head of a partially written block.
+    pub buffered: File,
+}
+
+#[derive(Debug)]
+pub struct SegmentDir {
+    dir: PathBuf,
+    /// The directory itself, kept open for fsync.
+    pub dir_file: File,
+    tli: u32,
+    seg_size: u64,
+}
+
+impl SegmentDir {
+    pub fn open(dir: &Path, tli: u32, seg_size: u64) -> Result<SegmentDir, DirError> {
+        let dir_file = File::open(dir).map_err(io_err(dir))?;
+        Ok(SegmentDir { dir: dir.to_path_buf(), dir_file, tli, seg_size })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn partial_path(&self, segno: u64) -> PathBuf {
+        self.dir.join(WalFileName::Partial { tli: self.tli, segno }.file_name(self.seg_size))
+    }
+
+    pub fn final_path(&self, segno: u64) -> PathBuf {
+        self.dir.join(WalFileName::Segment { tli: self.tli, segno }.file_name(self.seg_size))
+    }
+
+    /// Opens `segno`'s `.partial`, creating it full size (sparse, reads as zeros) when missing,
+    /// as pg_receivewal does. Returns whether the file was created (the directory then needs a sync).
+    pub fn open_segment(&self, segno: u64) -> Result<(SegmentFile, bool), DirError> {
+        let path = self.partial_path(segno);
+        let final_path = self.final_path(segno);
+        if final_path.exists() {
+            return Err(DirError::BadSegment {
+                path: final_path,
+                why: "the segment is already complete here, but the stream is writing into it again".into(),
+            });
+        }
+        let created = !path.exists();
+        let direct = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_DIRECT | libc::O_CLOEXEC)
+            .mode(0o640)
+            .open(&path)
+            .map_err(|e| {
+                if e.raw_os_error() == Some(libc::EINVAL) {
+                    DirError::BadSegment {
+                        path: path.clone(),
+                        why: "the filesystem refuses O_DIRECT (tmpfs?); put the receiver directory on a disk filesystem".into(),
+                    }
+                } else {
+                    DirError::Io { path: path.clone(), source: e }
+                }
+            })?;
+        let len = direct.metadata().map_err(io_err(&path))?.len();
+        if len != self.seg_size {
+            if !created && len > self.seg_size {
+                return Err(DirError::BadSegment { path, why: format!("{len} bytes, larger than a segment") });
+            }
+            direct.set_len(self.seg_size).map_err(io_err(&path))?;
+        }
+        let buffered = OpenOptions::new().read(true).open(&path).map_err(io_err(&path))?;
+        Ok((SegmentFile { segno, direct, buffered }, created))
+    }
+
+    /// Reads bytes already on disk (the head of a block a resumed stream rewrites).
+    pub fn prefill(&self, file: &SegmentFile, offset: u64, out: &mut [u8]) -> Result<(), DirError> {
+        file.buffered.read_exact_at(out, offset).map_err(io_err(&self.partial_path(file.segno)))
+    }
+
+    /// The segment is complete and durable: `.partial` -> final name. The caller syncs the directory.
+    pub fn complete(&self, segno: u64) -> Result<(), DirError> {
+        let from = self.partial_path(segno);
+        let to = self.final_path(segno);
+        std::fs::rename(&from, &to).map_err(io_err(&from))
+    }
+}
+
+/// Finds what `dir` holds durably: complete segments are durable by construction (renamed only
+/// after their data was synced); `.partial` files are walked record by record and the
+/// durable end is the end of the last valid record in them (a torn tail is ignored and cut off).
+/// Partial files that turn out complete are fsynced and renamed; files past the durable end
+/// are removed (nothing in them was ever acknowledged).
+pub fn recover_dir(dir: &Path) -> Result<DirState, DirError> {
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let mut candidates: Vec<String> = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
+        let entry = entry.map_err(io_err(dir))?;
+        if let Some(name) = entry.file_name().to_str() {
+            if looks_like_segment(name) {
+                candidates.push(name.to_string());
+            }
+        }
+    }
+    candidates.sort();
+    let Some(first) = candidates.first() else {
+        return Ok(DirState { identity: None, durable_end: Lsn(0) });
+    };
+    let identity = read_identity(&dir.join(first))?;
+    let seg_size = identity.seg_size;
+    let mut complete: Vec<(u32, u64)> = Vec::new();
+    let mut partial: Vec<(u32, u64)> = Vec::new();
+    for name in &candidates {
+        match WalFileName::parse(name, seg_size) {
+            Some(WalFileName::Segment { tli, segno }) => complete.push((tli, segno)),
+            Some(WalFileName::Partial { tli, segno }) => partial.push((tli, segno)),
+            _ => {}
+        }
+    }
+    let mut tlis: Vec<u32> = complete.iter().chain(partial.iter()).map(|&(t, _)| t).collect();
+    tlis.sort();
+    tlis.dedup();
+    if tlis.len() > 1 {
+        return Err(DirError::MixedTimelines { dir: dir.to_path_buf(), found: tlis });
+    }
+    let tli = tlis[0];
+    let identity = WalIdentity { tli, ..identity };
+    let segdir = SegmentDir::open(dir, tli, seg_size)?;
+    complete.sort();
+    partial.sort();
+    // A partial whose complete twin exists is a leftover: the complete file wins.
+    partial.retain(|p| !complete.contains(p));
+    let complete_end = complete.last().map(|&(_, s)| Lsn((s + 1) * seg_size));
+    let mut durable_end = complete_end.unwrap_or(Lsn(0));
+    let partial_above: Vec<u64> = partial
+        .iter()
+        .map(|&(_, s)| s)
+        .filter(|&s| complete_end.is_none_or(|end| s * seg_size >= end.0))
+        .collect();
+    let mut walker: Option<RecordWalker> = None;
+    let mut stopped = false;
+    for segno in partial_above {
+        let path = segdir.partial_path(segno);
+        let seg_start = Lsn(segno * seg_size);
+        if stopped {
+            // The previous segment is not complete, so nothing here was ever acknowledged.
+            std::fs::remove_file(&path).map_err(io_err(&path))?;
+            continue;
+        }
+        if durable_end != Lsn(0) && seg_start != durable_end {
+            return Err(DirError::BadSegment {
+                path,
+                why: format!("it starts at {seg_start} but the directory's WAL ends at {durable_end}: a segment is missing"),
+            });
+        }
+        let bytes = std::fs::read(&path).map_err(io_err(&path))?;
+        if bytes.len() as u64 != seg_size {
+            return Err(DirError::BadSegment { path, why: format!("{} bytes, expected {seg_size}", bytes.len()) });
+        }
+        let w = walker.get_or_insert_with(|| RecordWalker::new(identity, seg_start));
+        let walk = w
+            .walk_segment(seg_start, &bytes)
+            .map_err(|e| DirError::BadSegment { path: path.clone(), why: e.to_string() })?;
+        match walk {
+            SegmentWalk::Continues { .. } => {
+                // Every byte of this segment is valid WAL: it was complete, only not renamed.
+                let file = File::open(&path).map_err(io_err(&path))?;
+                file.sync_all().map_err(io_err(&path))?;
+                segdir.complete(segno)?;
+                segdir.dir_file.sync_all().map_err(io_err(dir))?;
+                durable_end = Lsn((segno + 1) * seg_size);
+            }
+            SegmentWalk::Ended { valid_end, .. } => {
+                let end = valid_end.max(seg_start).max(durable_end);
+                cut_tail(&path, end.0 - seg_start.0, seg_size)?;
+                durable_end = end;
+                stopped = true;
+            }
+        }
+    }
+    Ok(DirState { identity: Some(identity), durable_end })
+}
+
+/// Zeroes everything after `keep_bytes` (torn or unacknowledged bytes), durably.
+fn cut_tail(path: &Path, keep_bytes: u64, seg_size: u64) -> Result<(), DirError> {
+    let file = OpenOptions::new().write(true).open(path).map_err(io_err(path))?;
+    file.set_len(keep_bytes).map_err(io_err(path))?;
+    file.set_len(seg_size).map_err(io_err(path))?;
+    file.sync_all().map_err(io_err(path))
+}
+
+fn looks_like_segment(name: &str) -> bool {
+    let stem = name.strip_suffix(".partial").unwrap_or(name);
+    stem.len() == 24 && stem.bytes().all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b))
+}
+
+fn read_identity(path: &Path) -> Result<WalIdentity, DirError> {
+    let file = File::open(path).map_err(io_err(path))?;
+    let mut head = vec![0u8; 8192];
+    let n = file.read_at(&mut head, 0).map_err(io_err(path))?;
+    WalIdentity::from_first_page(&head[..n])
+        .map_err(|e| DirError::BadSegment { path: path.to_path_buf(), why: e.to_string() })
+}

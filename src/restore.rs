@@ -1,0 +1,89 @@
+//! `walship restore %f %p`: PostgreSQL's `restore_command`, served from a receiver directory.
+//!
+//! A complete segment or history file is copied as is. When only `NAME.partial` exists (the
+//! newest, still incomplete segment), it is handed out under the plain name: PostgreSQL never
+//! asks for `.partial` files by itself, but needs that segment to reach the end of the WAL.
+
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("{name:?} is not a WAL segment or history file name (expected 24 hex digits, or 8 hex digits + .history)")]
+    BadName { name: String },
+    #[error("{name} is not in {dir} (neither complete nor .partial)")]
+    NotFound { name: String, dir: PathBuf },
+    #[error("copying {from} to {to}: {source}")]
+    Copy { from: PathBuf, to: PathBuf, source: std::io::Error },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RestoreOutcome {
+    Complete(PathBuf),
+    Partial(PathBuf),
+}
+
+impl std::fmt::Display for RestoreOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RestoreOutcome::Complete(p) => write!(f, "restored {}", p.display()),
+            RestoreOutcome::Partial(p) => write!(f, "restored {} (the newest, incomplete segment)", p.display()),
+        }
+    }
+}
+
+fn is_hex(s: &str) -> bool {
+    s.bytes().all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b))
+}
+
+fn valid_name(name: &str) -> bool {
+    (name.len() == 24 && is_hex(name)) || (name.len() == 16 && name.ends_with(".history") && is_hex(&name[..8]))
+}
+
+pub fn restore(dir: &Path, name: &str, target: &Path) -> Result<RestoreOutcome, RestoreError> {
+    if !valid_name(name) {
+        return Err(RestoreError::BadName { name: name.into() });
+    }
+    let complete = dir.join(name);
+    if complete.is_file() {
+        copy(&complete, target)?;
+        return Ok(RestoreOutcome::Complete(complete));
+    }
+    let partial = dir.join(format!("{name}.partial"));
+    if name.len() == 24 && partial.is_file() {
+        copy(&partial, target)?;
+        return Ok(RestoreOutcome::Partial(partial));
+    }
+    Err(RestoreError::NotFound { name: name.into(), dir: dir.to_path_buf() })
+}
+
+fn copy(from: &Path, to: &Path) -> Result<(), RestoreError> {
+    std::fs::copy(from, to)
+        .map(|_| ())
+        .map_err(|source| RestoreError::Copy { from: from.to_path_buf(), to: to.to_path_buf(), source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked_before_any_path_is_built() {
+        for bad in ["../etc/passwd", "000000010000000000000001/..", "00000001.history.x", "0000000100000000000000zz", ""] {
+            assert!(matches!(restore(Path::new("/nonexistent"), bad, Path::new("/dev/null")), Err(RestoreError::BadName { .. })), "{bad}");
+        }
+    }
+
+    #[test]
+    fn partial_is_served_under_the_plain_name_and_complete_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let name = "000000010000000000000003";
+        let target = dir.path().join("out");
+        assert!(matches!(restore(dir.path(), name, &target), Err(RestoreError::NotFound { .. })));
+        std::fs::write(dir.path().join(format!("{name}.partial")), b"partial").unwrap();
+        assert!(matches!(restore(dir.path(), name, &target).unwrap(), RestoreOutcome::Partial(_)));
+        assert_eq!(std::fs::read(&target).unwrap(), b"partial");
+        std::fs::write(dir.path().join(name), b"complete").unwrap();
+        assert!(matches!(restore(dir.path(), name, &target).unwrap(), RestoreOutcome::Complete(_)));
+        assert_eq!(std::fs::read(&target).unwrap(), b"complete");
+    }
+}

@@ -1,0 +1,421 @@
+//! The sender's source when following a live PostgreSQL server: the horizon is the server's
+//! flush LSN (`pg_current_wal_flush_lsn()`, or `pg_last_wal_receive_lsn()` on a standby), the
+//! bytes come from the segment files in `pg_wal`, and a physical replication slot keeps the
+//! server from recycling WAL the receiver does not hold durably yet.
+//!
+//! When the server stops cleanly its WAL ends with the shutdown checkpoint: `global/pg_control`
+//! says so, and a record walk from the current horizon finds the checkpoint's end, which becomes
+//! the horizon. After a crash the horizon stays where the server last confirmed it until the server
+//! is back.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
+
+use super::source::SourceError;
+use crate::uring::SegmentMap;
+use crate::wal::control::ControlData;
+use crate::wal::{validate_page, Lsn, RecordWalker, SegmentWalk, WalFileName, WalIdentity};
+
+#[derive(Debug, Clone)]
+pub struct LiveConfig {
+    pub pg_wal: PathBuf,
+    /// libpq-style connection string for the server that writes `pg_wal`.
+    pub conninfo: String,
+    pub slot: Option<String>,
+    /// How often to ask the server for its flush LSN while WAL is flowing.
+    pub poll_interval: Duration,
+    /// How often to advance the slot (at most).
+    pub slot_advance_interval: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerState {
+    Up,
+    /// Stopped cleanly; its WAL ends at `end` (just past the shutdown checkpoint).
+    ShutDown { checkpoint: Lsn, end: Lsn },
+    /// Unreachable and not cleanly stopped (crashed, restarting): the horizon waits.
+    Down,
+}
+
+pub struct LiveSource {
+    cfg: LiveConfig,
+    pgdata: PathBuf,
+    client: Option<postgres::Client>,
+    identity: WalIdentity,
+    first_lsn: Lsn,
+    horizon: Lsn,
+    is_standby: bool,
+    state: ServerState,
+    last_poll: Instant,
+    last_connect_attempt: Instant,
+    slot_restart: Lsn,
+    last_slot_advance: Instant,
+    slot_target: Lsn,
+    maps: BTreeMap<u64, Arc<SegmentMap>>,
+}
+
+fn pg_err(conninfo: &str, e: postgres::Error) -> SourceError {
+    SourceError::Server { conninfo: redact(conninfo), why: e.to_string() }
+}
+
+/// The connection string without its password.
+fn redact(conninfo: &str) -> String {
+    conninfo
+        .split_whitespace()
+        .map(|kv| if kv.starts_with("password=") { "password=***" } else { kv })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SourceError + '_ {
+    move |source| SourceError::Io { path: path.to_path_buf(), source }
+}
+
+impl LiveSource {
+    pub fn open(cfg: LiveConfig) -> Result<LiveSource, SourceError> {
+        let pgdata = cfg.pg_wal.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+        let control = read_control(&pgdata)?;
+        let mut client = postgres::Client::connect(&cfg.conninfo, postgres::NoTls).map_err(|e| pg_err(&cfg.conninfo, e))?;
+        let is_standby: bool = client
+            .query_one("SELECT pg_is_in_recovery()", &[])
+            .map_err(|e| pg_err(&cfg.conninfo, e))?
+            .get(0);
+        let tli = control.timeline;
+        let identity = find_identity(&cfg.pg_wal, tli)?;
+        if identity.system_id != control.system_id {
+            return Err(SourceError::BadFirstSegment {
+                path: cfg.pg_wal.clone(),
+                why: format!("WAL of system {} but pg_control says system {}", identity.system_id, control.system_id),
+            });
+        }
+        let mut slot_restart = Lsn(0);
+        if let Some(slot) = &cfg.slot {
+            slot_restart = ensure_slot(&mut client, &cfg.conninfo, slot)?;
+            info!(slot = %slot, restart_lsn = %slot_restart, "replication slot keeps WAL from {slot_restart} on");
+        } else {
+            warn!(
+                "no --slot: the server may recycle WAL before it is shipped; walship will notice (missing or \
+                 recycled segment) and stop rather than ship garbage. Use --slot NAME to prevent it"
+            );
+        }
+        let oldest = oldest_segment(&cfg.pg_wal, identity)?;
+        let first_lsn = if slot_restart > Lsn(0) { slot_restart.segment_start(identity.seg_size).max(oldest) } else { oldest };
+        let mut source = LiveSource {
+            cfg,
+            pgdata,
+            client: Some(client),
+            identity,
+            first_lsn,
+            horizon: first_lsn,
+            is_standby,
+            state: ServerState::Up,
+            last_poll: Instant::now() - Duration::from_secs(1),
+            last_connect_attempt: Instant::now(),
+            slot_restart,
+            last_slot_advance: Instant::now(),
+            slot_target: slot_restart,
+            maps: BTreeMap::new(),
+        };
+        source.poll_horizon()?;
+        info!(
+            standby = source.is_standby,
+            timeline = tli,
+            first = %source.first_lsn,
+            horizon = %source.horizon,
+            "following a live {} server", if source.is_standby { "standby" } else { "primary" }
+        );
+        Ok(source)
+    }
+
+    pub fn identity(&self) -> WalIdentity {
+        self.identity
+    }
+    pub fn first_lsn(&self) -> Lsn {
+        self.first_lsn
+    }
+    pub fn horizon(&self) -> Lsn {
+        self.horizon
+    }
+    pub fn state(&self) -> ServerState {
+        self.state
+    }
+
+    fn query_flush_lsn(&mut self) -> Result<Option<Lsn>, postgres::Error> {
+        let client = self.client.as_mut().expect("connected");
+        let sql = if self.is_standby {
+            "SELECT COALESCE(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn())::text"
+        } else {
+            "SELECT pg_current_wal_flush_lsn()::text"
+        };
+        let row = client.query_one(sql, &[])?;
+        let text: Option<String> = row.get(0);
+        Ok(text.and_then(|t| t.parse::<Lsn>().ok()))
+    }
+
+    fn poll_horizon(&mut self) -> Result<(), SourceError> {
+        self.last_poll = Instant::now();
+        match self.query_flush_lsn() {
+            Ok(Some(lsn)) => {
+                if lsn < self.horizon {
+                    // A server restarted from a backup, or a different server: never move backwards.
+                    warn!(server = %lsn, horizon = %self.horizon, "the server's flush LSN is behind what was already confirmed");
+                } else {
+                    self.horizon = lsn;
+                }
+                Ok(())
+            }
+            Ok(None) => Ok(()),
+            Err(e) => {
+                warn!("lost the server connection: {e}");
+                self.client = None;
+                self.on_server_unreachable()
+            }
+        }
+    }
+
+    /// The server is unreachable: a clean shutdown ends its WAL with the shutdown checkpoint,
+    /// which becomes the horizon; otherwise wait.
+    fn on_server_unreachable(&mut self) -> Result<(), SourceError> {
+        let control = read_control(&self.pgdata)?;
+        if !control.is_shut_down() {
+            if self.state != ServerState::Down {
+                warn!(state = ?control.state, "server is down and was not shut down cleanly; waiting for it, horizon stays at {}", self.horizon);
+            }
+            self.state = ServerState::Down;
+            return Ok(());
+        }
+        if let ServerState::ShutDown { checkpoint, .. } = self.state {
+            if checkpoint == control.checkpoint {
+                return Ok(());
+            }
+        }
+        let end = self.walk_to_end_of_wal()?;
+        if end <= control.checkpoint {
+            warn!(checkpoint = %control.checkpoint, end = %end, "server shut down, but the valid WAL ends before its checkpoint; not moving the horizon");
+            self.state = ServerState::Down;
+            return Ok(());
+        }
+        info!(
+            checkpoint = %control.checkpoint,
+            end = %end,
+            "server shut down cleanly; shipping through its shutdown checkpoint (WAL ends at {end})"
+        );
+        self.horizon = self.horizon.max(end);
+        self.state = ServerState::ShutDown { checkpoint: control.checkpoint, end };
+        Ok(())
+    }
+
+    /// Walks records from the segment holding the horizon to the end of valid WAL.
+    fn walk_to_end_of_wal(&mut self) -> Result<Lsn, SourceError> {
+        let seg_size = self.identity.seg_size;
+        let start = self.horizon.segment_start(seg_size);
+        let mut walker = RecordWalker::new(self.identity, start);
+        loop {
+            let seg_start = walker.next_segment_start();
+            let segno = seg_start.0 / seg_size;
+            let path = self.segment_path(segno);
+            if !path.exists() {
+                return Ok(walker.valid_end());
+            }
+            let bytes = std::fs::read(&path).map_err(io_err(&path))?;
+            if bytes.len() as u64 != seg_size {
+                return Ok(walker.valid_end());
+            }
+            match walker.walk_segment(seg_start, &bytes) {
+                Ok(SegmentWalk::Continues { .. }) => continue,
+                Ok(SegmentWalk::Ended { valid_end, .. }) => return Ok(valid_end),
+                Err(e) => return Err(SourceError::BadFirstSegment { path, why: e.to_string() }),
+            }
+        }
+    }
+
+    fn try_reconnect(&mut self) {
+        if self.last_connect_attempt.elapsed() < Duration::from_secs(1) {
+            return;
+        }
+        self.last_connect_attempt = Instant::now();
+        match postgres::Client::connect(&self.cfg.conninfo, postgres::NoTls) {
+            Ok(mut client) => {
+                let standby = client.query_one("SELECT pg_is_in_recovery()", &[]).map(|r| r.get::<_, bool>(0));
+                if let Ok(standby) = standby {
+                    info!(standby, "server is back; following it again");
+                    self.is_standby = standby;
+                    self.client = Some(client);
+                    self.state = ServerState::Up;
+                }
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// Asks the server how far it has flushed (rate-limited to the poll interval), or, while it is
+    /// down, tries to reconnect.
+    pub fn refresh(&mut self) -> Result<(), SourceError> {
+        if self.client.is_none() {
+            self.try_reconnect();
+            if self.client.is_none() {
+                if self.state == ServerState::Down {
+                    // A clean shutdown may have completed since we last looked.
+                    if self.last_poll.elapsed() >= Duration::from_millis(500) {
+                        self.last_poll = Instant::now();
+                        self.on_server_unreachable()?;
+                    }
+                }
+                return Ok(());
+            }
+        }
+        if self.last_poll.elapsed() >= self.cfg.poll_interval {
+            self.poll_horizon()?;
+        }
+        Ok(())
+    }
+
+    /// When the next `refresh` is due.
+    pub fn next_refresh_in(&self) -> Duration {
+        if self.client.is_none() {
+            return Duration::from_millis(200);
+        }
+        self.cfg.poll_interval.saturating_sub(self.last_poll.elapsed())
+    }
+
+    fn segment_path(&self, segno: u64) -> PathBuf {
+        self.cfg.pg_wal.join(WalFileName::Segment { tli: self.identity.tli, segno }.file_name(self.identity.seg_size))
+    }
+
+    pub fn map_for(&mut self, lsn: Lsn) -> Result<Arc<SegmentMap>, SourceError> {
+        assert!(lsn < self.horizon, "asked for {lsn}, at or past the horizon {}", self.horizon);
+        let segno = lsn.0 / self.identity.seg_size;
+        if let Some(m) = self.maps.get(&segno) {
+            return Ok(Arc::clone(m));
+        }
+        let path = self.segment_path(segno);
+        let file = File::open(&path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                SourceError::Recycled {
+                    path: path.clone(),
+                    lsn,
+                    why: "the file is gone: the server removed or recycled it before it was shipped (use --slot)".into(),
+                }
+            } else {
+                SourceError::Io { path: path.clone(), source: e }
+            }
+        })?;
+        let map = SegmentMap::map(&file, self.identity.seg_size).map_err(io_err(&path))?;
+        self.maps.insert(segno, Arc::clone(&map));
+        Ok(map)
+    }
+
+    /// Re-checks every page header of `[lsn, lsn + len)` just before it is shipped: a recycled
+    /// file shows a stale `xlp_pageaddr`.
+    pub fn check_pages(&mut self, lsn: Lsn, len: u64) -> Result<(), SourceError> {
+        let block = self.identity.block_size;
+        let seg_size = self.identity.seg_size;
+        let map = self.map_for(lsn)?;
+        let mut page = Lsn(lsn.0 & !(block - 1));
+        while page < lsn + len {
+            let off = (page.0 % seg_size) as usize;
+            let bytes = &map.bytes()[off..off + block as usize];
+            if let Err(e) = validate_page(bytes, page, &self.identity) {
+                return Err(SourceError::Recycled { path: self.segment_path(page.0 / seg_size), lsn: page, why: e.to_string() });
+            }
+            page = page + block;
+        }
+        Ok(())
+    }
+
+    pub fn release_below(&mut self, lsn: Lsn) {
+        let segno = lsn.0 / self.identity.seg_size;
+        self.maps.retain(|&s, _| s >= segno);
+    }
+
+    /// The receiver holds everything below `flushed` durably: let the slot go that far (never
+    /// beyond, never backwards), at most once per `slot_advance_interval`.
+    pub fn on_durable(&mut self, flushed: Lsn) {
+        let Some(slot) = self.cfg.slot.clone() else { return };
+        if flushed > self.slot_target {
+            self.slot_target = flushed;
+        }
+        if self.slot_target <= self.slot_restart || self.last_slot_advance.elapsed() < self.cfg.slot_advance_interval {
+            return;
+        }
+        let Some(client) = self.client.as_mut() else { return };
+        self.last_slot_advance = Instant::now();
+        let target = self.slot_target;
+        let sql = format!("SELECT pg_replication_slot_advance($1::text::name, '{target}'::pg_lsn)");
+        match client.execute(sql.as_str(), &[&slot]) {
+            Ok(_) => self.slot_restart = target,
+            Err(e) => warn!(slot = %slot, target = %target, "could not advance the replication slot: {e}"),
+        }
+    }
+
+    /// Where the slot was last advanced to (or found at start-up).
+    pub fn slot_position(&self) -> Lsn {
+        self.slot_restart
+    }
+}
+
+fn ensure_slot(client: &mut postgres::Client, conninfo: &str, slot: &str) -> Result<Lsn, SourceError> {
+    let rows = client
+        .query("SELECT restart_lsn::text, slot_type FROM pg_replication_slots WHERE slot_name = $1::text::name", &[&slot])
+        .map_err(|e| pg_err(conninfo, e))?;
+    if let Some(row) = rows.first() {
+        let kind: String = row.get(1);
+        if kind != "physical" {
+            return Err(SourceError::Server {
+                conninfo: redact(conninfo),
+                why: format!("replication slot {slot} is a {kind} slot; walship needs a physical slot"),
+            });
+        }
+        let restart: Option<String> = row.get(0);
+        return Ok(restart.and_then(|t| t.parse().ok()).unwrap_or(Lsn(0)));
+    }
+    let row = client
+        .query_one("SELECT lsn::text FROM pg_create_physical_replication_slot($1::text::name, true)", &[&slot])
+        .map_err(|e| pg_err(conninfo, e))?;
+    info!(slot = %slot, "created physical replication slot");
+    let lsn: Option<String> = row.get(0);
+    Ok(lsn.and_then(|t| t.parse().ok()).unwrap_or(Lsn(0)))
+}
+
+fn read_control(pgdata: &Path) -> Result<ControlData, SourceError> {
+    let path = pgdata.join("global").join("pg_control");
+    let bytes = std::fs::read(&path).map_err(io_err(&path))?;
+    ControlData::parse(&bytes).map_err(|e| SourceError::BadFirstSegment { path, why: e.to_string() })
+}
+
+/// The identity of the WAL in `pg_wal` for timeline `tli`, from the first page of one of its segments.
+fn find_identity(pg_wal: &Path, tli: u32) -> Result<WalIdentity, SourceError> {
+    let prefix = format!("{tli:08X}");
+    let mut names: Vec<String> = std::fs::read_dir(pg_wal)
+        .map_err(io_err(pg_wal))?
+        .filter_map(|e| e.ok().and_then(|e| e.file_name().to_str().map(String::from)))
+        .filter(|n| n.len() == 24 && n.starts_with(&prefix))
+        .collect();
+    names.sort();
+    let first = names.first().ok_or_else(|| SourceError::Empty { dir: pg_wal.to_path_buf() })?;
+    let path = pg_wal.join(first);
+    use std::os::unix::fs::FileExt;
+    let file = File::open(&path).map_err(io_err(&path))?;
+    let mut head = vec![0u8; 8192];
+    let n = file.read_at(&mut head, 0).map_err(io_err(&path))?;
+    WalIdentity::from_first_page(&head[..n]).map_err(|e| SourceError::BadFirstSegment { path, why: e.to_string() })
+}
+
+/// Start of the oldest segment of the identity's timeline present in `pg_wal`.
+fn oldest_segment(pg_wal: &Path, id: WalIdentity) -> Result<Lsn, SourceError> {
+    let mut oldest: Option<u64> = None;
+    for entry in std::fs::read_dir(pg_wal).map_err(io_err(pg_wal))? {
+        let entry = entry.map_err(io_err(pg_wal))?;
+        if let Some(WalFileName::Segment { tli, segno }) = entry.file_name().to_str().and_then(|n| WalFileName::parse(n, id.seg_size)) {
+            if tli == id.tli {
+                oldest = Some(oldest.map_or(segno, |o: u64| o.min(segno)));
+            }
+        }
+    }
+    oldest.map(|s| Lsn(s * id.seg_size)).ok_or_else(|| SourceError::Empty { dir: pg_wal.to_path_buf() })
+}

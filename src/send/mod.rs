@@ -1,0 +1,684 @@
+//! `walship send`: ships WAL to a receiver, from a directory at rest (`--once`) or following a
+//! live server up to its flush LSN. Handshake over a blocking socket; the data path is io_uring:
+//! one sendmsg (header + payload straight from the segment mmap, zero-copy when it pays) in
+//! flight per connection, acks received concurrently.
+pub mod live;
+pub mod sender;
+pub mod source;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
+
+use crate::uring::{BufferPool, Completion, CompletionKind, Ring, RingError, SendBatch};
+use crate::wal::Lsn;
+use crate::wire::{self, Decoder, ErrorCode, FrameHeader, Hello, Limits, Message, FRAME_HEADER_LEN};
+use sender::{FramePlan, Sender, SenderLimits};
+use live::{LiveConfig, LiveSource, ServerState};
+use source::{DirSource, SourceError, WalEnd};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ZeroCopy {
+    /// Zero-copy for large sends to a non-loopback peer, plain sends otherwise.
+    Auto,
+    On,
+    Off,
+}
+
+/// Everything `walship send` needs, validated.
+#[derive(Debug, Clone)]
+pub struct SendConfig {
+    pub pg_wal: PathBuf,
+    pub to: String,
+    pub once: bool,
+    /// Keep reconnecting this long after losing the receiver.
+    pub retry_for: Duration,
+    pub zero_copy: ZeroCopy,
+    /// Data frame size (frames end at multiples of it in LSN space).
+    pub frame_bytes: u64,
+    /// Most bytes sent and not yet acknowledged durable.
+    pub in_flight_bytes_max: u64,
+    /// Most bytes per sendmsg.
+    pub send_batch_bytes_max: u64,
+    /// Smallest sendmsg that goes zero-copy (when zero-copy is on).
+    pub zero_copy_bytes_min: u64,
+    /// Give up on a connection whose receiver acknowledges nothing for this long.
+    pub peer_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub name: String,
+    /// Follow a live server (None: ship the directory at rest, `once`).
+    pub live: Option<LiveConfig>,
+    /// On SIGTERM, wait this long for the receiver to acknowledge the final horizon.
+    pub shutdown_timeout: Duration,
+}
+
+/// Where the WAL comes from.
+pub enum Source {
+    Dir(DirSource),
+    Live(LiveSource),
+}
+
+impl Source {
+    pub fn identity(&self) -> crate::wal::WalIdentity {
+        match self {
+            Source::Dir(s) => s.identity(),
+            Source::Live(s) => s.identity(),
+        }
+    }
+    pub fn first_lsn(&self) -> Lsn {
+        match self {
+            Source::Dir(s) => s.first_lsn(),
+            Source::Live(s) => s.first_lsn(),
+        }
+    }
+    /// Everything below this may be shipped.
+    pub fn horizon(&self) -> Lsn {
+        match self {
+            Source::Dir(s) => s.horizon(),
+            Source::Live(s) => s.horizon(),
+        }
+    }
+    /// The horizon will not move any more (the directory walk ended).
+    pub fn is_final(&self) -> bool {
+        match self {
+            Source::Dir(s) => s.end().is_some(),
+            Source::Live(_) => false,
+        }
+    }
+    /// Moves the horizon: walks further (directory) or asks the server (live).
+    fn refresh(&mut self, want: Lsn) -> Result<(), SourceError> {
+        match self {
+            Source::Dir(s) => s.walk_until(want),
+            Source::Live(s) => s.refresh(),
+        }
+    }
+    fn wait_hint(&self) -> Duration {
+        match self {
+            Source::Dir(_) => Duration::from_millis(100),
+            Source::Live(s) => s.next_refresh_in().max(Duration::from_micros(200)),
+        }
+    }
+    fn map_for(&mut self, lsn: Lsn) -> Result<Arc<crate::uring::SegmentMap>, SourceError> {
+        match self {
+            Source::Dir(s) => s.map_for(lsn),
+            Source::Live(s) => s.map_for(lsn),
+        }
+    }
+    fn check_pages(&mut self, lsn: Lsn, len: u64) -> Result<(), SourceError> {
+        match self {
+            // The record walk already checked every page below the horizon.
+            Source::Dir(_) => Ok(()),
+            Source::Live(s) => s.check_pages(lsn, len),
+        }
+    }
+    fn release_below(&mut self, lsn: Lsn) {
+        match self {
+            Source::Dir(s) => s.release_below(lsn),
+            Source::Live(s) => s.release_below(lsn),
+        }
+    }
+    fn on_durable(&mut self, flushed: Lsn) {
+        if let Source::Live(s) = self {
+            s.on_durable(flushed);
+        }
+    }
+    fn corrupt_end(&self) -> Option<Lsn> {
+        match self {
+            Source::Dir(s) => match s.end() {
+                Some(WalEnd::Corrupt { valid_end }) => Some(*valid_end),
+                _ => None,
+            },
+            Source::Live(_) => None,
+        }
+    }
+    fn take_corruption(&mut self) -> Option<SourceError> {
+        match self {
+            Source::Dir(s) => s.take_corruption(),
+            Source::Live(_) => None,
+        }
+    }
+    fn server_state(&self) -> Option<ServerState> {
+        match self {
+            Source::Dir(_) => None,
+            Source::Live(s) => Some(s.state()),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Ring(#[from] RingError),
+    #[error("receiver {peer} refused: {message}")]
+    Refused { peer: String, message: String },
+    #[error("gave up after {retry_for:?} without a receiver: {last}")]
+    GaveUp { retry_for: Duration, last: String },
+    #[error("receiver {peer} holds WAL up to {receiver}, but the source's valid WAL ends at {source_end}: it holds WAL this source does not have (another history?)")]
+    ReceiverAhead { peer: String, receiver: Lsn, source_end: Lsn },
+    #[error("interrupted; the receiver holds everything below {flushed} durably")]
+    Interrupted { flushed: Lsn },
+    #[error("cannot resolve {to}: {why}")]
+    Resolve { to: String, why: String },
+}
+
+/// What a ship achieved.
+#[derive(Debug, Clone, Default)]
+pub struct SendSummary {
+    pub start_lsn: Lsn,
+    pub end_lsn: Lsn,
+    pub bytes: u64,
+    pub segments: u64,
+    pub seconds: f64,
+    pub connections: u64,
+    pub zero_copy_sends: u64,
+    pub zero_copy_copied: u64,
+    /// Time from seeing a horizon (the server's flush LSN) to the receiver's durable ack
+    /// covering it, microseconds.
+    pub ack_latency_us: Option<hdrhistogram::Histogram<u64>>,
+}
+
+impl SendSummary {
+    pub fn mb_per_s(&self) -> f64 {
+        if self.seconds > 0.0 {
+            self.bytes as f64 / 1e6 / self.seconds
+        } else {
+            0.0
+        }
+    }
+
+    /// (p50, p99, p99.9, max) of the ack latency in microseconds, when measured.
+    pub fn ack_latency_percentiles_us(&self) -> Option<(u64, u64, u64, u64)> {
+        self.ack_latency_us.as_ref().filter(|h| h.len() > 0).map(|h| {
+            (h.value_at_quantile(0.5), h.value_at_quantile(0.99), h.value_at_quantile(0.999), h.max())
+        })
+    }
+}
+
+/// Why one connection ended.
+enum ConnEnd {
+    /// Everything up to the final horizon is acknowledged durable.
+    Done,
+    /// Worth retrying (network trouble, receiver restart).
+    Transient(String),
+    Fatal(SendError),
+}
+
+const TAG_SEND: u64 = 1;
+const TAG_RECV: u64 = 2;
+const ACK_BUF_BYTES: usize = 4096;
+
+/// Progress shared across connections of one run.
+struct Progress {
+    start_lsn: Option<Lsn>,
+    /// Highest flushed LSN the receiver acknowledged.
+    acked: Lsn,
+    /// Horizons observed and not yet acknowledged: (lsn, when seen), for the ack latency.
+    horizons_seen: std::collections::VecDeque<(Lsn, Instant)>,
+    last_report: Instant,
+}
+
+impl Progress {
+    fn observe_horizon(&mut self, horizon: Lsn) {
+        if self.horizons_seen.back().is_none_or(|&(l, _)| horizon > l) && horizon > self.acked {
+            if self.horizons_seen.len() >= 100_000 {
+                self.horizons_seen.pop_front();
+            }
+            self.horizons_seen.push_back((horizon, Instant::now()));
+        }
+    }
+
+    fn on_acked(&mut self, flushed: Lsn, summary: &mut SendSummary) {
+        self.acked = self.acked.max(flushed);
+        while let Some(&(lsn, seen)) = self.horizons_seen.front() {
+            if lsn > flushed {
+                break;
+            }
+            self.horizons_seen.pop_front();
+            let h = summary
+                .ack_latency_us
+                .get_or_insert_with(|| hdrhistogram::Histogram::new_with_bounds(1, 600_000_000, 3).expect("histogram bounds"));
+            let _ = h.record((seen.elapsed().as_micros() as u64).max(1));
+        }
+    }
+}
+
+/// Ships until done (`--once`: the receiver acknowledged the directory's end; follow mode: until
+/// SIGTERM, then drains), reconnecting as needed.
+pub fn run(cfg: &SendConfig, shutdown: Arc<AtomicBool>) -> Result<SendSummary, SendError> {
+    let mut source = match &cfg.live {
+        None => {
+            let mut dir = DirSource::open(&cfg.pg_wal)?;
+            dir.walk_until(dir.first_lsn() + 1)?;
+            Source::Dir(dir)
+        }
+        Some(live) => Source::Live(LiveSource::open(live.clone())?),
+    };
+    let id = source.identity();
+    info!(
+        dir = %cfg.pg_wal.display(),
+        system_id = id.system_id,
+        timeline = id.tli,
+        seg_size = id.seg_size,
+        block_size = id.block_size,
+        magic = format_args!("{:#06X}", id.magic),
+        first = %source.first_lsn(),
+        "source opened"
+    );
+    let started = Instant::now();
+    let mut summary = SendSummary::default();
+    let mut progress = Progress {
+        start_lsn: None,
+        acked: Lsn(0),
+        horizons_seen: Default::default(),
+        last_report: Instant::now(),
+    };
+    let mut lost_at = Instant::now();
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        if shutdown.load(Ordering::Relaxed) && progress.start_lsn.is_none() {
+            return Err(SendError::Interrupted { flushed: progress.acked });
+        }
+        let acked_before = progress.acked;
+        let end = ship_once(cfg, &mut source, &shutdown, &mut summary, &mut progress);
+        if progress.acked > acked_before {
+            // A connection that made progress resets the retry clock and the backoff.
+            lost_at = Instant::now();
+            backoff = Duration::from_millis(100);
+        }
+        match end {
+            ConnEnd::Done => break,
+            ConnEnd::Fatal(e) => return Err(e),
+            ConnEnd::Transient(why) => {
+                if shutdown.load(Ordering::Relaxed) {
+                    return Err(SendError::Interrupted { flushed: progress.acked });
+                }
+                if lost_at.elapsed() > cfg.retry_for {
+                    return Err(SendError::GaveUp { retry_for: cfg.retry_for, last: why });
+                }
+                warn!("{why}; retrying in {backoff:?}");
+                sleep_unless(backoff, &shutdown);
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    let start = progress.start_lsn.unwrap_or(source.first_lsn());
+    summary.start_lsn = start;
+    summary.end_lsn = progress.acked;
+    summary.bytes = progress.acked - start.min(progress.acked);
+    summary.segments = if summary.bytes == 0 {
+        0
+    } else {
+        (progress.acked.0 - 1) / id.seg_size - start.0 / id.seg_size + 1
+    };
+    summary.seconds = started.elapsed().as_secs_f64();
+    Ok(summary)
+}
+
+fn sleep_unless(d: Duration, shutdown: &AtomicBool) {
+    let until = Instant::now() + d;
+    while Instant::now() < until && !shutdown.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn resolve(to: &str) -> Result<SocketAddr, SendError> {
+    to.to_socket_addrs()
+        .map_err(|e| SendError::Resolve { to: to.into(), why: e.to_string() })?
+        .next()
+        .ok_or_else(|| SendError::Resolve { to: to.into(), why: "no address".into() })
+}
+
+/// One connection: handshake, then stream until done or broken.
+fn ship_once(
+    cfg: &SendConfig,
+    source: &mut Source,
+    shutdown: &AtomicBool,
+    summary: &mut SendSummary,
+    progress: &mut Progress,
+) -> ConnEnd {
+    let addr = match resolve(&cfg.to) {
+        Ok(a) => a,
+        Err(e) => return ConnEnd::Transient(e.to_string()),
+    };
+    let stream = match TcpStream::connect_timeout(&addr, cfg.connect_timeout) {
+        Ok(s) => s,
+        Err(e) => return ConnEnd::Transient(format!("cannot connect to receiver {addr}: {e}")),
+    };
+    let _ = stream.set_nodelay(true);
+    summary.connections += 1;
+    let peer = addr.to_string();
+    let id = source.identity();
+    let hello = Hello {
+        protocol_version: wire::PROTOCOL_VERSION,
+        page_magic: id.magic,
+        timeline: id.tli,
+        system_id: id.system_id,
+        seg_size: id.seg_size as u32,
+        block_size: id.block_size as u32,
+        first_lsn: source.first_lsn().0,
+        horizon_lsn: source.horizon().0.max(source.first_lsn().0),
+        sender_name: cfg.name.clone(),
+    };
+    let welcome = match handshake(&stream, &hello, cfg.peer_timeout) {
+        Ok(w) => w,
+        Err(HandshakeError::Refused(code, message)) => {
+            return match code {
+                ErrorCode::Identity | ErrorCode::Gap | ErrorCode::Protocol => {
+                    ConnEnd::Fatal(SendError::Refused { peer, message })
+                }
+                _ => ConnEnd::Transient(format!("receiver {peer} refused: {message}")),
+            }
+        }
+        Err(HandshakeError::Io(e)) => return ConnEnd::Transient(format!("handshake with {peer} failed: {e}")),
+    };
+    let durable = Lsn(welcome.durable_lsn);
+    let resume = if durable == Lsn(0) { source.first_lsn() } else { durable };
+    if resume < progress.acked {
+        warn!(
+            peer = %peer,
+            "receiver acknowledged {} as durable earlier but now holds only {resume}: its storage lost acknowledged WAL; re-sending from {resume}",
+            progress.acked
+        );
+    }
+    if let Err(e) = source.refresh(resume) {
+        return ConnEnd::Fatal(e.into());
+    }
+    if source.is_final() && source.horizon() < resume {
+        return ConnEnd::Fatal(SendError::ReceiverAhead { peer, receiver: resume, source_end: source.horizon() });
+    }
+    progress.start_lsn.get_or_insert(resume);
+    progress.acked = resume;
+    source.on_durable(resume);
+    info!(peer = %peer, resume = %resume, horizon = %source.horizon(), "streaming from {resume}");
+    match stream_data(cfg, source, &stream, &peer, resume, shutdown, summary, progress) {
+        Ok(end) => end,
+        Err(e) => ConnEnd::Fatal(e),
+    }
+}
+
+enum HandshakeError {
+    Refused(ErrorCode, String),
+    Io(String),
+}
+
+fn handshake(stream: &TcpStream, hello: &Hello, timeout: Duration) -> Result<wire::Welcome, HandshakeError> {
+    let mut bytes = Vec::new();
+    Message::Hello(hello.clone()).encode(&mut bytes);
+    let _ = stream.set_write_timeout(Some(timeout));
+    let _ = stream.set_read_timeout(Some(timeout));
+    (&*stream).write_all(&bytes).map_err(|e| HandshakeError::Io(e.to_string()))?;
+    let mut decoder = Decoder::new(Limits::default());
+    let mut buf = [0u8; 4096];
+    loop {
+        match decoder.next_message() {
+            Ok(Some(Message::Welcome(w))) => {
+                wire::check_version(w.protocol_version).map_err(|e| HandshakeError::Refused(ErrorCode::Protocol, e.to_string()))?;
+                if w.system_id != 0 && w.system_id != hello.system_id {
+                    return Err(HandshakeError::Refused(
+                        ErrorCode::Identity,
+                        format!("receiver holds system {} but this source is system {}", w.system_id, hello.system_id),
+                    ));
+                }
+                return Ok(w);
+            }
+            Ok(Some(Message::Error(e))) => return Err(HandshakeError::Refused(e.code, e.message)),
+            Ok(Some(other)) => {
+                return Err(HandshakeError::Refused(ErrorCode::Protocol, format!("expected Welcome, got {}", other.kind())))
+            }
+            Ok(None) => {}
+            Err(e) => return Err(HandshakeError::Refused(ErrorCode::Protocol, e.to_string())),
+        }
+        let n = (&*stream).read(&mut buf).map_err(|e| HandshakeError::Io(e.to_string()))?;
+        if n == 0 {
+            return Err(HandshakeError::Io("receiver closed the connection during the handshake".into()));
+        }
+        decoder.feed(&buf[..n]);
+    }
+}
+
+fn is_loopback(stream: &TcpStream) -> bool {
+    stream.peer_addr().map(|a| a.ip().is_loopback()).unwrap_or(false)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn stream_data(
+    cfg: &SendConfig,
+    source: &mut Source,
+    stream: &TcpStream,
+    peer: &str,
+    resume: Lsn,
+    shutdown: &AtomicBool,
+    summary: &mut SendSummary,
+    progress: &mut Progress,
+) -> Result<ConnEnd, SendError> {
+    let _ = stream.set_read_timeout(None);
+    let id = source.identity();
+    let frame_bytes = cfg.frame_bytes.min(id.seg_size);
+    let limits = SenderLimits { frame_bytes, in_flight_bytes_max: cfg.in_flight_bytes_max, seg_size: id.seg_size };
+    let mut core = Sender::new(limits, resume);
+    let mut ring = Ring::new(64, BufferPool::new(1, 4096).map_err(|e| RingError::Io { op: "pool", source: e })?, 1, ACK_BUF_BYTES)?;
+    let zero_copy = match cfg.zero_copy {
+        ZeroCopy::Off => false,
+        ZeroCopy::On => true,
+        ZeroCopy::Auto => !is_loopback(stream),
+    } && ring.capabilities().sendmsg_zc;
+    if cfg.zero_copy == ZeroCopy::On && !ring.capabilities().sendmsg_zc {
+        warn!("--zero-copy on, but this kernel's io_uring lacks SENDMSG_ZC: sending with plain sendmsg");
+    }
+    let fd = stream.as_raw_fd();
+    let mut decoder = Decoder::new(Limits::default());
+    let mut send_in_flight = false;
+    let mut recv_in_flight = false;
+    let mut completions: Vec<Completion> = Vec::new();
+    let mut plans: Vec<FramePlan> = Vec::new();
+    let mut last_progress = Instant::now();
+    let mut draining_since: Option<Instant> = None;
+    let mut shutdown_logged: Option<Lsn> = None;
+    let lookahead = id.seg_size;
+    let frames_per_batch = ((crate::uring::IOV_MAX / 2) as u64).min(cfg.send_batch_bytes_max / frame_bytes.max(1) + 2) as usize;
+    let live = cfg.live.is_some();
+    loop {
+        if shutdown.load(Ordering::Relaxed) && draining_since.is_none() {
+            draining_since = Some(Instant::now());
+            if live {
+                // Shutdown drains (walsender's rule): ship up to the horizon as it is now, then go.
+                source.refresh(core.sent())?;
+                info!(horizon = %source.horizon(), "SIGTERM: shipping up to the current horizon {} and waiting for the ack", source.horizon());
+            } else {
+                info!("interrupted: waiting for the receiver to acknowledge what was sent");
+            }
+        }
+        if let Some(since) = draining_since {
+            let target = if live { source.horizon() } else { core.sent() };
+            if core.flushed() >= target {
+                progress.on_acked(core.flushed(), summary);
+                let _ = stream.shutdown(std::net::Shutdown::Both);
+                drain_ring(&mut ring);
+                return Ok(if live { ConnEnd::Done } else { ConnEnd::Fatal(SendError::Interrupted { flushed: core.flushed() }) });
+            }
+            if since.elapsed() > cfg.shutdown_timeout {
+                drain_ring(&mut ring);
+                return Ok(ConnEnd::Fatal(SendError::Interrupted { flushed: core.flushed() }));
+            }
+        }
+        // Move the horizon: keep the directory walk a segment ahead; ask a live server.
+        if draining_since.is_none() && !source.is_final() {
+            source.refresh(core.sent() + lookahead)?;
+            progress.observe_horizon(source.horizon());
+        }
+        if let Some(valid_end) = source.corrupt_end() {
+            if core.flushed() >= valid_end {
+                let err = source.take_corruption().expect("corruption described");
+                return Ok(ConnEnd::Fatal(err.into()));
+            }
+        }
+        if source.is_final() && core.flushed() >= source.horizon() {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+            drain_ring(&mut ring);
+            return Ok(ConnEnd::Done);
+        }
+        if let Some(ServerState::ShutDown { checkpoint, end }) = source.server_state() {
+            if core.flushed() >= end && shutdown_logged != Some(end) {
+                shutdown_logged = Some(end);
+                info!(
+                    checkpoint = %checkpoint,
+                    "the receiver holds the server's WAL durably through its shutdown checkpoint (up to {end}); waiting for the server to come back"
+                );
+            }
+        }
+        if live && progress.last_report.elapsed() > Duration::from_secs(10) {
+            progress.last_report = Instant::now();
+            let lag = source.horizon() - core.flushed().min(source.horizon());
+            info!(
+                sent = %core.sent(),
+                written = %core.written(),
+                flushed = %core.flushed(),
+                horizon = %source.horizon(),
+                lag_bytes = lag,
+                "following"
+            );
+        }
+        if !recv_in_flight {
+            ring.recv_ctl(fd, TAG_RECV, 0, ACK_BUF_BYTES.min(decoder.room().max(1)), false);
+            recv_in_flight = true;
+        }
+        if !send_in_flight {
+            plans.clear();
+            let limit = source.horizon();
+            core.plan(limit, cfg.send_batch_bytes_max, frames_per_batch, &mut plans);
+            if !plans.is_empty() {
+                let batch = build_batch(source, &plans)?;
+                let zc = zero_copy && batch.len_bytes() as u64 >= cfg.zero_copy_bytes_min;
+                if zc {
+                    summary.zero_copy_sends += 1;
+                }
+                ring.send_batch(fd, TAG_SEND, batch, zc);
+                send_in_flight = true;
+                source.release_below(core.flushed());
+            }
+        }
+        let wait = if send_in_flight { Duration::from_millis(100) } else { source.wait_hint().min(Duration::from_millis(100)) };
+        ring.submit_and_wait(Some(wait))?;
+        completions.clear();
+        ring.drain(&mut completions);
+        for c in completions.iter().copied() {
+            match (c.tag, c.kind) {
+                (TAG_SEND, CompletionKind::Done) => {
+                    send_in_flight = false;
+                    if c.result < 0 {
+                        let e = std::io::Error::from_raw_os_error(-c.result);
+                        drain_ring(&mut ring);
+                        return Ok(ConnEnd::Transient(format!("send to {peer} failed: {e}")));
+                    }
+                }
+                (TAG_SEND, CompletionKind::ZeroCopyNotification { copied }) => {
+                    if copied {
+                        summary.zero_copy_copied += 1;
+                    }
+                }
+                (TAG_RECV, _) => {
+                    recv_in_flight = false;
+                    if c.result <= 0 {
+                        drain_ring(&mut ring);
+                        let why = if c.result == 0 {
+                            "receiver closed the connection".to_string()
+                        } else {
+                            std::io::Error::from_raw_os_error(-c.result).to_string()
+                        };
+                        return Ok(ConnEnd::Transient(format!("connection to {peer} lost: {why}")));
+                    }
+                    decoder.feed(&ring.ctl(0)[..c.result as usize]);
+                    loop {
+                        match decoder.next_message() {
+                            Ok(Some(Message::Ack(ack))) => match core.on_ack(Lsn(ack.written_lsn), Lsn(ack.flushed_lsn)) {
+                                Ok(advanced) => {
+                                    if advanced {
+                                        last_progress = Instant::now();
+                                        progress.on_acked(core.flushed(), summary);
+                                        source.on_durable(core.flushed());
+                                    }
+                                }
+                                Err(e) => {
+                                    drain_ring(&mut ring);
+                                    return Ok(ConnEnd::Fatal(SendError::Refused { peer: peer.into(), message: format!("protocol violation: {e}") }));
+                                }
+                            },
+                            Ok(Some(Message::Keepalive(_))) => {}
+                            Ok(Some(Message::Error(e))) => {
+                                drain_ring(&mut ring);
+                                let message = e.message.clone();
+                                return Ok(match e.code {
+                                    ErrorCode::Identity | ErrorCode::Gap | ErrorCode::Protocol => {
+                                        ConnEnd::Fatal(SendError::Refused { peer: peer.into(), message })
+                                    }
+                                    _ => ConnEnd::Transient(format!("receiver {peer} gave up: {message}")),
+                                });
+                            }
+                            Ok(Some(other)) => {
+                                drain_ring(&mut ring);
+                                return Ok(ConnEnd::Fatal(SendError::Refused {
+                                    peer: peer.into(),
+                                    message: format!("unexpected {} frame during streaming", other.kind()),
+                                }));
+                            }
+                            Ok(None) => break,
+                            Err(e) => {
+                                drain_ring(&mut ring);
+                                return Ok(ConnEnd::Fatal(SendError::Refused { peer: peer.into(), message: format!("bad frame: {e}") }));
+                            }
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        if core.unacked_bytes() > 0 && last_progress.elapsed() > cfg.peer_timeout {
+            drain_ring(&mut ring);
+            return Ok(ConnEnd::Transient(format!(
+                "receiver {peer} acknowledged nothing for {:?} with {} bytes outstanding",
+                cfg.peer_timeout,
+                core.unacked_bytes()
+            )));
+        }
+        if core.unacked_bytes() == 0 {
+            last_progress = Instant::now();
+        }
+    }
+}
+
+/// Cancels what is still in flight on the connection and waits for the kernel to let go.
+fn drain_ring(ring: &mut Ring) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut sink = Vec::new();
+    while ring.in_flight() > 0 && Instant::now() < deadline {
+        if ring.submit_and_wait(Some(Duration::from_millis(50))).is_err() {
+            break;
+        }
+        ring.drain(&mut sink);
+    }
+}
+
+/// Frames as header + payload iovecs straight from the segment maps; each header carries the
+/// payload's CRC32C. Pages are re-checked first (a live server may have recycled the file).
+fn build_batch(source: &mut Source, plans: &[FramePlan]) -> Result<SendBatch, SendError> {
+    let seg_size = source.identity().seg_size;
+    let mut batch = SendBatch::new(plans.len() * FRAME_HEADER_LEN);
+    for plan in plans {
+        source.check_pages(plan.lsn, plan.len)?;
+        let map = source.map_for(plan.lsn)?;
+        let offset = (plan.lsn.0 % seg_size) as usize;
+        let payload = &map.bytes()[offset..offset + plan.len as usize];
+        let header = FrameHeader::data(plan.lsn.0, payload);
+        batch.push_small(&header.encode());
+        batch.push_map(&map, offset, plan.len as usize);
+    }
+    Ok(batch)
+}

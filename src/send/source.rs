@@ -1,0 +1,294 @@
+//! The sender's source of WAL: a `pg_wal` directory (or an archive) at rest. Maps segments in
+//! LSN order, walks their records to find the horizon (the exact end of valid WAL), and tells
+//! the end of WAL apart from corruption.
+//!
+//! Nothing at or past the horizon is ever handed out: a recycled segment (stale `xlp_pageaddr`)
+//! or a zero-filled tail ends the walk; a page *after* the end that does belong to its position
+//! means the WAL went on, so the end is a corruption and is reported with file, offset and LSN.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::uring::SegmentMap;
+use crate::wal::{
+    first_page_claiming_more, page_belongs_here, EndReason, Lsn, RecordWalker, SegmentWalk, WalFileName, WalIdentity,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{dir}: no WAL segment files found")]
+    Empty { dir: PathBuf },
+    #[error("{path}: not a usable WAL segment: {why}")]
+    BadFirstSegment { path: PathBuf, why: String },
+    #[error(
+        "corrupt WAL in {path} at offset {offset} (LSN {lsn}): {reason}; valid WAL ends at {valid_end}, \
+         but WAL continues at {claimed} (page header valid for that position), so this is damage, not the end \
+         of WAL. Everything before {valid_end} was shipped; nothing after it"
+    )]
+    Corrupt { path: PathBuf, offset: u64, lsn: Lsn, reason: String, valid_end: Lsn, claimed: Lsn },
+    #[error("cannot use the server ({conninfo}): {why}")]
+    Server { conninfo: String, why: String },
+    #[error("{path}: WAL at {lsn} is no longer what the server wrote there: {why}")]
+    Recycled { path: PathBuf, lsn: Lsn, why: String },
+    #[error("segment {name} is missing from {dir} although later segments exist (WAL between {from} and {to} is not available)")]
+    MissingSegment { dir: PathBuf, name: String, from: Lsn, to: Lsn },
+}
+
+/// How the walk of the directory ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WalEnd {
+    /// Valid WAL ends at `end` (zeros, a recycled page, or simply no more files).
+    Clean { end: Lsn, why: String },
+    /// Valid WAL ends at `valid_end` because of damage; shipping stops there with an error.
+    Corrupt { valid_end: Lsn },
+}
+
+#[derive(Debug)]
+pub struct DirSource {
+    dir: PathBuf,
+    identity: WalIdentity,
+    first_lsn: Lsn,
+    /// Segment files of the chosen timeline.
+    files: BTreeMap<u64, PathBuf>,
+    maps: BTreeMap<u64, Arc<SegmentMap>>,
+    walker: RecordWalker,
+    end: Option<WalEnd>,
+    corruption: Option<SourceError>,
+    segments_walked: u64,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> SourceError + '_ {
+    move |source| SourceError::Io { path: path.to_path_buf(), source }
+}
+
+impl DirSource {
+    /// Scans `dir` for segment files; the newest timeline present is the one shipped.
+    pub fn open(dir: &Path) -> Result<DirSource, SourceError> {
+        let mut names: Vec<String> = Vec::new();
+        for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
+            let entry = entry.map_err(io_err(dir))?;
+            if let Some(name) = entry.file_name().to_str() {
+                if name.len() == 24 && name.bytes().all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b)) {
+                    names.push(name.to_string());
+                }
+            }
+        }
+        if names.is_empty() {
+            return Err(SourceError::Empty { dir: dir.to_path_buf() });
+        }
+        names.sort();
+        // The timeline is the name's first 8 hex digits; take the newest, then its first segment.
+        let tli_of = |n: &str| u32::from_str_radix(&n[..8], 16).unwrap_or(0);
+        let tli = names.iter().map(|n| tli_of(n)).max().expect("non-empty");
+        let first_name = names.iter().find(|n| tli_of(n) == tli).expect("a file of that timeline");
+        let first_path = dir.join(first_name);
+        let identity = read_identity(&first_path)?;
+        let mut files = BTreeMap::new();
+        for name in &names {
+            if let Some(WalFileName::Segment { tli: t, segno }) = WalFileName::parse(name, identity.seg_size) {
+                if t == tli {
+                    files.insert(segno, dir.join(name));
+                }
+            }
+        }
+        let first_segno = *files.keys().next().ok_or_else(|| SourceError::Empty { dir: dir.to_path_buf() })?;
+        if identity.tli != tli {
+            return Err(SourceError::BadFirstSegment {
+                path: first_path,
+                why: format!("its page header says timeline {}, its name timeline {tli}", identity.tli),
+            });
+        }
+        let first_lsn = Lsn(first_segno * identity.seg_size);
+        Ok(DirSource {
+            dir: dir.to_path_buf(),
+            identity,
+            first_lsn,
+            files,
+            maps: BTreeMap::new(),
+            walker: RecordWalker::new(identity, first_lsn),
+            end: None,
+            corruption: None,
+            segments_walked: 0,
+        })
+    }
+
+    pub fn identity(&self) -> WalIdentity {
+        self.identity
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// First byte this source has (the start of its oldest segment).
+    pub fn first_lsn(&self) -> Lsn {
+        self.first_lsn
+    }
+
+    /// Everything below this is valid WAL and may be shipped.
+    pub fn horizon(&self) -> Lsn {
+        self.walker.valid_end().max(self.first_lsn)
+    }
+
+    /// The walk is over: the horizon is final.
+    pub fn end(&self) -> Option<&WalEnd> {
+        self.end.as_ref()
+    }
+
+    /// The damage that ended the walk, if it was damage.
+    pub fn take_corruption(&mut self) -> Option<SourceError> {
+        self.corruption.take()
+    }
+
+    pub fn segments_walked(&self) -> u64 {
+        self.segments_walked
+    }
+
+    /// Walks segments until the horizon reaches `want` or the walk ends.
+    pub fn walk_until(&mut self, want: Lsn) -> Result<(), SourceError> {
+        while self.end.is_none() && self.horizon() < want {
+            self.walk_next_segment()?;
+        }
+        Ok(())
+    }
+
+    fn walk_next_segment(&mut self) -> Result<(), SourceError> {
+        let seg_size = self.identity.seg_size;
+        let seg_start = self.walker.next_segment_start();
+        let segno = seg_start.0 / seg_size;
+        let Some(path) = self.files.get(&segno).cloned() else {
+            if let Some((&later, _)) = self.files.range(segno..).next() {
+                return Err(SourceError::MissingSegment {
+                    dir: self.dir.clone(),
+                    name: WalFileName::Segment { tli: self.identity.tli, segno }.file_name(seg_size),
+                    from: seg_start,
+                    to: Lsn(later * seg_size),
+                });
+            }
+            self.end = Some(WalEnd::Clean { end: self.horizon(), why: "no more segment files".into() });
+            return Ok(());
+        };
+        let map = self.map_segment(segno)?;
+        let walk = self.walker.walk_segment(seg_start, map.bytes()).map_err(|e| SourceError::BadFirstSegment {
+            path: path.clone(),
+            why: e.to_string(),
+        })?;
+        self.segments_walked += 1;
+        if let SegmentWalk::Ended { valid_end, stop_lsn, reason } = walk {
+            self.on_walk_ended(segno, &path, &map, valid_end, stop_lsn, reason)?;
+        }
+        Ok(())
+    }
+
+    fn on_walk_ended(
+        &mut self,
+        segno: u64,
+        path: &Path,
+        map: &Arc<SegmentMap>,
+        valid_end: Lsn,
+        stop_lsn: Lsn,
+        reason: EndReason,
+    ) -> Result<(), SourceError> {
+        let seg_size = self.identity.seg_size;
+        let seg_start = Lsn(segno * seg_size);
+        let mut claimed = first_page_claiming_more(seg_start, map.bytes(), stop_lsn, &self.identity);
+        if claimed.is_none() {
+            let next = segno + 1;
+            if let Some(next_path) = self.files.get(&next).cloned() {
+                let next_map = self.map_segment(next)?;
+                let first_page = &next_map.bytes()[..self.identity.block_size as usize];
+                if page_belongs_here(first_page, Lsn(next * seg_size), &self.identity) {
+                    claimed = Some(Lsn(next * seg_size));
+                }
+                let _ = next_path;
+            }
+        }
+        match claimed {
+            None => {
+                self.end = Some(WalEnd::Clean { end: valid_end.max(self.first_lsn), why: format!("{reason:?} at {stop_lsn}") });
+            }
+            Some(claimed) => {
+                let (lsn, file, offset) = if stop_lsn >= seg_start {
+                    (stop_lsn, path.to_path_buf(), stop_lsn - seg_start)
+                } else {
+                    // The failing record began in an earlier segment.
+                    let s = stop_lsn.0 / seg_size;
+                    let file = self.files.get(&s).cloned().unwrap_or_else(|| path.to_path_buf());
+                    (stop_lsn, file, stop_lsn.0 % seg_size)
+                };
+                self.end = Some(WalEnd::Corrupt { valid_end });
+                self.corruption = Some(SourceError::Corrupt {
+                    path: file,
+                    offset,
+                    lsn,
+                    reason: describe(&reason),
+                    valid_end,
+                    claimed,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn map_segment(&mut self, segno: u64) -> Result<Arc<SegmentMap>, SourceError> {
+        if let Some(m) = self.maps.get(&segno) {
+            return Ok(Arc::clone(m));
+        }
+        let path = self.files.get(&segno).cloned().expect("mapping a known segment");
+        let file = File::open(&path).map_err(io_err(&path))?;
+        let map = SegmentMap::map(&file, self.identity.seg_size).map_err(io_err(&path))?;
+        self.maps.insert(segno, Arc::clone(&map));
+        Ok(map)
+    }
+
+    /// The mapping of the segment holding `lsn` (which must be below the horizon).
+    pub fn map_for(&mut self, lsn: Lsn) -> Result<Arc<SegmentMap>, SourceError> {
+        assert!(lsn < self.horizon(), "asked for {lsn}, at or past the horizon {}", self.horizon());
+        self.map_segment(lsn.0 / self.identity.seg_size)
+    }
+
+    /// Segments wholly below `lsn` are no longer needed by the source (sends in flight keep
+    /// their own reference).
+    pub fn release_below(&mut self, lsn: Lsn) {
+        let segno = lsn.0 / self.identity.seg_size;
+        self.maps.retain(|&s, _| s >= segno);
+    }
+
+    /// The file name of the segment holding `lsn`.
+    pub fn segment_name(&self, lsn: Lsn) -> String {
+        WalFileName::Segment { tli: self.identity.tli, segno: lsn.0 / self.identity.seg_size }.file_name(self.identity.seg_size)
+    }
+}
+
+fn describe(reason: &EndReason) -> String {
+    match reason {
+        EndReason::ZeroLength => "record length is zero".into(),
+        EndReason::BadRecordLength { tot_len } => format!("record length {tot_len} is out of range"),
+        EndReason::BadPrev { found, expected } => format!("xl_prev is {found}, expected {expected}"),
+        EndReason::BadCrc { found, computed } => format!("record CRC is {found:#010x}, computed {computed:#010x}"),
+        EndReason::BadPage(e) => format!("bad page header: {e}"),
+        EndReason::MissingContrecord { page_lsn, record_lsn } => {
+            format!("page {page_lsn} lacks XLP_FIRST_IS_CONTRECORD for the record at {record_lsn}")
+        }
+        EndReason::BadContrecordLength { page_lsn, rem_len, expected } => {
+            format!("page {page_lsn} has xlp_rem_len {rem_len}, expected {expected}")
+        }
+        EndReason::UnexpectedContrecord { page_lsn, rem_len } => {
+            format!("page {page_lsn} claims a continuation of {rem_len} bytes where a record must start")
+        }
+    }
+}
+
+fn read_identity(path: &Path) -> Result<WalIdentity, SourceError> {
+    use std::os::unix::fs::FileExt;
+    let file = File::open(path).map_err(io_err(path))?;
+    let mut head = vec![0u8; 8192];
+    let n = file.read_at(&mut head, 0).map_err(io_err(path))?;
+    WalIdentity::from_first_page(&head[..n])
+        .map_err(|e| SourceError::BadFirstSegment { path: path.to_path_buf(), why: e.to_string() })
+}
