@@ -51,9 +51,34 @@ pub fn restore(dir: &Path, name: &str, target: &Path) -> Result<RestoreOutcome, 
     let partial = dir.join(format!("{name}.partial"));
     if name.len() == 24 && partial.is_file() {
         copy(&partial, target)?;
+        cut_at_flushed(dir, name, target)?;
         return Ok(RestoreOutcome::Partial(partial));
     }
     Err(RestoreError::NotFound { name: name.into(), dir: dir.to_path_buf() })
+}
+
+/// A running receiver may have written bytes of the `.partial` that are not durable yet: zero
+/// everything from its published flushed LSN on, so recovery never replays what could be lost.
+fn cut_at_flushed(dir: &Path, name: &str, target: &Path) -> Result<(), RestoreError> {
+    let Some(flushed) = crate::recv::segment_file::read_published_flushed(dir) else { return Ok(()) };
+    let len = std::fs::metadata(target).map_err(|source| copy_err(dir, target, source))?.len();
+    if !len.is_power_of_two() {
+        return Ok(());
+    }
+    let seg_size = len;
+    let segno = u64::from_str_radix(&name[8..16], 16).unwrap_or(0) * (0x1_0000_0000 / seg_size)
+        + u64::from_str_radix(&name[16..24], 16).unwrap_or(0);
+    let seg_start = segno * seg_size;
+    if flushed.0 >= seg_start + seg_size {
+        return Ok(());
+    }
+    let keep = flushed.0.saturating_sub(seg_start);
+    let file = std::fs::OpenOptions::new().write(true).open(target).map_err(|source| copy_err(dir, target, source))?;
+    file.set_len(keep).and_then(|_| file.set_len(seg_size)).map_err(|source| copy_err(dir, target, source))
+}
+
+fn copy_err(from: &Path, to: &Path, source: std::io::Error) -> RestoreError {
+    RestoreError::Copy { from: from.to_path_buf(), to: to.to_path_buf(), source }
 }
 
 fn copy(from: &Path, to: &Path) -> Result<(), RestoreError> {
@@ -71,6 +96,20 @@ mod tests {
         for bad in ["../etc/passwd", "000000010000000000000001/..", "00000001.history.x", "0000000100000000000000zz", ""] {
             assert!(matches!(restore(Path::new("/nonexistent"), bad, Path::new("/dev/null")), Err(RestoreError::BadName { .. })), "{bad}");
         }
+    }
+
+    #[test]
+    fn partial_is_cut_at_the_published_flushed_lsn() {
+        let dir = tempfile::tempdir().unwrap();
+        let name = "000000010000000000000003"; // 16 MiB segments: starts at 0/3000000
+        std::fs::write(dir.path().join(format!("{name}.partial")), vec![7u8; 16 << 20]).unwrap();
+        std::fs::write(dir.path().join(crate::recv::segment_file::FLUSHED_FILE_NAME), "0/3000100\n").unwrap();
+        let target = dir.path().join("out");
+        restore(dir.path(), name, &target).unwrap();
+        let got = std::fs::read(&target).unwrap();
+        assert_eq!(got.len(), 16 << 20);
+        assert!(got[..0x100].iter().all(|&b| b == 7));
+        assert!(got[0x100..].iter().all(|&b| b == 0), "bytes past flushed handed out");
     }
 
     #[test]

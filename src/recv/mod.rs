@@ -92,6 +92,61 @@ impl RecvSummary {
     }
 }
 
+/// CRC-32C of the bytes of the segment being received, from its start to each frame end, so the
+/// durable LSN can be published with the CRC of everything before it in its segment. Recovery
+/// trusts a published LSN inside a `.partial` only when the file's bytes still match that CRC.
+#[derive(Debug)]
+struct SegmentCrc {
+    seg_size: u64,
+    /// LSN up to which `crc` covers the segment holding it.
+    end: Lsn,
+    crc: u32,
+    /// (frame end, CRC of its segment up to there), oldest first.
+    marks: VecDeque<(Lsn, u32)>,
+}
+
+impl SegmentCrc {
+    fn new(seg_size: u64, end: Lsn, crc: u32) -> SegmentCrc {
+        let seg_size = seg_size.max(1);
+        SegmentCrc { seg_size, end, crc, marks: VecDeque::from([(end, crc)]) }
+    }
+
+    fn set_seg_size(&mut self, seg_size: u64) {
+        self.seg_size = seg_size;
+    }
+
+    fn reset(&mut self, end: Lsn) {
+        self.end = end;
+        self.crc = 0;
+        self.marks = VecDeque::from([(end, 0)]);
+    }
+
+    fn extend(&mut self, lsn: Lsn, piece_crc: u32, len: u64) {
+        if lsn.0 % self.seg_size == 0 {
+            self.crc = 0;
+        } else {
+            debug_assert_eq!(lsn, self.end, "pieces are contiguous");
+        }
+        self.crc = crc32c::crc32c_combine(self.crc, piece_crc, len as usize);
+        self.end = lsn + len;
+    }
+
+    fn mark(&mut self) {
+        if self.marks.len() >= 65_536 {
+            self.marks.pop_front();
+        }
+        self.marks.push_back((self.end, self.crc));
+    }
+
+    /// The CRC at `flushed` (always a frame end); marks below it are dropped.
+    fn crc_at(&mut self, flushed: Lsn) -> Option<u32> {
+        while self.marks.len() > 1 && self.marks[1].0 <= flushed {
+            self.marks.pop_front();
+        }
+        self.marks.front().filter(|&&(lsn, _)| lsn == flushed).map(|&(_, crc)| crc)
+    }
+}
+
 const TAG_ACCEPT: u64 = 1 << 56;
 const TAG_RECV_HEADER: u64 = 2 << 56;
 const TAG_RECV_BODY: u64 = 3 << 56;
@@ -144,6 +199,8 @@ struct Io {
     /// Writes in flight: id -> (segment, file offset, length), to name them in errors and
     /// detect short writes.
     writes: HashMap<u64, (u64, u64, usize)>,
+    /// Running CRC of the current segment's received bytes, to publish with `flushed`.
+    segment_crc: SegmentCrc,
     /// fsync batches in flight: id -> issue time.
     fsync_started: HashMap<u64, Instant>,
     epoch: Instant,
@@ -170,7 +227,7 @@ pub fn run(cfg: &RecvConfig, shutdown: Arc<AtomicBool>) -> Result<RecvSummary, R
     if !ring.pool_registered() {
         warn!("could not register the buffer pool with io_uring (RLIMIT_MEMLOCK?); using unregistered writes");
     }
-    let mut io = Io { ring, segdir: None, files: HashMap::new(), writes: HashMap::new(), fsync_started: HashMap::new(), epoch: Instant::now() };
+    let mut io = Io { ring, segdir: None, files: HashMap::new(), writes: HashMap::new(), fsync_started: HashMap::new(), segment_crc: SegmentCrc::new(state.seg_size, state.durable_end, state.durable_crc), epoch: Instant::now() };
     let mut identity = state.identity;
     let mut receiver: Option<Receiver> = identity.map(|id| Receiver::new(receiver_config(cfg, id.seg_size), state.durable_end));
     if let (Some(id), true) = (identity, state.durable_end > Lsn(0)) {
@@ -611,6 +668,8 @@ fn on_hello(
             return Ok(());
         }
         rx.set_start(Lsn(hello.first_lsn));
+        io.segment_crc.set_seg_size(theirs.seg_size);
+        io.segment_crc.reset(Lsn(hello.first_lsn));
     } else if durable < Lsn(hello.first_lsn) {
         let msg = format!(
             "gap: this directory holds WAL up to {durable} but sender {} starts at {}; the WAL in between is missing",
@@ -657,10 +716,12 @@ fn on_piece(io: &mut Io, conn: &mut Conn, rx: &mut Receiver, actions: &mut Vec<A
         return; // more pieces to come (the next one may already be in `actions`)
     }
     // The whole body is in the pool: verify before anything is written.
-    let mut crc = 0u32;
-    for (slot, off, len) in rx.frame_pieces() {
-        crc = crc32c::crc32c_append(crc, &io.ring.pool().slot(slot)[off..off + len]);
-    }
+    let pieces: Vec<(Lsn, u32, usize)> = rx
+        .frame_pieces()
+        .into_iter()
+        .map(|(lsn, slot, off, len)| (lsn, crc32c::crc32c(&io.ring.pool().slot(slot)[off..off + len]), len))
+        .collect();
+    let crc = pieces.iter().fold(0u32, |acc, &(_, piece_crc, len)| crc32c::crc32c_combine(acc, piece_crc, len));
     if crc != header.body_crc {
         let msg = format!(
             "data frame at {} ({} bytes) from {} failed its CRC (expected {:#010x}, computed {:#010x}); nothing of it was written",
@@ -676,6 +737,10 @@ fn on_piece(io: &mut Io, conn: &mut Conn, rx: &mut Receiver, actions: &mut Vec<A
         return;
     }
     summary.bytes_received += header.body_len as u64;
+    for (lsn, piece_crc, len) in pieces {
+        io.segment_crc.extend(lsn, piece_crc, len as u64);
+    }
+    io.segment_crc.mark();
     rx.on_frame_verified(now, actions);
     conn.phase = ConnPhase::AwaitHeader;
     post_header_recv(io, conn);
@@ -753,6 +818,10 @@ fn execute(
                 }
                 Action::Ack { written, flushed } => {
                     summary.flushed = flushed;
+                    // For `walship restore` (never hand out bytes past what is durable) and for
+                    // recovery (never resume below what was acknowledged).
+                    let crc = io.segment_crc.crc_at(flushed);
+                    io.segdir.as_ref().expect("segment dir").publish_flushed(flushed, crc)?;
                     if let Some(c) = conn.as_deref_mut() {
                         c.ack_pending = Some((written, flushed));
                     }

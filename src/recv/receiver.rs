@@ -271,13 +271,14 @@ impl Receiver {
         true
     }
 
-    /// The slots and offsets holding the frame's body, in order, for CRC verification.
-    pub fn frame_pieces(&self) -> Vec<(usize, usize, usize)> {
+    /// The pieces holding the frame's body, in order, for CRC verification:
+    /// (LSN, slot, slot offset, length).
+    pub fn frame_pieces(&self) -> Vec<(Lsn, usize, usize, usize)> {
         let mut pieces = Vec::new();
         for chunk in &self.chunks {
             if chunk.unverified_end > chunk.received_end {
                 let off = (chunk.received_end - chunk.start) as usize;
-                pieces.push((chunk.slot, off, (chunk.unverified_end - chunk.received_end) as usize));
+                pieces.push((chunk.received_end, chunk.slot, off, (chunk.unverified_end - chunk.received_end) as usize));
             }
         }
         pieces

@@ -8,6 +8,8 @@ use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use tracing::warn;
+
 use crate::wal::{Lsn, RecordWalker, SegmentWalk, WalFileName, WalIdentity};
 
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +28,24 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> DirError + '_ {
     move |source| DirError::Io { path: path.to_path_buf(), source }
 }
 
+/// Where the receiver publishes its durable LSN for `walship restore` (not a WAL name, so
+/// PostgreSQL and the directory scan ignore it).
+pub const FLUSHED_FILE_NAME: &str = ".walship-flushed";
+
+/// Reads the durable LSN a receiver published in `dir`, if any.
+pub fn read_published_flushed(dir: &Path) -> Option<Lsn> {
+    read_published(dir).map(|(lsn, _)| lsn)
+}
+
+/// The published durable LSN and the CRC-32C of its segment's bytes before it.
+fn read_published(dir: &Path) -> Option<(Lsn, Option<u32>)> {
+    let text = std::fs::read_to_string(dir.join(FLUSHED_FILE_NAME)).ok()?;
+    let mut words = text.split_whitespace();
+    let lsn = words.next()?.parse().ok()?;
+    let crc = words.next().and_then(|w| u32::from_str_radix(w, 16).ok());
+    Some((lsn, crc))
+}
+
 /// What a receiver directory holds durably.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DirState {
@@ -33,6 +53,10 @@ pub struct DirState {
     pub identity: Option<WalIdentity>,
     /// Everything below this LSN is durable here (0 when empty).
     pub durable_end: Lsn,
+    /// Segment size of the WAL here (0 when empty).
+    pub seg_size: u64,
+    /// CRC-32C of the bytes of `durable_end`'s segment before it.
+    pub durable_crc: u32,
 }
 
 /// One open segment file.
@@ -48,6 +72,7 @@ pub struct SegmentFile {
 #[derive(Debug)]
 pub struct SegmentDir {
     dir: PathBuf,
+    flushed_file: std::sync::Mutex<Option<File>>,
     /// The directory itself, kept open for fsync.
     pub dir_file: File,
     tli: u32,
@@ -57,7 +82,7 @@ pub struct SegmentDir {
 impl SegmentDir {
     pub fn open(dir: &Path, tli: u32, seg_size: u64) -> Result<SegmentDir, DirError> {
         let dir_file = File::open(dir).map_err(io_err(dir))?;
-        Ok(SegmentDir { dir: dir.to_path_buf(), dir_file, tli, seg_size })
+        Ok(SegmentDir { dir: dir.to_path_buf(), flushed_file: std::sync::Mutex::new(None), dir_file, tli, seg_size })
     }
 
     pub fn path(&self) -> &Path {
@@ -118,6 +143,21 @@ impl SegmentDir {
         file.buffered.read_exact_at(out, offset).map_err(io_err(&self.partial_path(file.segno)))
     }
 
+    /// Records the durable LSN in `FLUSHED_FILE_NAME` (no fsync needed: after a crash the
+    /// receiver's recovery cuts `.partial` files back to their durable end anyway, and the value
+    /// written is always one that was durable when written).
+    pub fn publish_flushed(&self, flushed: Lsn, crc: Option<u32>) -> Result<(), DirError> {
+        let path = self.dir.join(FLUSHED_FILE_NAME);
+        let mut guard = self.flushed_file.lock().expect("flushed file lock");
+        if guard.is_none() {
+            let f = OpenOptions::new().create(true).truncate(false).write(true).mode(0o644).open(&path).map_err(io_err(&path))?;
+            *guard = Some(f);
+        }
+        let crc = crc.map_or("-".to_string(), |c| format!("{c:08x}"));
+        let line = format!("{:<47}\n", format!("{flushed} {crc}"));
+        guard.as_ref().expect("open").write_all_at(line.as_bytes(), 0).map_err(io_err(&path))
+    }
+
     /// The segment is complete and durable: `.partial` -> final name. The caller syncs the directory.
     pub fn complete(&self, segno: u64) -> Result<(), DirError> {
         let from = self.partial_path(segno);
@@ -144,7 +184,7 @@ pub fn recover_dir(dir: &Path) -> Result<DirState, DirError> {
     }
     candidates.sort();
     let Some(first) = candidates.first() else {
-        return Ok(DirState { identity: None, durable_end: Lsn(0) });
+        return Ok(DirState { identity: None, durable_end: Lsn(0), seg_size: 0, durable_crc: 0 });
     };
     let identity = read_identity(&dir.join(first))?;
     let seg_size = identity.seg_size;
@@ -178,6 +218,7 @@ pub fn recover_dir(dir: &Path) -> Result<DirState, DirError> {
         .filter(|&s| complete_end.is_none_or(|end| s * seg_size >= end.0))
         .collect();
     let mut walker: Option<RecordWalker> = None;
+    let mut durable_crc = 0u32;
     let mut stopped = false;
     for segno in partial_above {
         let path = segdir.partial_path(segno);
@@ -193,9 +234,15 @@ pub fn recover_dir(dir: &Path) -> Result<DirState, DirError> {
                 why: format!("it starts at {seg_start} but the directory's WAL ends at {durable_end}: a segment is missing"),
             });
         }
-        let bytes = std::fs::read(&path).map_err(io_err(&path))?;
-        if bytes.len() as u64 != seg_size {
-            return Err(DirError::BadSegment { path, why: format!("{} bytes, expected {seg_size}", bytes.len()) });
+        let mut bytes = std::fs::read(&path).map_err(io_err(&path))?;
+        if bytes.len() as u64 > seg_size {
+            return Err(DirError::BadSegment { path, why: format!("{} bytes, more than a segment ({seg_size})", bytes.len()) });
+        }
+        if (bytes.len() as u64) < seg_size {
+            // Created but not yet sized (a crash right after creation), or cut short: what is
+            // missing reads as zeros, and the walk finds where valid WAL ends.
+            warn!(path = %path.display(), len = bytes.len(), "partial segment shorter than a segment; padding it with zeros");
+            bytes.resize(seg_size as usize, 0);
         }
         let w = walker.get_or_insert_with(|| RecordWalker::new(identity, seg_start));
         let walk = w
@@ -211,14 +258,31 @@ pub fn recover_dir(dir: &Path) -> Result<DirState, DirError> {
                 durable_end = Lsn((segno + 1) * seg_size);
             }
             SegmentWalk::Ended { valid_end, .. } => {
-                let end = valid_end.max(seg_start).max(durable_end);
+                let mut end = valid_end.max(seg_start).max(durable_end);
+                // The receiver acknowledges frame ends, usually inside a record: the published
+                // durable LSN (with the CRC of the bytes before it) keeps that acknowledged tail.
+                if let Some((published, Some(crc))) = read_published(dir) {
+                    if published > end && published < seg_start + seg_size {
+                        let upto = (published - seg_start) as usize;
+                        if crc32c::crc32c(&bytes[..upto]) == crc {
+                            end = published;
+                        } else {
+                            warn!(
+                                path = %path.display(),
+                                published = %published,
+                                "the bytes before the acknowledged LSN {published} no longer match their CRC (damaged?); resuming from the last valid record at {end}"
+                            );
+                        }
+                    }
+                }
                 cut_tail(&path, end.0 - seg_start.0, seg_size)?;
+                durable_crc = crc32c::crc32c(&bytes[..(end - seg_start) as usize]);
                 durable_end = end;
                 stopped = true;
             }
         }
     }
-    Ok(DirState { identity: Some(identity), durable_end })
+    Ok(DirState { identity: Some(identity), durable_end, seg_size, durable_crc })
 }
 
 /// Zeroes everything after `keep_bytes` (torn or unacknowledged bytes), durably.

@@ -57,6 +57,8 @@ pub struct LiveSource {
     last_slot_advance: Instant,
     slot_target: Lsn,
     maps: BTreeMap<u64, Arc<SegmentMap>>,
+    /// Segments whose records were walked to the end (pages after a switch are padding).
+    walked_to_end: std::collections::BTreeSet<u64>,
 }
 
 fn pg_err(conninfo: &str, e: postgres::Error) -> SourceError {
@@ -104,7 +106,9 @@ impl LiveSource {
             );
         }
         let oldest = oldest_segment(&cfg.pg_wal, identity)?;
-        let first_lsn = if slot_restart > Lsn(0) { slot_restart.segment_start(identity.seg_size).max(oldest) } else { oldest };
+        // Everything still in pg_wal is offered (a base backup taken just before may need it); the
+        // slot protects what lies past its restart_lsn from recycling.
+        let first_lsn = oldest;
         let mut source = LiveSource {
             cfg,
             pgdata,
@@ -120,6 +124,7 @@ impl LiveSource {
             last_slot_advance: Instant::now(),
             slot_target: slot_restart,
             maps: BTreeMap::new(),
+            walked_to_end: Default::default(),
         };
         source.poll_horizon()?;
         info!(
@@ -321,16 +326,37 @@ impl LiveSource {
             let off = (page.0 % seg_size) as usize;
             let bytes = &map.bytes()[off..off + block as usize];
             if let Err(e) = validate_page(bytes, page, &self.identity) {
-                return Err(SourceError::Recycled { path: self.segment_path(page.0 / seg_size), lsn: page, why: e.to_string() });
+                // After an XLOG_SWITCH record the rest of the segment is padding PostgreSQL never
+                // writes (zeros, or a recycled file's old pages). Walk the segment's records: if
+                // they reach the segment end, this page is such padding.
+                if !self.segment_walks_to_end(page.0 / seg_size, &map) {
+                    return Err(SourceError::Recycled { path: self.segment_path(page.0 / seg_size), lsn: page, why: e.to_string() });
+                }
             }
             page = page + block;
         }
         Ok(())
     }
 
+    /// Whether the segment's records, walked from its start, reach its end (so every page after
+    /// a switch record is padding). Remembered per segment.
+    fn segment_walks_to_end(&mut self, segno: u64, map: &SegmentMap) -> bool {
+        if self.walked_to_end.contains(&segno) {
+            return true;
+        }
+        let seg_start = Lsn(segno * self.identity.seg_size);
+        let mut walker = RecordWalker::new(self.identity, seg_start);
+        let complete = matches!(walker.walk_segment(seg_start, map.bytes()), Ok(SegmentWalk::Continues { .. }));
+        if complete {
+            self.walked_to_end.insert(segno);
+        }
+        complete
+    }
+
     pub fn release_below(&mut self, lsn: Lsn) {
         let segno = lsn.0 / self.identity.seg_size;
         self.maps.retain(|&s, _| s >= segno);
+        self.walked_to_end.retain(|&s| s >= segno);
     }
 
     /// The receiver holds everything below `flushed` durably: let the slot go that far (never

@@ -512,7 +512,9 @@ fn stream_data(
         // Move the horizon: keep the directory walk a segment ahead; ask a live server.
         if draining_since.is_none() && !source.is_final() {
             source.refresh(core.sent() + lookahead)?;
-            progress.observe_horizon(source.horizon());
+            if live {
+                progress.observe_horizon(source.horizon());
+            }
         }
         if let Some(valid_end) = source.corrupt_end() {
             if core.flushed() >= valid_end {
