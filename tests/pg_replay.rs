@@ -833,7 +833,14 @@ fn check_received(pg_wal: &Path, recv: &Path, cd: &ControlData, r: &ShipReport, 
     let mut want: Vec<String> = (first_seg..end_seg).map(|s| seg_name(cd.tli, s, cd.seg_size)).collect();
     let partial = (end_off != 0).then(|| format!("{}.partial", seg_name(cd.tli, end_seg, cd.seg_size)));
     want.extend(partial.clone());
-    let unexpected: Vec<&String> = names.iter().filter(|n| !want.contains(n)).collect();
+    // WAL-looking names outside the shipped range are errors; other files (e.g. the receiver's own state
+    // file) are listed but allowed: PostgreSQL only ever asks for WAL names.
+    let looks_wal = |n: &str| is_seg_name(n.trim_end_matches(".partial")) || n.ends_with(".history");
+    let others: Vec<&String> = names.iter().filter(|n| !looks_wal(n)).collect();
+    if !others.is_empty() {
+        println!("   note: non-WAL files in the receiver dir: {others:?}");
+    }
+    let unexpected: Vec<&String> = names.iter().filter(|n| looks_wal(n) && !want.contains(n)).collect();
     let missing: Vec<&String> = want.iter().filter(|n| !names.contains(n)).collect();
     if !missing.is_empty() || !unexpected.is_empty() {
         return Err(format!("receiver dir {}: missing {missing:?}, unexpected {unexpected:?} (have {names:?})", recv.display()));
