@@ -645,6 +645,10 @@ fn run_test(env: &Env, t: &mut Timings) -> R<()> {
         if !missing.is_empty() {
             return Err(standby.err(format!("standby log shows no `restored log file` for {missing:?}")));
         }
+        // walship restore's stderr lands in the server log: a failed request names the file it was asked for.
+        if let Some(l) = log.lines().find(|l| l.contains(".partial is not in")) {
+            return Err(standby.err(format!("recovery asked restore_command for a .partial name: {l}")));
+        }
         if restored.iter().any(|n| n.contains("partial")) {
             return Err(standby.err(format!("recovery restored a .partial name: {restored:?}")));
         }
