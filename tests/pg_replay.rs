@@ -694,9 +694,12 @@ fn walship_ship(env: &Env, pg_wal: &Path, recv_dir: &Path) -> R<ShipReport> {
     let addr = format!("127.0.0.1:{port}");
     let report_path = env.tmp.join("report.json");
     let file = |p: &Path| fs::File::create(p).map_err(|e| format!("create {}: {e}", p.display()));
+    // Authenticated, as an operator would run it.
+    let key = env.tmp.join("walship.key");
+    fs::write(&key, "pg-replay-test-shared-key-0123456789\n").map_err(|e| format!("write {}: {e}", key.display()))?;
 
     let mut rc = Command::new(&env.walship);
-    rc.args(["recv", "--listen", &addr, "--dir"]).arg(recv_dir);
+    rc.args(["recv", "--listen", &addr, "--dir"]).arg(recv_dir).arg("--auth-key-file").arg(&key);
     // recv logs on stderr: that goes to recv_log (the file a failure message tails).
     rc.stdin(Stdio::null());
     rc.stdout(file(&env.tmp.join("walship-recv.stdout"))?).stderr(file(&env.recv_log)?);
@@ -705,7 +708,7 @@ fn walship_ship(env: &Env, pg_wal: &Path, recv_dir: &Path) -> R<ShipReport> {
 
     let mut sc = Command::new(&env.walship);
     sc.arg("send").arg("--pg-wal").arg(pg_wal).args(["--to", &addr, "--once", "--retry-for", "30s", "--report-json"]);
-    sc.arg(&report_path);
+    sc.arg(&report_path).arg("--auth-key-file").arg(&key);
     sc.stdin(Stdio::null()).stdout(file(&env.send_log)?).stderr(
         fs::OpenOptions::new().append(true).open(&env.send_log).map_err(|e| e.to_string())?,
     );
