@@ -1,10 +1,13 @@
 //! walship: ship PostgreSQL WAL with io_uring; acknowledge only what is durable.
 //!
 //! Imports flow one way: `wal` <- `wire` <- {`send`, `recv`} -> `uring`.
+pub mod config_file;
 pub mod demo;
+pub mod metrics;
 pub mod recv;
 pub mod restore;
 pub mod send;
+pub mod status;
 pub mod uring;
 pub mod wal;
 pub mod wire;
