@@ -84,7 +84,9 @@ fn set_default(cmd: clap::Command, path: &Path, section: &str, key: &str, value:
         toml::Value::Boolean(b) => b.to_string(),
         _ => return Err(ConfigError::BadValue { path: path.into(), section: section.into(), key: key.into() }),
     };
-    Ok(cmd.mut_arg(id, |a| a.default_value(text)))
+    // A required option that the file supplies is no longer required (clap checks "required" before
+    // it applies defaults).
+    Ok(cmd.mut_arg(id, |a| a.default_value(text).required(false)))
 }
 
 #[cfg(test)]

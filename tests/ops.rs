@@ -64,7 +64,7 @@ print(json.dumps({"samples": out, "openmetrics_types": om}))
 fn python_parse(dir: &Path, text: &str) -> R<(Samples, serde_json::Value)> {
     let file = dir.join(format!("scrape-{}.txt", std::process::id()));
     std::fs::write(&file, text).map_err(|e| e.to_string())?;
-    let out = run_ok(cmd("python3", ["-c", PARSE_PY, file.to_str().unwrap()]))?;
+    let out = run_ok(&mut cmd("python3", ["-c", PARSE_PY, file.to_str().unwrap()]))?;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| format!("parser output: {e}"))?;
     let samples = v["samples"]
         .as_array()
@@ -100,7 +100,8 @@ struct Shipped {
     dir: TestDir,
     recv: ChildGuard,
     metrics_url: String,
-    first_lsn: u64,
+    /// Where shipping starts: the segment start of the first record (gen-wal's segments are 16 MiB).
+    start_lsn: u64,
     end_lsn: u64,
     /// Scrapes taken while the sender ran.
     during: Vec<String>,
@@ -111,7 +112,7 @@ struct Shipped {
 /// (scraping while it runs), wait for the sender to finish.
 fn ship(prefix: &str, wal_bytes: &str) -> Shipped {
     let dir = TestDir::new(prefix);
-    let out = run_ok(cmd(walship_bin(), ["gen-wal", "--dir", dir.join("src").to_str().unwrap(), "--wal-bytes", wal_bytes]))
+    let out = run_ok(&mut cmd(walship_bin(), ["gen-wal", "--dir", dir.join("src").to_str().unwrap(), "--wal-bytes", wal_bytes]))
         .unwrap_or_else(|e| panic!("{e}"));
     let gen = String::from_utf8_lossy(&out.stdout).to_string();
     let first_lsn = parse_lsn(&json_field(&gen, "first_lsn").expect("first_lsn")).expect("lsn");
@@ -159,7 +160,8 @@ fn ship(prefix: &str, wal_bytes: &str) -> Shipped {
         String::from_utf8_lossy(&out.stderr),
         tail_file(&recv_log, 30)
     );
-    Shipped { dir, recv, metrics_url, first_lsn, end_lsn, during, before }
+    let start_lsn = first_lsn - first_lsn % (16 << 20);
+    Shipped { dir, recv, metrics_url, start_lsn, end_lsn, during, before }
 }
 
 #[test]
@@ -189,15 +191,15 @@ fn receiver_metrics_parse_with_prometheus_client_and_track_the_ship() {
     assert_eq!(value(&m, "walship_recv_flushed_lsn"), Some(end), "flushed LSN == shipped end LSN");
     assert_eq!(value(&m, "walship_recv_written_lsn"), Some(end));
     assert_eq!(value(&m, "walship_recv_received_lsn"), Some(end));
-    assert_eq!(value(&m, "walship_recv_bytes_total"), Some((s.end_lsn - s.first_lsn) as f64), "payload bytes");
-    assert!(value(&m, "walship_recv_frames_total").unwrap() >= ((s.end_lsn - s.first_lsn) >> 20) as f64);
-    assert!(value(&m, "walship_recv_bytes_written_total").unwrap() >= (s.end_lsn - s.first_lsn) as f64);
+    assert_eq!(value(&m, "walship_recv_bytes_total"), Some((s.end_lsn - s.start_lsn) as f64), "payload bytes");
+    assert!(value(&m, "walship_recv_frames_total").unwrap() >= ((s.end_lsn - s.start_lsn) >> 20) as f64);
+    assert!(value(&m, "walship_recv_bytes_written_total").unwrap() >= (s.end_lsn - s.start_lsn) as f64);
     assert_eq!(value(&m, "walship_recv_connections_total"), Some(1.0));
     let fsyncs = value(&m, "walship_recv_fsync_duration_seconds_count").expect("fsync histogram");
     assert!(fsyncs >= 1.0, "fdatasyncs observed");
     assert_eq!(value_with(&m, "walship_recv_fsync_duration_seconds_bucket", "le", "+Inf"), Some(fsyncs));
     let batch_sum = value(&m, "walship_recv_fsync_batch_bytes_sum").expect("batch histogram");
-    assert_eq!(batch_sum, end - s.first_lsn as f64, "batches add up to every byte made durable");
+    assert_eq!(batch_sum, end - s.start_lsn as f64, "batches add up to every byte made durable");
     assert_eq!(value_with(&m, "walship_build_info", "version", env!("CARGO_PKG_VERSION")), Some(1.0));
     assert_eq!(value_with(&m, "walship_role_info", "role", "receiver"), Some(1.0));
     let start = value(&m, "walship_process_start_time_seconds").unwrap();
@@ -234,7 +236,7 @@ fn status_json_shows_receiver_positions() {
         (raw_u64(&scrape(&s.metrics_url).ok()?, "walship_recv_connected") == Some(0)).then_some(())
     })
     .expect("receiver never noticed the sender leave");
-    let out = run_ok(cmd(walship_bin(), ["status", "--url", &s.metrics_url, "--json", "--sample", "300ms"])).unwrap_or_else(|e| panic!("{e}"));
+    let out = run_ok(&mut cmd(walship_bin(), ["status", "--url", &s.metrics_url, "--json", "--sample", "300ms"])).unwrap_or_else(|e| panic!("{e}"));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
     eprintln!("status --json: {v}");
     assert_eq!(v["role"], "receiver");
@@ -245,14 +247,14 @@ fn status_json_shows_receiver_positions() {
     assert_eq!(v["positions"]["received"], want.as_str());
     assert_eq!(v["positions_u64"]["flushed"], s.end_lsn);
     assert_eq!(v["lag_bytes"], 0);
-    assert_eq!(v["bytes_total"], s.end_lsn - s.first_lsn);
+    assert_eq!(v["bytes_total"], s.end_lsn - s.start_lsn);
     assert_eq!(v["connections"], 1);
     assert_eq!(v["throughput"]["now_bytes_per_s"], 0.0, "idle now");
     assert!(v["throughput"]["sample_seconds"].as_f64().unwrap() >= 0.3);
     assert!(v["throughput"]["average_bytes_per_s"].as_f64().unwrap() > 0.0);
     assert!(v["fsync"]["count"].as_u64().unwrap() >= 1);
 
-    let out = run_ok(cmd(walship_bin(), ["status", "--url", &s.metrics_url, "--sample", "0"])).unwrap_or_else(|e| panic!("{e}"));
+    let out = run_ok(&mut cmd(walship_bin(), ["status", "--url", &s.metrics_url, "--sample", "0"])).unwrap_or_else(|e| panic!("{e}"));
     let text = String::from_utf8_lossy(&out.stdout);
     eprintln!("{text}");
     assert!(text.contains(&format!("flushed_lsn  {want}")), "{text}");
@@ -307,7 +309,7 @@ fn config_file_env_and_flag_precedence() {
     let e = recv_chunk_error(&dir, Some(&cfg), Some("3MiB"), Some("5MiB"));
     assert!(e.contains("got 5242880"), "{e}");
     // --help shows the file's value as the default.
-    let out = run_ok(cmd(walship_bin(), ["--config", cfg.to_str().unwrap(), "recv", "--help"])).unwrap_or_else(|e| panic!("{e}"));
+    let out = run_ok(&mut cmd(walship_bin(), ["--config", cfg.to_str().unwrap(), "recv", "--help"])).unwrap_or_else(|e| panic!("{e}"));
     let help = String::from_utf8_lossy(&out.stdout);
     assert!(help.contains("[default: 6MiB]") && help.contains("WALSHIP_CHUNK_BYTES"), "{help}");
 
