@@ -77,11 +77,15 @@ type SecondsGauge = Gauge<f64, AtomicU64>;
 type KindLabels = Vec<(&'static str, &'static str)>;
 
 fn unix_now_s() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 fn unix_now_us() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
 }
 
 /// The registry of one process plus its role-specific metrics.
@@ -98,7 +102,12 @@ impl Metrics {
         let mut registry = common_registry(Role::Receiver);
         let recv = Arc::new(RecvMetrics::new());
         recv.register(&mut registry);
-        Metrics { registry, role: Role::Receiver, recv: Some(recv), send: None }
+        Metrics {
+            registry,
+            role: Role::Receiver,
+            recv: Some(recv),
+            send: None,
+        }
     }
 
     /// Metrics for a sender process.
@@ -106,7 +115,12 @@ impl Metrics {
         let mut registry = common_registry(Role::Sender);
         let send = Arc::new(SenderMetrics::new());
         send.register(&mut registry);
-        Metrics { registry, role: Role::Sender, recv: None, send: Some(send) }
+        Metrics {
+            registry,
+            role: Role::Sender,
+            recv: None,
+            send: Some(send),
+        }
     }
 
     /// The exposition text (OpenMetrics 1.0, ends with `# EOF`). Refreshes derived gauges first.
@@ -127,10 +141,18 @@ fn common_registry(role: Role) -> Registry {
         "walship build; the value is always 1",
         Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
     );
-    registry.register("role", "Which side this process is; the value is always 1", Info::new(vec![("role", role.as_str())]));
+    registry.register(
+        "role",
+        "Which side this process is; the value is always 1",
+        Info::new(vec![("role", role.as_str())]),
+    );
     let start: SecondsGauge = Gauge::default();
     start.set(process_start_unix_s());
-    registry.register("process_start_time_seconds", "Start time of the process since the Unix epoch, in seconds", start);
+    registry.register(
+        "process_start_time_seconds",
+        "Start time of the process since the Unix epoch, in seconds",
+        start,
+    );
     registry
 }
 
@@ -187,6 +209,9 @@ pub mod recv_error {
     pub const WRITE: &str = "write";
     pub const FSYNC: &str = "fsync";
     pub const OTHER: &str = "other";
+    pub const ALL: [&str; 10] = [
+        PROTOCOL, CRC, GAP, IDENTITY, TIMEOUT, NETWORK, BUSY, WRITE, FSYNC, OTHER,
+    ];
 }
 
 /// A point-in-time copy of the receiver's numbers (for a progress line or a test).
@@ -214,20 +239,49 @@ impl RecvMetrics {
 
     fn register(&self, r: &mut Registry) {
         let r = r.sub_registry_with_prefix("recv");
-        r.register("received_lsn", "End of the last verified data frame (u64 LSN)", self.received_lsn.clone());
-        r.register("written_lsn", "Every byte below this LSN is written (u64 LSN)", self.written_lsn.clone());
-        r.register("flushed_lsn", "Every byte below this LSN is durable and acknowledged as flushed (u64 LSN)", self.flushed_lsn.clone());
+        r.register(
+            "received_lsn",
+            "End of the last verified data frame (u64 LSN)",
+            self.received_lsn.clone(),
+        );
+        r.register(
+            "written_lsn",
+            "Every byte below this LSN is written (u64 LSN)",
+            self.written_lsn.clone(),
+        );
+        r.register(
+            "flushed_lsn",
+            "Every byte below this LSN is durable and acknowledged as flushed (u64 LSN)",
+            self.flushed_lsn.clone(),
+        );
         r.register("connected", "1 while a sender is connected", self.connected.clone());
-        r.register("bytes", "WAL payload bytes received in verified data frames", self.bytes.clone());
+        r.register(
+            "bytes",
+            "WAL payload bytes received in verified data frames",
+            self.bytes.clone(),
+        );
         r.register("frames", "Verified data frames received", self.frames.clone());
-        r.register("bytes_written", "Bytes handed to O_DIRECT writes (block-padded, rewrites included)", self.bytes_written.clone());
-        r.register("connections", "Senders accepted (each reconnect counts)", self.connections.clone());
+        r.register(
+            "bytes_written",
+            "Bytes handed to O_DIRECT writes (block-padded, rewrites included)",
+            self.bytes_written.clone(),
+        );
+        r.register(
+            "connections",
+            "Senders accepted (each reconnect counts)",
+            self.connections.clone(),
+        );
         if let Some(h) = &self.fsync_seconds {
             r.register("fsync_duration_seconds", "fdatasync latency in seconds", h.clone());
         }
         if let Some(h) = &self.fsync_batch_bytes {
-            r.register("fsync_batch_bytes", "Bytes made durable per completed fdatasync batch", h.clone());
+            r.register(
+                "fsync_batch_bytes",
+                "Bytes made durable per completed fdatasync batch",
+                h.clone(),
+            );
         }
+        zero_kinds(&self.errors, &recv_error::ALL);
         r.register("errors", "Errors by kind", self.errors.clone());
     }
 
@@ -293,6 +347,14 @@ pub mod send_error {
     /// The source directory: unreadable, or corrupt WAL before the horizon.
     pub const SOURCE: &str = "source";
     pub const OTHER: &str = "other";
+    pub const ALL: [&str; 6] = [CONNECT, NETWORK, TIMEOUT, REFUSED, SOURCE, OTHER];
+}
+
+/// Create every `kind` at 0, so `increase()` sees the first error and dashboards show the kinds.
+fn zero_kinds(family: &Family<KindLabels, Counter>, kinds: &[&'static str]) {
+    for &kind in kinds {
+        let _ = family.get_or_create(&vec![("kind", kind)]);
+    }
 }
 
 /// Sender metrics: positions of the current connection, the horizon, lag, traffic, errors.
@@ -360,21 +422,58 @@ impl SenderMetrics {
 
     fn register(&self, r: &mut Registry) {
         let r = r.sub_registry_with_prefix("send");
-        r.register("sent_lsn", "Every byte below this LSN was handed to the kernel on the current connection (u64 LSN)", self.sent_lsn.clone());
-        r.register("written_lsn", "The receiver acknowledged every byte below this LSN as written (u64 LSN)", self.written_lsn.clone());
-        r.register("flushed_lsn", "The receiver acknowledged every byte below this LSN as durable (u64 LSN)", self.flushed_lsn.clone());
-        r.register("horizon_lsn", "The source may be shipped up to this LSN (flush horizon or end of valid WAL)", self.horizon_lsn.clone());
-        r.register("lag_bytes", "Horizon minus the receiver's flushed LSN, in bytes", self.lag_bytes.clone());
+        r.register(
+            "sent_lsn",
+            "Every byte below this LSN was handed to the kernel on the current connection (u64 LSN)",
+            self.sent_lsn.clone(),
+        );
+        r.register(
+            "written_lsn",
+            "The receiver acknowledged every byte below this LSN as written (u64 LSN)",
+            self.written_lsn.clone(),
+        );
+        r.register(
+            "flushed_lsn",
+            "The receiver acknowledged every byte below this LSN as durable (u64 LSN)",
+            self.flushed_lsn.clone(),
+        );
+        r.register(
+            "horizon_lsn",
+            "The source may be shipped up to this LSN (flush horizon or end of valid WAL)",
+            self.horizon_lsn.clone(),
+        );
+        r.register(
+            "lag_bytes",
+            "Horizon minus the receiver's flushed LSN, in bytes",
+            self.lag_bytes.clone(),
+        );
         r.register(
             "lag_seconds",
             "0 while the receiver holds the horizon durably; otherwise seconds since it last did",
             self.lag_seconds.clone(),
         );
-        r.register("last_ack_time_seconds", "Unix time of the last acknowledgement, in seconds", self.last_ack_time_seconds.clone());
-        r.register("connected", "1 for the receiver currently connected, 0 for earlier ones", self.connected.clone());
+        r.register(
+            "last_ack_time_seconds",
+            "Unix time of the last acknowledgement, in seconds",
+            self.last_ack_time_seconds.clone(),
+        );
+        r.register(
+            "connected",
+            "1 for the receiver currently connected, 0 for earlier ones",
+            self.connected.clone(),
+        );
         r.register("bytes", "WAL payload bytes handed to the kernel", self.bytes.clone());
-        r.register("connections", "Connections made to a receiver", self.connections.clone());
-        r.register("reconnects", "Connections re-made after losing the receiver", self.reconnects.clone());
+        r.register(
+            "connections",
+            "Connections made to a receiver",
+            self.connections.clone(),
+        );
+        r.register(
+            "reconnects",
+            "Connections re-made after losing the receiver",
+            self.reconnects.clone(),
+        );
+        zero_kinds(&self.errors, &send_error::ALL);
         r.register("errors", "Errors by kind", self.errors.clone());
     }
 
@@ -399,7 +498,10 @@ impl SenderMetrics {
     /// Positions on the current connection: sent by us; written and flushed as last acknowledged.
     #[inline]
     pub fn set_positions(&self, sent: u64, written: u64, flushed: u64) {
-        debug_assert!(flushed <= written && written <= sent, "positions out of order: {sent} {written} {flushed}");
+        debug_assert!(
+            flushed <= written && written <= sent,
+            "positions out of order: {sent} {written} {flushed}"
+        );
         self.sent_lsn.set(sent);
         self.written_lsn.set(written);
         self.flushed_lsn.set(flushed);
@@ -481,7 +583,10 @@ pub struct ServeError {
 /// Serve `GET /metrics` on `addr` from a thread of its own. Binds before returning, so a busy port
 /// fails here, at start-up. Returns the bound address (useful with port 0) and the thread.
 pub fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<(SocketAddr, JoinHandle<()>), ServeError> {
-    let server = tiny_http::Server::http(addr).map_err(|e| ServeError { addr, why: e.to_string() })?;
+    let server = tiny_http::Server::http(addr).map_err(|e| ServeError {
+        addr,
+        why: e.to_string(),
+    })?;
     let bound = server.server_addr().to_ip().unwrap_or(addr);
     let handle = std::thread::Builder::new()
         .name("metrics-http".into())
@@ -507,7 +612,10 @@ pub fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<(SocketAddr, Joi
                 }
             }
         })
-        .map_err(|e| ServeError { addr, why: format!("spawning the metrics thread: {e}") })?;
+        .map_err(|e| ServeError {
+            addr,
+            why: format!("spawning the metrics thread: {e}"),
+        })?;
     Ok((bound, handle))
 }
 
@@ -539,7 +647,13 @@ mod tests {
         ] {
             assert!(text.contains(want), "missing {want:?} in\n{text}");
         }
-        assert!(text.contains(&format!("walship_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"))), "{text}");
+        assert!(
+            text.contains(&format!(
+                "walship_build_info{{version=\"{}\"}} 1",
+                env!("CARGO_PKG_VERSION")
+            )),
+            "{text}"
+        );
         assert!(text.contains("walship_process_start_time_seconds "), "{text}");
     }
 
@@ -558,8 +672,14 @@ mod tests {
         assert_eq!((snap.lag_bytes, snap.lag_seconds), (0, 0.0));
         s.on_connected("127.0.0.1:5500");
         let text = m.encode();
-        assert!(text.contains("walship_send_connected{peer=\"127.0.0.1:5499\"} 0"), "{text}");
-        assert!(text.contains("walship_send_connected{peer=\"127.0.0.1:5500\"} 1"), "{text}");
+        assert!(
+            text.contains("walship_send_connected{peer=\"127.0.0.1:5499\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("walship_send_connected{peer=\"127.0.0.1:5500\"} 1"),
+            "{text}"
+        );
         assert!(text.contains("walship_send_flushed_lsn 1000"), "{text}");
         assert!(text.contains("walship_send_connections_total 2"), "{text}");
     }
@@ -568,7 +688,12 @@ mod tests {
     fn serves_http_and_404s() {
         let m = Arc::new(Metrics::receiver());
         let (addr, _t) = serve("127.0.0.1:0".parse().unwrap(), m).unwrap();
-        let body = ureq::get(&format!("http://{addr}/metrics")).call().unwrap().into_body().read_to_string().unwrap();
+        let body = ureq::get(&format!("http://{addr}/metrics"))
+            .call()
+            .unwrap()
+            .into_body()
+            .read_to_string()
+            .unwrap();
         assert!(body.contains("walship_recv_flushed_lsn 0"), "{body}");
         let e = ureq::get(&format!("http://{addr}/nope")).call();
         assert!(matches!(e, Err(ureq::Error::StatusCode(404))), "{e:?}");

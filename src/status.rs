@@ -24,7 +24,13 @@ impl Sample {
     }
     /// The value as u64: exact when written as an integer, else the float rounded.
     pub fn as_u64(&self) -> u64 {
-        self.raw.parse::<u64>().unwrap_or(if self.value.is_finite() && self.value > 0.0 { self.value as u64 } else { 0 })
+        self.raw
+            .parse::<u64>()
+            .unwrap_or(if self.value.is_finite() && self.value > 0.0 {
+                self.value as u64
+            } else {
+                0
+            })
     }
 }
 
@@ -44,10 +50,18 @@ pub fn parse_exposition(text: &str) -> Result<Vec<Sample>, ParseError> {
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let err = |why| ParseError { line: i + 1, why, text: line.to_string() };
+        let err = |why| ParseError {
+            line: i + 1,
+            why,
+            text: line.to_string(),
+        };
         let name_end = line.find(['{', ' ', '\t']).ok_or_else(|| err("no value"))?;
         let name = &line[..name_end];
-        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b':') {
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b':')
+        {
             return Err(err("bad metric name"));
         }
         let mut rest = &line[name_end..];
@@ -62,7 +76,10 @@ pub fn parse_exposition(text: &str) -> Result<Vec<Sample>, ParseError> {
                 }
                 let eq = r.find('=').ok_or_else(|| err("label without '='"))?;
                 let key = r[..eq].trim().to_string();
-                let v = r[eq + 1..].trim_start().strip_prefix('"').ok_or_else(|| err("label value not quoted"))?;
+                let v = r[eq + 1..]
+                    .trim_start()
+                    .strip_prefix('"')
+                    .ok_or_else(|| err("label value not quoted"))?;
                 let mut value = String::new();
                 let mut chars = v.char_indices();
                 let end = loop {
@@ -82,14 +99,23 @@ pub fn parse_exposition(text: &str) -> Result<Vec<Sample>, ParseError> {
             }
             rest = r;
         }
-        let raw = rest.split_whitespace().next().ok_or_else(|| err("no value"))?.to_string();
+        let raw = rest
+            .split_whitespace()
+            .next()
+            .ok_or_else(|| err("no value"))?
+            .to_string();
         let value = match raw.as_str() {
             "+Inf" | "Inf" => f64::INFINITY,
             "-Inf" => f64::NEG_INFINITY,
             "NaN" => f64::NAN,
             s => s.parse::<f64>().map_err(|_| err("value is not a number"))?,
         };
-        out.push(Sample { name: name.to_string(), labels, raw, value });
+        out.push(Sample {
+            name: name.to_string(),
+            labels,
+            raw,
+            value,
+        });
     }
     Ok(out)
 }
@@ -120,7 +146,10 @@ impl Scrape {
 /// GET `url` and parse it.
 pub fn scrape(url: &str, timeout: Duration) -> anyhow::Result<Scrape> {
     use anyhow::Context;
-    let agent: ureq::Agent = ureq::Agent::config_builder().timeout_global(Some(timeout)).build().into();
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(timeout))
+        .build()
+        .into();
     let body = agent
         .get(url)
         .call()
@@ -132,7 +161,10 @@ pub fn scrape(url: &str, timeout: Duration) -> anyhow::Result<Scrape> {
     if !samples.iter().any(|s| s.name == "walship_role_info") {
         anyhow::bail!("{url} is not a walship metrics endpoint (no walship_role_info)");
     }
-    Ok(Scrape { samples, at: Instant::now() })
+    Ok(Scrape {
+        samples,
+        at: Instant::now(),
+    })
 }
 
 /// What `walship status` shows, in the form `--json` prints.
@@ -161,14 +193,26 @@ pub struct StatusView {
 }
 
 fn unix_now_s() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// Build the view from the last scrape and, if there is one, an earlier one.
 pub fn view(url: &str, last: &Scrape, first: Option<&Scrape>) -> StatusView {
-    let role = last.get("walship_role_info").and_then(|s| s.label("role")).unwrap_or("unknown").to_string();
-    let version = last.get("walship_build_info").and_then(|s| s.label("version")).unwrap_or("unknown").to_string();
-    let uptime_seconds = last.f64("walship_process_start_time_seconds").map_or(0.0, |t| (unix_now_s() - t).max(0.0));
+    let role = last
+        .get("walship_role_info")
+        .and_then(|s| s.label("role"))
+        .unwrap_or("unknown")
+        .to_string();
+    let version = last
+        .get("walship_build_info")
+        .and_then(|s| s.label("version"))
+        .unwrap_or("unknown")
+        .to_string();
+    let uptime_seconds = last
+        .f64("walship_process_start_time_seconds")
+        .map_or(0.0, |t| (unix_now_s() - t).max(0.0));
     let side = if role == "sender" { "send" } else { "recv" };
     let m = |n: &str| format!("walship_{side}_{n}");
     let bytes_total = last.u64(&m("bytes_total")).unwrap_or(0);
@@ -193,14 +237,26 @@ pub fn view(url: &str, last: &Scrape, first: Option<&Scrape>) -> StatusView {
             (Some(_), 0) => "streaming (caught up)".to_string(),
             (Some(_), _) => "streaming (catching up)".to_string(),
         };
-        positions =
-            vec![("sent", lsn("sent_lsn")), ("written", lsn("written_lsn")), ("flushed", lsn("flushed_lsn")), ("horizon", lsn("horizon_lsn"))];
+        positions = vec![
+            ("sent", lsn("sent_lsn")),
+            ("written", lsn("written_lsn")),
+            ("flushed", lsn("flushed_lsn")),
+            ("horizon", lsn("horizon_lsn")),
+        ];
         reconnects = last.u64("walship_send_reconnects_total");
     } else {
         peer = None;
         let connected = last.f64("walship_recv_connected").unwrap_or(0.0) >= 1.0;
-        state = if connected { "streaming".to_string() } else { "waiting for a sender".to_string() };
-        positions = vec![("received", lsn("received_lsn")), ("written", lsn("written_lsn")), ("flushed", lsn("flushed_lsn"))];
+        state = if connected {
+            "streaming".to_string()
+        } else {
+            "waiting for a sender".to_string()
+        };
+        positions = vec![
+            ("received", lsn("received_lsn")),
+            ("written", lsn("written_lsn")),
+            ("flushed", lsn("flushed_lsn")),
+        ];
         lag_bytes = lsn("received_lsn").saturating_sub(lsn("flushed_lsn"));
         lag_seconds = None;
         reconnects = None;
@@ -221,7 +277,11 @@ pub fn view(url: &str, last: &Scrape, first: Option<&Scrape>) -> StatusView {
         lag_bytes,
         lag_seconds,
         bytes_total,
-        average_bytes_per_s: if uptime_seconds > 0.0 { bytes_total as f64 / uptime_seconds } else { 0.0 },
+        average_bytes_per_s: if uptime_seconds > 0.0 {
+            bytes_total as f64 / uptime_seconds
+        } else {
+            0.0
+        },
         now_bytes_per_s,
         sample_seconds,
         connections: last.u64(&m("connections_total")).unwrap_or(0),
@@ -234,10 +294,16 @@ pub fn view(url: &str, last: &Scrape, first: Option<&Scrape>) -> StatusView {
 
 impl StatusView {
     pub fn to_json(&self) -> serde_json::Value {
-        let positions: serde_json::Map<String, serde_json::Value> =
-            self.positions.iter().map(|(k, v)| (k.to_string(), Lsn(*v).to_string().into())).collect();
-        let positions_u64: serde_json::Map<String, serde_json::Value> =
-            self.positions.iter().map(|(k, v)| (k.to_string(), (*v).into())).collect();
+        let positions: serde_json::Map<String, serde_json::Value> = self
+            .positions
+            .iter()
+            .map(|(k, v)| (k.to_string(), Lsn(*v).to_string().into()))
+            .collect();
+        let positions_u64: serde_json::Map<String, serde_json::Value> = self
+            .positions
+            .iter()
+            .map(|(k, v)| (k.to_string(), (*v).into()))
+            .collect();
         serde_json::json!({
             "url": self.url,
             "role": self.role,
@@ -267,20 +333,47 @@ impl StatusView {
     pub fn render(&self) -> String {
         use std::fmt::Write;
         let mut s = String::new();
-        let _ = writeln!(s, "walship {} {} at {} (up {})", self.version, self.role, self.url, fmt_secs(self.uptime_seconds));
-        let _ = writeln!(s, "  state        {}{}", self.state, self.peer.as_ref().map_or(String::new(), |p| format!(", receiver {p}")));
+        let _ = writeln!(
+            s,
+            "walship {} {} at {} (up {})",
+            self.version,
+            self.role,
+            self.url,
+            fmt_secs(self.uptime_seconds)
+        );
+        let _ = writeln!(
+            s,
+            "  state        {}{}",
+            self.state,
+            self.peer.as_ref().map_or(String::new(), |p| format!(", receiver {p}"))
+        );
         for (name, lsn) in &self.positions {
             let _ = writeln!(s, "  {:<12} {}", format!("{name}_lsn"), Lsn(*lsn));
         }
-        let what = if self.role == "sender" { "horizon - flushed" } else { "received - flushed" };
+        let what = if self.role == "sender" {
+            "horizon - flushed"
+        } else {
+            "received - flushed"
+        };
         let _ = write!(s, "  lag          {} ({what})", fmt_bytes(self.lag_bytes as f64));
         if let Some(t) = self.lag_seconds {
             let _ = write!(s, ", {t:.1} s");
         }
         s.push('\n');
-        let now = self.now_bytes_per_s.map_or("n/a (--sample 0)".to_string(), |b| format!("{}/s over {:.1} s", fmt_bytes(b), self.sample_seconds));
-        let _ = writeln!(s, "  throughput   now {now}; average {}/s since start", fmt_bytes(self.average_bytes_per_s));
-        let _ = write!(s, "  traffic      {} total, {} connections", fmt_bytes(self.bytes_total as f64), self.connections);
+        let now = self.now_bytes_per_s.map_or("n/a (--sample 0)".to_string(), |b| {
+            format!("{}/s over {:.1} s", fmt_bytes(b), self.sample_seconds)
+        });
+        let _ = writeln!(
+            s,
+            "  throughput   now {now}; average {}/s since start",
+            fmt_bytes(self.average_bytes_per_s)
+        );
+        let _ = write!(
+            s,
+            "  traffic      {} total, {} connections",
+            fmt_bytes(self.bytes_total as f64),
+            self.connections
+        );
         if let Some(r) = self.reconnects {
             let _ = write!(s, ", {r} reconnects");
         }
@@ -291,7 +384,12 @@ impl StatusView {
         let errors = if self.errors.values().all(|&n| n == 0) {
             "none".to_string()
         } else {
-            self.errors.iter().filter(|(_, &n)| n > 0).map(|(k, n)| format!("{k}={n}")).collect::<Vec<_>>().join(" ")
+            self.errors
+                .iter()
+                .filter(|(_, &n)| n > 0)
+                .map(|(k, n)| format!("{k}={n}"))
+                .collect::<Vec<_>>()
+                .join(" ")
         };
         let _ = writeln!(s, "  errors       {errors}");
         s
@@ -342,7 +440,8 @@ mod tests {
 
     #[test]
     fn parses_labels_escapes_and_special_values() {
-        let text = "# HELP a x\n# TYPE a gauge\na 5\nb{k=\"v \\\"q\\\"\",z=\"1\"} +Inf\nc_total{} 3 1700000000\n# EOF\n";
+        let text =
+            "# HELP a x\n# TYPE a gauge\na 5\nb{k=\"v \\\"q\\\"\",z=\"1\"} +Inf\nc_total{} 3 1700000000\n# EOF\n";
         let s = parse_exposition(text).unwrap();
         assert_eq!(s.len(), 3);
         assert_eq!(s[1].label("k"), Some("v \"q\""));
@@ -361,9 +460,15 @@ mod tests {
         s.set_horizon(0x3_0000_0000);
         s.on_ack(0x2_8000_0000, 0x2_0000_0000, 0x1_0000_0000);
         s.add_bytes_sent(1 << 30);
-        let first = Scrape { samples: parse_exposition(&m.encode()).unwrap(), at: Instant::now() };
+        let first = Scrape {
+            samples: parse_exposition(&m.encode()).unwrap(),
+            at: Instant::now(),
+        };
         s.add_bytes_sent(1 << 20);
-        let mut last = Scrape { samples: parse_exposition(&m.encode()).unwrap(), at: Instant::now() };
+        let mut last = Scrape {
+            samples: parse_exposition(&m.encode()).unwrap(),
+            at: Instant::now(),
+        };
         last.at = first.at + Duration::from_secs(1);
         let v = view("u", &last, Some(&first));
         assert_eq!(v.role, "sender");
