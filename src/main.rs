@@ -23,13 +23,13 @@ struct Cli {
     #[command(subcommand)]
     command: Command,
     /// TOML file of option defaults: top-level keys for global options, a [send]/[recv]/... table per subcommand.
-    #[arg(long, global = true, env = "WALSHIP_CONFIG", value_name = "FILE")]
+    #[arg(long, global = true, env = "WALSHIP_CONFIG", value_name = "FILE", display_order = 900)]
     config: Option<PathBuf>,
     /// Log format on stderr: human (default) or json (one object per line).
-    #[arg(long, global = true, env = "WALSHIP_LOG_FORMAT", value_enum, default_value = "human")]
+    #[arg(long, global = true, env = "WALSHIP_LOG_FORMAT", value_enum, default_value = "human", display_order = 901)]
     log_format: LogFormat,
     /// Log filter: a level (error, warn, info, debug, trace) or tracing directives (e.g. walship=debug).
-    #[arg(long, global = true, env = "WALSHIP_LOG", default_value = "info", value_name = "FILTER")]
+    #[arg(long, global = true, env = "WALSHIP_LOG", default_value = "info", value_name = "FILTER", display_order = 902)]
     log_level: String,
 }
 
