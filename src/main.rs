@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use walship::recv::RecvConfig;
 use walship::send::{SendConfig, ZeroCopy};
@@ -16,9 +16,27 @@ use walship::wal::gen::GenOptions;
 
 #[derive(Parser)]
 #[command(name = "walship", version, about = "Ship PostgreSQL WAL with io_uring; acknowledge only what is durable")]
+#[command(after_help = "Every option can also be set by an environment variable (shown as [env: ...]) or in the TOML \
+file given by --config (same name with '_': `[recv] fsync_batch_bytes = \"16MiB\"`). \
+Precedence: flag > environment > file > default.")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// TOML file of option defaults: top-level keys for global options, a [send]/[recv]/... table per subcommand.
+    #[arg(long, global = true, env = "WALSHIP_CONFIG", value_name = "FILE", display_order = 900)]
+    config: Option<PathBuf>,
+    /// Log format on stderr: human (default) or json (one object per line).
+    #[arg(long, global = true, env = "WALSHIP_LOG_FORMAT", value_enum, default_value = "human", display_order = 901)]
+    log_format: LogFormat,
+    /// Log filter: a level (error, warn, info, debug, trace) or tracing directives (e.g. walship=debug).
+    #[arg(long, global = true, env = "WALSHIP_LOG", default_value = "info", value_name = "FILTER", display_order = 902)]
+    log_level: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
 }
 
 fn parse_bytes(s: &str) -> Result<u64, String> {
@@ -41,6 +59,24 @@ enum Command {
     GenWal(GenArgs),
     /// Generate WAL, ship it over loopback to a receiver on this machine, verify and report.
     Demo(DemoArgs),
+    /// Show a running sender's or receiver's state, positions, lag and throughput from its /metrics.
+    Status(StatusArgs),
+}
+
+#[derive(clap::Args)]
+struct StatusArgs {
+    /// The walship metrics endpoint, e.g. http://127.0.0.1:9187/metrics (see --metrics-listen).
+    #[arg(long, env = "WALSHIP_STATUS_URL")]
+    url: String,
+    /// Print one JSON object (for scripts) instead of the human view.
+    #[arg(long)]
+    json: bool,
+    /// Scrape twice this far apart to measure throughput now; 0 = one scrape, average since start only.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    sample: Duration,
+    /// Give up on the endpoint after this long.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    timeout: Duration,
 }
 
 /// Who may connect: a shared key, or an explicit opt-out.
@@ -84,7 +120,7 @@ struct SendArgs {
     to: String,
     /// Ship everything valid in the directory (a stopped cluster, an archive), wait until the
     /// receiver holds it durably, exit. Without it, follow the live server given by --conninfo.
-    #[arg(long, conflicts_with_all = ["conninfo", "slot"])]
+    #[arg(long, env = "WALSHIP_ONCE", conflicts_with_all = ["conninfo", "slot"])]
     once: bool,
     /// Follow mode: connection string of the server writing --pg-wal (e.g. "host=/var/run/postgresql
     /// user=postgres dbname=postgres"); its flush LSN is the horizon.
@@ -95,42 +131,45 @@ struct SendArgs {
     #[arg(long, env = "WALSHIP_SLOT")]
     slot: Option<String>,
     /// Follow mode: how often to ask the server for its flush LSN.
-    #[arg(long, default_value = "1ms", value_parser = parse_duration)]
+    #[arg(long, env = "WALSHIP_HORIZON_POLL_INTERVAL", default_value = "1ms", value_parser = parse_duration)]
     horizon_poll_interval: Duration,
     /// Follow mode: advance the slot at most this often.
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, env = "WALSHIP_SLOT_ADVANCE_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     slot_advance_interval: Duration,
     /// On SIGTERM, wait at most this long for the receiver to acknowledge the final horizon.
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "WALSHIP_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     shutdown_timeout: Duration,
     /// Keep reconnecting this long after losing the receiver (e.g. 30s, 5m; default 30s with
     /// --once, 1 day when following).
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, env = "WALSHIP_RETRY_FOR", value_parser = parse_duration)]
     retry_for: Option<Duration>,
     /// Zero-copy sends: auto = on for large sends to non-loopback peers.
-    #[arg(long, value_enum, default_value = "auto")]
+    #[arg(long, env = "WALSHIP_ZERO_COPY", value_enum, default_value = "auto")]
     zero_copy: ZeroCopy,
     /// Data frame size in bytes; frames end at multiples of it (power of two, 64KiB..16MiB).
-    #[arg(long, default_value = "1MiB", value_parser = parse_bytes)]
+    #[arg(long, env = "WALSHIP_FRAME_BYTES", default_value = "1MiB", value_parser = parse_bytes)]
     frame_bytes: u64,
-    /// Most bytes sent and not yet acknowledged durable by the receiver.
-    #[arg(long, default_value = "128MiB", value_parser = parse_bytes)]
+    /// Most bytes sent and not yet acknowledged durable by the receiver (bytes: 128MiB).
+    #[arg(long, env = "WALSHIP_IN_FLIGHT_BYTES_MAX", default_value = "128MiB", value_parser = parse_bytes)]
     in_flight_bytes_max: u64,
-    /// Most bytes handed to the kernel in one sendmsg.
-    #[arg(long, default_value = "8MiB", value_parser = parse_bytes)]
+    /// Most bytes handed to the kernel in one sendmsg (bytes).
+    #[arg(long, env = "WALSHIP_SEND_BATCH_BYTES_MAX", default_value = "8MiB", value_parser = parse_bytes)]
     send_batch_bytes_max: u64,
-    /// Smallest sendmsg that goes zero-copy when zero-copy is on.
-    #[arg(long, default_value = "64KiB", value_parser = parse_bytes)]
+    /// Smallest sendmsg that goes zero-copy when zero-copy is on (bytes).
+    #[arg(long, env = "WALSHIP_ZERO_COPY_BYTES_MIN", default_value = "64KiB", value_parser = parse_bytes)]
     zero_copy_bytes_min: u64,
-    /// Drop a connection whose receiver acknowledges nothing for this long while data is outstanding.
-    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    /// Drop a connection whose receiver acknowledges nothing for this long while data is outstanding (duration).
+    #[arg(long, env = "WALSHIP_PEER_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     peer_timeout: Duration,
     /// Write a JSON report of the ship to this file.
-    #[arg(long)]
+    #[arg(long, env = "WALSHIP_REPORT_JSON")]
     report_json: Option<PathBuf>,
     /// Name this sender gives itself in the handshake (default: the host name).
-    #[arg(long)]
+    #[arg(long, env = "WALSHIP_NAME")]
     name: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9188 (default: off).
+    #[arg(long, env = "WALSHIP_METRICS_LISTEN", value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(clap::Args)]
@@ -144,29 +183,32 @@ struct RecvArgs {
     #[arg(long, env = "WALSHIP_DIR")]
     dir: PathBuf,
     /// Buffer slot size in bytes: the unit of O_DIRECT writes (power of two, 64KiB..16MiB).
-    #[arg(long, default_value = "1MiB", value_parser = parse_bytes)]
+    #[arg(long, env = "WALSHIP_CHUNK_BYTES", default_value = "1MiB", value_parser = parse_bytes)]
     chunk_bytes: u64,
     /// Buffer pool size in bytes: bounds what is received but not yet written.
-    #[arg(long, default_value = "64MiB", value_parser = parse_bytes)]
+    #[arg(long, env = "WALSHIP_IN_FLIGHT_BYTES_MAX", default_value = "64MiB", value_parser = parse_bytes)]
     in_flight_bytes_max: u64,
-    /// Cut an fdatasync batch once this many written bytes wait for it.
-    #[arg(long, default_value = "16MiB", value_parser = parse_bytes)]
+    /// Cut an fdatasync batch once this many written bytes wait for it (bytes).
+    #[arg(long, env = "WALSHIP_FSYNC_BATCH_BYTES", default_value = "16MiB", value_parser = parse_bytes)]
     fsync_batch_bytes: u64,
     /// Cut an fdatasync batch once the oldest unsynced write is this many microseconds old.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, env = "WALSHIP_FSYNC_INTERVAL_US", default_value_t = 1000)]
     fsync_interval_us: u64,
-    /// Most fdatasync batches in flight at once.
-    #[arg(long, default_value_t = 4)]
+    /// Most fdatasync batches in flight at once (1..=64).
+    #[arg(long, env = "WALSHIP_FSYNC_BATCHES_IN_FLIGHT_MAX", default_value_t = 4)]
     fsync_batches_in_flight_max: usize,
     /// Largest data frame accepted, in bytes.
-    #[arg(long, default_value = "8MiB", value_parser = parse_bytes)]
+    #[arg(long, env = "WALSHIP_FRAME_BYTES_MAX", default_value = "8MiB", value_parser = parse_bytes)]
     frame_bytes_max: u64,
-    /// Drop a sender that sends nothing for this long.
-    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    /// Drop a sender that sends nothing for this long (duration).
+    #[arg(long, env = "WALSHIP_PEER_TIMEOUT", default_value = "120s", value_parser = parse_duration)]
     peer_timeout: Duration,
-    /// Send a status acknowledgement at least this often.
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    /// Send a status acknowledgement at least this often (duration).
+    #[arg(long, env = "WALSHIP_STATUS_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     status_interval: Duration,
+    /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9187 (default: off).
+    #[arg(long, env = "WALSHIP_METRICS_LISTEN", value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(clap::Args)]
@@ -224,8 +266,14 @@ struct DemoArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    init_logging();
+    let cli = match parse_cli() {
+        Ok(cli) => cli,
+        Err(e) => {
+            eprintln!("walship: error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(cli.log_format, &cli.log_level);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -236,10 +284,36 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("WALSHIP_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+/// Flags > environment > `--config` file > defaults: the file's values become clap defaults.
+fn parse_cli() -> Result<Cli> {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let mut cmd = Cli::command();
+    if let Some(path) = walship::config_file::config_path(&args) {
+        cmd = walship::config_file::apply_file(cmd, &path)?;
+    }
+    let matches = cmd.get_matches_from(args);
+    Ok(Cli::from_arg_matches(&matches)?)
+}
+
+fn init_logging(format: LogFormat, level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|e| {
+        eprintln!("walship: warning: bad --log-level/WALSHIP_LOG {level:?} ({e}); using info");
+        tracing_subscriber::EnvFilter::new("info")
+    });
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
+    }
+}
+
+/// Start the `/metrics` endpoint when asked to.
+fn serve_metrics(listen: Option<SocketAddr>, metrics: &Arc<walship::metrics::Metrics>) -> Result<()> {
+    if let Some(addr) = listen {
+        let (bound, _thread) = walship::metrics::serve(addr, Arc::clone(metrics))?;
+        tracing::info!(metrics = %format_args!("http://{bound}/metrics"), "serving Prometheus metrics");
+    }
+    Ok(())
 }
 
 fn shutdown_flag() -> Result<Arc<AtomicBool>> {
@@ -292,6 +366,10 @@ fn run(cli: Cli) -> Result<()> {
                 connect_timeout: Duration::from_secs(5),
                 name: a.name.unwrap_or_else(host_name),
             };
+            let metrics = Arc::new(walship::metrics::Metrics::sender());
+            serve_metrics(a.metrics_listen, &metrics)?;
+            // OPS-METRICS: the sender's hooks are wired by the send rewrite; it takes this handle:
+            // `let sender_metrics = metrics.send.clone().expect("sender metrics");`
             let summary = walship::send::run(&cfg, shutdown_flag()?)?;
             let line = format!(
                 "shipped {} bytes ({} segments) {}..{} in {:.3} s: {:.1} MB/s durable at the receiver",
@@ -349,7 +427,10 @@ fn run(cli: Cli) -> Result<()> {
                 status_interval: a.status_interval,
                 auth: a.auth.key("recv")?,
             };
-            walship::recv::run(&cfg, shutdown_flag()?)?;
+            let metrics = Arc::new(walship::metrics::Metrics::receiver());
+            serve_metrics(a.metrics_listen, &metrics)?;
+            let recv_metrics = metrics.recv.clone().expect("receiver metrics");
+            walship::recv::run_with_metrics(&cfg, shutdown_flag()?, recv_metrics)?;
             Ok(())
         }
         Command::Restore(a) => {
@@ -384,6 +465,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Demo(a) => Ok(walship::demo::run(&a.dir, a.wal_bytes, a.port, a.keep)?),
+        Command::Status(a) => walship::status::run(&a.url, a.sample, a.json, a.timeout),
     }
 }
 

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{error, info, warn};
 
+use crate::metrics::{recv_error, RecvMetrics}; // OPS-METRICS
 use crate::uring::{BufferPool, Completion, Ring, RingError};
 use crate::wal::{Lsn, WalIdentity};
 use crate::wire::{
@@ -211,11 +212,19 @@ struct Io {
     /// fsync batches in flight: id -> issue time.
     fsync_started: HashMap<u64, Instant>,
     epoch: Instant,
+    /// OPS-METRICS: Prometheus counters/gauges (atomics; unregistered unless --metrics-listen).
+    metrics: Arc<RecvMetrics>,
 }
 
 /// Runs the receiver until `shutdown` is set; then drains, flushes, acks and returns.
 pub fn run(cfg: &RecvConfig, shutdown: Arc<AtomicBool>) -> Result<RecvSummary, RecvError> {
+    run_with_metrics(cfg, shutdown, Arc::new(RecvMetrics::new()))
+}
+
+/// [`run`], updating `metrics` (OPS-METRICS) as it goes.
+pub fn run_with_metrics(cfg: &RecvConfig, shutdown: Arc<AtomicBool>, metrics: Arc<RecvMetrics>) -> Result<RecvSummary, RecvError> {
     let state = recover_dir(&cfg.dir)?;
+    metrics.set_acked(state.durable_end.0, state.durable_end.0); // OPS-METRICS
     match &state.identity {
         Some(id) => info!(
             dir = %cfg.dir.display(),
@@ -234,7 +243,16 @@ pub fn run(cfg: &RecvConfig, shutdown: Arc<AtomicBool>) -> Result<RecvSummary, R
     if !ring.pool_registered() {
         warn!("could not register the buffer pool with io_uring (RLIMIT_MEMLOCK?); using unregistered writes");
     }
-    let mut io = Io { ring, segdir: None, files: HashMap::new(), writes: HashMap::new(), fsync_started: HashMap::new(), segment_crc: SegmentCrc::new(state.seg_size, state.durable_end, state.durable_crc), epoch: Instant::now() };
+    let mut io = Io {
+        ring,
+        segdir: None,
+        files: HashMap::new(),
+        writes: HashMap::new(),
+        fsync_started: HashMap::new(),
+        segment_crc: SegmentCrc::new(state.seg_size, state.durable_end, state.durable_crc),
+        epoch: Instant::now(),
+        metrics,
+    };
     let mut identity = state.identity;
     let mut receiver: Option<Receiver> = identity.map(|id| Receiver::new(receiver_config(cfg, id.seg_size), state.durable_end));
     if let (Some(id), true) = (identity, state.durable_end > Lsn(0)) {
@@ -271,6 +289,7 @@ pub fn run(cfg: &RecvConfig, shutdown: Arc<AtomicBool>) -> Result<RecvSummary, R
         if let Some(c) = conn.as_mut() {
             if !c.closing && c.last_heard.elapsed() > cfg.peer_timeout {
                 warn!(peer = %c.peer, "sender silent for {:?}; dropping the connection", cfg.peer_timeout);
+                io.metrics.inc_error(recv_error::TIMEOUT); // OPS-METRICS
                 begin_close(&mut io, c, receiver.as_mut());
             } else if !c.closing && c.last_status.elapsed() > cfg.status_interval {
                 if let Some(Action::Ack { written, flushed }) = receiver.as_ref().map(|r| r.status()) {
@@ -295,6 +314,7 @@ pub fn run(cfg: &RecvConfig, shutdown: Arc<AtomicBool>) -> Result<RecvSummary, R
                 summary.flushed = rx.flushed();
             }
             info!(peer = %c.peer, flushed = %summary.flushed, "connection closed");
+            io.metrics.connected.set(0); // OPS-METRICS
         }
         if stopping && conn.is_none() && receiver.as_ref().is_none_or(|r| r.is_drained()) {
             break;
@@ -386,6 +406,14 @@ fn post_header_recv(io: &mut Io, conn: &mut Conn) {
 
 fn send_error_and_close(io: &mut Io, conn: &mut Conn, receiver: Option<&mut Receiver>, code: ErrorCode, message: String) {
     error!(peer = %conn.peer, "{message}");
+    // OPS-METRICS
+    io.metrics.inc_error(match code {
+        ErrorCode::Protocol => recv_error::PROTOCOL,
+        ErrorCode::Identity => recv_error::IDENTITY,
+        ErrorCode::Gap => recv_error::GAP,
+        ErrorCode::Corrupt => recv_error::CRC,
+        _ => recv_error::OTHER,
+    });
     let _ = blocking_send(&conn.stream, &Message::Error(ErrorFrame { code, message }));
     begin_close(io, conn, receiver);
 }
@@ -422,11 +450,14 @@ fn handle_completion(
                     &Message::Error(ErrorFrame { code: ErrorCode::Other, message: "receiver is busy with another sender".into() }),
                 );
                 warn!(peer = %peer, "refused a second sender while one is connected");
+                io.metrics.inc_error(recv_error::BUSY); // OPS-METRICS
                 return Ok(());
             }
             let _ = stream.set_nodelay(true);
             info!(peer = %peer, "sender connected");
             summary.connections += 1;
+            io.metrics.connections.inc(); // OPS-METRICS
+            io.metrics.connected.set(1); // OPS-METRICS
             let mut conn = Conn {
                 stream,
                 peer,
@@ -448,6 +479,7 @@ fn handle_completion(
             conn.send_pending = false;
             if c.result < 0 && !conn.closing {
                 warn!(peer = %conn.peer, "send failed: {}", std::io::Error::from_raw_os_error(-c.result));
+                io.metrics.inc_error(recv_error::NETWORK); // OPS-METRICS
                 begin_close(io, conn, receiver.as_mut());
             }
         }
@@ -467,6 +499,7 @@ fn handle_completion(
                     info!(peer = %conn.peer, "sender closed the connection");
                 } else {
                     warn!(peer = %conn.peer, "receive failed: {}", std::io::Error::from_raw_os_error(-c.result));
+                    io.metrics.inc_error(recv_error::NETWORK); // OPS-METRICS
                 }
                 if c.tag & TAG_KIND_MASK == TAG_RECV_PIECE {
                     if let Some(rx) = receiver.as_mut() {
@@ -489,21 +522,25 @@ fn handle_completion(
             let (segno, offset, len) = io.writes.remove(&write_id).expect("completion of an unknown write");
             let path = io.segdir.as_ref().expect("segment dir").partial_path(segno);
             if c.result < 0 {
+                io.metrics.inc_error(recv_error::WRITE); // OPS-METRICS
                 let reason = std::io::Error::from_raw_os_error(-c.result).to_string();
                 return Err(RecvError::WriteFailed { path, offset, flushed: rx.flushed(), reason });
             }
             if c.result as usize != len {
+                io.metrics.inc_error(recv_error::WRITE); // OPS-METRICS
                 let reason = format!("short O_DIRECT write: {} of {len} bytes (disk full?)", c.result);
                 return Err(RecvError::WriteFailed { path, offset, flushed: rx.flushed(), reason });
             }
             summary.writes += 1;
             summary.bytes_written += len as u64;
+            io.metrics.bytes_written.inc_by(len as u64); // OPS-METRICS
             rx.on_write_done(write_id, now, actions);
         }
         TAG_FSYNC => {
             let rx = receiver.as_mut().expect("fsync without receiver");
             let batch_id = c.tag & !TAG_KIND_MASK;
             if c.result < 0 {
+                io.metrics.inc_error(recv_error::FSYNC); // OPS-METRICS
                 return Err(RecvError::FsyncFailed {
                     path: cfg.dir.clone(),
                     flushed: rx.flushed(),
@@ -516,8 +553,13 @@ fn handle_completion(
                     .fsync_latency_us
                     .get_or_insert_with(|| hdrhistogram::Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds"));
                 let _ = h.record((t.elapsed().as_micros() as u64).max(1));
+                io.metrics.observe_fsync(t.elapsed().as_secs_f64()); // OPS-METRICS
             }
+            let flushed_before = rx.flushed(); // OPS-METRICS
             rx.on_fsync_done(batch_id, actions);
+            if rx.flushed() > flushed_before {
+                io.metrics.observe_fsync_batch(rx.flushed() - flushed_before); // OPS-METRICS
+            }
             if !rx.fsync_batch_pending(batch_id) {
                 io.fsync_started.remove(&batch_id);
             }
@@ -785,6 +827,7 @@ fn on_piece(io: &mut Io, conn: &mut Conn, rx: &mut Receiver, actions: &mut Vec<A
         io.segment_crc.extend(lsn, piece_crc, len as u64);
     }
     io.segment_crc.mark();
+    io.metrics.on_frame(header.lsn + header.body_len as u64, header.body_len as u64); // OPS-METRICS
     rx.on_frame_verified(now, actions);
     conn.phase = ConnPhase::AwaitHeader;
     post_header_recv(io, conn);
@@ -866,6 +909,7 @@ fn execute(
                     // recovery (never resume below what was acknowledged).
                     let crc = io.segment_crc.crc_at(flushed);
                     io.segdir.as_ref().expect("segment dir").publish_flushed(flushed, crc)?;
+                    io.metrics.set_acked(written.0, flushed.0); // OPS-METRICS
                     if let Some(c) = conn.as_deref_mut() {
                         c.ack_pending = Some((written, flushed));
                     }

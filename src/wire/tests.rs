@@ -183,8 +183,8 @@ fn header_field_errors() {
         Err(WireError::UnknownKind(0))
     );
     assert_eq!(
-        d(raw_header(7, 0, 0, 0, 0, 0, 0)),
-        Err(WireError::UnknownKind(7))
+        d(raw_header(8, 0, 0, 0, 0, 0, 0)),
+        Err(WireError::UnknownKind(8))
     );
     assert_eq!(
         d(raw_header(4, 1, 0, 0, 0, 0, 0)),
@@ -529,13 +529,14 @@ fn error_codes_map_both_ways() {
         (ErrorCode::Corrupt, 4),
         (ErrorCode::Io, 5),
         (ErrorCode::Shutdown, 6),
+        (ErrorCode::Auth, 7),
         (ErrorCode::Other, 255),
     ] {
         assert_eq!(code.code(), n);
         assert_eq!(ErrorCode::from_code(n), code);
     }
     assert_eq!(ErrorCode::from_code(0), ErrorCode::Unknown(0));
-    assert_eq!(ErrorCode::from_code(7), ErrorCode::Unknown(7));
+    assert_eq!(ErrorCode::from_code(8), ErrorCode::Unknown(8));
     assert_eq!(ErrorCode::from_code(u16::MAX).code(), u16::MAX);
 }
 
@@ -723,7 +724,15 @@ fn arb_message() -> impl Strategy<Value = Message> {
             message: m,
         })
     });
-    prop_oneof![hello, welcome, data, ack, keepalive, error]
+    let auth = (1u8..=3, any::<[u8; 32]>(), any::<[u8; 32]>()).prop_map(|(step, nonce, mac)| {
+        let step = match step {
+            1 => AuthStep::Challenge,
+            2 => AuthStep::Response,
+            _ => AuthStep::Proof,
+        };
+        Message::Auth(Auth { step, nonce, mac })
+    });
+    prop_oneof![hello, welcome, data, ack, keepalive, error, auth]
 }
 
 /// Feeds `bytes` in chunks of the given sizes (cycled), never more than `room()`, draining after each feed.
