@@ -48,10 +48,10 @@ for t in "${targets[@]}"; do
     log="$(mktemp "/tmp/walship-fuzz-$t.XXXXXX.log")"
     # shellcheck disable=SC2086
     cargo fuzz run "$t" -- -max_total_time="$secs" -jobs="${FUZZ_JOBS:-1}" -workers="${FUZZ_JOBS:-1}" \
-        -print_final_stats=1 ${FUZZ_ARGS:-} 2>&1 | tee "$log" | grep -E '^(#[0-9]+ +(DONE|INITED)|Done|==[0-9]+==|SUMMARY|thread .* panicked|artifact_prefix|Test unit written|stat::number_of_executed_units|error)' 
+        -print_final_stats=1 ${FUZZ_ARGS:-} 2>&1 | tee "$log" | grep -E '^(#[0-9]+[[:space:]]+(DONE|INITED)|Done|==[0-9]+==|SUMMARY|thread .* panicked|artifact_prefix|Test unit written|stat::number_of_executed_units|error)' 
     rc=${PIPESTATUS[0]}
     runs="$(grep -Eo 'stat::number_of_executed_units: *[0-9]+' "$log" | grep -Eo '[0-9]+$' | tail -1)"
-    cov="$(grep -Eo '#[0-9]+ +DONE +cov: [0-9]+' "$log" | grep -Eo '[0-9]+$' | tail -1)"
+    cov="$(grep -Eo 'DONE[[:space:]]+cov: [0-9]+' "$log" | grep -Eo '[0-9]+$' | tail -1)"
     if [ "$rc" -ne 0 ]; then
         failed+=("$t")
         summary+=("$t: FAILED (exit $rc, log $log)")

@@ -119,7 +119,8 @@ fuzz_target!(|input: &[u8]| {
                 let tot_len = XLOG_RECORD_HEADER_LEN + usize::from(u16::from_le_bytes([r[0], r[1]]));
                 let (info, rmid) = (r[2], r[3]);
                 let is_switch = rmid == 0 && info & 0xF0 == 0x40;
-                let start = lay.pos;
+                // A record that starts on a page boundary starts after that page's header.
+                let start = if lay.pos % block_size == 0 { lay.pos + SHORT_PAGE_HEADER_LEN as u64 } else { lay.pos };
                 let rec = build_record(prev, tot_len, info, rmid, muts, k);
                 if !lay.record(&rec) {
                     break;
