@@ -188,6 +188,8 @@ struct Conn {
     phase: ConnPhase,
     /// A receive on the socket is in flight.
     recv_pending: bool,
+    /// Bytes that receive must deliver (MSG_WAITALL): fewer means the peer closed mid-frame.
+    recv_len: usize,
     send_pending: bool,
     send_queue: VecDeque<Vec<u8>>,
     /// Latest ack not yet sent (acks coalesce).
@@ -402,6 +404,7 @@ fn post_header_recv(io: &mut Io, conn: &mut Conn) {
     debug_assert!(!conn.recv_pending);
     io.ring.recv_ctl(conn.stream.as_raw_fd(), TAG_RECV_HEADER, CTL, FRAME_HEADER_LEN, true);
     conn.recv_pending = true;
+    conn.recv_len = FRAME_HEADER_LEN;
 }
 
 fn send_error_and_close(io: &mut Io, conn: &mut Conn, receiver: Option<&mut Receiver>, code: ErrorCode, message: String) {
@@ -463,6 +466,7 @@ fn handle_completion(
                 peer,
                 phase: ConnPhase::AwaitHelloHeader,
                 recv_pending: false,
+                recv_len: 0,
                 send_pending: false,
                 send_queue: VecDeque::new(),
                 ack_pending: None,
@@ -492,6 +496,18 @@ fn handle_completion(
                         rx.abandon_frame();
                     }
                 }
+                return Ok(());
+            }
+            // MSG_WAITALL delivers everything asked for, unless the peer closed (or the socket
+            // failed) first: a short receive is a connection that ended mid-frame, never data.
+            if c.result > 0 && (c.result as usize) < conn.recv_len {
+                warn!(peer = %conn.peer, got = c.result, expected = conn.recv_len, "sender closed the connection in the middle of a frame; the partial frame is discarded");
+                if c.tag & TAG_KIND_MASK == TAG_RECV_PIECE {
+                    if let Some(rx) = receiver.as_mut() {
+                        rx.abandon_frame();
+                    }
+                }
+                begin_close(io, conn, receiver.as_mut());
                 return Ok(());
             }
             if c.result <= 0 {
@@ -627,13 +643,14 @@ fn on_header(
 
 fn post_body_recv(io: &mut Io, conn: &mut Conn, header: FrameHeader) {
     if header.body_len == 0 {
-        // Nothing to receive: complete the body immediately by faking a zero-length receive.
-        io.ring.recv_ctl(conn.stream.as_raw_fd(), TAG_RECV_BODY, CTL, 1, false);
-        conn.recv_pending = true;
+        // Every control message has a body.
+        let msg = format!("empty {} frame from {}", header.kind, conn.peer);
+        send_error_and_close(io, conn, None, ErrorCode::Protocol, msg);
         return;
     }
     io.ring.recv_ctl(conn.stream.as_raw_fd(), TAG_RECV_BODY, CTL, header.body_len as usize, true);
     conn.recv_pending = true;
+    conn.recv_len = header.body_len as usize;
 }
 
 fn on_control_body(
@@ -873,6 +890,7 @@ fn execute(
                     }
                     io.ring.recv_slot(c.stream.as_raw_fd(), TAG_RECV_PIECE, slot, slot_offset, len);
                     c.recv_pending = true;
+                    c.recv_len = len;
                 }
                 Action::Write { write_id, segno, slot, slot_offset, len, valid_len, file_offset } => {
                     io.ring.pool_mut().slot_mut(slot)[slot_offset + valid_len..slot_offset + len].fill(0);

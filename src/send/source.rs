@@ -82,24 +82,31 @@ impl DirSource {
             return Err(SourceError::Empty { dir: dir.to_path_buf() });
         }
         names.sort();
-        // The timeline is the name's first 8 hex digits; take the newest, then its first segment.
-        let tli_of = |n: &str| u32::from_str_radix(&n[..8], 16).unwrap_or(0);
-        let tli = names.iter().map(|n| tli_of(n)).max().expect("non-empty");
-        let first_name = names.iter().find(|n| tli_of(n) == tli).expect("a file of that timeline");
-        let first_path = dir.join(first_name);
-        let identity = read_identity(&first_path)?;
-        let mut files = BTreeMap::new();
-        for name in &names {
-            if let Some(WalFileName::Segment { tli: t, segno }) = WalFileName::parse(name, identity.seg_size) {
-                if t == tli {
-                    files.insert(segno, dir.join(name));
-                }
-            }
-        }
-        let first_segno = *files.keys().next().ok_or_else(|| SourceError::Empty { dir: dir.to_path_buf() })?;
+        // The geometry comes from the first file that has a valid long page header; only names
+        // canonical for that segment size count (a stray name must not pick the timeline).
+        let identity = names
+            .iter()
+            .find_map(|n| read_identity(&dir.join(n)).ok())
+            .ok_or_else(|| SourceError::BadFirstSegment {
+                path: dir.join(&names[0]),
+                why: "no segment file in the directory starts with a valid long page header".into(),
+            })?;
+        let mut valid: Vec<(u32, u64, PathBuf)> = names
+            .iter()
+            .filter_map(|n| match WalFileName::parse(n, identity.seg_size) {
+                Some(WalFileName::Segment { tli, segno }) => Some((tli, segno, dir.join(n))),
+                _ => None,
+            })
+            .collect();
+        valid.sort();
+        // The newest timeline is the one shipped, from its first segment.
+        let tli = valid.iter().map(|v| v.0).max().ok_or_else(|| SourceError::Empty { dir: dir.to_path_buf() })?;
+        let files: BTreeMap<u64, PathBuf> = valid.into_iter().filter(|v| v.0 == tli).map(|(_, segno, p)| (segno, p)).collect();
+        let (&first_segno, first_path) = files.iter().next().ok_or_else(|| SourceError::Empty { dir: dir.to_path_buf() })?;
+        let identity = read_identity(first_path)?;
         if identity.tli != tli {
             return Err(SourceError::BadFirstSegment {
-                path: first_path,
+                path: first_path.clone(),
                 why: format!("its page header says timeline {}, its name timeline {tli}", identity.tli),
             });
         }
