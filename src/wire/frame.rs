@@ -27,6 +27,11 @@ pub const SENDER_NAME_BYTES_MAX: usize = 255;
 /// Maximum length of [`ErrorFrame::message`] in UTF-8 bytes.
 pub const ERROR_MESSAGE_BYTES_MAX: usize = 1024;
 
+/// Data frame flag: the payload reaches into the padding after an `XLOG_SWITCH` record, where
+/// pages are not written by PostgreSQL (zeros or a recycled file's old pages) and so do not pass
+/// the receiver's page checks. The sender sets it only after walking that segment's records.
+pub const DATA_FLAG_SWITCH_PADDING: u8 = 0x01;
+
 /// Frame magic, the first four bytes of every header.
 pub const FRAME_MAGIC: [u8; 4] = *b"WSHP";
 
@@ -210,6 +215,8 @@ pub enum WireError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FrameHeader {
     pub kind: FrameKind,
+    /// Data frames only: [`DATA_FLAG_SWITCH_PADDING`]. Zero for every other kind.
+    pub flags: u8,
     pub body_len: u32,
     pub body_crc: u32,
     /// Data: LSN of the first payload byte. Other kinds: 0.
@@ -225,6 +232,7 @@ impl FrameHeader {
         let body_len = u32::try_from(body.len()).expect("frame body longer than u32::MAX");
         FrameHeader {
             kind,
+            flags: 0,
             body_len,
             body_crc: crc32c::crc32c(body),
             lsn: 0,
@@ -239,6 +247,7 @@ impl FrameHeader {
         let body_len = u32::try_from(payload.len()).expect("Data payload longer than u32::MAX");
         FrameHeader {
             kind: FrameKind::Data,
+            flags: 0,
             body_len,
             body_crc: crc32c::crc32c(payload),
             lsn,
@@ -250,7 +259,8 @@ impl FrameHeader {
         let mut h = [0u8; FRAME_HEADER_LEN];
         h[0..4].copy_from_slice(&FRAME_MAGIC);
         h[4] = self.kind as u8;
-        // 5: flags 0, 6..8: reserved 0.
+        h[5] = self.flags;
+        // 6..8: reserved 0.
         h[8..12].copy_from_slice(&self.body_len.to_le_bytes());
         h[12..16].copy_from_slice(&self.body_crc.to_le_bytes());
         h[16..24].copy_from_slice(&self.lsn.to_le_bytes());
@@ -279,8 +289,10 @@ impl FrameHeader {
             });
         }
         let kind = FrameKind::from_u8(bytes[4]).ok_or(WireError::UnknownKind(bytes[4]))?;
-        if bytes[5] != 0 {
-            return Err(WireError::BadFlags(bytes[5]));
+        let flags = bytes[5];
+        let allowed = if kind == FrameKind::Data { DATA_FLAG_SWITCH_PADDING } else { 0 };
+        if flags & !allowed != 0 {
+            return Err(WireError::BadFlags(flags));
         }
         let reserved_a = u32::from(u16::from_le_bytes([bytes[6], bytes[7]]));
         if reserved_a != 0 {
@@ -319,6 +331,7 @@ impl FrameHeader {
         }
         Ok(FrameHeader {
             kind,
+            flags,
             body_len,
             body_crc,
             lsn,

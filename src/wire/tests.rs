@@ -855,7 +855,7 @@ proptest! {
     #[test]
     fn control_body_decode_never_panics(kind in 1u8..=6, lsn in any::<u64>(), body in proptest::collection::vec(any::<u8>(), 0..300)) {
         let kind = FrameKind::from_u8(kind).unwrap();
-        let header = FrameHeader { kind, body_len: body.len() as u32, body_crc: crc32c::crc32c(&body), lsn };
+        let header = FrameHeader { kind, flags: 0, body_len: body.len() as u32, body_crc: crc32c::crc32c(&body), lsn };
         let r = decode_control(&header, &body);
         if let (Ok(m), false) = (r, kind == FrameKind::Data) {
             // Whatever decodes re-encodes to the same body.
