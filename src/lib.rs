@@ -5,6 +5,7 @@ pub mod auth;
 pub mod config_file;
 pub mod demo;
 pub mod metrics;
+pub mod progress;
 pub mod recv;
 pub mod restore;
 pub mod send;

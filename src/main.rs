@@ -161,6 +161,9 @@ struct SendArgs {
     /// Drop a connection whose receiver acknowledges nothing for this long while data is outstanding (duration).
     #[arg(long, env = "WALSHIP_PEER_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     peer_timeout: Duration,
+    /// With --once and no terminal: log a progress line this often (on a terminal a bar is drawn).
+    #[arg(long, env = "WALSHIP_PROGRESS_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    progress_interval: Duration,
     /// Write a JSON report of the ship to this file.
     #[arg(long, env = "WALSHIP_REPORT_JSON")]
     report_json: Option<PathBuf>,
@@ -300,7 +303,12 @@ fn init_logging(format: LogFormat, level: &str) {
         eprintln!("walship: warning: bad --log-level/WALSHIP_LOG {level:?} ({e}); using info");
         tracing_subscriber::EnvFilter::new("info")
     });
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
@@ -368,9 +376,19 @@ fn run(cli: Cli) -> Result<()> {
             };
             let metrics = Arc::new(walship::metrics::Metrics::sender());
             serve_metrics(a.metrics_listen, &metrics)?;
-            // OPS-METRICS: the sender's hooks are wired by the send rewrite; it takes this handle:
-            // `let sender_metrics = metrics.send.clone().expect("sender metrics");`
-            let summary = walship::send::run(&cfg, shutdown_flag()?)?;
+            let sender_metrics = metrics.send.clone().expect("sender metrics");
+            let progress_interval = a.progress_interval;
+            let progress_done = Arc::new(AtomicBool::new(false));
+            let progress = cfg.once.then(|| {
+                let end = first_segment_size(&cfg.pg_wal).and_then(|seg| walship::send::source::estimate_end(&cfg.pg_wal, seg));
+                walship::progress::spawn(Arc::clone(&sender_metrics), end, Arc::clone(&progress_done), progress_interval)
+            });
+            let result = walship::send::run_with_metrics(&cfg, shutdown_flag()?, sender_metrics);
+            progress_done.store(true, std::sync::atomic::Ordering::Relaxed);
+            if let Some(p) = progress {
+                let _ = p.join();
+            }
+            let summary = result?;
             let line = format!(
                 "shipped {} bytes ({} segments) {}..{} in {:.3} s: {:.1} MB/s durable at the receiver",
                 summary.bytes,
@@ -434,9 +452,18 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Restore(a) => {
-            let outcome = walship::restore::restore(&a.dir, &a.wal_file, &a.target)?;
-            eprintln!("walship restore: {outcome}");
-            Ok(())
+            match walship::restore::restore(&a.dir, &a.wal_file, &a.target) {
+                Ok(outcome) => {
+                    eprintln!("walship restore: {outcome}");
+                    Ok(())
+                }
+                // The normal "not (yet) there" answer to recovery: one plain line, exit 1.
+                Err(e @ walship::restore::RestoreError::NotFound { .. }) => {
+                    eprintln!("walship restore: {e}");
+                    std::process::exit(1);
+                }
+                Err(e) => Err(e.into()),
+            }
         }
         Command::GenWal(a) => {
             let opts = GenOptions {
@@ -467,6 +494,14 @@ fn run(cli: Cli) -> Result<()> {
         Command::Demo(a) => Ok(walship::demo::run(&a.dir, a.wal_bytes, a.port, a.keep)?),
         Command::Status(a) => walship::status::run(&a.url, a.sample, a.json, a.timeout),
     }
+}
+
+/// The segment size of the WAL in `dir`, from the size of its first segment-named file.
+fn first_segment_size(dir: &std::path::Path) -> Option<u64> {
+    std::fs::read_dir(dir).ok()?.filter_map(|e| e.ok()).find_map(|e| {
+        let name = e.file_name().into_string().ok()?;
+        (name.len() == 24 && name.bytes().all(|b| b.is_ascii_hexdigit())).then(|| e.metadata().ok().map(|m| m.len()))?
+    })
 }
 
 fn host_name() -> String {

@@ -20,6 +20,7 @@ use tracing::{info, warn};
 use crate::uring::{BufferPool, Completion, CompletionKind, Ring, RingError, SendBatch};
 use crate::wal::Lsn;
 use crate::wire::{self, Decoder, ErrorCode, FrameHeader, Hello, Limits, Message, FRAME_HEADER_LEN};
+use crate::metrics::{send_error, SenderMetrics};
 use pages::PageChecker;
 use sender::{FramePlan, Sender, SenderLimits};
 use live::{LiveConfig, LiveSource, ServerState};
@@ -256,6 +257,11 @@ impl Progress {
 /// Ships until done (`--once`: the receiver acknowledged the directory's end; follow mode: until
 /// SIGTERM, then drains), reconnecting as needed.
 pub fn run(cfg: &SendConfig, shutdown: Arc<AtomicBool>) -> Result<SendSummary, SendError> {
+    run_with_metrics(cfg, shutdown, Arc::new(SenderMetrics::new()))
+}
+
+/// [`run`], publishing positions, lag and errors into `m` as it goes.
+pub fn run_with_metrics(cfg: &SendConfig, shutdown: Arc<AtomicBool>, m: Arc<SenderMetrics>) -> Result<SendSummary, SendError> {
     let mut source = match &cfg.live {
         None => {
             let mut dir = DirSource::open(&cfg.pg_wal)?;
@@ -275,6 +281,7 @@ pub fn run(cfg: &SendConfig, shutdown: Arc<AtomicBool>) -> Result<SendSummary, S
         first = %source.first_lsn(),
         "source opened"
     );
+    m.set_horizon(source.horizon().0);
     let started = Instant::now();
     let mut summary = SendSummary::default();
     let mut progress = Progress {
@@ -290,7 +297,8 @@ pub fn run(cfg: &SendConfig, shutdown: Arc<AtomicBool>) -> Result<SendSummary, S
             return Err(SendError::Interrupted { flushed: progress.acked });
         }
         let acked_before = progress.acked;
-        let end = ship_once(cfg, &mut source, &shutdown, &mut summary, &mut progress);
+        let end = ship_once(cfg, &mut source, &shutdown, &mut summary, &mut progress, &m);
+        m.on_disconnected();
         if progress.acked > acked_before {
             // A connection that made progress resets the retry clock and the backoff.
             lost_at = Instant::now();
@@ -298,14 +306,23 @@ pub fn run(cfg: &SendConfig, shutdown: Arc<AtomicBool>) -> Result<SendSummary, S
         }
         match end {
             ConnEnd::Done => break,
-            ConnEnd::Fatal(e) => return Err(e),
+            ConnEnd::Fatal(e) => {
+                m.inc_error(match &e {
+                    SendError::Source(_) => send_error::SOURCE,
+                    SendError::Refused { .. } | SendError::ReceiverAhead { .. } => send_error::REFUSED,
+                    _ => send_error::OTHER,
+                });
+                return Err(e);
+            }
             ConnEnd::Transient(why) => {
+                m.inc_error(send_error::NETWORK);
                 if shutdown.load(Ordering::Relaxed) {
                     return Err(SendError::Interrupted { flushed: progress.acked });
                 }
                 if lost_at.elapsed() > cfg.retry_for {
                     return Err(SendError::GaveUp { retry_for: cfg.retry_for, last: why });
                 }
+                m.inc_reconnects();
                 warn!("{why}; retrying in {backoff:?}");
                 sleep_unless(backoff, &shutdown);
                 backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -346,6 +363,7 @@ fn ship_once(
     shutdown: &AtomicBool,
     summary: &mut SendSummary,
     progress: &mut Progress,
+    m: &SenderMetrics,
 ) -> ConnEnd {
     let addr = match resolve(&cfg.to) {
         Ok(a) => a,
@@ -401,7 +419,10 @@ fn ship_once(
     progress.acked = resume;
     source.on_durable(resume);
     info!(peer = %peer, resume = %resume, horizon = %source.horizon(), "streaming from {resume}");
-    match stream_data(cfg, source, &stream, &peer, resume, shutdown, summary, progress) {
+    m.on_connected(&peer);
+    m.set_positions(resume.0, resume.0, resume.0);
+    m.set_horizon(source.horizon().0);
+    match stream_data(cfg, source, &stream, &peer, resume, shutdown, summary, progress, m) {
         Ok(end) => end,
         Err(e) => ConnEnd::Fatal(e),
     }
@@ -499,6 +520,7 @@ fn stream_data(
     shutdown: &AtomicBool,
     summary: &mut SendSummary,
     progress: &mut Progress,
+    m: &SenderMetrics,
 ) -> Result<ConnEnd, SendError> {
     let _ = stream.set_read_timeout(None);
     let id = source.identity();
@@ -554,6 +576,7 @@ fn stream_data(
         // Move the horizon: keep the directory walk a segment ahead; ask a live server.
         if draining_since.is_none() && !source.is_final() {
             source.refresh(core.sent() + lookahead)?;
+            m.set_horizon(source.horizon().0);
             if live {
                 progress.observe_horizon(source.horizon());
             }
@@ -606,6 +629,8 @@ fn stream_data(
                 }
                 ring.send_batch(fd, TAG_SEND, batch, zc);
                 send_in_flight = true;
+                m.add_bytes_sent(plans.iter().map(|p| p.len).sum());
+                m.set_positions(core.sent().0, core.written().0, core.flushed().0);
                 source.release_below(core.flushed());
                 checker.forget_below(core.flushed().0 / id.seg_size);
             }
@@ -645,6 +670,7 @@ fn stream_data(
                         match decoder.next_message() {
                             Ok(Some(Message::Ack(ack))) => match core.on_ack(Lsn(ack.written_lsn), Lsn(ack.flushed_lsn)) {
                                 Ok(advanced) => {
+                                    m.on_ack(core.sent().0, core.written().0, core.flushed().0);
                                     if advanced {
                                         last_progress = Instant::now();
                                         progress.on_acked(core.flushed(), summary);

@@ -272,6 +272,20 @@ impl DirSource {
     }
 }
 
+/// Where the WAL in `dir` probably ends (for progress display): the end of its highest canonical
+/// segment of the newest timeline. Recycled files make this an overestimate.
+pub fn estimate_end(dir: &Path, seg_size: u64) -> Option<Lsn> {
+    let names = std::fs::read_dir(dir).ok()?.filter_map(|e| e.ok()?.file_name().into_string().ok());
+    let segs: Vec<(u32, u64)> = names
+        .filter_map(|n| match WalFileName::parse(&n, seg_size) {
+            Some(WalFileName::Segment { tli, segno }) => Some((tli, segno)),
+            _ => None,
+        })
+        .collect();
+    let tli = segs.iter().map(|s| s.0).max()?;
+    segs.iter().filter(|s| s.0 == tli).map(|s| Lsn((s.1 + 1) * seg_size)).max()
+}
+
 fn describe(reason: &EndReason) -> String {
     match reason {
         EndReason::ZeroLength => "record length is zero".into(),
