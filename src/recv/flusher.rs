@@ -53,6 +53,9 @@ pub struct Flusher {
     flushed: Lsn,
     /// When the oldest write not yet covered by a batch completed.
     unsynced_since_us: Option<u64>,
+    /// An fsync failed: the kernel may have dropped dirty pages and a later fsync can "succeed"
+    /// without them (PostgreSQL's fsyncgate), so `flushed` never moves again.
+    poisoned: bool,
 }
 
 impl Flusher {
@@ -67,7 +70,18 @@ impl Flusher {
             issued_target: durable,
             flushed: durable,
             unsynced_since_us: None,
+            poisoned: false,
         }
+    }
+
+    /// An fsync of batch `batch_id` failed. Fatal: nothing is acknowledged from now on.
+    pub fn on_fsync_failed(&mut self, batch_id: u64) {
+        debug_assert!(self.batch_pending(batch_id));
+        self.poisoned = true;
+    }
+
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned
     }
 
     pub fn flushed(&self) -> Lsn {
@@ -99,7 +113,7 @@ impl Flusher {
     /// there is (PostgreSQL's walreceiver: drain what is readable, flush once). `force` flushes
     /// regardless of thresholds (shutdown, disconnect).
     pub fn poll(&mut self, now_us: u64, written: Lsn, idle: bool, force: bool, out: &mut Vec<FsyncRequest>) {
-        if !self.has_unsynced(written) {
+        if self.poisoned || !self.has_unsynced(written) {
             return;
         }
         let waiting_bytes = written - self.issued_target.min(written);
@@ -153,6 +167,9 @@ impl Flusher {
             .expect("fsync completion for an unknown batch");
         assert!(batch.fsyncs_pending > 0, "more fsync completions than fsyncs in batch {batch_id}");
         batch.fsyncs_pending -= 1;
+        if self.poisoned {
+            return None;
+        }
         let before = self.flushed;
         self.complete_front();
         (self.flushed > before).then_some(self.flushed)

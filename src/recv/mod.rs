@@ -560,9 +560,10 @@ fn handle_completion(
             let batch_id = c.tag & !TAG_KIND_MASK;
             if c.result < 0 {
                 io.metrics.inc_error(recv_error::FSYNC); // OPS-METRICS
+                let flushed = rx.on_fsync_failed(batch_id);
                 return Err(RecvError::FsyncFailed {
                     path: cfg.dir.clone(),
-                    flushed: rx.flushed(),
+                    flushed,
                     source: std::io::Error::from_raw_os_error(-c.result),
                 });
             }

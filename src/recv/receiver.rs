@@ -409,6 +409,13 @@ impl Receiver {
         out.extend(requests.into_iter().map(Action::Fsync));
     }
 
+    /// An fsync failed. Fatal (never retried): `flushed` stays where it is for good; the io layer
+    /// exits, and the sender, which still holds the data, resumes after a restart.
+    pub fn on_fsync_failed(&mut self, batch_id: u64) -> Lsn {
+        self.flusher.on_fsync_failed(batch_id);
+        self.flushed()
+    }
+
     /// Whether fsyncs of `batch_id` are still outstanding.
     pub fn fsync_batch_pending(&self, batch_id: u64) -> bool {
         self.flusher.batch_pending(batch_id)

@@ -66,8 +66,22 @@ enum Pending {
     Fsync { req: FsyncRequest, snapshot: Option<(u64, u64, Vec<u8>)>, dir: Vec<u64> },
 }
 
+/// Faults a simulation may inject.
+#[derive(Clone, Copy, Default)]
+struct Faults {
+    /// Per step: the connection drops (mid-frame or not); the sender reconnects and resumes at
+    /// the receiver's durable LSN once it drained.
+    reset_per_mille: u32,
+    /// Per fsync completion: it fails with EIO.
+    fsync_eio_per_mille: u32,
+}
+
 /// Runs one seeded simulation. Returns the number of steps taken.
 fn simulate(seed: u64, stream_len: usize, frame_max: usize, slots: usize) -> usize {
+    simulate_with(seed, stream_len, frame_max, slots, Faults::default())
+}
+
+fn simulate_with(seed: u64, stream_len: usize, frame_max: usize, slots: usize, faults: Faults) -> usize {
     let mut rng = StdRng::seed_from_u64(seed);
     let start = Lsn(SEG); // segment 1
     let stream: Vec<u8> = (0..stream_len).map(|_| rng.random::<u8>() | 1).collect();
@@ -81,6 +95,10 @@ fn simulate(seed: u64, stream_len: usize, frame_max: usize, slots: usize) -> usi
     let mut now = 0u64;
     let mut last_ack = Lsn(0);
     let mut steps = 0;
+    // Reset in progress: waiting for the receiver to drain before the sender resumes.
+    let mut reconnecting = false;
+    // An fsync failed: from then on no ack may be sent, whatever else completes.
+    let mut fsync_failed = false;
     let mut actions = Vec::new();
     loop {
         steps += 1;
@@ -125,6 +143,7 @@ fn simulate(seed: u64, stream_len: usize, frame_max: usize, slots: usize) -> usi
                         rx.on_directory_changed(now);
                     }
                     Action::Ack { written, flushed } => {
+                        assert!(!fsync_failed, "ack of {flushed} after an fsync failed (seed {seed})");
                         assert!(flushed >= last_ack, "ack moved backwards");
                         assert!(flushed <= written);
                         let durable = disk.durable_prefix(start, &stream);
@@ -135,12 +154,27 @@ fn simulate(seed: u64, stream_len: usize, frame_max: usize, slots: usize) -> usi
             }
         }
         assert!(rx.flushed() <= rx.written() && rx.written() <= rx.received());
+        if fsync_failed && pending.is_empty() {
+            // The io layer exits here; everything acknowledged must have been durable.
+            assert!(last_ack <= disk.durable_prefix(start, &stream));
+            return steps;
+        }
+        if reconnecting && pending.is_empty() && rx.is_drained() {
+            reconnecting = false;
+            sent = (rx.resume_point() - start) as usize;
+        }
+        if !reconnecting && !fsync_failed && faults.reset_per_mille > 0 && rng.random_range(0..1000) < faults.reset_per_mille {
+            piece_pending = None;
+            rx.abandon_frame();
+            reconnecting = true;
+            continue;
+        }
         if sent == stream.len() && piece_pending.is_none() && pending.is_empty() && rx.is_drained() {
             break;
         }
         // Pick an event: a new frame header, a piece arriving, a completion, or a timer tick.
         let choice = rng.random_range(0..4);
-        if choice == 0 && !rx.frame_in_progress() && sent < stream.len() {
+        if choice == 0 && !rx.frame_in_progress() && sent < stream.len() && !reconnecting && !fsync_failed {
             let len = rng.random_range(1..=frame_max).min(stream.len() - sent);
             rx.on_data_header(start + sent as u64, len as u64, &mut actions).unwrap();
             sent += len;
@@ -159,6 +193,11 @@ fn simulate(seed: u64, stream_len: usize, frame_max: usize, slots: usize) -> usi
                     disk.seg(segno)[file_offset as usize..file_offset as usize + data.len()].copy_from_slice(&data);
                     rx.on_write_done(write_id, now, &mut actions);
                 }
+                Pending::Fsync { req, .. } if faults.fsync_eio_per_mille > 0 && rng.random_range(0..1000) < faults.fsync_eio_per_mille => {
+                    // EIO: the disk may have dropped the dirty pages; nothing becomes durable.
+                    rx.on_fsync_failed(req.batch_id);
+                    fsync_failed = true;
+                }
                 Pending::Fsync { req, snapshot, dir } => {
                     if let Some((s, seq, bytes)) = snapshot {
                         // A later fsync's view wins whatever order they complete in.
@@ -175,7 +214,7 @@ fn simulate(seed: u64, stream_len: usize, frame_max: usize, slots: usize) -> usi
                 }
             }
         } else if choice == 3 {
-            if sent == stream.len() && !rx.frame_in_progress() {
+            if reconnecting || fsync_failed || (sent == stream.len() && !rx.frame_in_progress()) {
                 rx.force_flush(now, &mut actions);
             } else {
                 rx.poll_flush(now, &mut actions);
@@ -212,6 +251,25 @@ proptest! {
     #[test]
     fn any_seed_keeps_the_invariants(seed in any::<u64>(), len in 1usize..400_000, frame_max in 1usize..200_000) {
         simulate(seed, len, frame_max.min(3 * CHUNK as usize), 8);
+    }
+
+    #[test]
+    fn any_seed_with_faults_keeps_the_invariants(seed in any::<u64>(), reset in 0u32..30, eio in 0u32..50) {
+        simulate_with(seed, 300_000, 40_000, 6, Faults { reset_per_mille: reset, fsync_eio_per_mille: eio });
+    }
+}
+
+#[test]
+fn connection_resets_resume_at_the_durable_lsn() {
+    for seed in 0..300 {
+        simulate_with(5000 + seed, 400_000, 70_000, 6, Faults { reset_per_mille: 20, ..Faults::default() });
+    }
+}
+
+#[test]
+fn fsync_eio_is_fatal_and_nothing_after_it_is_acknowledged() {
+    for seed in 0..300 {
+        simulate_with(9000 + seed, 600_000, 50_000, 6, Faults { fsync_eio_per_mille: 100, reset_per_mille: 5 });
     }
 }
 
