@@ -801,6 +801,7 @@ fn hello_for(system_id: u64, first: u64, horizon: u64) -> Hello {
         first_lsn: first,
         horizon_lsn: horizon,
         sender_name: "raw-test-client".into(),
+        history: String::new(),
     }
 }
 

@@ -78,6 +78,7 @@ fuzz_target!(|input: &[u8]| {
             first_lsn: first.min(horizon),
             horizon_lsn: first.max(horizon),
             sender_name: name,
+            history: String::new(),
         };
         let msg = Message::Hello(hello);
         let mut out = Vec::new();

@@ -387,6 +387,7 @@ fn ship_once(
         first_lsn: source.first_lsn().0,
         horizon_lsn: source.horizon().0.max(source.first_lsn().0),
         sender_name: cfg.name.clone(),
+        history: String::new(),
     };
     let welcome = match handshake(&stream, &hello, cfg.peer_timeout, cfg.auth.as_ref()) {
         Ok(w) => w,

@@ -22,6 +22,8 @@ pub const CONTROL_BODY_BYTES_MAX: u32 = 4096;
 pub const DATA_BODY_BYTES_MAX_LIMIT: u32 = 64 << 20;
 /// Default for [`Limits::data_body_bytes_max`].
 pub const DATA_BODY_BYTES_MAX_DEFAULT: u32 = 8 << 20;
+/// Maximum length of [`Hello::history`] in bytes (a timeline history file).
+pub const HISTORY_BYTES_MAX: usize = 3072;
 /// Maximum length of [`Hello::sender_name`] in UTF-8 bytes.
 pub const SENDER_NAME_BYTES_MAX: usize = 255;
 /// Maximum length of [`ErrorFrame::message`] in UTF-8 bytes.
@@ -452,6 +454,9 @@ pub struct Hello {
     pub horizon_lsn: u64,
     /// At most [`SENDER_NAME_BYTES_MAX`] UTF-8 bytes.
     pub sender_name: String,
+    /// The `TLI.history` file of `timeline` (empty on timeline 1): how this timeline branched
+    /// off, so a receiver holding an older timeline can follow the switch.
+    pub history: String,
 }
 
 /// Receiver -> sender handshake reply.
@@ -549,6 +554,9 @@ impl Message {
                         h.sender_name.len()
                     ));
                 }
+                if h.history.len() > HISTORY_BYTES_MAX {
+                    return bad(format!("expected history <= {HISTORY_BYTES_MAX} bytes, found {}", h.history.len()));
+                }
                 if h.first_lsn > h.horizon_lsn {
                     return bad(format!(
                         "expected first_lsn <= horizon_lsn, found {:#x} > {:#x}",
@@ -637,6 +645,8 @@ impl Message {
                 body.extend_from_slice(&h.horizon_lsn.to_le_bytes());
                 body.extend_from_slice(&(h.sender_name.len() as u16).to_le_bytes());
                 body.extend_from_slice(h.sender_name.as_bytes());
+                body.extend_from_slice(&(h.history.len() as u16).to_le_bytes());
+                body.extend_from_slice(h.history.as_bytes());
             }
             Message::Welcome(w) => {
                 body.extend_from_slice(&w.protocol_version.to_le_bytes());
@@ -705,6 +715,7 @@ pub fn decode_control(header: &FrameHeader, body: &[u8]) -> Result<Message, Wire
                 )));
             }
             let sender_name = r.string("sender_name", SENDER_NAME_BYTES_MAX)?;
+            let history = r.string("history", HISTORY_BYTES_MAX)?;
             Message::Hello(Hello {
                 protocol_version,
                 page_magic,
@@ -715,6 +726,7 @@ pub fn decode_control(header: &FrameHeader, body: &[u8]) -> Result<Message, Wire
                 first_lsn,
                 horizon_lsn,
                 sender_name,
+                history,
             })
         }
         FrameKind::Welcome => {

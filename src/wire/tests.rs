@@ -14,6 +14,7 @@ fn hello() -> Hello {
         first_lsn: 0x1_0000_0000,
         horizon_lsn: 0x1_0200_0000,
         sender_name: "primary-ü".to_owned(),
+        history: String::new(),
     }
 }
 
@@ -360,12 +361,15 @@ fn hello_body(name: &[u8], name_len: u16) -> Vec<u8> {
     let mut bytes = Vec::new();
     Message::Hello(Hello {
         sender_name: String::new(),
+        history: String::new(),
         ..hello()
     })
     .encode(&mut bytes);
-    let mut body = bytes[32..bytes.len() - 2].to_vec();
+    // Drop the empty name (len u16) and the empty history (len u16), then append ours.
+    let mut body = bytes[32..bytes.len() - 4].to_vec();
     body.extend_from_slice(&name_len.to_le_bytes());
     body.extend_from_slice(name);
+    body.extend_from_slice(&0u16.to_le_bytes());
     body
 }
 
@@ -414,12 +418,14 @@ fn overlong_strings_are_rejected() {
     assert_eq!(decode_one(&encode(&m)), Ok(m));
     let m = Message::Hello(Hello {
         sender_name: "y".repeat(255),
+        history: String::new(),
         ..hello()
     });
     assert_eq!(decode_one(&encode(&m)), Ok(m));
     // Encoding too long a name is refused.
     let m = Message::Hello(Hello {
         sender_name: "y".repeat(256),
+        history: String::new(),
         ..hello()
     });
     assert!(m.try_encode(&mut Vec::new(), &Limits::default()).is_err());
@@ -430,6 +436,7 @@ fn overlong_strings_are_rejected() {
 fn encode_panics_on_unrepresentable_message() {
     Message::Hello(Hello {
         sender_name: "y".repeat(256),
+        history: String::new(),
         ..hello()
     })
     .encode(&mut Vec::new());
@@ -689,6 +696,7 @@ fn arb_message() -> impl Strategy<Value = Message> {
                 first_lsn: a.min(b),
                 horizon_lsn: a.max(b),
                 sender_name: name,
+                history: String::new(),
             })
         });
     let welcome = (any::<u32>(), any::<u64>(), any::<u64>()).prop_map(|(t, s, d)| {
