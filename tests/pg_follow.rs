@@ -282,6 +282,27 @@ fn append(path: &Path, text: &str) -> R<()> {
     f.write_all(text.as_bytes()).map_err(|e| format!("append to {}: {e}", path.display()))
 }
 
+/// Remove ANSI escape sequences (colored log output).
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut it = s.chars().peekable();
+    while let Some(c) = it.next() {
+        if c == '\u{1b}' {
+            if it.peek() == Some(&'[') {
+                it.next();
+                for d in it.by_ref() {
+                    if d.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn indent(s: &str) -> String {
     s.lines().map(|l| format!("     | {l}")).collect::<Vec<_>>().join("\n")
 }
@@ -382,8 +403,8 @@ impl Ctx {
             "{e}\n--- walship send stdout ---\n{}\n--- walship send stderr tail ---\n{}\n--- walship recv stderr tail ---\n{}\n\
              --- primary log tail ---\n{}\n(temp dir {}; WALSHIP_KEEP_TMP=1 keeps it)",
             tail_file(&self.send_out(), 20),
-            tail_file(&self.send_err(), 40),
-            tail_file(&self.recv_err(), 30),
+            strip_ansi(&tail_file(&self.send_err(), 40)),
+            strip_ansi(&tail_file(&self.recv_err(), 30)),
             tail_file(&self.primary.log, 30),
             self.tmp.path().display()
         )
@@ -417,6 +438,7 @@ impl Ctx {
         let file = |p: PathBuf| fs::File::create(&p).map_err(|e| format!("create {}: {e}", p.display()));
         let mut c = cmd(walship_bin(), ["recv", "--listen", &self.addr, "--dir"]);
         c.arg(&self.recv_dir).arg("--insecure-no-auth");
+        c.env("NO_COLOR", "1");
         c.stdin(Stdio::null()).stdout(file(self.tmp.join("recv.stdout"))?).stderr(file(self.recv_err())?);
         self.say(format!("$ {}", cmdline(&c)));
         self.recv = Some(ChildGuard::spawn("walship recv", &mut c).map_err(|e| format!("spawn recv: {e}"))?);
@@ -431,6 +453,7 @@ impl Ctx {
             c.args(["--slot", s]);
         }
         c.arg("--report-json").arg(self.report()).arg("--insecure-no-auth");
+        c.env("NO_COLOR", "1");
         c.stdin(Stdio::null()).stdout(file(self.send_out())?).stderr(file(self.send_err())?);
         self.say(format!("$ {}", cmdline(&c)));
         self.send = Some(ChildGuard::spawn("walship send", &mut c).map_err(|e| format!("spawn send: {e}"))?);
@@ -447,7 +470,7 @@ impl Ctx {
         if n != "1" {
             return Err(format!("sender follows but slot {SLOT} does not exist (count {n})"));
         }
-        self.say(format!("sender follows; slot {SLOT}: restart_lsn {}", self.slot_restart()?));
+        self.say(format!("sender follows; slot {SLOT}: restart_lsn {}", fmt_lsn(self.slot_restart()?)));
         Ok(())
     }
 
@@ -465,7 +488,7 @@ impl Ctx {
     /// Wait until `path` contains `needle`; returns the first line containing it.
     fn wait_log(&self, path: &Path, needle: &str, timeout: Duration) -> R<String> {
         poll_until(timeout, Duration::from_millis(100), || {
-            let s = fs::read_to_string(path).unwrap_or_default();
+            let s = strip_ansi(&fs::read_to_string(path).unwrap_or_default());
             s.lines().find(|l| l.contains(needle)).map(str::to_string)
         })
         .ok_or_else(|| format!("no line containing {needle:?} in {} within {timeout:?}", path.display()))
@@ -545,7 +568,7 @@ impl Ctx {
 
     /// Wait for the sender's "... through its shutdown checkpoint (up to X)" line; return X.
     fn wait_shutdown_shipped(&self) -> R<u64> {
-        let line = self.wait_log(&self.send_err(), "through its shutdown checkpoint", Duration::from_secs(60))?;
+        let line = self.wait_log(&self.send_err(), "holds the server's WAL durably through its shutdown checkpoint", Duration::from_secs(60))?;
         self.say(format!("sender: {}", line.trim()));
         line.split("(up to ")
             .nth(1)
