@@ -456,7 +456,16 @@ impl Ctx {
         c.env("NO_COLOR", "1");
         c.stdin(Stdio::null()).stdout(file(self.send_out())?).stderr(file(self.send_err())?);
         self.say(format!("$ {}", cmdline(&c)));
-        self.send = Some(ChildGuard::spawn("walship send", &mut c).map_err(|e| format!("spawn send: {e}"))?);
+        let g = ChildGuard::spawn("walship send", &mut c).map_err(|e| format!("spawn send: {e}"))?;
+        // Debug knob: WALSHIP_TEST_STRACE_SEND=1 records which process signals the sender (si_pid/si_uid).
+        if std::env::var("WALSHIP_TEST_STRACE_SEND").as_deref() == Ok("1") {
+            let mut st = Command::new("strace");
+            st.args(["-qq", "-e", "trace=none", "-o"]).arg(self.tmp.join("send.strace")).arg("-p").arg(g.pid().to_string());
+            st.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+            let _ = st.spawn();
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        self.send = Some(g);
         Ok(())
     }
 
