@@ -1,0 +1,1066 @@
+//! Follow mode against a real, LIVE PostgreSQL: `walship send --conninfo ... --slot ...` ships while the
+//! server runs (pgbench load), survives a clean stop and a crash + restart, never lets the slot pass what the
+//! receiver made durable, and measures flush-to-durable-ack latency.
+//!
+//! Every test ends the same way when it replays: a standby from a base backup (`pg_basebackup -X none`,
+//! EMPTY pg_wal) whose `restore_command` is `walship restore %f %p --dir D` must reach exactly the end of the
+//! primary's WAL (end of its shutdown checkpoint record, found independently with pg_waldump) and show the
+//! same table checksums as the primary.
+//!
+//! Needs PostgreSQL (`/usr/lib/postgresql/<major>/bin`, newest wins; `WALSHIP_PG_BIN` overrides). Without it
+//! each test prints "SKIP: PostgreSQL not installed" and passes, unless `WALSHIP_REQUIRE_PG=1`. As root,
+//! PostgreSQL programs run as the `postgres` OS user via `runuser`. Tests are serialized (one PostgreSQL at a
+//! time: they share a small machine) and each uses its own fixed ports.
+//!
+//! Env knobs: `WALSHIP_KEEP_TMP=1` keeps temp dirs (path printed).
+//!
+//! Run: `cargo test --release --test pg_follow -- --nocapture`.
+
+mod common;
+
+use common::*;
+use std::fmt::Write as _;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+const PG_USER: &str = "postgres";
+const REPLAY_TIMEOUT: Duration = Duration::from_secs(120);
+const SLOT: &str = "walship";
+
+type R<T> = Result<T, String>;
+
+/// One PostgreSQL test at a time (2 shared cores; pgbench timings would be meaningless otherwise).
+static SERIAL: Mutex<()> = Mutex::new(());
+
+// ---------------------------------------------------------------------------------------------------------
+// PostgreSQL plumbing (the minimum from tests/pg_replay.rs)
+
+#[derive(Clone)]
+struct Pg {
+    bin: PathBuf,
+    as_user: Option<(u32, u32)>,
+    cwd: PathBuf,
+}
+
+impl Pg {
+    fn find_bin() -> Option<PathBuf> {
+        if let Some(p) = std::env::var_os("WALSHIP_PG_BIN") {
+            let p = PathBuf::from(p);
+            return p.join("initdb").exists().then_some(p);
+        }
+        let mut best: Option<(u32, PathBuf)> = None;
+        for e in fs::read_dir("/usr/lib/postgresql").ok()?.flatten() {
+            let Ok(major) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+            let bin = e.path().join("bin");
+            if bin.join("initdb").exists() && bin.join("pg_ctl").exists() && best.as_ref().map_or(true, |b| major > b.0) {
+                best = Some((major, bin));
+            }
+        }
+        best.map(|b| b.1)
+    }
+
+    fn cmd(&self, prog: &str) -> Command {
+        let path = self.bin.join(prog);
+        let mut c = if self.as_user.is_some() {
+            let mut c = Command::new("runuser");
+            c.args(["-u", PG_USER, "--"]).arg(path);
+            c
+        } else {
+            Command::new(path)
+        };
+        c.current_dir(&self.cwd);
+        for v in ["PGHOST", "PGPORT", "PGDATA", "PGUSER", "PGDATABASE", "PGSERVICE", "PGOPTIONS"] {
+            c.env_remove(v);
+        }
+        c
+    }
+
+    fn chown(&self, path: &Path) -> R<()> {
+        if let Some((uid, gid)) = self.as_user {
+            chown_r(path, uid, gid).map_err(|e| format!("chown -R {PG_USER} {}: {e}", path.display()))?;
+        }
+        Ok(())
+    }
+}
+
+struct Server {
+    pg: Pg,
+    name: &'static str,
+    data: PathBuf,
+    log: PathBuf,
+    sock: PathBuf,
+    port: u16,
+    running: bool,
+}
+
+impl Server {
+    fn err(&self, msg: impl std::fmt::Display) -> String {
+        format!("{msg}\n--- {} server log tail ({}) ---\n{}", self.name, self.log.display(), tail_file(&self.log, 40))
+    }
+
+    fn pg_ctl_start(&mut self, wait: bool) -> R<()> {
+        let mut c = self.pg.cmd("pg_ctl");
+        c.arg("-D").arg(&self.data).arg("-l").arg(&self.log);
+        if wait {
+            c.args(["-w", "-t", "120"]);
+        } else {
+            c.arg("-W");
+        }
+        c.arg("start");
+        c.stdout(Stdio::null()).stderr(Stdio::piped());
+        self.running = true;
+        let out = run(&mut c)?;
+        if !out.status.success() {
+            return Err(self.err(describe_failure(&c, &out)));
+        }
+        Ok(())
+    }
+
+    fn stop(&mut self, mode: &str) -> R<()> {
+        let mut c = self.pg.cmd("pg_ctl");
+        c.arg("-D").arg(&self.data).args(["-m", mode, "-w", "-t", "120", "stop"]);
+        let out = run(&mut c)?;
+        if !out.status.success() {
+            return Err(self.err(describe_failure(&c, &out)));
+        }
+        self.running = false;
+        Ok(())
+    }
+
+    fn alive(&self) -> bool {
+        let mut c = self.pg.cmd("pg_ctl");
+        c.arg("-D").arg(&self.data).arg("status");
+        run(&mut c).map(|o| o.status.success()).unwrap_or(false)
+    }
+
+    fn psql_cmd(&self) -> Command {
+        let mut c = self.pg.cmd("psql");
+        c.arg("-h").arg(&self.sock).args(["-p", &self.port.to_string(), "-U", PG_USER, "-d", "postgres"]);
+        c.args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1"]);
+        c
+    }
+
+    fn sql(&self, sql: &str) -> R<String> {
+        self.sql_quiet(sql).map_err(|e| self.err(format!("psql -c {sql:?}: {e}")))
+    }
+
+    fn sql_quiet(&self, sql: &str) -> R<String> {
+        let mut c = self.psql_cmd();
+        c.arg("-c").arg(sql);
+        let out = run(&mut c)?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+        }
+    }
+
+    fn lsn(&self, sql: &str) -> R<u64> {
+        let s = self.sql(sql)?;
+        parse_lsn(&s).ok_or_else(|| format!("{sql}: not an LSN: {s:?}"))
+    }
+
+    fn controldata(&self) -> R<ControlData> {
+        let mut c = self.pg.cmd("pg_controldata");
+        c.arg("-D").arg(&self.data);
+        let out = run_ok(&mut c)?;
+        ControlData::parse(&String::from_utf8_lossy(&out.stdout))
+    }
+
+    fn postmaster_pid(&self) -> R<i32> {
+        let p = self.data.join("postmaster.pid");
+        let s = fs::read_to_string(&p).map_err(|e| format!("read {}: {e}", p.display()))?;
+        s.lines().next().and_then(|l| l.trim().parse().ok()).ok_or_else(|| format!("bad {}: {s:?}", p.display()))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if self.running {
+            eprintln!("guard: stopping {} server (pg_ctl -m immediate stop)", self.name);
+            let mut c = self.pg.cmd("pg_ctl");
+            c.arg("-D").arg(&self.data).args(["-m", "immediate", "-w", "-t", "60", "stop"]);
+            let _ = run(&mut c);
+        }
+    }
+}
+
+#[derive(Debug)]
+struct ControlData {
+    state: String,
+    checkpoint: u64,
+    redo: u64,
+    seg_size: u64,
+    block_size: u64,
+    tli: u32,
+}
+
+impl ControlData {
+    fn parse(text: &str) -> R<ControlData> {
+        let field = |k: &str| -> R<String> {
+            text.lines()
+                .find_map(|l| l.strip_prefix(k).map(|v| v.trim_start_matches(':').trim().to_string()))
+                .ok_or_else(|| format!("pg_controldata: no `{k}` in:\n{text}"))
+        };
+        let num = |k: &str| -> R<u64> { field(k)?.parse().map_err(|e| format!("pg_controldata `{k}`: {e}")) };
+        let lsn = |k: &str| -> R<u64> { parse_lsn(&field(k)?).ok_or_else(|| format!("pg_controldata `{k}`: bad LSN")) };
+        Ok(ControlData {
+            state: field("Database cluster state")?,
+            checkpoint: lsn("Latest checkpoint location")?,
+            redo: lsn("Latest checkpoint's REDO location")?,
+            seg_size: num("Bytes per WAL segment")?,
+            block_size: num("WAL block size")?,
+            tli: num("Latest checkpoint's TimeLineID")? as u32,
+        })
+    }
+}
+
+const CHECKSUM_QUERIES: &[(&str, &str)] = &[
+    (
+        "pgbench_accounts",
+        "SELECT count(*) || ' sum=' || coalesce(sum(abalance),0) || ' md5=' || \
+         coalesce(md5(string_agg(md5(t::text), '' ORDER BY aid)),'-') FROM pgbench_accounts t",
+    ),
+    (
+        "pgbench_branches",
+        "SELECT count(*) || ' sum=' || coalesce(sum(bbalance),0) || ' md5=' || \
+         coalesce(md5(string_agg(t::text, ',' ORDER BY bid)),'-') FROM pgbench_branches t",
+    ),
+    (
+        "pgbench_tellers",
+        "SELECT count(*) || ' sum=' || coalesce(sum(tbalance),0) || ' md5=' || \
+         coalesce(md5(string_agg(t::text, ',' ORDER BY tid)),'-') FROM pgbench_tellers t",
+    ),
+    (
+        "pgbench_history",
+        "SELECT count(*) || ' sum=' || coalesce(sum(delta),0) || ' md5=' || \
+         coalesce(md5(string_agg(t::text, ',' ORDER BY tid, bid, aid, delta, mtime, t::text)),'-') \
+         FROM pgbench_history t",
+    ),
+];
+
+fn checksums(s: &Server) -> R<Vec<(String, String)>> {
+    CHECKSUM_QUERIES.iter().map(|(t, q)| Ok((t.to_string(), s.sql(q)?))).collect()
+}
+
+/// End of WAL after a clean shutdown: end (MAXALIGN'd) of the shutdown checkpoint record, via pg_waldump.
+fn wal_end_after_checkpoint(pg: &Pg, pg_wal: &Path, ckpt: u64, block_size: u64) -> R<u64> {
+    let mut c = pg.cmd("pg_waldump");
+    c.arg("-p").arg(pg_wal).arg("-s").arg(fmt_lsn(ckpt));
+    let out = run(&mut c)?;
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    let recs: Vec<&str> = stdout.lines().filter(|l| l.starts_with("rmgr:")).collect();
+    let ctx = || format!("`{}`\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}", cmdline(&c));
+    if recs.len() != 1 || !recs[0].contains("CHECKPOINT_SHUTDOWN") {
+        return Err(format!("expected exactly one record (CHECKPOINT_SHUTDOWN) at the latest checkpoint: {}", ctx()));
+    }
+    let tot: u64 = recs[0]
+        .split("len (rec/tot):")
+        .nth(1)
+        .and_then(|s| s.split(',').next())
+        .and_then(|s| s.split('/').nth(1))
+        .and_then(|s| s.trim().parse().ok())
+        .ok_or_else(|| format!("cannot parse record length: {}", ctx()))?;
+    let from_len = if (ckpt % block_size) + tot <= block_size { Some((ckpt + tot + 7) & !7) } else { None };
+    let from_err = stderr.split("invalid record length at ").nth(1).and_then(|s| s.split(':').next()).and_then(parse_lsn);
+    match (from_len, from_err) {
+        (Some(a), Some(b)) if a != b => Err(format!("end of WAL: record length says {}, error says {}: {}", fmt_lsn(a), fmt_lsn(b), ctx())),
+        (Some(a), _) => Ok(a),
+        (None, Some(b)) => Ok(b),
+        (None, None) => Err(format!("cannot determine the end of WAL: {}", ctx())),
+    }
+}
+
+fn append(path: &Path, text: &str) -> R<()> {
+    use std::io::Write;
+    let mut f = fs::OpenOptions::new().append(true).open(path).map_err(|e| format!("open {}: {e}", path.display()))?;
+    f.write_all(text.as_bytes()).map_err(|e| format!("append to {}: {e}", path.display()))
+}
+
+/// Remove ANSI escape sequences (colored log output).
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut it = s.chars().peekable();
+    while let Some(c) = it.next() {
+        if c == '\u{1b}' {
+            if it.peek() == Some(&'[') {
+                it.next();
+                for d in it.by_ref() {
+                    if d.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn indent(s: &str) -> String {
+    s.lines().map(|l| format!("     | {l}")).collect::<Vec<_>>().join("\n")
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Test context: a primary, its walship receiver + follow-mode sender
+
+struct Ctx {
+    pg: Pg,
+    tmp: TestDir,
+    primary: Server,
+    sock: PathBuf,
+    pgdir: PathBuf,
+    recv_dir: PathBuf,
+    addr: String,
+    recv: Option<ChildGuard>,
+    send: Option<ChildGuard>,
+    t0: Instant,
+}
+
+/// `None` = skip (no PostgreSQL, and not required).
+fn setup(name: &str, port: u16) -> Option<Ctx> {
+    let require = std::env::var("WALSHIP_REQUIRE_PG").as_deref() == Ok("1");
+    let Some(bin) = Pg::find_bin() else {
+        if require {
+            panic!("WALSHIP_REQUIRE_PG=1 but PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb)");
+        }
+        println!("SKIP: PostgreSQL not installed");
+        return None;
+    };
+    let as_user = if is_root() {
+        match user_ids(PG_USER) {
+            Some(ids) => Some(ids),
+            None => {
+                if require {
+                    panic!("running as root but there is no `{PG_USER}` OS user to run PostgreSQL as");
+                }
+                println!("SKIP: running as root without a `{PG_USER}` user (initdb refuses root)");
+                return None;
+            }
+        }
+    } else {
+        None
+    };
+    let tmp = TestDir::new(name);
+    let root = tmp.path().to_path_buf();
+    let pgdir = root.join("pg");
+    let sock = pgdir.join("sock");
+    fs::create_dir_all(&sock).expect("mkdir sock");
+    fs::set_permissions(&sock, fs::Permissions::from_mode(0o700)).expect("chmod sock");
+    let pg = Pg { bin, as_user, cwd: root.clone() };
+    pg.chown(&pgdir).expect("chown pgdir");
+    println!("[{name}] PostgreSQL bin: {}  temp dir: {}", pg.bin.display(), root.display());
+    let primary = Server {
+        pg: pg.clone(),
+        name: "primary",
+        data: pgdir.join("primary"),
+        log: pgdir.join("primary.log"),
+        sock: sock.clone(),
+        port,
+        running: false,
+    };
+    Some(Ctx {
+        pg,
+        primary,
+        sock,
+        pgdir,
+        recv_dir: root.join("recv"),
+        addr: format!("127.0.0.1:{}", free_port()),
+        recv: None,
+        send: None,
+        tmp,
+        t0: Instant::now(),
+    })
+}
+
+impl Ctx {
+    fn say(&self, msg: impl std::fmt::Display) {
+        println!("[{:>6.2} s] {msg}", self.t0.elapsed().as_secs_f64());
+    }
+
+    fn send_out(&self) -> PathBuf {
+        self.tmp.join("send.stdout")
+    }
+    fn send_err(&self) -> PathBuf {
+        self.tmp.join("send.stderr")
+    }
+    fn recv_err(&self) -> PathBuf {
+        self.tmp.join("recv.stderr")
+    }
+    fn report(&self) -> PathBuf {
+        self.tmp.join("send-report.json")
+    }
+
+    /// Panic message with everything useful.
+    fn fail(&self, e: String) -> ! {
+        panic!(
+            "{e}\n--- walship send stdout ---\n{}\n--- walship send stderr tail ---\n{}\n--- walship recv stderr tail ---\n{}\n\
+             --- primary log tail ---\n{}\n(temp dir {}; WALSHIP_KEEP_TMP=1 keeps it)",
+            tail_file(&self.send_out(), 20),
+            strip_ansi(&tail_file(&self.send_err(), 40)),
+            strip_ansi(&tail_file(&self.recv_err(), 30)),
+            tail_file(&self.primary.log, 30),
+            self.tmp.path().display()
+        )
+    }
+
+    fn init_primary(&mut self) -> R<()> {
+        let mut c = self.pg.cmd("initdb");
+        c.arg("-D").arg(&self.primary.data);
+        c.args(["-U", PG_USER, "--auth=trust", "--locale=C", "--encoding=UTF8", "--no-sync"]);
+        run_ok(&mut c)?;
+        append(
+            &self.primary.data.join("postgresql.conf"),
+            &format!(
+                "\n# walship pg_follow test\nport = {}\nlisten_addresses = ''\nunix_socket_directories = '{}'\n\
+                 wal_level = replica\nmax_wal_senders = 4\nmax_replication_slots = 4\nwal_keep_size = 0\n\
+                 max_wal_size = 256MB\nmin_wal_size = 64MB\nlog_checkpoints = on\n",
+                self.primary.port,
+                self.sock.display()
+            ),
+        )?;
+        self.primary.pg_ctl_start(true)?;
+        self.say(format!("primary up: {}", self.primary.sql("SELECT version()")?));
+        Ok(())
+    }
+
+    fn conninfo(&self) -> String {
+        format!("host={} port={} user={PG_USER} dbname=postgres", self.sock.display(), self.primary.port)
+    }
+
+    fn start_recv(&mut self) -> R<()> {
+        let file = |p: PathBuf| fs::File::create(&p).map_err(|e| format!("create {}: {e}", p.display()));
+        let mut c = cmd(walship_bin(), ["recv", "--listen", &self.addr, "--dir"]);
+        c.arg(&self.recv_dir).arg("--insecure-no-auth");
+        c.env("NO_COLOR", "1");
+        c.stdin(Stdio::null()).stdout(file(self.tmp.join("recv.stdout"))?).stderr(file(self.recv_err())?);
+        self.say(format!("$ {}", cmdline(&c)));
+        self.recv = Some(ChildGuard::spawn("walship recv", &mut c).map_err(|e| format!("spawn recv: {e}"))?);
+        Ok(())
+    }
+
+    fn start_send(&mut self, slot: Option<&str>) -> R<()> {
+        let file = |p: PathBuf| fs::File::create(&p).map_err(|e| format!("create {}: {e}", p.display()));
+        let mut c = cmd(walship_bin(), ["send", "--pg-wal"]);
+        c.arg(self.primary.data.join("pg_wal")).args(["--to", &self.addr, "--conninfo", &self.conninfo()]);
+        if let Some(s) = slot {
+            c.args(["--slot", s]);
+        }
+        c.arg("--report-json").arg(self.report()).arg("--insecure-no-auth");
+        c.env("NO_COLOR", "1");
+        c.stdin(Stdio::null()).stdout(file(self.send_out())?).stderr(file(self.send_err())?);
+        self.say(format!("$ {}", cmdline(&c)));
+        let g = ChildGuard::spawn("walship send", &mut c).map_err(|e| format!("spawn send: {e}"))?;
+        // Debug knob: WALSHIP_TEST_STRACE_SEND=1 records which process signals the sender (si_pid/si_uid).
+        if std::env::var("WALSHIP_TEST_STRACE_SEND").as_deref() == Ok("1") {
+            let mut st = Command::new("strace");
+            st.args(["-qq", "-e", "trace=none", "-o"]).arg(self.tmp.join("send.strace")).arg("-p").arg(g.pid().to_string());
+            st.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+            let _ = st.spawn();
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        self.send = Some(g);
+        Ok(())
+    }
+
+    /// Start recv + follow-mode send with the slot; wait until the slot exists and the sender follows.
+    fn start_walship(&mut self) -> R<()> {
+        fs::create_dir_all(&self.recv_dir).map_err(|e| e.to_string())?;
+        self.start_recv()?;
+        self.start_send(Some(SLOT))?;
+        self.wait_log(&self.send_err(), "following a live", Duration::from_secs(30))?;
+        let n = self.primary.sql(&format!("SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{SLOT}'"))?;
+        if n != "1" {
+            return Err(format!("sender follows but slot {SLOT} does not exist (count {n})"));
+        }
+        self.say(format!("sender follows; slot {SLOT}: restart_lsn {}", fmt_lsn(self.slot_restart()?)));
+        Ok(())
+    }
+
+    fn check_alive(&mut self) -> R<()> {
+        for (name, g) in [("walship send", self.send.as_mut()), ("walship recv", self.recv.as_mut())] {
+            if let Some(g) = g {
+                if let Ok(Some(st)) = g.try_wait() {
+                    return Err(format!("{name} exited early with {st}"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Wait until `path` contains `needle`; returns the first line containing it.
+    fn wait_log(&self, path: &Path, needle: &str, timeout: Duration) -> R<String> {
+        poll_until(timeout, Duration::from_millis(100), || {
+            let s = strip_ansi(&fs::read_to_string(path).unwrap_or_default());
+            s.lines().find(|l| l.contains(needle)).map(str::to_string)
+        })
+        .ok_or_else(|| format!("no line containing {needle:?} in {} within {timeout:?}", path.display()))
+    }
+
+    fn slot_restart(&self) -> R<u64> {
+        self.primary.lsn(&format!("SELECT restart_lsn FROM pg_replication_slots WHERE slot_name = '{SLOT}'"))
+    }
+
+    /// The receiver's `.walship-flushed` LSN (0 if not written yet).
+    fn recv_flushed(&self) -> R<u64> {
+        let p = self.recv_dir.join(".walship-flushed");
+        for _ in 0..20 {
+            match fs::read_to_string(&p) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+                Err(e) => return Err(format!("read {}: {e}", p.display())),
+                Ok(s) => {
+                    if let Some(l) = s.split_whitespace().next().and_then(parse_lsn) {
+                        return Ok(l);
+                    }
+                    // A read racing the fixed-size rewrite: try again.
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
+        Err(format!("{} never held a parsable LSN", p.display()))
+    }
+
+    fn pgbench(&self, args: &[&str]) -> R<String> {
+        let mut c = self.pgbench_cmd(args);
+        let out = run_ok(&mut c).map_err(|e| self.primary.err(e))?;
+        Ok(String::from_utf8_lossy(&out.stdout).to_string())
+    }
+
+    fn pgbench_cmd(&self, args: &[&str]) -> Command {
+        let mut c = self.pg.cmd("pgbench");
+        c.arg("-h").arg(&self.sock).args(["-p", &self.primary.port.to_string(), "-U", PG_USER]);
+        c.args(args).arg("postgres");
+        c
+    }
+
+    fn pgbench_run(&self, secs: u32) -> R<()> {
+        let out = self.pgbench(&["-c", "2", "-j", "2", "-T", &secs.to_string(), "-n"])?;
+        let tps = out.lines().find(|l| l.starts_with("tps")).unwrap_or("").to_string();
+        self.say(format!("pgbench -T {secs}: {tps}"));
+        Ok(())
+    }
+
+    fn base_backup(&self) -> R<(PathBuf, u64)> {
+        let base = self.pgdir.join("base");
+        let mut c = self.pg.cmd("pg_basebackup");
+        c.arg("-h").arg(&self.sock).args(["-p", &self.primary.port.to_string(), "-U", PG_USER]);
+        c.arg("-D").arg(&base).args(["-c", "fast", "-X", "none", "--no-sync"]);
+        run_ok(&mut c).map_err(|e| self.primary.err(e))?;
+        let label = fs::read_to_string(base.join("backup_label")).map_err(|e| format!("read backup_label: {e}"))?;
+        let start = label
+            .lines()
+            .find_map(|l| l.strip_prefix("START WAL LOCATION: "))
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(parse_lsn)
+            .ok_or_else(|| format!("no START WAL LOCATION in backup_label:\n{label}"))?;
+        self.say(format!("base backup taken: START WAL LOCATION {}", fmt_lsn(start)));
+        Ok((base, start))
+    }
+
+    /// Stop the primary cleanly; return (control data, end of WAL per pg_waldump).
+    fn clean_stop(&mut self) -> R<(ControlData, u64)> {
+        self.primary.stop("fast")?;
+        let cd = self.primary.controldata()?;
+        if cd.state != "shut down" || cd.redo != cd.checkpoint {
+            return Err(format!("after a clean stop: state `{}`, redo {} checkpoint {}", cd.state, fmt_lsn(cd.redo), fmt_lsn(cd.checkpoint)));
+        }
+        let end = wal_end_after_checkpoint(&self.pg, &self.primary.data.join("pg_wal"), cd.checkpoint, cd.block_size)?;
+        self.say(format!("primary stopped cleanly: shutdown checkpoint {}, end of WAL {}", fmt_lsn(cd.checkpoint), fmt_lsn(end)));
+        Ok((cd, end))
+    }
+
+    /// Wait for the sender's "... through its shutdown checkpoint (up to X)" line; return X.
+    fn wait_shutdown_shipped(&self) -> R<u64> {
+        let line = self.wait_log(&self.send_err(), "holds the server's WAL durably through its shutdown checkpoint", Duration::from_secs(60))?;
+        self.say(format!("sender: {}", line.trim()));
+        line.split("(up to ")
+            .nth(1)
+            .and_then(|s| s.split(')').next())
+            .and_then(parse_lsn)
+            .ok_or_else(|| format!("cannot parse the LSN in {line:?}"))
+    }
+
+    fn sigterm(&mut self, which: &str, timeout: Duration) -> R<ExitStatus> {
+        let g = if which == "send" { self.send.as_mut() } else { self.recv.as_mut() };
+        let g = g.ok_or_else(|| format!("walship {which} not running"))?;
+        if let Ok(Some(st)) = g.try_wait() {
+            return Err(format!("walship {which} had already exited with {st}"));
+        }
+        let t0 = Instant::now();
+        g.signal(libc::SIGTERM).map_err(|e| format!("SIGTERM walship {which}: {e}"))?;
+        let st = g.wait_timeout(timeout).map_err(|e| e.to_string())?;
+        let st = st.ok_or_else(|| format!("walship {which} still running {timeout:?} after SIGTERM"))?;
+        self.say(format!("walship {which} exited with {st} {:.2} s after SIGTERM", t0.elapsed().as_secs_f64()));
+        Ok(st)
+    }
+
+    /// SIGTERM the sender then the receiver; both must exit 0. Returns the sender's stdout.
+    fn stop_walship(&mut self) -> R<String> {
+        let st = self.sigterm("send", Duration::from_secs(60))?;
+        let out = fs::read_to_string(self.send_out()).unwrap_or_default();
+        if !st.success() {
+            return Err(format!("walship send exited with {st} after SIGTERM (want 0)"));
+        }
+        println!("   walship send stdout:\n{}", indent(&out));
+        if !out.contains("shipped") {
+            return Err(format!("walship send stdout lacks `shipped`: {out:?}"));
+        }
+        let st = self.sigterm("recv", Duration::from_secs(30))?;
+        if !st.success() {
+            return Err(format!("walship recv exited with {st} after SIGTERM (want 0)"));
+        }
+        Ok(out)
+    }
+
+    fn report_json(&self) -> R<String> {
+        fs::read_to_string(self.report()).map_err(|e| format!("read {}: {e}", self.report().display()))
+    }
+
+    /// A standby from `base` (empty pg_wal) restoring only through `walship restore`; it must replay to exactly
+    /// `target` and show `sums`.
+    fn replay(&self, base: &Path, target: u64, cd: &ControlData, backup_start: u64, sums: &[(String, String)], port: u16) -> R<()> {
+        let mut standby = Server {
+            pg: self.pg.clone(),
+            name: "standby",
+            data: self.pgdir.join("standby"),
+            log: self.pgdir.join("standby.log"),
+            sock: self.sock.clone(),
+            port,
+            running: false,
+        };
+        run_ok(cmd("cp", ["-a"]).arg(base).arg(&standby.data))?;
+        let wal = standby.data.join("pg_wal");
+        for e in fs::read_dir(&wal).map_err(|e| e.to_string())?.flatten() {
+            let p = e.path();
+            let r = if p.is_dir() { fs::remove_dir_all(&p) } else { fs::remove_file(&p) };
+            r.map_err(|e| format!("empty {}: {e}", wal.display()))?;
+        }
+        fs::write(standby.data.join("standby.signal"), b"").map_err(|e| e.to_string())?;
+        let exe = self.restore_exe()?;
+        let restore = format!("{} restore %f %p --dir {}", exe.display(), self.recv_dir.display());
+        append(
+            &standby.data.join("postgresql.auto.conf"),
+            &format!(
+                "\n# walship pg_follow standby\nport = {port}\nrestore_command = '{restore}'\nhot_standby = on\n\
+                 wal_retrieve_retry_interval = '1s'\n"
+            ),
+        )?;
+        self.pg.chown(&standby.data)?;
+        chmod_a_rx(&self.recv_dir).map_err(|e| format!("chmod -R a+rX {}: {e}", self.recv_dir.display()))?;
+        self.say(format!("standby: restore_command = '{restore}', replaying to {}", fmt_lsn(target)));
+        standby.pg_ctl_start(false)?;
+        let t0 = Instant::now();
+        let mut last = String::new();
+        let reached = poll_until(REPLAY_TIMEOUT, Duration::from_millis(250), || match standby.sql_quiet("SELECT pg_last_wal_replay_lsn()") {
+            Ok(s) => {
+                last = s.clone();
+                parse_lsn(&s).filter(|&l| l >= target).map(Ok)
+            }
+            Err(e) => {
+                last = e;
+                if t0.elapsed() > Duration::from_secs(3) && !standby.alive() {
+                    Some(Err(standby.err(format!("standby postmaster died during recovery (last psql: {last})"))))
+                } else {
+                    None
+                }
+            }
+        })
+        .ok_or_else(|| standby.err(format!("standby did not replay to {} within {REPLAY_TIMEOUT:?}; last: {last}", fmt_lsn(target))))??;
+        self.say(format!("standby replayed to {} after {:.1} s", fmt_lsn(reached), t0.elapsed().as_secs_f64()));
+        if reached != target {
+            return Err(standby.err(format!("pg_last_wal_replay_lsn() = {} != primary's end of WAL {}", fmt_lsn(reached), fmt_lsn(target))));
+        }
+        if standby.sql("SELECT pg_is_in_recovery()")? != "t" {
+            return Err(standby.err("standby is not in recovery"));
+        }
+        let got = checksums(&standby)?;
+        let mut bad = String::new();
+        for ((tbl, want), (_, have)) in sums.iter().zip(&got) {
+            if want != have {
+                let _ = writeln!(bad, "  {tbl}: primary {want}\n  {tbl}: standby {have}");
+            }
+        }
+        if !bad.is_empty() {
+            return Err(standby.err(format!("checksums differ after replay:\n{bad}")));
+        }
+        self.say(format!("all {} table checksums equal", got.len()));
+        let log = fs::read_to_string(&standby.log).unwrap_or_default();
+        let restored: Vec<&str> = log
+            .lines()
+            .filter_map(|l| l.split("restored log file \"").nth(1).and_then(|s| s.split('"').next()))
+            .collect();
+        let want: Vec<String> =
+            (backup_start / cd.seg_size..=(target - 1) / cd.seg_size).map(|s| seg_name(cd.tli, s, cd.seg_size)).collect();
+        let missing: Vec<&String> = want.iter().filter(|n| !restored.contains(&n.as_str())).collect();
+        if !missing.is_empty() {
+            return Err(standby.err(format!("standby log shows no `restored log file` for {missing:?}")));
+        }
+        if let Some(l) = log.lines().find(|l| l.contains(".partial is not in")) {
+            return Err(standby.err(format!("recovery asked restore_command for a .partial name: {l}")));
+        }
+        self.say(format!("standby restored {} files via walship restore ({} .. {})", restored.len(), want[0], want[want.len() - 1]));
+        standby.stop("fast")?;
+        Ok(())
+    }
+
+    fn restore_exe(&self) -> R<PathBuf> {
+        let w = walship_bin();
+        if self.pg.as_user.is_none() || others_can_reach(&w) {
+            return Ok(w);
+        }
+        let dir = self.tmp.join("bin");
+        fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let exe = dir.join("walship");
+        fs::copy(&w, &exe).map_err(|e| format!("copy {}: {e}", w.display()))?;
+        fs::set_permissions(&exe, fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())?;
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())?;
+        Ok(exe)
+    }
+
+    fn print_sums(&self, sums: &[(String, String)]) {
+        for (t, v) in sums {
+            println!("     {t}: {v}");
+        }
+    }
+}
+
+fn lock() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// 1. live follow, clean stop, replay
+
+#[test]
+fn live_follow_then_clean_stop_replays() {
+    let _l = lock();
+    let Some(mut ctx) = setup("follow-clean", 5511) else { return };
+    if let Err(e) = live_follow_then_clean_stop(&mut ctx) {
+        ctx.fail(e);
+    }
+}
+
+fn live_follow_then_clean_stop(ctx: &mut Ctx) -> R<()> {
+    ctx.init_primary()?;
+    ctx.start_walship()?;
+    let (base, backup_start) = ctx.base_backup()?;
+    ctx.pgbench(&["-i", "-s", "5", "-q"])?;
+    ctx.pgbench_run(8)?;
+    ctx.check_alive()?;
+    let sums = checksums(&ctx.primary)?;
+    ctx.print_sums(&sums);
+    let (cd, end) = ctx.clean_stop()?;
+    let logged = ctx.wait_shutdown_shipped()?;
+    if logged != end {
+        return Err(format!("sender says it shipped through the shutdown checkpoint up to {}, pg_waldump says WAL ends at {}", fmt_lsn(logged), fmt_lsn(end)));
+    }
+    let flushed = ctx.recv_flushed()?;
+    if flushed != end {
+        return Err(format!("receiver's .walship-flushed {} != end of WAL {}", fmt_lsn(flushed), fmt_lsn(end)));
+    }
+    ctx.stop_walship()?;
+    let json = ctx.report_json()?;
+    println!("   report: {}", json.trim());
+    let rep_end = json_field(&json, "end_lsn").and_then(|s| parse_lsn(&s));
+    if rep_end != Some(end) {
+        return Err(format!("report end_lsn {rep_end:?} != end of WAL {} ({end})", fmt_lsn(end)));
+    }
+    ctx.replay(&base, end, &cd, backup_start, &sums, 5512)
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// 2. kill -9 the postmaster mid-pgbench, restart (crash recovery), keep following
+
+#[test]
+fn crash_and_restart_keeps_going() {
+    let _l = lock();
+    let Some(mut ctx) = setup("follow-crash", 5521) else { return };
+    if let Err(e) = crash_and_restart(&mut ctx) {
+        ctx.fail(e);
+    }
+}
+
+fn crash_and_restart(ctx: &mut Ctx) -> R<()> {
+    ctx.init_primary()?;
+    ctx.start_walship()?;
+    let (base, backup_start) = ctx.base_backup()?;
+    ctx.pgbench(&["-i", "-s", "5", "-q"])?;
+    // pgbench in the background; kill -9 the postmaster while it runs.
+    let bout = ctx.tmp.join("pgbench-crash.out");
+    let mut c = ctx.pgbench_cmd(&["-c", "2", "-j", "2", "-T", "8", "-n"]);
+    c.stdin(Stdio::null())
+        .stdout(fs::File::create(&bout).map_err(|e| e.to_string())?)
+        .stderr(fs::File::create(ctx.tmp.join("pgbench-crash.err")).map_err(|e| e.to_string())?);
+    let mut bench = ChildGuard::spawn("pgbench", &mut c).map_err(|e| e.to_string())?;
+    std::thread::sleep(Duration::from_secs(4));
+    let flush_before = ctx.primary.lsn("SELECT pg_current_wal_flush_lsn()")?;
+    let pid = ctx.primary.postmaster_pid()?;
+    // SAFETY: kill(2) on the postmaster pid read from its own postmaster.pid.
+    if unsafe { libc::kill(pid, libc::SIGKILL) } != 0 {
+        return Err(format!("kill -9 {pid}: {}", std::io::Error::last_os_error()));
+    }
+    ctx.say(format!("kill -9 postmaster {pid} (flush LSN shortly before: {})", fmt_lsn(flush_before)));
+    let st = bench.wait_timeout(Duration::from_secs(60)).map_err(|e| e.to_string())?;
+    ctx.say(format!("pgbench ended with {st:?} (expected to fail)"));
+    ctx.check_alive()?;
+    // Let the sender notice the server is gone and that it did not shut down cleanly.
+    std::thread::sleep(Duration::from_secs(2));
+    let cd_crash = ctx.primary.controldata()?;
+    ctx.say(format!("pg_control after kill -9: state `{}`", cd_crash.state));
+    // Restart: orphaned backends may hold the shared memory a moment longer; retry.
+    let t0 = Instant::now();
+    loop {
+        match ctx.primary.pg_ctl_start(true) {
+            Ok(()) => break,
+            Err(e) if t0.elapsed() < Duration::from_secs(30) => {
+                ctx.say(format!("restart failed, retrying: {}", e.lines().next().unwrap_or("")));
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            Err(e) => return Err(format!("could not restart the primary after kill -9: {e}")),
+        }
+    }
+    ctx.say("primary restarted (crash recovery done)");
+    let log = fs::read_to_string(&ctx.primary.log).unwrap_or_default();
+    if !log.contains("not properly shut down") && !log.contains("automatic recovery") {
+        return Err(ctx.primary.err("restart did not go through crash recovery?"));
+    }
+    ctx.wait_log(&ctx.send_err(), "server is back", Duration::from_secs(30))?;
+    ctx.say("sender: server is back");
+    ctx.pgbench_run(5)?;
+    ctx.check_alive()?;
+    let sums = checksums(&ctx.primary)?;
+    ctx.print_sums(&sums);
+    let (cd, end) = ctx.clean_stop()?;
+    let logged = ctx.wait_shutdown_shipped()?;
+    if logged != end {
+        return Err(format!("sender logged shutdown end {} != pg_waldump end {}", fmt_lsn(logged), fmt_lsn(end)));
+    }
+    ctx.stop_walship()?;
+    let json = ctx.report_json()?;
+    println!("   report: {}", json.trim());
+    ctx.replay(&base, end, &cd, backup_start, &sums, 5522)
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// 3. the slot never passes what the receiver holds durably; with the sender stopped the WAL stays
+
+#[test]
+fn slot_never_passes_flushed() {
+    let _l = lock();
+    let Some(mut ctx) = setup("follow-slot", 5531) else { return };
+    if let Err(e) = slot_never_passes(&mut ctx) {
+        ctx.fail(e);
+    }
+}
+
+fn slot_never_passes(ctx: &mut Ctx) -> R<()> {
+    ctx.init_primary()?;
+    ctx.start_walship()?;
+    let initial = ctx.slot_restart()?;
+    ctx.pgbench(&["-i", "-s", "5", "-q"])?;
+    let mut c = ctx.pgbench_cmd(&["-c", "2", "-j", "2", "-T", "8", "-n"]);
+    c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    let mut bench = ChildGuard::spawn("pgbench", &mut c).map_err(|e| e.to_string())?;
+    let mut samples = Vec::new();
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(10) {
+        // Slot first, then the file: the receiver's flushed LSN only grows, and the sender advances the slot
+        // only to LSNs the receiver acknowledged (published in the file before the ack). So whatever the slot
+        // said a moment ago must be <= what the file says now.
+        let slot = ctx.slot_restart()?;
+        let flushed = ctx.recv_flushed()?;
+        let cur = ctx.primary.lsn("SELECT pg_current_wal_lsn()")?;
+        samples.push((slot, flushed, cur));
+        if slot > initial && slot > flushed {
+            return Err(format!(
+                "slot restart_lsn {} is past the receiver's durable LSN {} (read after it); samples so far: {}",
+                fmt_lsn(slot),
+                fmt_lsn(flushed),
+                fmt_samples(&samples)
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let _ = bench.wait_timeout(Duration::from_secs(30));
+    ctx.check_alive()?;
+    ctx.say(format!("{} samples (slot restart_lsn <= receiver flushed, current insert LSN):\n{}", samples.len(), fmt_samples(&samples)));
+    let advanced = samples.iter().filter(|s| s.0 > initial).count();
+    if advanced == 0 {
+        return Err(format!("the slot never advanced past its initial restart_lsn {} while following", fmt_lsn(initial)));
+    }
+    let lag_max = samples.iter().map(|s| s.2.saturating_sub(s.0)).max().unwrap_or(0);
+    ctx.say(format!("slot advanced in {advanced}/{} samples; max (insert - restart_lsn) = {:.1} MiB", samples.len(), lag_max as f64 / 1048576.0));
+
+    // Stop the sender: the slot must stay put, and the server must keep every segment from restart_lsn on.
+    let st = ctx.sigterm("send", Duration::from_secs(60))?;
+    if !st.success() {
+        return Err(format!("walship send exited with {st} after SIGTERM (want 0)"));
+    }
+    let slot = ctx.slot_restart()?;
+    let flushed = ctx.recv_flushed()?;
+    if slot > flushed {
+        return Err(format!("after SIGTERM: slot restart_lsn {} > receiver flushed {}", fmt_lsn(slot), fmt_lsn(flushed)));
+    }
+    ctx.say(format!("sender stopped: slot restart_lsn {}, receiver flushed {}", fmt_lsn(slot), fmt_lsn(flushed)));
+    let cd0 = ctx.primary.controldata()?;
+    ctx.pgbench_run(3)?;
+    for _ in 0..6 {
+        ctx.primary.sql("SELECT pg_switch_wal(); CHECKPOINT")?;
+        ctx.primary.sql("CREATE TABLE IF NOT EXISTS filler(x int); INSERT INTO filler SELECT generate_series(1,1000)")?;
+    }
+    ctx.primary.sql("CHECKPOINT")?;
+    let slot_after = ctx.slot_restart()?;
+    if slot_after != slot {
+        return Err(format!("slot moved from {} to {} with the sender stopped", fmt_lsn(slot), fmt_lsn(slot_after)));
+    }
+    let redo = ctx.primary.lsn("SELECT redo_lsn FROM pg_control_checkpoint()")?;
+    let cur = ctx.primary.lsn("SELECT pg_current_wal_lsn()")?;
+    let seg = cd0.seg_size;
+    let pg_wal = ctx.primary.data.join("pg_wal");
+    let missing: Vec<String> =
+        (slot / seg..=cur / seg).map(|s| seg_name(cd0.tli, s, seg)).filter(|n| !pg_wal.join(n).exists()).collect();
+    ctx.say(format!(
+        "after more WAL + CHECKPOINTs: redo {} (segments before it would be removable without the slot), current {}; \
+         segments {}..{} must remain",
+        fmt_lsn(redo),
+        fmt_lsn(cur),
+        seg_name(cd0.tli, slot / seg, seg),
+        seg_name(cd0.tli, cur / seg, seg)
+    ));
+    if redo / seg <= slot / seg {
+        return Err(format!("the test did not move the redo pointer ({}) past the slot's segment ({}): nothing proven", fmt_lsn(redo), fmt_lsn(slot)));
+    }
+    if !missing.is_empty() {
+        return Err(format!("segments past the slot's restart_lsn {} are gone from pg_wal: {missing:?}", fmt_lsn(slot)));
+    }
+    let st = ctx.sigterm("recv", Duration::from_secs(30))?;
+    if !st.success() {
+        return Err(format!("walship recv exited with {st} after SIGTERM (want 0)"));
+    }
+    ctx.primary.stop("fast")
+}
+
+fn fmt_samples(s: &[(u64, u64, u64)]) -> String {
+    s.iter()
+        .map(|(a, b, c)| format!("     slot {:>11}  flushed {:>11}  insert {:>11}", fmt_lsn(*a), fmt_lsn(*b), fmt_lsn(*c)))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// 4. flush-to-durable-ack latency is measured and reported
+
+#[test]
+fn ack_latency_is_measured() {
+    let _l = lock();
+    let Some(mut ctx) = setup("follow-latency", 5541) else { return };
+    if let Err(e) = ack_latency(&mut ctx) {
+        ctx.fail(e);
+    }
+}
+
+fn ack_latency(ctx: &mut Ctx) -> R<()> {
+    ctx.init_primary()?;
+    ctx.start_walship()?;
+    ctx.pgbench(&["-i", "-s", "5", "-q"])?;
+    ctx.pgbench_run(8)?;
+    ctx.check_alive()?;
+    let out = ctx.stop_walship()?;
+    let json = ctx.report_json()?;
+    println!("   report: {}", json.trim());
+    let lat = json
+        .split("\"ack_latency_us\"")
+        .nth(1)
+        .and_then(|s| s.split('}').next())
+        .map(|s| s.trim_start().trim_start_matches(':').trim_start().to_string() + "}")
+        .ok_or_else(|| format!("report JSON has no ack_latency_us: {json}"))?;
+    let num = |k: &str| -> R<f64> {
+        json_field(&lat, k).and_then(|s| s.parse().ok()).ok_or_else(|| format!("ack_latency_us lacks a number `{k}`: {lat}"))
+    };
+    let (p50, p99, p999, max) = (num("p50")?, num("p99")?, num("p999")?, num("max")?);
+    if !(p50 > 0.0 && p99 >= p50 && p999 >= p99 && max >= p999) {
+        return Err(format!("implausible ack latency percentiles: p50 {p50} p99 {p99} p99.9 {p999} max {max}"));
+    }
+    let line = out
+        .lines()
+        .find(|l| l.contains("flush-to-durable-ack latency"))
+        .ok_or_else(|| format!("sender stdout lacks the latency line: {out:?}"))?;
+    ctx.say(format!("walship: {}", line.trim()));
+    ctx.primary.stop("fast")?;
+
+    // The disk's own fdatasync cost, on the receiver's filesystem (pg_test_fsync's fdatasync, one 8kB write).
+    let f = ctx.recv_dir.join("pg_test_fsync.tmp");
+    let mut c = Command::new(ctx.pg.bin.join("pg_test_fsync"));
+    c.args(["-s", "2", "-f"]).arg(&f).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
+    let mut child = ChildGuard::spawn("pg_test_fsync", &mut c).map_err(|e| format!("spawn pg_test_fsync: {e}"))?;
+    let stdout = child.child.as_mut().and_then(|c| c.stdout.take()).ok_or("no pg_test_fsync stdout")?;
+    // Only its first section matters: stop reading (and kill it) once the fdatasync line is in.
+    let mut fdatasync = None;
+    let mut seen = String::new();
+    use std::io::BufRead;
+    for l in std::io::BufReader::new(stdout).lines() {
+        let l = l.map_err(|e| e.to_string())?;
+        seen.push_str(&l);
+        seen.push('\n');
+        if l.trim_start().starts_with("fdatasync") {
+            fdatasync = Some(l);
+            break;
+        }
+    }
+    drop(child); // SIGKILL + reap
+    let _ = fs::remove_file(&f);
+    let l = fdatasync.ok_or_else(|| format!("no fdatasync line from pg_test_fsync:\n{seen}"))?;
+    // "        fdatasync                          1234.567 ops/sec     810 usecs/op"
+    let ops: f64 = l
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .windows(2)
+        .find(|w| w[1] == "ops/sec")
+        .and_then(|w| w[0].parse().ok())
+        .ok_or_else(|| format!("cannot parse pg_test_fsync line {l:?}"))?;
+    let us = 1e6 / ops;
+    ctx.say(format!("pg_test_fsync -s 2 on the receiver's filesystem: {}", l.trim()));
+    println!(
+        "LATENCY SUMMARY: walship flush-to-durable-ack p50 {p50} us, p99 {p99} us, p99.9 {p999} us, max {max} us; \
+         disk fdatasync (pg_test_fsync, 8kB write) {ops:.1} ops/sec = {us:.0} us/op"
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// 5. without --slot the sender warns at start-up
+
+#[test]
+fn no_slot_warns() {
+    let _l = lock();
+    let Some(mut ctx) = setup("follow-noslot", 5551) else { return };
+    if let Err(e) = no_slot(&mut ctx) {
+        ctx.fail(e);
+    }
+}
+
+fn no_slot(ctx: &mut Ctx) -> R<()> {
+    ctx.init_primary()?;
+    fs::create_dir_all(&ctx.recv_dir).map_err(|e| e.to_string())?;
+    ctx.start_recv()?;
+    ctx.start_send(None)?;
+    let l = ctx.wait_log(&ctx.send_err(), "no --slot", Duration::from_secs(30))?;
+    ctx.say(format!("sender: {}", l.trim()));
+    if !l.contains("WARN") && !l.to_lowercase().contains("warn") {
+        return Err(format!("the no --slot message is not a warning: {l}"));
+    }
+    ctx.wait_log(&ctx.send_err(), "following a live", Duration::from_secs(30))?;
+    let n = ctx.primary.sql("SELECT count(*) FROM pg_replication_slots")?;
+    if n != "0" {
+        return Err(format!("without --slot the sender created {n} slot(s)"));
+    }
+    ctx.primary.sql("CREATE TABLE t AS SELECT generate_series(1, 10000) g")?;
+    ctx.stop_walship()?;
+    ctx.primary.stop("fast")
+}
