@@ -755,8 +755,8 @@ fn on_hello(
                 "segment/block size {}/{} but this directory holds {}/{}",
                 theirs.seg_size, theirs.block_size, ours.seg_size, ours.block_size
             ))
-        } else if ours.tli != theirs.tli {
-            Some(format!("timeline {} but this directory holds timeline {}", theirs.tli, ours.tli))
+        } else if theirs.tli < ours.tli {
+            Some(format!("timeline {} but this directory already follows the newer timeline {}", theirs.tli, ours.tli))
         } else if ours.magic != theirs.magic {
             Some(format!("page magic {:#06X} but this directory holds {:#06X}", theirs.magic, ours.magic))
         } else {
@@ -766,6 +766,49 @@ fn on_hello(
             send_error_and_close(io, conn, receiver.as_mut(), ErrorCode::Identity, format!("refusing sender {}: it ships {why}", conn.peer));
             return Ok(());
         }
+    }
+    // A newer timeline: continue on it from the segment holding the switch point, provided this
+    // directory holds the old timeline up to that point (the sender ships it first).
+    if let Some(ours) = *identity {
+        if theirs.tli > ours.tli {
+            let durable = receiver.as_ref().map_or(Lsn(0), |r| r.resume_point());
+            let switch = crate::wal::history::parse_history(&hello.history)
+                .ok()
+                .and_then(|h| crate::wal::history::switch_point(&h, ours.tli));
+            let Some(switch) = switch else {
+                let msg = format!(
+                    "refusing sender {}: it ships timeline {} whose history does not branch off this directory's timeline {}",
+                    conn.peer, theirs.tli, ours.tli
+                );
+                send_error_and_close(io, conn, receiver.as_mut(), ErrorCode::Identity, msg);
+                return Ok(());
+            };
+            if durable < switch {
+                let msg = format!(
+                    "gap: sender {} switched to timeline {} at {switch}, but this directory holds timeline {} only up to {durable}",
+                    conn.peer, theirs.tli, ours.tli
+                );
+                send_error_and_close(io, conn, receiver.as_mut(), ErrorCode::Gap, msg);
+                return Ok(());
+            }
+            SegmentDir::store_history(&cfg.dir, theirs.tli, &hello.history)?;
+            let start = switch.segment_start(theirs.seg_size);
+            info!(
+                peer = %conn.peer,
+                from = ours.tli,
+                to = theirs.tli,
+                switch = %switch,
+                "timeline switch: timeline {} ends at {switch}; continuing on timeline {} from {start}", ours.tli, theirs.tli
+            );
+            io.files.clear();
+            io.segdir = Some(SegmentDir::open(&cfg.dir, theirs.tli, theirs.seg_size)?);
+            io.segment_crc = SegmentCrc::new(theirs.seg_size, start, 0);
+            *receiver = Some(Receiver::new(receiver_config(cfg, theirs.seg_size), start));
+            *identity = Some(WalIdentity { tli: theirs.tli, ..ours });
+        }
+    }
+    if !hello.history.is_empty() {
+        SegmentDir::store_history(&cfg.dir, theirs.tli, &hello.history)?;
     }
     let rx = receiver.get_or_insert_with(|| Receiver::new(receiver_config(cfg, theirs.seg_size), Lsn(0)));
     let durable = rx.resume_point();

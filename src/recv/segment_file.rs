@@ -18,10 +18,8 @@ pub enum DirError {
     Io { path: PathBuf, source: io::Error },
     #[error("{path}: not a WAL segment this receiver can use: {why}")]
     BadSegment { path: PathBuf, why: String },
-    #[error(
-        "{dir} holds WAL of timelines {found:?}; this version of walship keeps one timeline per directory"
-    )]
-    MixedTimelines { dir: PathBuf, found: Vec<u32> },
+    #[error("writing {path}: {source}")]
+    History { path: PathBuf, source: io::Error },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> DirError + '_ {
@@ -158,6 +156,25 @@ impl SegmentDir {
         guard.as_ref().expect("open").write_all_at(line.as_bytes(), 0).map_err(io_err(&path))
     }
 
+    /// Stores a timeline history file durably under its canonical name (temp file, fsync,
+    /// rename, fsync of the directory). An existing identical file is left alone.
+    pub fn store_history(dir: &Path, tli: u32, content: &str) -> Result<(), DirError> {
+        let name = WalFileName::History { tli }.file_name(16 << 20);
+        let path = dir.join(&name);
+        if std::fs::read_to_string(&path).is_ok_and(|old| old == content) {
+            return Ok(());
+        }
+        let tmp = dir.join(format!(".{name}.tmp"));
+        let err = |source| DirError::History { path: path.clone(), source };
+        {
+            let mut f = OpenOptions::new().create(true).truncate(true).write(true).mode(0o640).open(&tmp).map_err(err)?;
+            std::io::Write::write_all(&mut f, content.as_bytes()).map_err(err)?;
+            f.sync_all().map_err(err)?;
+        }
+        std::fs::rename(&tmp, &path).map_err(err)?;
+        File::open(dir).and_then(|d| d.sync_all()).map_err(err)
+    }
+
     /// The segment is complete and durable: `.partial` -> final name. The caller syncs the directory.
     pub fn complete(&self, segno: u64) -> Result<(), DirError> {
         let from = self.partial_path(segno);
@@ -197,13 +214,11 @@ pub fn recover_dir(dir: &Path) -> Result<DirState, DirError> {
             _ => {}
         }
     }
-    let mut tlis: Vec<u32> = complete.iter().chain(partial.iter()).map(|&(t, _)| t).collect();
-    tlis.sort();
-    tlis.dedup();
-    if tlis.len() > 1 {
-        return Err(DirError::MixedTimelines { dir: dir.to_path_buf(), found: tlis });
-    }
-    let tli = tlis[0];
+    // The newest timeline is the one the stream continues on; older timelines' files stay as
+    // they are (history for a standby that restores across a switch).
+    let tli = complete.iter().chain(partial.iter()).map(|&(t, _)| t).max().expect("a segment file");
+    complete.retain(|&(t, _)| t == tli);
+    partial.retain(|&(t, _)| t == tli);
     let identity = WalIdentity { tli, ..identity };
     let segdir = SegmentDir::open(dir, tli, seg_size)?;
     complete.sort();

@@ -57,6 +57,10 @@ pub struct LiveSource {
     last_slot_advance: Instant,
     slot_target: Lsn,
     maps: BTreeMap<u64, Arc<SegmentMap>>,
+    /// This timeline's history file (empty on timeline 1).
+    history: String,
+    /// The server moved to a newer timeline: (new timeline, where ours ends, its history).
+    pending_switch: Option<(u32, Lsn, String)>,
 }
 
 fn pg_err(conninfo: &str, e: postgres::Error) -> SourceError {
@@ -122,7 +126,10 @@ impl LiveSource {
             last_slot_advance: Instant::now(),
             slot_target: slot_restart,
             maps: BTreeMap::new(),
+            history: String::new(),
+            pending_switch: None,
         };
+        source.history = read_history(&source.cfg.pg_wal, tli).unwrap_or_default();
         source.poll_horizon()?;
         info!(
             standby = source.is_standby,
@@ -147,22 +154,72 @@ impl LiveSource {
         self.state
     }
 
-    fn query_flush_lsn(&mut self) -> Result<Option<Lsn>, postgres::Error> {
+    /// The server's flush LSN and, on a primary, the timeline it writes (a standby that was
+    /// promoted becomes a primary on a new timeline).
+    fn query_flush_lsn(&mut self) -> Result<(Option<Lsn>, Option<u32>), postgres::Error> {
         let client = self.client.as_mut().expect("connected");
-        let sql = if self.is_standby {
-            "SELECT COALESCE(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn())::text"
-        } else {
-            "SELECT pg_current_wal_flush_lsn()::text"
-        };
+        let sql = "SELECT pg_is_in_recovery(), \
+                   CASE WHEN pg_is_in_recovery() THEN COALESCE(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn())::text \
+                        ELSE pg_current_wal_flush_lsn()::text END, \
+                   CASE WHEN pg_is_in_recovery() THEN NULL \
+                        ELSE substr(pg_walfile_name(pg_current_wal_flush_lsn()), 1, 8) END";
         let row = client.query_one(sql, &[])?;
-        let text: Option<String> = row.get(0);
-        Ok(text.and_then(|t| t.parse::<Lsn>().ok()))
+        self.is_standby = row.get(0);
+        let text: Option<String> = row.get(1);
+        let tli: Option<String> = row.get(2);
+        Ok((text.and_then(|t| t.parse::<Lsn>().ok()), tli.and_then(|t| u32::from_str_radix(&t, 16).ok())))
+    }
+
+    /// The server writes a newer timeline: our timeline ends at the switch point in the new
+    /// timeline's history file; ship up to there, then the sender switches (`apply_switch`).
+    fn on_new_timeline(&mut self, tli: u32) -> Result<(), SourceError> {
+        if self.pending_switch.as_ref().is_some_and(|p| p.0 == tli) {
+            return Ok(());
+        }
+        let history = read_history(&self.cfg.pg_wal, tli)?;
+        let entries = crate::wal::history::parse_history(&history).map_err(|e| SourceError::BadFirstSegment {
+            path: self.cfg.pg_wal.join(WalFileName::History { tli }.file_name(self.identity.seg_size)),
+            why: e.to_string(),
+        })?;
+        let Some(switch) = crate::wal::history::switch_point(&entries, self.identity.tli) else {
+            return Err(SourceError::Server {
+                conninfo: redact(&self.cfg.conninfo),
+                why: format!("the server moved to timeline {tli}, which does not branch off timeline {}", self.identity.tli),
+            });
+        };
+        info!(from = self.identity.tli, to = tli, switch = %switch, "the server switched to timeline {tli}; shipping timeline {} up to {switch} first", self.identity.tli);
+        self.horizon = self.horizon.max(switch);
+        self.pending_switch = Some((tli, switch, history));
+        Ok(())
+    }
+
+    /// Where our timeline ends, when the server moved on to a newer one.
+    pub fn switch_point(&self) -> Option<Lsn> {
+        self.pending_switch.as_ref().map(|p| p.1)
+    }
+
+    /// Continue on the new timeline from the segment holding the switch point.
+    pub fn apply_switch(&mut self) -> Result<(), SourceError> {
+        let (tli, switch, history) = self.pending_switch.take().expect("a pending switch");
+        self.identity.tli = tli;
+        self.history = history;
+        self.first_lsn = switch.segment_start(self.identity.seg_size);
+        self.horizon = self.first_lsn;
+        self.maps.clear();
+        self.poll_horizon()
+    }
+
+    /// This timeline's history file, for the handshake.
+    pub fn history(&self) -> &str {
+        &self.history
     }
 
     fn poll_horizon(&mut self) -> Result<(), SourceError> {
         self.last_poll = Instant::now();
         match self.query_flush_lsn() {
-            Ok(Some(lsn)) => {
+            Ok((_, Some(tli))) if tli > self.identity.tli => self.on_new_timeline(tli),
+            Ok(_) if self.pending_switch.is_some() => Ok(()),
+            Ok((Some(lsn), _)) => {
                 if lsn < self.horizon {
                     // A server restarted from a backup, or a different server: never move backwards.
                     warn!(server = %lsn, horizon = %self.horizon, "the server's flush LSN is behind what was already confirmed");
@@ -171,7 +228,7 @@ impl LiveSource {
                 }
                 Ok(())
             }
-            Ok(None) => Ok(()),
+            Ok((None, _)) => Ok(()),
             Err(e) => {
                 warn!("lost the server connection: {e}");
                 self.client = None;
@@ -342,6 +399,15 @@ impl LiveSource {
     pub fn slot_position(&self) -> Lsn {
         self.slot_restart
     }
+}
+
+/// The history file of timeline `tli` in `pg_wal` (empty for timeline 1).
+pub fn read_history(pg_wal: &Path, tli: u32) -> Result<String, SourceError> {
+    if tli <= 1 {
+        return Ok(String::new());
+    }
+    let path = pg_wal.join(WalFileName::History { tli }.file_name(16 << 20));
+    std::fs::read_to_string(&path).map_err(io_err(&path))
 }
 
 fn ensure_slot(client: &mut postgres::Client, conninfo: &str, slot: &str) -> Result<Lsn, SourceError> {

@@ -147,6 +147,20 @@ impl Source {
             Source::Live(_) => None,
         }
     }
+    /// This timeline's history file, for the handshake.
+    fn history(&self) -> String {
+        match self {
+            Source::Dir(s) => live::read_history(s.dir(), s.identity().tli).unwrap_or_default(),
+            Source::Live(s) => s.history().to_string(),
+        }
+    }
+    /// Where the current timeline ends, when the server moved to a newer one.
+    fn switch_point(&self) -> Option<Lsn> {
+        match self {
+            Source::Dir(_) => None,
+            Source::Live(s) => s.switch_point(),
+        }
+    }
     fn server_state(&self) -> Option<ServerState> {
         match self {
             Source::Dir(_) => None,
@@ -210,6 +224,8 @@ impl SendSummary {
 enum ConnEnd {
     /// Everything up to the final horizon is acknowledged durable.
     Done,
+    /// The server moved to a newer timeline and the receiver holds ours up to the switch point.
+    TimelineSwitch,
     /// Worth retrying (network trouble, receiver restart).
     Transient(String),
     Fatal(SendError),
@@ -306,6 +322,16 @@ pub fn run_with_metrics(cfg: &SendConfig, shutdown: Arc<AtomicBool>, m: Arc<Send
         }
         match end {
             ConnEnd::Done => break,
+            ConnEnd::TimelineSwitch => {
+                if let Source::Live(live) = &mut source {
+                    live.apply_switch()?;
+                }
+                // Positions on the new timeline start over at its first segment.
+                progress.acked = Lsn(0);
+                progress.horizons_seen.clear();
+                lost_at = Instant::now();
+                continue;
+            }
             ConnEnd::Fatal(e) => {
                 m.inc_error(match &e {
                     SendError::Source(_) => send_error::SOURCE,
@@ -387,7 +413,7 @@ fn ship_once(
         first_lsn: source.first_lsn().0,
         horizon_lsn: source.horizon().0.max(source.first_lsn().0),
         sender_name: cfg.name.clone(),
-        history: String::new(),
+        history: source.history(),
     };
     let welcome = match handshake(&stream, &hello, cfg.peer_timeout, cfg.auth.as_ref()) {
         Ok(w) => w,
@@ -580,6 +606,14 @@ fn stream_data(
             m.set_horizon(source.horizon().0);
             if live {
                 progress.observe_horizon(source.horizon());
+            }
+        }
+        if let Some(switch) = source.switch_point() {
+            if core.flushed() >= switch {
+                info!(switch = %switch, "the receiver holds this timeline up to its switch point; reconnecting on the new timeline");
+                let _ = stream.shutdown(std::net::Shutdown::Both);
+                drain_ring(&mut ring);
+                return Ok(ConnEnd::TimelineSwitch);
             }
         }
         if let Some(valid_end) = source.corrupt_end() {

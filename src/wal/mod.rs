@@ -6,6 +6,7 @@
 
 pub mod control;
 pub mod gen;
+pub mod history;
 pub mod lsn;
 pub mod page;
 pub mod record;

@@ -83,7 +83,7 @@ pub enum PageError {
         found: Lsn,
         expected: Lsn,
     },
-    #[error("page at {page_lsn}: xlp_tli is {found}, expected {expected}")]
+    #[error("page at {page_lsn}: xlp_tli is {found}, expected 1..={expected}")]
     BadTimeline {
         page_lsn: Lsn,
         found: u32,
@@ -316,7 +316,9 @@ pub fn validate_page(
             expected: page_lsn,
         });
     }
-    if hdr.tli != id.tli {
+    // A segment that begins a new timeline starts with a copy of its parent timeline's pages up
+    // to the switch point, which keep their older xlp_tli; a newer one never belongs here.
+    if hdr.tli > id.tli || hdr.tli == 0 {
         return Err(PageError::BadTimeline {
             page_lsn,
             found: hdr.tli,
