@@ -116,9 +116,13 @@ impl ChildGuard {
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
     }
-    /// Send `sig` (e.g. `libc::SIGTERM`) to the child.
-    pub fn signal(&self, sig: i32) -> std::io::Result<()> {
-        let Some(c) = self.child.as_ref() else { return Ok(()) };
+    /// Send `sig` (e.g. `libc::SIGTERM`) to the child, unless it already exited: once reaped its
+    /// pid may belong to another process (a signal there once failed an unrelated test).
+    pub fn signal(&mut self, sig: i32) -> std::io::Result<()> {
+        let Some(c) = self.child.as_mut() else { return Ok(()) };
+        if let Ok(Some(_)) = c.try_wait() {
+            return Ok(());
+        }
         // SAFETY: plain kill(2) on our own child's pid (not reaped yet, so the pid is still ours).
         let rc = unsafe { libc::kill(c.id() as libc::pid_t, sig) };
         if rc == 0 {
