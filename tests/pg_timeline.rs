@@ -842,8 +842,21 @@ fn promotion(ctx: &mut Ctx) -> R<()> {
     if !st.success() {
         return Err(format!("walship recv exited with {st} after SIGTERM (want 0)"));
     }
-    if let Ok(j) = fs::read_to_string(ctx.report()) {
-        println!("   report: {}", j.trim());
+    let json = fs::read_to_string(ctx.report()).map_err(|e| format!("read {}: {e}", ctx.report().display()))?;
+    println!("   report: {}", json.trim());
+    let rep_end = json_field(&json, "end_lsn").and_then(|s| parse_lsn(&s));
+    if rep_end != Some(end) {
+        return Err(format!("report end_lsn {rep_end:?} != B's end of WAL {} ({end})", fmt_lsn(end)));
+    }
+    let conns: u64 = json_field(&json, "connections").and_then(|s| s.parse().ok()).unwrap_or(0);
+    if conns < 2 {
+        return Err(format!("report says {conns} connection(s); the timeline switch needs a reconnection: {json}"));
+    }
+    for (who, p) in [("send", ctx.send_err()), ("recv", ctx.recv_err())] {
+        let log = strip_ansi(&fs::read_to_string(&p).unwrap_or_default());
+        for l in log.lines().filter(|l| (l.contains(" WARN ") || l.contains(" ERROR ")) && !l.contains("WITHOUT authentication")) {
+            println!("   walship {who} logged: {l}");
+        }
     }
 
     // 5. The received directory.
@@ -938,6 +951,23 @@ fn check_received(ctx: &Ctx, b_wal: &Path, cd: &ControlData, backup_start: u64, 
     let beyond2: Vec<&&String> = tl2.iter().filter(|n| segno(n) > end_seg).collect();
     if !beyond2.is_empty() {
         return Err(format!("timeline-2 files past the end of WAL's segment: {beyond2:?}"));
+    }
+
+    // The first timeline-2 segment starts with timeline 1's WAL up to the switch point.
+    let sw1p = format!("{sw1}.partial");
+    let sw1_file = if names.contains(&sw1) { Some(sw1.clone()) } else if names.contains(&sw1p) { Some(sw1p) } else { None };
+    if let Some(f1) = sw1_file {
+        let a = fs::read(recv.join(&f1)).map_err(|e| format!("read received {f1}: {e}"))?;
+        let f2 = if names.contains(&first2) { first2.clone() } else { format!("{first2}.partial") };
+        let b = fs::read(recv.join(&f2)).map_err(|e| format!("read received {f2}: {e}"))?;
+        // Compare the records, not each page header's timeline field (bytes 4..8 of every page).
+        let k = (switch % seg) as usize;
+        let blk = cd.block_size as usize;
+        let diff = (0..k.min(a.len()).min(b.len())).find(|&i| a[i] != b[i] && !(4..8).contains(&(i % blk)));
+        if a.len() < k || b.len() < k || diff.is_some() {
+            return Err(format!("{f1} and {f2} differ before the switch point {} (first difference at {diff:?})", fmt_lsn(switch)));
+        }
+        ctx.say(format!("{f1} and {f2} hold the same WAL up to the switch point ({k} bytes, page-header timelines aside)"));
     }
 
     // Bytes: every received complete segment that B still has must be identical to B's; the end segment
@@ -1072,8 +1102,13 @@ fn replay(ctx: &Ctx, base: &Path, target: u64, cd: &ControlData, backup_start: u
         scd.tli,
         fmt_lsn(cd.checkpoint)
     ));
-    if scd.tli != 2 {
-        return Err(standby.err(format!("replay standby's latest checkpoint is on timeline {}, want 2", scd.tli)));
+    if scd.tli != 2 || scd.checkpoint != cd.checkpoint {
+        return Err(standby.err(format!(
+            "replay standby's latest (restart)point is {} on timeline {}, want B's shutdown checkpoint {} on timeline 2",
+            fmt_lsn(scd.checkpoint),
+            scd.tli,
+            fmt_lsn(cd.checkpoint)
+        )));
     }
     Ok(())
 }
