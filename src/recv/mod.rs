@@ -87,7 +87,7 @@ impl RecvSummary {
         let (p50, p99, max) = self.fsync_latency_us.as_ref().map_or((0, 0, 0), |h| {
             (h.value_at_quantile(0.5), h.value_at_quantile(0.99), h.max())
         });
-        let per_batch = if self.fsync_batches > 0 { self.bytes_written / self.fsync_batches } else { 0 };
+        let per_batch = self.bytes_written.checked_div(self.fsync_batches).unwrap_or(0);
         format!(
             "{} bytes received, {} writes ({} bytes), {} fdatasyncs in {} batches ({} bytes/batch), fdatasync p50 {} us p99 {} us max {} us, {} frame stalls",
             self.bytes_received, self.writes, self.bytes_written, self.fsyncs, self.fsync_batches, per_batch, p50, p99, max, self.frame_stalls
@@ -324,8 +324,7 @@ pub fn run_with_metrics(cfg: &RecvConfig, shutdown: Arc<AtomicBool>, metrics: Ar
         io.ring.submit_and_wait(Some(Duration::from_millis(20)))?;
         completions.clear();
         io.ring.drain(&mut completions);
-        for i in 0..completions.len() {
-            let c = completions[i];
+        for &c in &completions {
             handle_completion(&mut io, cfg, &limits, c, &listener, &mut conn, &mut receiver, &mut identity, &mut actions, &mut summary, &mut accept_posted)?;
             execute(&mut io, cfg, &mut actions, receiver.as_mut(), conn.as_mut(), &mut summary)?;
         }

@@ -229,8 +229,8 @@ impl Receiver {
     fn new_chunk(&mut self, chunk_start: Lsn, first: Lsn, out: &mut Vec<Action>) -> Option<usize> {
         let slot = self.free_slots.pop()?;
         let segno = chunk_start.0 / self.cfg.seg_size;
-        if !self.open_segments.contains_key(&segno) {
-            self.open_segments.insert(segno, ());
+        if let std::collections::btree_map::Entry::Vacant(e) = self.open_segments.entry(segno) {
+            e.insert(());
             out.push(Action::OpenSegment { segno });
         }
         // The stream may resume mid-block: the block's head is on disk already; put it back

@@ -59,6 +59,9 @@ pub struct LiveSource {
     maps: BTreeMap<u64, Arc<SegmentMap>>,
     /// This timeline's history file (empty on timeline 1).
     history: String,
+    /// Since when the server is unreachable, and whether that was reported.
+    down_since: Option<Instant>,
+    warned_down: bool,
     /// The server moved to a newer timeline: (new timeline, where ours ends, its history).
     pending_switch: Option<(u32, Lsn, String)>,
 }
@@ -128,6 +131,8 @@ impl LiveSource {
             maps: BTreeMap::new(),
             history: String::new(),
             pending_switch: None,
+            down_since: None,
+            warned_down: false,
         };
         source.history = read_history(&source.cfg.pg_wal, tli).unwrap_or_default();
         source.poll_horizon()?;
@@ -230,8 +235,11 @@ impl LiveSource {
             }
             Ok((None, _)) => Ok(()),
             Err(e) => {
-                warn!("lost the server connection: {e}");
+                // A clean shutdown closes connections before it writes the shutdown checkpoint:
+                // say what happened only once pg_control tells (see on_server_unreachable).
+                info!("lost the server connection ({e}); checking whether it is shutting down");
                 self.client = None;
+                self.down_since = Some(Instant::now());
                 self.on_server_unreachable()
             }
         }
@@ -242,8 +250,10 @@ impl LiveSource {
     fn on_server_unreachable(&mut self) -> Result<(), SourceError> {
         let control = read_control(&self.pgdata)?;
         if !control.is_shut_down() {
-            if self.state != ServerState::Down {
+            let down_for = self.down_since.map_or(Duration::ZERO, |t| t.elapsed());
+            if !self.warned_down && down_for > Duration::from_secs(3) {
                 warn!(state = ?control.state, "server is down and was not shut down cleanly; waiting for it, horizon stays at {}", self.horizon);
+                self.warned_down = true;
             }
             self.state = ServerState::Down;
             return Ok(());
@@ -298,17 +308,16 @@ impl LiveSource {
             return;
         }
         self.last_connect_attempt = Instant::now();
-        match postgres::Client::connect(&self.cfg.conninfo, postgres::NoTls) {
-            Ok(mut client) => {
-                let standby = client.query_one("SELECT pg_is_in_recovery()", &[]).map(|r| r.get::<_, bool>(0));
-                if let Ok(standby) = standby {
-                    info!(standby, "server is back; following it again");
-                    self.is_standby = standby;
-                    self.client = Some(client);
-                    self.state = ServerState::Up;
-                }
+        if let Ok(mut client) = postgres::Client::connect(&self.cfg.conninfo, postgres::NoTls) {
+            let standby = client.query_one("SELECT pg_is_in_recovery()", &[]).map(|r| r.get::<_, bool>(0));
+            if let Ok(standby) = standby {
+                info!(standby, "server is back; following it again");
+                self.down_since = None;
+                self.warned_down = false;
+                self.is_standby = standby;
+                self.client = Some(client);
+                self.state = ServerState::Up;
             }
-            Err(_) => {}
         }
     }
 

@@ -63,10 +63,11 @@ pub struct SendConfig {
     pub auth: Option<crate::auth::AuthKey>,
 }
 
-/// Where the WAL comes from.
+/// Where the WAL comes from. One per process: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Source {
     Dir(DirSource),
-    Live(LiveSource),
+    Live(Box<LiveSource>),
 }
 
 impl Source {
@@ -214,7 +215,7 @@ impl SendSummary {
 
     /// (p50, p99, p99.9, max) of the ack latency in microseconds, when measured.
     pub fn ack_latency_percentiles_us(&self) -> Option<(u64, u64, u64, u64)> {
-        self.ack_latency_us.as_ref().filter(|h| h.len() > 0).map(|h| {
+        self.ack_latency_us.as_ref().filter(|h| !h.is_empty()).map(|h| {
             (h.value_at_quantile(0.5), h.value_at_quantile(0.99), h.value_at_quantile(0.999), h.max())
         })
     }
@@ -284,7 +285,7 @@ pub fn run_with_metrics(cfg: &SendConfig, shutdown: Arc<AtomicBool>, m: Arc<Send
             dir.walk_until(dir.first_lsn() + 1)?;
             Source::Dir(dir)
         }
-        Some(live) => Source::Live(LiveSource::open(live.clone())?),
+        Some(live) => Source::Live(Box::new(LiveSource::open(live.clone())?)),
     };
     let id = source.identity();
     info!(
@@ -684,11 +685,7 @@ fn stream_data(
                         return Ok(ConnEnd::Transient(format!("send to {peer} failed: {e}")));
                     }
                 }
-                (TAG_SEND, CompletionKind::ZeroCopyNotification { copied }) => {
-                    if copied {
-                        summary.zero_copy_copied += 1;
-                    }
-                }
+                (TAG_SEND, CompletionKind::ZeroCopyNotification { copied: true }) => summary.zero_copy_copied += 1,
                 (TAG_RECV, _) => {
                     recv_in_flight = false;
                     if c.result <= 0 {
