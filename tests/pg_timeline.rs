@@ -66,7 +66,7 @@ impl Pg {
         for e in fs::read_dir("/usr/lib/postgresql").ok()?.flatten() {
             let Ok(major) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
             let bin = e.path().join("bin");
-            if bin.join("initdb").exists() && bin.join("pg_ctl").exists() && best.as_ref().map_or(true, |b| major > b.0) {
+            if bin.join("initdb").exists() && bin.join("pg_ctl").exists() && best.as_ref().is_none_or(|b| major > b.0) {
                 best = Some((major, bin));
             }
         }
