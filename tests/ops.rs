@@ -501,3 +501,62 @@ fn json_logs_are_one_object_per_line() {
     assert_eq!(v["level"], "ERROR", "{line}");
     assert!(v["message"].as_str().unwrap().contains("--chunk-bytes"), "{line}");
 }
+
+/// The sender's `/metrics` during a throttled `send --once`: positions and horizon move, parse with
+/// the reference parser, and agree with what was shipped; flushed never passes sent.
+#[test]
+fn sender_metrics_track_the_ship() {
+    if let Err(why) = ensure_prometheus_client() {
+        if std::env::var("WALSHIP_REQUIRE_PROM_PARSER").as_deref() == Ok("1") {
+            panic!("{why}");
+        }
+        println!("SKIP: {why}");
+        return;
+    }
+    let dir = TestDir::new("ops-sender-metrics");
+    let out = run_ok(&mut cmd(walship_bin(), ["gen-wal", "--dir", dir.join("src").to_str().unwrap(), "--wal-bytes", "48MiB"]))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let gen = String::from_utf8_lossy(&out.stdout).to_string();
+    let end_lsn = parse_lsn(&json_field(&gen, "end_lsn").expect("end_lsn")).expect("lsn");
+    let (port, mport) = (free_port(), free_port());
+    let mut r = cmd(walship_bin(), ["recv", "--listen", &format!("127.0.0.1:{port}"), "--dir", dir.join("recv").to_str().unwrap()]);
+    r.stdout(Stdio::null()).stderr(std::fs::File::create(dir.join("recv.log")).unwrap());
+    let _recv = ChildGuard::spawn("recv", &mut r).expect("spawn recv");
+    let send_log = dir.join("send.log");
+    let mut s = cmd(
+        walship_bin(),
+        [
+            "send", "--once", "--retry-for", "20s", "--pg-wal", dir.join("src").to_str().unwrap(), "--to",
+            &format!("127.0.0.1:{port}"), "--metrics-listen", &format!("127.0.0.1:{mport}"),
+            "--in-flight-bytes-max", "1MiB", "--frame-bytes", "64KiB", "--send-batch-bytes-max", "64KiB",
+        ],
+    );
+    s.stdout(Stdio::null()).stderr(std::fs::File::create(&send_log).unwrap());
+    let mut send = ChildGuard::spawn("send", &mut s).expect("spawn send");
+    let url = format!("http://127.0.0.1:{mport}/metrics");
+    let mut scrapes = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while send.try_wait().unwrap().is_none() && Instant::now() < deadline {
+        if let Ok(text) = scrape(&url) {
+            scrapes.push(text);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let st = send.wait_timeout(Duration::from_secs(30)).unwrap().expect("sender finished");
+    assert!(st.success(), "sender failed:\n{}", tail_file(&send_log, 30));
+    assert!(scrapes.len() >= 3, "only {} scrapes while the sender ran", scrapes.len());
+    let mut flushed_seen = Vec::new();
+    for text in &scrapes {
+        let (samples, _) = python_parse(dir.path(), text).unwrap_or_else(|e| panic!("{e}"));
+        let sent = value(&samples, "walship_send_sent_lsn").expect("sent_lsn");
+        let flushed = value(&samples, "walship_send_flushed_lsn").expect("flushed_lsn");
+        let horizon = value(&samples, "walship_send_horizon_lsn").expect("horizon_lsn");
+        assert!(flushed <= sent && sent <= horizon.max(sent), "flushed {flushed} sent {sent} horizon {horizon}");
+        assert!(value(&samples, "walship_build_info").is_some());
+        flushed_seen.push(raw_u64(text, "walship_send_flushed_lsn").unwrap_or(0));
+    }
+    assert!(flushed_seen.windows(2).all(|w| w[0] <= w[1]), "flushed moved backwards: {flushed_seen:?}");
+    let distinct: std::collections::BTreeSet<_> = flushed_seen.iter().collect();
+    assert!(distinct.len() >= 2, "flushed never moved while scraped: {flushed_seen:?}");
+    assert!(flushed_seen.iter().all(|&f| f <= end_lsn));
+}
