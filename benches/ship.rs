@@ -9,7 +9,24 @@
 //! 3. `cp_sync`: `cp` of the segment files into a fresh directory, then `sync`.
 //! 4. `walship`: `walship recv` and `walship send --once` as two processes; durable throughput =
 //!    bytes / wall seconds of the send command (it exits only once the receiver acked flushed == end).
-//! 5. `pg_receivewal`: TODO, prints "skipped: ...".
+//!    The receiver's final log line (writes, fdatasyncs, batches, fdatasync p50/p99/max, stalls) is parsed.
+//! 5. `walship_sweep` (WALSHIP_BENCH_SWEEP=1): walship with one knob changed at a time: `--zero-copy
+//!    on|off|auto`, `--frame-bytes 256KiB|1MiB|4MiB`, `--in-flight-bytes-max 32MiB|128MiB|512MiB`,
+//!    recv `--fsync-batch-bytes 1MiB|16MiB|64MiB`.
+//! 6. Real WAL (PostgreSQL installed, run as root; `common::pg`): initdb a throw-away cluster, one physical
+//!    slot per rep BEFORE the load, `pgbench -i -s N` + `pgbench -T 5`, `pg_switch_wal()`: the complete
+//!    segments [slot start, flush LSN) are the bytes every real contender moves.
+//!    - `pg_receivewal`: `--slot -E <flush lsn> --no-loop` from the running server, then `sync`; CPU of
+//!      pg_receivewal (wait4) and of its walsender backend (polled from /proc/<pid>/stat).
+//!    - then the server stops; `real_cp_sync` and `real_walship` use a copy of its pg_wal;
+//!    - `pgbackrest_sync`, `pgbackrest_async_none`, `pgbackrest_async_lz4` (`pgbackrest` installed):
+//!      `archive-push` of each segment of the stopped cluster's pg_wal into a local posix repo (`.ready`
+//!      files as PostgreSQL's archiver leaves them); async with process-max 2. The async daemon's CPU is
+//!      collected exactly: the bench is its subreaper and wait4s it.
+//!
+//! Outputs: `results/ship-<date>.json`, `results/ship-<date>-throughput.svg`, `-fdatasync.svg`, and a
+//! section appended to `results/REPORT.md` with the targets (met / not met) and the criterion micro
+//! results found under `<target>/criterion`.
 //!
 //! The source segments are hot in the page cache for every contender alike (read once before the
 //! first measurement); no caches are dropped. Every disk contender writes into a fresh directory on
@@ -24,6 +41,8 @@
 //! - `WALSHIP_BENCH_FIO=0` skip fio; `WALSHIP_BENCH_KEEP=1` keep the scratch dir;
 //!   `WALSHIP_BENCH_TIMEOUT_S` per-command limit (default 120 + 1 s per 50 MB)
 //! - `WALSHIP_BENCH_SEND_ARGS` / `WALSHIP_BENCH_RECV_ARGS` extra args (whitespace-split) for send/recv
+//! - `WALSHIP_BENCH_SWEEP=1` run the sweep (`WALSHIP_BENCH_SWEEP_REPS`, default 1)
+//! - `WALSHIP_BENCH_PG=0` skip the real-WAL contenders; `WALSHIP_BENCH_PG_BYTES` real WAL size (default 1GiB)
 //!
 //! Arguments after `--` are contender-name filters (substring match), e.g.
 //! `cargo bench --bench ship -- raw_tcp cp_sync`.
@@ -125,7 +144,10 @@ impl Config {
             recv_extra: split("WALSHIP_BENCH_RECV_ARGS"),
             sweep: env_flag("WALSHIP_BENCH_SWEEP").unwrap_or(false),
             sweep_reps: match std::env::var("WALSHIP_BENCH_SWEEP_REPS") {
-                Ok(v) => v.parse::<usize>().map_err(|_| format!("bad WALSHIP_BENCH_SWEEP_REPS {v:?}"))?.max(1),
+                Ok(v) => v
+                    .parse::<usize>()
+                    .map_err(|_| format!("bad WALSHIP_BENCH_SWEEP_REPS {v:?}"))?
+                    .max(1),
                 Err(_) => 1,
             },
             pg: env_flag("WALSHIP_BENCH_PG").unwrap_or(true),
@@ -523,7 +545,11 @@ fn bench_walship(
 ) -> Measurement {
     let mut m = Measurement::new(name, rep, src.wal_bytes);
     m.variant = variant.to_string();
-    let tag = format!("{name}{}{}-{rep}", if variant.is_empty() { "" } else { "-" }, variant.replace([' ', '='], "_"));
+    let tag = format!(
+        "{name}{}{}-{rep}",
+        if variant.is_empty() { "" } else { "-" },
+        variant.replace([' ', '='], "_")
+    );
     if let Some(why) = &src.walship_unavailable {
         return m.failed(format!("skipped: {why}"));
     }
@@ -861,9 +887,16 @@ fn bench(cfg: &Config) -> Result<(), String> {
         .iter()
         .map(|n| (*n, med(n)))
         .filter(|(_, v)| v.is_finite())
-        .fold(("none", f64::NAN), |a, b| if a.1.is_finite() && a.1 >= b.1 { a } else { b });
+        .fold(
+            ("none", f64::NAN),
+            |a, b| if a.1.is_finite() && a.1 >= b.1 { a } else { b },
+        );
     let ws_real_cpu = find("real_walship").map_or(f64::NAN, |s| {
-        s.cpu_per_gib.iter().filter(|(w, _)| w.starts_with("walship")).map(|(_, v)| v).sum()
+        s.cpu_per_gib
+            .iter()
+            .filter(|(w, _)| w.starts_with("walship"))
+            .map(|(_, v)| v)
+            .sum()
     });
     let pgrw_cpu = find("pg_receivewal").map_or(f64::NAN, |s| {
         s.cpu_per_gib.iter().filter(|(w, _)| *w != "sync").map(|(_, v)| v).sum()
@@ -927,7 +960,10 @@ fn bench(cfg: &Config) -> Result<(), String> {
     let mut fsync_rows: Vec<(String, Json, u64)> = Vec::new();
     {
         let mut keys: Vec<(&str, String)> = Vec::new();
-        for m in measurements.iter().filter(|m| m.name.contains("walship") && m.error.is_none()) {
+        for m in measurements
+            .iter()
+            .filter(|m| m.name.contains("walship") && m.error.is_none())
+        {
             if !keys.iter().any(|(n, v)| *n == m.name && *v == m.variant) {
                 keys.push((m.name, m.variant.clone()));
             }
@@ -938,7 +974,17 @@ fn bench(cfg: &Config) -> Result<(), String> {
                 .filter(|m| m.name == n && m.variant == v && m.error.is_none())
                 .collect();
             let mut o = Json::obj();
-            for field in ["writes", "write_bytes", "fdatasyncs", "batches", "bytes_per_batch", "p50_us", "p99_us", "max_us", "frame_stalls"] {
+            for field in [
+                "writes",
+                "write_bytes",
+                "fdatasyncs",
+                "batches",
+                "bytes_per_batch",
+                "p50_us",
+                "p99_us",
+                "max_us",
+                "frame_stalls",
+            ] {
                 let mut vals: Vec<f64> = runs
                     .iter()
                     .filter_map(|m| m.extra.path(&["recv_summary", field]).and_then(Json::as_f64))
@@ -952,7 +998,11 @@ fn bench(cfg: &Config) -> Result<(), String> {
                 .map(|m| m.cpu.iter().map(|(_, c)| m.cpu_s_per_gib(c)).sum::<f64>())
                 .collect();
             o.set("cpu_s_per_gib_send_recv", median(&mut c));
-            let label = if v.is_empty() { n.to_string() } else { format!("{n}: {v}") };
+            let label = if v.is_empty() {
+                n.to_string()
+            } else {
+                format!("{n}: {v}")
+            };
             fsync_rows.push((label, o, runs.len() as u64));
         }
     }
@@ -962,10 +1012,20 @@ fn bench(cfg: &Config) -> Result<(), String> {
     let chart_base = format!("ship-{date_compact}");
     let mut bars: Vec<(String, f64, bool)> = summaries
         .iter()
-        .map(|s| (short_label(s.name).to_string(), s.gbps_median, s.name.contains("walship")))
+        .map(|s| {
+            (
+                short_label(s.name).to_string(),
+                s.gbps_median,
+                s.name.contains("walship"),
+            )
+        })
         .collect();
     for (label, o, _) in fsync_rows.iter().filter(|(l, _, _)| l.starts_with("walship_sweep")) {
-        bars.push((label.replace("walship_sweep: ", "sweep: "), o.get("gb_per_s_median").and_then(Json::as_f64).unwrap_or(f64::NAN), true));
+        bars.push((
+            label.replace("walship_sweep: ", "sweep: "),
+            o.get("gb_per_s_median").and_then(Json::as_f64).unwrap_or(f64::NAN),
+            true,
+        ));
     }
     let tput_svg = svg::bars("Durable/ship throughput per contender (GB/s, median)", "GB/s", &bars);
     let lat_rows: Vec<(String, Vec<f64>)> = fsync_rows
@@ -975,7 +1035,12 @@ fn bench(cfg: &Config) -> Result<(), String> {
             (l.clone(), vec![g("p50_us"), g("p99_us"), g("max_us")])
         })
         .collect();
-    let lat_svg = svg::grouped_log("walship recv fdatasync latency (us, log scale)", "us", &["p50", "p99", "max"], &lat_rows);
+    let lat_svg = svg::grouped_log(
+        "walship recv fdatasync latency (us, log scale)",
+        "us",
+        &["p50", "p99", "max"],
+        &lat_rows,
+    );
     std::fs::create_dir_all(&cfg.results_dir).map_err(|e| format!("create {}: {e}", cfg.results_dir.display()))?;
     let tput_path = cfg.results_dir.join(format!("{chart_base}-throughput.svg"));
     let lat_path = cfg.results_dir.join(format!("{chart_base}-fdatasync.svg"));
@@ -1122,7 +1187,9 @@ fn bench(cfg: &Config) -> Result<(), String> {
             None => "none (see the skipped rows)".into(),
         }
     ));
-    md.push_str("### Throughput\n\n| contender | GB/s | min–max | wall s | CPU s/GiB | ok |\n|---|---:|---:|---:|---|---:|\n");
+    md.push_str(
+        "### Throughput\n\n| contender | GB/s | min–max | wall s | CPU s/GiB | ok |\n|---|---:|---:|---:|---|---:|\n",
+    );
     for s in &summaries {
         let cpu = s
             .cpu_per_gib
@@ -1150,7 +1217,11 @@ fn bench(cfg: &Config) -> Result<(), String> {
             } else {
                 "—".into()
             },
-            if cpu.is_empty() { "—".into() } else { format!("{cpu} (Σ {:.2})", cpu_total(s.name)) },
+            if cpu.is_empty() {
+                "—".into()
+            } else {
+                format!("{cpu} (Σ {:.2})", cpu_total(s.name))
+            },
             s.ok_runs,
             s.runs
         ));
@@ -1161,7 +1232,11 @@ fn bench(cfg: &Config) -> Result<(), String> {
         md.push_str(&format!(
             "| {} | {} | **{}** | {} |\n",
             t.0,
-            if t.2.is_finite() { format!("{:.2}", t.2) } else { "n/a".into() },
+            if t.2.is_finite() {
+                format!("{:.2}", t.2)
+            } else {
+                "n/a".into()
+            },
             verdict(t),
             t.4
         ));
@@ -1172,7 +1247,11 @@ fn bench(cfg: &Config) -> Result<(), String> {
         let g = |k: &str| o.get(k).and_then(Json::as_f64).unwrap_or(f64::NAN);
         let i = |k: &str| {
             let v = g(k);
-            if v.is_finite() { format!("{v:.0}") } else { "—".into() }
+            if v.is_finite() {
+                format!("{v:.0}")
+            } else {
+                "—".into()
+            }
         };
         md.push_str(&format!(
             "| {l} | {} | {:.3} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
@@ -1325,7 +1404,17 @@ fn run_all(cfg: &Config, root: &Path, fio: bool) -> Result<(Vec<Measurement>, So
                 let dst = fresh_dir(root, "dst-sweep")?;
                 let send: Vec<String> = cfg.send_extra.iter().cloned().chain(send).collect();
                 let recv: Vec<String> = cfg.recv_extra.iter().cloned().chain(recv).collect();
-                report(bench_walship(cfg, root, &source, &dst, rep, "walship_sweep", &variant, &send, &recv));
+                report(bench_walship(
+                    cfg,
+                    root,
+                    &source,
+                    &dst,
+                    rep,
+                    "walship_sweep",
+                    &variant,
+                    &send,
+                    &recv,
+                ));
                 drop_dir(&dst);
             }
         }
@@ -1352,7 +1441,10 @@ fn run_all(cfg: &Config, root: &Path, fio: bool) -> Result<(Vec<Measurement>, So
             let root_user = unsafe { libc::geteuid() } == 0;
             let built = if root_user {
                 let t = Instant::now();
-                eprintln!("ship bench: building real WAL (~{}) in a local PostgreSQL...", human_bytes(cfg.pg_bytes));
+                eprintln!(
+                    "ship bench: building real WAL (~{}) in a local PostgreSQL...",
+                    human_bytes(cfg.pg_bytes)
+                );
                 let r = pg::build_real_wal(root, cfg.pg_bytes, cfg.reps, cfg.timeout);
                 if let Ok(r) = &r {
                     eprintln!(
@@ -1380,8 +1472,14 @@ fn run_all(cfg: &Config, root: &Path, fio: bool) -> Result<(Vec<Measurement>, So
     Ok((all, source, real_info))
 }
 
-const REAL_NAMES: [&str; 6] =
-    ["pg_receivewal", "real_cp_sync", "real_walship", "pgbackrest_sync", "pgbackrest_async_none", "pgbackrest_async_lz4"];
+const REAL_NAMES: [&str; 6] = [
+    "pg_receivewal",
+    "real_cp_sync",
+    "real_walship",
+    "pgbackrest_sync",
+    "pgbackrest_async_none",
+    "pgbackrest_async_lz4",
+];
 
 fn sweep_points() -> Vec<(String, Vec<String>, Vec<String>)> {
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
@@ -1393,15 +1491,28 @@ fn sweep_points() -> Vec<(String, Vec<String>, Vec<String>)> {
         pts.push((format!("frame-bytes {f}"), s(&["--frame-bytes", f]), vec![]));
     }
     for i in ["32MiB", "128MiB", "512MiB"] {
-        pts.push((format!("send in-flight-bytes-max {i}"), s(&["--in-flight-bytes-max", i]), vec![]));
+        pts.push((
+            format!("send in-flight-bytes-max {i}"),
+            s(&["--in-flight-bytes-max", i]),
+            vec![],
+        ));
     }
     for b in ["1MiB", "16MiB", "64MiB"] {
-        pts.push((format!("recv fsync-batch-bytes {b}"), vec![], s(&["--fsync-batch-bytes", b])));
+        pts.push((
+            format!("recv fsync-batch-bytes {b}"),
+            vec![],
+            s(&["--fsync-batch-bytes", b]),
+        ));
     }
     pts
 }
 
-fn real_phase(cfg: &Config, root: &Path, real: &mut pg::RealWal, report: &mut dyn FnMut(Measurement)) -> Result<(), String> {
+fn real_phase(
+    cfg: &Config,
+    root: &Path,
+    real: &mut pg::RealWal,
+    report: &mut dyn FnMut(Measurement),
+) -> Result<(), String> {
     let bytes = real.bytes();
     // 1. pg_receivewal streams from the running server, one slot per repetition.
     for rep in 0..cfg.reps {
@@ -1412,7 +1523,9 @@ fn real_phase(cfg: &Config, root: &Path, real: &mut pg::RealWal, report: &mut dy
         }
     }
     // pgBackRest's stanza-create needs the running server.
-    let pgbr_wanted = ["pgbackrest_sync", "pgbackrest_async_none", "pgbackrest_async_lz4"].iter().any(|n| cfg.wants(n));
+    let pgbr_wanted = ["pgbackrest_sync", "pgbackrest_async_none", "pgbackrest_async_lz4"]
+        .iter()
+        .any(|n| cfg.wants(n));
     let pgbr = if !pgbr_wanted {
         Err("not selected".to_string())
     } else if command_output("pgbackrest", &["version"]).is_none() {
@@ -1428,7 +1541,10 @@ fn real_phase(cfg: &Config, root: &Path, real: &mut pg::RealWal, report: &mut dy
     let mut files = Vec::new();
     for n in &real.segment_names {
         let from = pg_wal.join(n);
-        let len = from.metadata().map_err(|e| format!("{}: {e} (recycled before the copy?)", from.display()))?.len();
+        let len = from
+            .metadata()
+            .map_err(|e| format!("{}: {e} (recycled before the copy?)", from.display()))?
+            .len();
         if len != real.seg_size {
             return Err(format!("{}: {len} bytes, expected {}", from.display(), real.seg_size));
         }
@@ -1457,13 +1573,29 @@ fn real_phase(cfg: &Config, root: &Path, real: &mut pg::RealWal, report: &mut dy
         }
         if cfg.wants("real_walship") {
             let dst = fresh_dir(root, "dst-real-walship")?;
-            report(bench_walship(cfg, root, &src, &dst, rep, "real_walship", "", &cfg.send_extra, &cfg.recv_extra));
+            report(bench_walship(
+                cfg,
+                root,
+                &src,
+                &dst,
+                rep,
+                "real_walship",
+                "",
+                &cfg.send_extra,
+                &cfg.recv_extra,
+            ));
             drop_dir(&dst);
         }
         for (name, opts) in [
             ("pgbackrest_sync", &["--compress-type=none"][..]),
-            ("pgbackrest_async_none", &["--archive-async", "--process-max=2", "--compress-type=none"][..]),
-            ("pgbackrest_async_lz4", &["--archive-async", "--process-max=2", "--compress-type=lz4"][..]),
+            (
+                "pgbackrest_async_none",
+                &["--archive-async", "--process-max=2", "--compress-type=none"][..],
+            ),
+            (
+                "pgbackrest_async_lz4",
+                &["--archive-async", "--process-max=2", "--compress-type=lz4"][..],
+            ),
         ] {
             if !cfg.wants(name) {
                 continue;
@@ -1498,7 +1630,12 @@ fn bench_pg_receivewal(cfg: &Config, root: &Path, real: &pg::RealWal, dst: &Path
         Ok(f) => f,
         Err(e) => return m.failed(format!("pg_receivewal could not start: {e}")),
     };
-    let s = run(&mut Command::new("sync"), root, &format!("sync-pgrw-{rep}"), cfg.timeout);
+    let s = run(
+        &mut Command::new("sync"),
+        root,
+        &format!("sync-pgrw-{rep}"),
+        cfg.timeout,
+    );
     m.wall_s = start.elapsed().as_secs_f64();
     std::thread::sleep(Duration::from_millis(20));
     let (walsender, pids) = poller.finish();
@@ -1512,26 +1649,41 @@ fn bench_pg_receivewal(cfg: &Config, root: &Path, real: &pg::RealWal, dst: &Path
     }
     m.extra
         .set("pg_receivewal_wall_s", f.wall.as_secs_f64())
-        .set("walsender_pids", pids.iter().map(|p| Json::from(*p as u64)).collect::<Vec<_>>())
+        .set(
+            "walsender_pids",
+            pids.iter().map(|p| Json::from(*p as u64)).collect::<Vec<_>>(),
+        )
         .set("slot", slot.as_str())
         .set("endpos", pg::fmt_lsn(real.end_lsn));
     // Same bytes as the others: every complete segment must be there, identical to the server's.
     let pg_wal = real.cluster.data.join("pg_wal");
     match compare_segments(&pg_wal, dst, &real.segment_names) {
         Ok(n) if n == bytes => {}
-        Ok(n) => return m.failed(format!("pg_receivewal wrote {n} bytes of complete segments, expected {bytes}")),
+        Ok(n) => {
+            return m.failed(format!(
+                "pg_receivewal wrote {n} bytes of complete segments, expected {bytes}"
+            ))
+        }
         Err(e) => return m.failed(format!("pg_receivewal output differs: {e}")),
     }
     let partials: Vec<String> = list_files(dst)
         .unwrap_or_default()
         .iter()
-        .filter_map(|p| p.file_name()?.to_str().filter(|n| n.ends_with(".partial")).map(String::from))
+        .filter_map(|p| {
+            p.file_name()?
+                .to_str()
+                .filter(|n| n.ends_with(".partial"))
+                .map(String::from)
+        })
         .collect();
     m.extra.set(
         "note",
         "also wrote the next segment as .partial (zero-padded to the segment size), not counted in bytes",
     );
-    m.extra.set("partial_files", partials.into_iter().map(Json::from).collect::<Vec<_>>());
+    m.extra.set(
+        "partial_files",
+        partials.into_iter().map(Json::from).collect::<Vec<_>>(),
+    );
     m
 }
 
@@ -1588,7 +1740,8 @@ fn pgbr_setup(cfg: &Config, root: &Path, real: &pg::RealWal) -> Result<PgbrConf,
     );
     std::fs::write(&conf, text).map_err(|e| e.to_string())?;
     let mut cmd = Command::new("pgbackrest");
-    cmd.arg(format!("--config={}", conf.display())).args(["--stanza=bench", "stanza-create"]);
+    cmd.arg(format!("--config={}", conf.display()))
+        .args(["--stanza=bench", "stanza-create"]);
     match run(&mut cmd, &base, "stanza-create", cfg.timeout) {
         Ok(f) if f.ok() => Ok(PgbrConf { conf, repo, spool }),
         Ok(f) => Err(format!("pgbackrest stanza-create failed: {}", f.describe_failure())),
@@ -1680,7 +1833,11 @@ fn bench_pgbackrest(
             let p = e.path();
             if p.is_dir() {
                 stack.push(p);
-            } else if p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.len() > 24 && n.as_bytes()[24] == b'-') {
+            } else if p
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.len() > 24 && n.as_bytes()[24] == b'-')
+            {
                 count += 1;
                 stored += p.metadata().map(|x| x.len()).unwrap_or(0);
             }
@@ -1688,11 +1845,13 @@ fn bench_pgbackrest(
     }
     m.extra.set("repo_files", count).set("repo_bytes", stored);
     if count != real.segment_names.len() as u64 {
-        return m.failed(format!("repository holds {count} segments, expected {}", real.segment_names.len()));
+        return m.failed(format!(
+            "repository holds {count} segments, expected {}",
+            real.segment_names.len()
+        ));
     }
     m
 }
-
 
 fn short_label(name: &str) -> &str {
     match name {
@@ -1780,14 +1939,24 @@ fn read_criterion(dir: &Path) -> Json {
                 continue;
             }
             if p.file_name().is_some_and(|n| n == "new") {
-                let bench = std::fs::read_to_string(p.join("benchmark.json")).ok().and_then(|t| Json::parse(t.trim()).ok());
-                let est = std::fs::read_to_string(p.join("estimates.json")).ok().and_then(|t| Json::parse(t.trim()).ok());
+                let bench = std::fs::read_to_string(p.join("benchmark.json"))
+                    .ok()
+                    .and_then(|t| Json::parse(t.trim()).ok());
+                let est = std::fs::read_to_string(p.join("estimates.json"))
+                    .ok()
+                    .and_then(|t| Json::parse(t.trim()).ok());
                 if let (Some(b), Some(e)) = (bench, est) {
-                    let bytes = b.path(&["throughput", "Bytes"]).or_else(|| b.path(&["throughput", "BytesDecimal"])).and_then(Json::as_f64);
+                    let bytes = b
+                        .path(&["throughput", "Bytes"])
+                        .or_else(|| b.path(&["throughput", "BytesDecimal"]))
+                        .and_then(Json::as_f64);
                     let ns = e.path(&["mean", "point_estimate"]).and_then(Json::as_f64);
                     if let (Some(bytes), Some(ns), Some(id)) = (bytes, ns, b.get("full_id").and_then(Json::as_str)) {
                         let mut o = Json::obj();
-                        o.set("id", id).set("bytes", bytes).set("mean_ns", ns).set("gb_per_s", bytes / ns);
+                        o.set("id", id)
+                            .set("bytes", bytes)
+                            .set("mean_ns", ns)
+                            .set("gb_per_s", bytes / ns);
                         items.push(o);
                     }
                 }

@@ -16,13 +16,19 @@ pub const PORTS: std::ops::Range<u16> = 54400..54500;
 /// Newest `/usr/lib/postgresql/<major>/bin` holding every tool we need.
 pub fn find_bin() -> Result<PathBuf, String> {
     let mut dirs: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
-        .map_err(|_| "PostgreSQL not installed (no /usr/lib/postgresql; Debian: apt-get install postgresql)".to_string())?
+        .map_err(|_| {
+            "PostgreSQL not installed (no /usr/lib/postgresql; Debian: apt-get install postgresql)".to_string()
+        })?
         .flatten()
         .filter_map(|e| {
             let major = e.file_name().to_string_lossy().parse::<u32>().ok()?;
             Some((major, e.path().join("bin")))
         })
-        .filter(|(_, b)| ["initdb", "pg_ctl", "psql", "pgbench", "pg_receivewal"].iter().all(|t| b.join(t).exists()))
+        .filter(|(_, b)| {
+            ["initdb", "pg_ctl", "psql", "pgbench", "pg_receivewal"]
+                .iter()
+                .all(|t| b.join(t).exists())
+        })
         .collect();
     dirs.sort();
     dirs.pop()
@@ -40,7 +46,8 @@ pub struct Cluster {
 }
 
 fn port_free(port: u16, sock: &Path) -> bool {
-    !tcp_listening(port) && !sock.join(format!(".s.PGSQL.{port}")).exists()
+    !tcp_listening(port)
+        && !sock.join(format!(".s.PGSQL.{port}")).exists()
         && !Path::new(&format!("/tmp/.s.PGSQL.{port}")).exists()
         && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
 }
@@ -52,7 +59,11 @@ fn chown_postgres(path: &Path) -> Result<(), String> {
         .output()
         .map_err(|e| format!("chown: {e}"))?;
     if !out.status.success() {
-        return Err(format!("chown -R postgres {}: {}", path.display(), String::from_utf8_lossy(&out.stderr)));
+        return Err(format!(
+            "chown -R postgres {}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        ));
     }
     Ok(())
 }
@@ -150,14 +161,23 @@ impl Cluster {
             .output()
             .map_err(|e| format!("psql: {e}"))?;
         if !out.status.success() {
-            return Err(format!("psql {query:?}: {}", String::from_utf8_lossy(&out.stderr).trim()));
+            return Err(format!(
+                "psql {query:?}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
         }
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 
     /// PID of the postmaster (first line of postmaster.pid).
     pub fn postmaster_pid(&self) -> Option<u32> {
-        std::fs::read_to_string(self.data.join("postmaster.pid")).ok()?.lines().next()?.trim().parse().ok()
+        std::fs::read_to_string(self.data.join("postmaster.pid"))
+            .ok()?
+            .lines()
+            .next()?
+            .trim()
+            .parse()
+            .ok()
     }
 }
 
@@ -229,25 +249,33 @@ pub fn build_real_wal(root: &Path, target_bytes: u64, slots: usize, timeout: Dur
     for n in &names {
         cluster.sql(&format!("SELECT pg_create_physical_replication_slot('{n}', true)"))?;
     }
-    let restart = cluster.sql(&format!("SELECT restart_lsn FROM pg_replication_slots WHERE slot_name = '{}'", names[0]))?;
+    let restart = cluster.sql(&format!(
+        "SELECT restart_lsn FROM pg_replication_slots WHERE slot_name = '{}'",
+        names[0]
+    ))?;
     let start_lsn = parse_pg_lsn(&restart).ok_or_else(|| format!("slot restart_lsn {restart:?}"))?;
     let first_segno = start_lsn / seg_size;
     // ~13 MB of WAL per pgbench scale unit (PostgreSQL 15, wal_level replica, full_page_writes).
     let scale = (target_bytes / (13 * 1_000_000)).max(1);
     let mut init = Command::new(bin.join("pgbench"));
-    init.args(cluster.conn_args()).args(["-i", "-q", "-s", &scale.to_string(), "postgres"]);
+    init.args(cluster.conn_args())
+        .args(["-i", "-q", "-s", &scale.to_string(), "postgres"]);
     let init_f = must(run(&mut init, &root.join("pg"), "pgbench-init", timeout), "pgbench -i")?;
     let mut load = Command::new(bin.join("pgbench"));
-    load.args(cluster.conn_args()).args(["-n", "-c", "2", "-j", "2", "-T", "5", "postgres"]);
+    load.args(cluster.conn_args())
+        .args(["-n", "-c", "2", "-j", "2", "-T", "5", "postgres"]);
     let load_f = must(run(&mut load, &root.join("pg"), "pgbench-T", timeout), "pgbench -T")?;
     cluster.sql("SELECT pg_switch_wal()")?;
     let flush = cluster.sql("SELECT pg_current_wal_flush_lsn()")?;
     let end_lsn = parse_pg_lsn(&flush).ok_or_else(|| format!("flush lsn {flush:?}"))?;
     if end_lsn % seg_size != 0 {
-        return Err(format!("flush LSN {flush} after pg_switch_wal() is not at a segment boundary"));
+        return Err(format!(
+            "flush LSN {flush} after pg_switch_wal() is not at a segment boundary"
+        ));
     }
-    let segment_names: Vec<String> =
-        (first_segno..end_lsn / seg_size).map(|s| segment_name(tli, s, seg_size)).collect();
+    let segment_names: Vec<String> = (first_segno..end_lsn / seg_size)
+        .map(|s| segment_name(tli, s, seg_size))
+        .collect();
     let mut report = json::Json::obj();
     report
         .set("postgres_bin", bin.display().to_string())
@@ -255,7 +283,10 @@ pub fn build_real_wal(root: &Path, target_bytes: u64, slots: usize, timeout: Dur
         .set("port", cluster.port as u64)
         .set("pgbench_scale", scale)
         .set("pgbench_init_s", init_f.wall.as_secs_f64())
-        .set("pgbench_T_tps_line", load_f.stdout.lines().find(|l| l.starts_with("tps")).map(String::from))
+        .set(
+            "pgbench_T_tps_line",
+            load_f.stdout.lines().find(|l| l.starts_with("tps")).map(String::from),
+        )
         .set("start_lsn", fmt_lsn(first_segno * seg_size))
         .set("end_lsn", fmt_lsn(end_lsn))
         .set("segments", segment_names.len())

@@ -44,8 +44,18 @@ pub fn grouped_log(title: &str, unit: &str, series: &[&str], rows: &[(String, Ve
     let (lw, bw, bar_h, top) = (330.0, 420.0, 9.0, 56.0);
     let group_h = bar_h * series.len() as f64 + 8.0;
     let h = top + group_h * rows.len() as f64 + 34.0;
-    let vals: Vec<f64> = rows.iter().flat_map(|r| r.1.iter().copied()).filter(|v| *v > 0.0 && v.is_finite()).collect();
-    let lo = vals.iter().copied().fold(f64::INFINITY, f64::min).max(1.0).log10().floor();
+    let vals: Vec<f64> = rows
+        .iter()
+        .flat_map(|r| r.1.iter().copied())
+        .filter(|v| *v > 0.0 && v.is_finite())
+        .collect();
+    let lo = vals
+        .iter()
+        .copied()
+        .fold(f64::INFINITY, f64::min)
+        .max(1.0)
+        .log10()
+        .floor();
     let hi = vals.iter().copied().fold(1.0f64, f64::max).log10().ceil().max(lo + 1.0);
     let x = |v: f64| lw + bw * ((v.max(1.0).log10() - lo) / (hi - lo)).clamp(0.0, 1.0);
     let mut s = format!(
