@@ -991,6 +991,13 @@ fn bench(cfg: &Config) -> Result<(), String> {
                     .collect();
                 o.set(field, median(&mut vals));
             }
+            for field in ["zero_copy_sends", "zero_copy_copied"] {
+                let mut vals: Vec<f64> = runs
+                    .iter()
+                    .filter_map(|m| m.extra.path(&["send_report", field]).and_then(Json::as_f64))
+                    .collect();
+                o.set(field, median(&mut vals));
+            }
             let mut g: Vec<f64> = runs.iter().map(|m| m.gbps()).collect();
             o.set("gb_per_s_median", median(&mut g));
             let mut c: Vec<f64> = runs
@@ -1242,7 +1249,7 @@ fn bench(cfg: &Config) -> Result<(), String> {
         ));
     }
     md.push_str("\n### walship receiver: group commit and fdatasync latency\n\nFrom the receiver's final log line; medians over the reps.\n\n");
-    md.push_str("| run | GB/s | CPU s/GiB send+recv | writes | fdatasyncs | batches | bytes/batch | p50 us | p99 us | max us | frame stalls |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    md.push_str("| run | GB/s | CPU s/GiB send+recv | writes | fdatasyncs | batches | bytes/batch | p50 us | p99 us | max us | frame stalls | zero-copy sends / copied |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
     for (l, o, _) in &fsync_rows {
         let g = |k: &str| o.get(k).and_then(Json::as_f64).unwrap_or(f64::NAN);
         let i = |k: &str| {
@@ -1254,7 +1261,7 @@ fn bench(cfg: &Config) -> Result<(), String> {
             }
         };
         md.push_str(&format!(
-            "| {l} | {} | {:.3} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {l} | {} | {:.3} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} |\n",
             fmt_gbps(g("gb_per_s_median")),
             g("cpu_s_per_gib_send_recv"),
             i("writes"),
@@ -1264,7 +1271,9 @@ fn bench(cfg: &Config) -> Result<(), String> {
             i("p50_us"),
             i("p99_us"),
             i("max_us"),
-            i("frame_stalls")
+            i("frame_stalls"),
+            i("zero_copy_sends"),
+            i("zero_copy_copied")
         ));
     }
     md.push_str(&format!("\n![fdatasync latency]({})\n", fname(&lat_path)));
@@ -1313,7 +1322,10 @@ fn drop_dir(dir: &Path) {
 }
 
 fn run_all(cfg: &Config, root: &Path, fio: bool) -> Result<(Vec<Measurement>, Source, Json), String> {
-    let disk_needed = cfg.wants("cp_sync") || cfg.wants("walship") || REAL_NAMES.iter().any(|n| cfg.wants(n));
+    let disk_needed = cfg.wants("cp_sync")
+        || cfg.wants("walship")
+        || (cfg.sweep && cfg.wants("walship_sweep"))
+        || REAL_NAMES.iter().any(|n| cfg.wants(n));
     let source = if disk_needed {
         let t = Instant::now();
         let s = make_source(cfg, root)?;
