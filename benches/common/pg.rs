@@ -303,7 +303,7 @@ pub fn build_real_wal(root: &Path, target_bytes: u64, slots: usize, timeout: Dur
     })
 }
 
-/// Polls /proc every few ms for processes matching `pred` (pid, ppid, cmdline) and remembers each one's
+/// Polls /proc every 5 ms for matching processes and remembers each one's
 /// last CPU reading: the CPU of processes we cannot wait4 for (a walsender, a daemonised archiver).
 pub struct CpuPoller {
     stop: Arc<AtomicBool>,
@@ -318,11 +318,15 @@ fn ppid_of(pid: u32) -> Option<u32> {
 }
 
 impl CpuPoller {
-    pub fn start(pred: impl Fn(u32, u32, &str) -> bool + Send + 'static) -> CpuPoller {
+    /// Track every child of `parent` whose command line contains `needle`. A forked backend shows its
+    /// parent's command line until it sets its process title, so children of `parent` that do not match
+    /// yet are looked at again on every poll; other processes are looked at once.
+    pub fn start(parent: u32, needle: &'static str) -> CpuPoller {
         let stop = Arc::new(AtomicBool::new(false));
         let seen = Arc::new(Mutex::new(HashMap::new()));
         let (s2, seen2) = (stop.clone(), seen.clone());
         let thread = std::thread::spawn(move || {
+            // pid -> Some(true) matched, Some(false) never will (not our parent's child)
             let mut known: HashMap<u32, bool> = HashMap::new();
             while !s2.load(Ordering::Relaxed) {
                 if let Ok(rd) = std::fs::read_dir("/proc") {
@@ -330,14 +334,25 @@ impl CpuPoller {
                         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
                             continue;
                         };
-                        let matches = *known.entry(pid).or_insert_with(|| {
-                            let cmd = std::fs::read(format!("/proc/{pid}/cmdline"))
-                                .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
-                                .unwrap_or_default();
-                            let ppid = ppid_of(pid).unwrap_or(0);
-                            !cmd.is_empty() && pred(pid, ppid, &cmd)
-                        });
-                        if matches {
+                        let matched = match known.get(&pid) {
+                            Some(m) => *m,
+                            None => {
+                                if ppid_of(pid) != Some(parent) {
+                                    known.insert(pid, false);
+                                    false
+                                } else {
+                                    let cmd = std::fs::read(format!("/proc/{pid}/cmdline"))
+                                        .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+                                        .unwrap_or_default();
+                                    let m = cmd.contains(needle);
+                                    if m {
+                                        known.insert(pid, true);
+                                    }
+                                    m
+                                }
+                            }
+                        };
+                        if matched {
                             if let Some(c) = proc_cpu(pid) {
                                 seen2.lock().unwrap().insert(pid, c);
                             }
