@@ -1122,6 +1122,7 @@ fn bench(cfg: &Config) -> Result<(), String> {
     for t in &targets {
         let mut o = Json::obj();
         o.set("threshold", t.1)
+            .set("min_raw_gb_per_s", raw_floor)
             .set("measured", t.2)
             .set("lower_is_better", t.3)
             .set("verdict", verdict(t))
@@ -1234,16 +1235,29 @@ fn bench(cfg: &Config) -> Result<(), String> {
         ));
     }
     md.push_str(&format!("\n![throughput]({})\n\n", fname(&tput_path)));
-    md.push_str("### Targets\n\n| target | measured | verdict | detail |\n|---|---:|---|---|\n");
-    for t in &targets {
+    // The best ratio any shipper could reach here: it cannot beat the slower of the wire and the disk.
+    let ceiling = |peer: f64| raw_floor / peer;
+    let ceilings = [
+        f64::NAN,
+        ceiling(med("pg_receivewal")),
+        ceiling(med("real_cp_sync")),
+        ceiling(pgbr_best.1),
+        f64::NAN,
+    ];
+    md.push_str(
+        "### Targets\n\nceiling = min(raw TCP, raw O_DIRECT) / peer: the ratio a shipper running at the machine's \
+         raw limit would reach in this run.\n\n| target | measured | ceiling | verdict | detail |\n|---|---:|---:|---|---|\n",
+    );
+    for (t, c) in targets.iter().zip(ceilings) {
         md.push_str(&format!(
-            "| {} | {} | **{}** | {} |\n",
+            "| {} | {} | {} | **{}** | {} |\n",
             t.0,
             if t.2.is_finite() {
                 format!("{:.2}", t.2)
             } else {
                 "n/a".into()
             },
+            if c.is_finite() { format!("{c:.2}") } else { "—".into() },
             verdict(t),
             t.4
         ));

@@ -49,14 +49,20 @@ pub fn grouped_log(title: &str, unit: &str, series: &[&str], rows: &[(String, Ve
         .flat_map(|r| r.1.iter().copied())
         .filter(|v| *v > 0.0 && v.is_finite())
         .collect();
-    let lo = vals
-        .iter()
-        .copied()
-        .fold(f64::INFINITY, f64::min)
-        .max(1.0)
-        .log10()
-        .floor();
-    let hi = vals.iter().copied().fold(1.0f64, f64::max).log10().ceil().max(lo + 1.0);
+    // Decades covering the values (1 us .. 10 us when there are none).
+    let (lo, hi) = if vals.is_empty() {
+        (0.0, 1.0)
+    } else {
+        let lo = vals
+            .iter()
+            .copied()
+            .fold(f64::INFINITY, f64::min)
+            .max(1.0)
+            .log10()
+            .floor();
+        let hi = vals.iter().copied().fold(1.0f64, f64::max).log10().ceil().max(lo + 1.0);
+        (lo, hi.min(lo + 12.0))
+    };
     let x = |v: f64| lw + bw * ((v.max(1.0).log10() - lo) / (hi - lo)).clamp(0.0, 1.0);
     let mut s = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
