@@ -9,7 +9,24 @@
 //! 3. `cp_sync`: `cp` of the segment files into a fresh directory, then `sync`.
 //! 4. `walship`: `walship recv` and `walship send --once` as two processes; durable throughput =
 //!    bytes / wall seconds of the send command (it exits only once the receiver acked flushed == end).
-//! 5. `pg_receivewal`: TODO, prints "skipped: ...".
+//!    The receiver's final log line (writes, fdatasyncs, batches, fdatasync p50/p99/max, stalls) is parsed.
+//! 5. `walship_sweep` (WALSHIP_BENCH_SWEEP=1): walship with one knob changed at a time: `--zero-copy
+//!    on|off|auto`, `--frame-bytes 256KiB|1MiB|4MiB`, `--in-flight-bytes-max 32MiB|128MiB|512MiB`,
+//!    recv `--fsync-batch-bytes 1MiB|16MiB|64MiB`.
+//! 6. Real WAL (PostgreSQL installed, run as root; `common::pg`): initdb a throw-away cluster, one physical
+//!    slot per rep BEFORE the load, `pgbench -i -s N` + `pgbench -T 5`, `pg_switch_wal()`: the complete
+//!    segments [slot start, flush LSN) are the bytes every real contender moves.
+//!    - `pg_receivewal`: `--slot -E <flush lsn> --no-loop` from the running server, then `sync`; CPU of
+//!      pg_receivewal (wait4) and of its walsender backend (polled from /proc/<pid>/stat).
+//!    - then the server stops; `real_cp_sync` and `real_walship` use a copy of its pg_wal;
+//!    - `pgbackrest_sync`, `pgbackrest_async_none`, `pgbackrest_async_lz4` (`pgbackrest` installed):
+//!      `archive-push` of each segment of the stopped cluster's pg_wal into a local posix repo (`.ready`
+//!      files as PostgreSQL's archiver leaves them); async with process-max 2. The async daemon's CPU is
+//!      collected exactly: the bench is its subreaper and wait4s it.
+//!
+//! Outputs: `results/ship-<date>.json`, `results/ship-<date>-throughput.svg`, `-fdatasync.svg`, and a
+//! section appended to `results/REPORT.md` with the targets (met / not met) and the criterion micro
+//! results found under `<target>/criterion`.
 //!
 //! The source segments are hot in the page cache for every contender alike (read once before the
 //! first measurement); no caches are dropped. Every disk contender writes into a fresh directory on
@@ -24,6 +41,8 @@
 //! - `WALSHIP_BENCH_FIO=0` skip fio; `WALSHIP_BENCH_KEEP=1` keep the scratch dir;
 //!   `WALSHIP_BENCH_TIMEOUT_S` per-command limit (default 120 + 1 s per 50 MB)
 //! - `WALSHIP_BENCH_SEND_ARGS` / `WALSHIP_BENCH_RECV_ARGS` extra args (whitespace-split) for send/recv
+//! - `WALSHIP_BENCH_SWEEP=1` run the sweep (`WALSHIP_BENCH_SWEEP_REPS`, default 1)
+//! - `WALSHIP_BENCH_PG=0` skip the real-WAL contenders; `WALSHIP_BENCH_PG_BYTES` real WAL size (default 1GiB)
 //!
 //! Arguments after `--` are contender-name filters (substring match), e.g.
 //! `cargo bench --bench ship -- raw_tcp cp_sync`.
@@ -56,6 +75,10 @@ struct Config {
     filters: Vec<String>,
     send_extra: Vec<String>,
     recv_extra: Vec<String>,
+    sweep: bool,
+    sweep_reps: usize,
+    pg: bool,
+    pg_bytes: u64,
 }
 
 fn env_flag(name: &str) -> Option<bool> {
@@ -119,6 +142,19 @@ impl Config {
             filters,
             send_extra: split("WALSHIP_BENCH_SEND_ARGS"),
             recv_extra: split("WALSHIP_BENCH_RECV_ARGS"),
+            sweep: env_flag("WALSHIP_BENCH_SWEEP").unwrap_or(false),
+            sweep_reps: match std::env::var("WALSHIP_BENCH_SWEEP_REPS") {
+                Ok(v) => v
+                    .parse::<usize>()
+                    .map_err(|_| format!("bad WALSHIP_BENCH_SWEEP_REPS {v:?}"))?
+                    .max(1),
+                Err(_) => 1,
+            },
+            pg: env_flag("WALSHIP_BENCH_PG").unwrap_or(true),
+            pg_bytes: match std::env::var("WALSHIP_BENCH_PG_BYTES") {
+                Ok(v) => parse_size(&v)?,
+                Err(_) => GIB,
+            },
         })
     }
 
@@ -139,6 +175,8 @@ struct Measurement {
     cpu: Vec<(&'static str, Cpu)>,
     command: String,
     extra: Json,
+    /// Sweep point ("" for the default configuration).
+    variant: String,
 }
 
 impl Measurement {
@@ -152,6 +190,7 @@ impl Measurement {
             cpu: Vec::new(),
             command: String::new(),
             extra: Json::obj(),
+            variant: String::new(),
         }
     }
     fn failed(mut self, error: String) -> Measurement {
@@ -171,6 +210,7 @@ impl Measurement {
     fn to_json(&self) -> Json {
         let mut j = Json::obj();
         j.set("name", self.name)
+            .set("variant", self.variant.clone())
             .set("rep", self.rep)
             .set("ok", self.error.is_none());
         j.set("error", self.error.clone());
@@ -455,13 +495,13 @@ fn bench_odirect_rust(dst: &Path, bytes: u64, rep: usize, buf: &AlignedBuf) -> M
 // ---------------------------------------------------------------------------------------------
 // 3. cp + sync
 
-fn bench_cp_sync(cfg: &Config, root: &Path, src: &Source, dst: &Path, rep: usize) -> Measurement {
+fn bench_cp_sync(cfg: &Config, root: &Path, src: &Source, dst: &Path, rep: usize, name: &'static str) -> Measurement {
     let bytes: u64 = src
         .files
         .iter()
         .map(|p| p.metadata().map(|m| m.len()).unwrap_or(0))
         .sum();
-    let mut m = Measurement::new("cp_sync", rep, bytes);
+    let mut m = Measurement::new(name, rep, bytes);
     let mut cp = Command::new("cp");
     cp.arg("--").args(&src.files).arg(dst);
     m.command = format!("cp -- {}/* {} && sync", src.dir.display(), dst.display());
@@ -491,8 +531,25 @@ fn bench_cp_sync(cfg: &Config, root: &Path, src: &Source, dst: &Path, rep: usize
 // ---------------------------------------------------------------------------------------------
 // 4. walship end to end
 
-fn bench_walship(cfg: &Config, root: &Path, src: &Source, dst: &Path, rep: usize) -> Measurement {
-    let mut m = Measurement::new("walship", rep, src.wal_bytes);
+#[allow(clippy::too_many_arguments)]
+fn bench_walship(
+    cfg: &Config,
+    root: &Path,
+    src: &Source,
+    dst: &Path,
+    rep: usize,
+    name: &'static str,
+    variant: &str,
+    send_extra: &[String],
+    recv_extra: &[String],
+) -> Measurement {
+    let mut m = Measurement::new(name, rep, src.wal_bytes);
+    m.variant = variant.to_string();
+    let tag = format!(
+        "{name}{}{}-{rep}",
+        if variant.is_empty() { "" } else { "-" },
+        variant.replace([' ', '='], "_")
+    );
     if let Some(why) = &src.walship_unavailable {
         return m.failed(format!("skipped: {why}"));
     }
@@ -501,22 +558,22 @@ fn bench_walship(cfg: &Config, root: &Path, src: &Source, dst: &Path, rep: usize
         Err(e) => return m.failed(format!("no free port: {e}")),
     };
     let addr = format!("127.0.0.1:{port}");
-    let report_path = root.join(format!("send-report-{rep}.json"));
+    let report_path = root.join(format!("send-report-{tag}.json"));
     let mut recv_cmd = Command::new(&cfg.walship_bin);
     recv_cmd
         .args(["recv", "--listen", &addr, "--dir"])
         .arg(dst)
-        .args(&cfg.recv_extra);
+        .args(recv_extra);
     let mut send_cmd = Command::new(&cfg.walship_bin);
     send_cmd
         .args(["send", "--pg-wal"])
         .arg(&src.dir)
         .args(["--to", &addr, "--once", "--report-json"])
         .arg(&report_path)
-        .args(&cfg.send_extra);
+        .args(send_extra);
     m.command = format!("{} & {}", cmd_line(&recv_cmd), cmd_line(&send_cmd));
 
-    let recv = match spawn(&mut recv_cmd, root, &format!("recv-{rep}")) {
+    let recv = match spawn(&mut recv_cmd, root, &format!("recv-{tag}")) {
         Ok(r) => r,
         Err(e) => return m.failed(format!("walship recv could not start: {e}")),
     };
@@ -531,7 +588,7 @@ fn bench_walship(cfg: &Config, root: &Path, src: &Source, dst: &Path, rep: usize
         std::thread::sleep(Duration::from_millis(2));
     }
 
-    let send = spawn(&mut send_cmd, root, &format!("send-{rep}")).and_then(|s| s.wait(cfg.timeout));
+    let send = spawn(&mut send_cmd, root, &format!("send-{tag}")).and_then(|s| s.wait(cfg.timeout));
     let recv_cpu_at_send_exit = proc_cpu(recv.pid);
     recv.signal(libc::SIGTERM);
     let recv_done = recv.wait(RECV_STOP_WAIT);
@@ -556,6 +613,7 @@ fn bench_walship(cfg: &Config, root: &Path, src: &Source, dst: &Path, rep: usize
             m.extra.set("recv_exit", r.exit_code.map(|c| c as u64));
             m.extra.set("recv_signal", r.signal.map(|c| c as u64));
             m.extra.set("recv_cpu_total_s", r.cpu.total_s());
+            m.extra.set("recv_summary", parse_recv_summary(&r.stderr));
         }
         Err(e) => {
             m.extra.set("recv_wait_error", e.to_string());
@@ -670,7 +728,13 @@ fn label_of(name: &str) -> &'static str {
         "raw_odirect_rust" => "raw O_DIRECT write: Rust pwrite 1 MiB + fdatasync/file",
         "cp_sync" => "cp + sync (source hot in page cache)",
         "walship" => "walship send -> recv, durable (ack flushed == end)",
-        "pg_receivewal" => "pg_receivewal",
+        "real_walship" => "walship send -> recv on the real WAL, durable",
+        "real_cp_sync" => "cp + sync of the real WAL segments",
+        "pg_receivewal" => "pg_receivewal --slot -E end (+ sync), from the running server",
+        "pgbackrest_sync" => "pgBackRest archive-push, synchronous, compress none",
+        "pgbackrest_async_none" => "pgBackRest archive-push async, process-max 2, compress none",
+        "pgbackrest_async_lz4" => "pgBackRest archive-push async, process-max 2, lz4",
+        "walship_sweep" => "walship sweep point",
         _ => "?",
     }
 }
@@ -782,7 +846,7 @@ fn bench(cfg: &Config) -> Result<(), String> {
     );
 
     let result = run_all(cfg, &root, fio_version.is_some());
-    let (measurements, source) = match result {
+    let (measurements, source, real_info) = match result {
         Ok(v) => v,
         Err(e) => {
             if !cfg.keep {
@@ -794,14 +858,23 @@ fn bench(cfg: &Config) -> Result<(), String> {
     let load_end = loadavg();
 
     // ---- summaries and ratios
-    let names = ["raw_tcp", "raw_odirect_fio", "raw_odirect_rust", "cp_sync", "walship"];
+    let names = [
+        "raw_tcp",
+        "raw_odirect_fio",
+        "raw_odirect_rust",
+        "cp_sync",
+        "walship",
+        "real_walship",
+        "real_cp_sync",
+        "pg_receivewal",
+        "pgbackrest_sync",
+        "pgbackrest_async_none",
+        "pgbackrest_async_lz4",
+    ];
     let summaries: Vec<Summary> = names.iter().filter_map(|n| summarize(n, &measurements)).collect();
-    let med = |n: &str| {
-        summaries
-            .iter()
-            .find(|s| s.name == n)
-            .map_or(f64::NAN, |s| s.gbps_median)
-    };
+    let find = |n: &str| summaries.iter().find(|s| s.name == n);
+    let med = |n: &str| find(n).map_or(f64::NAN, |s| s.gbps_median);
+    let cpu_total = |n: &str| find(n).map_or(f64::NAN, |s| s.cpu_per_gib.iter().map(|(_, v)| v).sum::<f64>());
     let odirect_name = if med("raw_odirect_fio").is_finite() {
         "raw_odirect_fio"
     } else {
@@ -809,15 +882,185 @@ fn bench(cfg: &Config) -> Result<(), String> {
     };
     let (tcp, odirect, cp, ws) = (med("raw_tcp"), med(odirect_name), med("cp_sync"), med("walship"));
     let raw_floor = tcp.min(odirect);
-    let ratio_raw = ws / raw_floor;
-    let ratio_cp = ws / cp;
+    let ws_real = med("real_walship");
+    let pgbr_best = ["pgbackrest_sync", "pgbackrest_async_none", "pgbackrest_async_lz4"]
+        .iter()
+        .map(|n| (*n, med(n)))
+        .filter(|(_, v)| v.is_finite())
+        .fold(
+            ("none", f64::NAN),
+            |a, b| if a.1.is_finite() && a.1 >= b.1 { a } else { b },
+        );
+    let ws_real_cpu = find("real_walship").map_or(f64::NAN, |s| {
+        s.cpu_per_gib
+            .iter()
+            .filter(|(w, _)| w.starts_with("walship"))
+            .map(|(_, v)| v)
+            .sum()
+    });
+    let pgrw_cpu = find("pg_receivewal").map_or(f64::NAN, |s| {
+        s.cpu_per_gib.iter().filter(|(w, _)| *w != "sync").map(|(_, v)| v).sum()
+    });
+    // (target, threshold, measured, lower_is_better, what it compares)
+    let targets: Vec<(&str, f64, f64, bool, String)> = vec![
+        (
+            "durable ship >= 0.8 x min(raw TCP, raw O_DIRECT)",
+            0.8,
+            ws / raw_floor,
+            false,
+            format!("walship {} / min(raw TCP {}, {odirect_name} {}) on synthetic WAL", fmt_gbps(ws), fmt_gbps(tcp), fmt_gbps(odirect)),
+        ),
+        (
+            ">= 6 x pg_receivewal",
+            6.0,
+            ws_real / med("pg_receivewal"),
+            false,
+            format!("real WAL: walship {} / pg_receivewal {}", fmt_gbps(ws_real), fmt_gbps(med("pg_receivewal"))),
+        ),
+        (
+            ">= 4 x cp + sync",
+            4.0,
+            ws_real / med("real_cp_sync"),
+            false,
+            format!(
+                "real WAL: walship {} / cp+sync {} (synthetic: {} / {} = {:.2})",
+                fmt_gbps(ws_real),
+                fmt_gbps(med("real_cp_sync")),
+                fmt_gbps(ws),
+                fmt_gbps(cp),
+                ws / cp
+            ),
+        ),
+        (
+            ">= 3 x best pgBackRest",
+            3.0,
+            ws_real / pgbr_best.1,
+            false,
+            format!("real WAL: walship {} / {} {}", fmt_gbps(ws_real), pgbr_best.0, fmt_gbps(pgbr_best.1)),
+        ),
+        (
+            "CPU s/GiB (send+recv) < pg_receivewal + walsender",
+            1.0,
+            ws_real_cpu / pgrw_cpu,
+            true,
+            format!("real WAL: walship send+recv {ws_real_cpu:.3} s/GiB vs pg_receivewal+walsender {pgrw_cpu:.3} s/GiB (ratio shown)"),
+        ),
+    ];
+    let verdict = |t: &(&str, f64, f64, bool, String)| -> &'static str {
+        if !t.2.is_finite() {
+            "not measured"
+        } else if (t.3 && t.2 < t.1) || (!t.3 && t.2 >= t.1) {
+            "MET"
+        } else {
+            "NOT MET"
+        }
+    };
+
+    // fdatasync statistics of every walship run (receiver's last log line), median per (name, variant)
+    let mut fsync_rows: Vec<(String, Json, u64)> = Vec::new();
+    {
+        let mut keys: Vec<(&str, String)> = Vec::new();
+        for m in measurements
+            .iter()
+            .filter(|m| m.name.contains("walship") && m.error.is_none())
+        {
+            if !keys.iter().any(|(n, v)| *n == m.name && *v == m.variant) {
+                keys.push((m.name, m.variant.clone()));
+            }
+        }
+        for (n, v) in keys {
+            let runs: Vec<&Measurement> = measurements
+                .iter()
+                .filter(|m| m.name == n && m.variant == v && m.error.is_none())
+                .collect();
+            let mut o = Json::obj();
+            for field in [
+                "writes",
+                "write_bytes",
+                "fdatasyncs",
+                "batches",
+                "bytes_per_batch",
+                "p50_us",
+                "p99_us",
+                "max_us",
+                "frame_stalls",
+            ] {
+                let mut vals: Vec<f64> = runs
+                    .iter()
+                    .filter_map(|m| m.extra.path(&["recv_summary", field]).and_then(Json::as_f64))
+                    .collect();
+                o.set(field, median(&mut vals));
+            }
+            for field in ["zero_copy_sends", "zero_copy_copied"] {
+                let mut vals: Vec<f64> = runs
+                    .iter()
+                    .filter_map(|m| m.extra.path(&["send_report", field]).and_then(Json::as_f64))
+                    .collect();
+                o.set(field, median(&mut vals));
+            }
+            let mut g: Vec<f64> = runs.iter().map(|m| m.gbps()).collect();
+            o.set("gb_per_s_median", median(&mut g));
+            let mut c: Vec<f64> = runs
+                .iter()
+                .map(|m| m.cpu.iter().map(|(_, c)| m.cpu_s_per_gib(c)).sum::<f64>())
+                .collect();
+            o.set("cpu_s_per_gib_send_recv", median(&mut c));
+            let label = if v.is_empty() {
+                n.to_string()
+            } else {
+                format!("{n}: {v}")
+            };
+            fsync_rows.push((label, o, runs.len() as u64));
+        }
+    }
+    let micro = read_criterion(&target_dir().join("criterion"));
+
+    // ---- charts
+    let chart_base = format!("ship-{date_compact}");
+    let mut bars: Vec<(String, f64, bool)> = summaries
+        .iter()
+        .map(|s| {
+            (
+                short_label(s.name).to_string(),
+                s.gbps_median,
+                s.name.contains("walship"),
+            )
+        })
+        .collect();
+    for (label, o, _) in fsync_rows.iter().filter(|(l, _, _)| l.starts_with("walship_sweep")) {
+        bars.push((
+            label.replace("walship_sweep: ", "sweep: "),
+            o.get("gb_per_s_median").and_then(Json::as_f64).unwrap_or(f64::NAN),
+            true,
+        ));
+    }
+    let tput_svg = svg::bars("Durable/ship throughput per contender (GB/s, median)", "GB/s", &bars);
+    let lat_rows: Vec<(String, Vec<f64>)> = fsync_rows
+        .iter()
+        .map(|(l, o, _)| {
+            let g = |k: &str| o.get(k).and_then(Json::as_f64).unwrap_or(f64::NAN);
+            (l.clone(), vec![g("p50_us"), g("p99_us"), g("max_us")])
+        })
+        .collect();
+    let lat_svg = svg::grouped_log(
+        "walship recv fdatasync latency (us, log scale)",
+        "us",
+        &["p50", "p99", "max"],
+        &lat_rows,
+    );
+    std::fs::create_dir_all(&cfg.results_dir).map_err(|e| format!("create {}: {e}", cfg.results_dir.display()))?;
+    let tput_path = cfg.results_dir.join(format!("{chart_base}-throughput.svg"));
+    let lat_path = cfg.results_dir.join(format!("{chart_base}-fdatasync.svg"));
+    std::fs::write(&tput_path, tput_svg).map_err(|e| e.to_string())?;
+    std::fs::write(&lat_path, lat_svg).map_err(|e| e.to_string())?;
 
     // ---- JSON
+    let kernel = command_output("uname", &["-r"]);
     let mut env = Json::obj();
     env.set("date", date.clone())
         .set("git_commit", commit.clone())
         .set("git_dirty", dirty)
-        .set("kernel", command_output("uname", &["-r"]))
+        .set("kernel", kernel.clone())
         .set("cpu_model", cpu_model())
         .set(
             "nproc",
@@ -828,11 +1071,15 @@ fn bench(cfg: &Config) -> Result<(), String> {
         .set("loadavg_start", load_start.clone())
         .set("loadavg_end", load_end.clone())
         .set("fio_version", fio_version.clone())
+        .set("pgbackrest_version", command_output("pgbackrest", &["version"]))
         .set("walship_bin", cfg.walship_bin.display().to_string());
     let mut config = Json::obj();
     config
         .set("bytes", cfg.bytes)
         .set("reps", cfg.reps)
+        .set("sweep", cfg.sweep)
+        .set("sweep_reps", cfg.sweep_reps)
+        .set("pg_bytes_target", cfg.pg_bytes)
         .set("segment_bytes", SEGMENT_BYTES)
         .set("io_bytes", IO_BYTES)
         .set("units", "GB/s = 1e9 bytes/s; CPU s per GiB (2^30 bytes)")
@@ -846,7 +1093,8 @@ fn bench(cfg: &Config) -> Result<(), String> {
         .set("origin", source.origin.clone())
         .set("files", source.files.len())
         .set("wal_bytes", source.wal_bytes)
-        .set("gen_wal_report", source.gen_report.clone());
+        .set("gen_wal_report", source.gen_report.clone())
+        .set("real_wal", real_info.clone());
     let mut summary_json = Json::obj();
     for s in &summaries {
         let mut o = Json::obj();
@@ -857,6 +1105,7 @@ fn bench(cfg: &Config) -> Result<(), String> {
             .set("gb_per_s_min", if s.ok_runs > 0 { s.gbps_min } else { f64::NAN })
             .set("gb_per_s_max", if s.ok_runs > 0 { s.gbps_max } else { f64::NAN })
             .set("wall_s_median", s.wall_median_s)
+            .set("cpu_s_per_gib_total_median", cpu_total(s.name))
             .set("error", s.error.clone());
         let mut cpu = Json::obj();
         for (who, v) in &s.cpu_per_gib {
@@ -865,52 +1114,90 @@ fn bench(cfg: &Config) -> Result<(), String> {
         o.set("cpu_s_per_gib_median", cpu);
         summary_json.set(s.name, o);
     }
-    let pg_skip = "skipped: pg_receivewal comparison not implemented yet (TODO: start a PostgreSQL server, \
-                   stream the same WAL with pg_receivewal --synchronous into a fresh dir)";
-    let mut pg = Json::obj();
-    pg.set("label", "pg_receivewal").set("skipped", pg_skip);
-    summary_json.set("pg_receivewal", pg);
+    let mut fsync_json = Json::obj();
+    for (l, o, _) in &fsync_rows {
+        fsync_json.set(l, o.clone());
+    }
+    let mut targets_json = Json::obj();
+    for t in &targets {
+        let mut o = Json::obj();
+        o.set("threshold", t.1)
+            .set("min_raw_gb_per_s", raw_floor)
+            .set("measured", t.2)
+            .set("lower_is_better", t.3)
+            .set("verdict", verdict(t))
+            .set("detail", t.4.clone());
+        targets_json.set(t.0, o);
+    }
     let mut ratios = Json::obj();
     ratios
         .set("raw_odirect_used", odirect_name)
-        .set("walship_over_min_raw_tcp_raw_odirect", ratio_raw)
-        .set("walship_over_cp_sync", ratio_cp);
+        .set("walship_over_min_raw_tcp_raw_odirect", ws / raw_floor)
+        .set("walship_over_cp_sync", ws / cp)
+        .set("real_walship_over_pg_receivewal", ws_real / med("pg_receivewal"))
+        .set("real_walship_over_real_cp_sync", ws_real / med("real_cp_sync"))
+        .set("real_walship_over_best_pgbackrest", ws_real / pgbr_best.1)
+        .set("best_pgbackrest", pgbr_best.0);
     let mut out = Json::obj();
     out.set("bench", "ship")
         .set("environment", env)
         .set("config", config)
         .set("source", src_json)
         .set("summary", summary_json)
+        .set("fdatasync", fsync_json)
         .set("ratios", ratios)
+        .set("targets", targets_json)
+        .set("micro_criterion", micro.clone())
         .set(
             "measurements",
             measurements.iter().map(Measurement::to_json).collect::<Vec<_>>(),
         );
-
-    std::fs::create_dir_all(&cfg.results_dir).map_err(|e| format!("create {}: {e}", cfg.results_dir.display()))?;
     let json_path = cfg.results_dir.join(format!("ship-{date_compact}.json"));
     std::fs::write(&json_path, out.pretty()).map_err(|e| format!("write {}: {e}", json_path.display()))?;
 
     // ---- Markdown
+    let fname = |p: &Path| p.file_name().unwrap().to_string_lossy().into_owned();
     let mut md = String::new();
     md.push_str(&format!(
-        "\n## ship — {date} — {commit}{} — {} × {} rep(s)\n\n",
+        "\n## ship — {date} — {commit}{} — {} synthetic × {} rep(s){}\n\n",
         if dirty == Some(true) { "-dirty" } else { "" },
         human_bytes(cfg.bytes),
-        cfg.reps
+        cfg.reps,
+        if cfg.sweep { ", with sweep" } else { "" }
     ));
     md.push_str(&format!(
-        "Kernel {}, {} ({} cores), scratch on {fs}; load avg {load_start} → {load_end}. Source: {} ({} files). \
-         GB/s = 10^9 B/s, median of the reps (min–max). The source is hot in the page cache for every contender; \
-         no caches dropped. Raw JSON: `{}`.\n\n",
-        command_output("uname", &["-r"]).unwrap_or_default(),
+        "Command `{}` (args: `{}`). Kernel {}, {} ({} cores), scratch on {fs}; load avg {load_start} → {load_end}. \
+         GB/s = 10^9 B/s, median of the reps (min–max); CPU in seconds per GiB moved. Sources are hot in the page cache \
+         for every contender; no caches dropped. Raw JSON: `{}`.\n\n",
+        if cfg.sweep { "tools/bench.sh --sweep" } else { "tools/bench.sh" },
+        std::env::args().skip(1).filter(|a| a != "--bench").collect::<Vec<_>>().join(" "),
+        kernel.clone().unwrap_or_default(),
         cpu_model(),
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        fname(&json_path),
+    ));
+    md.push_str(&format!(
+        "Synthetic source: {} ({} files, {} WAL bytes). Real source: {}.\n\n",
         source.origin,
         source.files.len(),
-        json_path.file_name().unwrap().to_string_lossy(),
+        source.wal_bytes,
+        match real_info.get("bytes").and_then(Json::as_u64) {
+            Some(b) => format!(
+                "PostgreSQL {} pgbench -i -s {} + pgbench -T 5, {} .. {} = **{b} bytes ({} segments)**, the same bytes for every \
+                 real-WAL contender (pg_receivewal from a slot created before the load, -E at the end; cp, pgBackRest and \
+                 walship from the stopped cluster's pg_wal or a copy of it)",
+                real_info.get("server_version").and_then(Json::as_str).unwrap_or("?"),
+                real_info.get("pgbench_scale").and_then(Json::as_u64).unwrap_or(0),
+                real_info.get("start_lsn").and_then(Json::as_str).unwrap_or("?"),
+                real_info.get("end_lsn").and_then(Json::as_str).unwrap_or("?"),
+                real_info.get("segments").and_then(Json::as_u64).unwrap_or(0),
+            ),
+            None => "none (see the skipped rows)".into(),
+        }
     ));
-    md.push_str("| contender | GB/s | min–max | wall s | CPU s/GiB | ok |\n|---|---:|---:|---:|---|---:|\n");
+    md.push_str(
+        "### Throughput\n\n| contender | GB/s | min–max | wall s | CPU s/GiB | ok |\n|---|---:|---:|---:|---|---:|\n",
+    );
     for s in &summaries {
         let cpu = s
             .cpu_per_gib
@@ -938,25 +1225,84 @@ fn bench(cfg: &Config) -> Result<(), String> {
             } else {
                 "—".into()
             },
-            if cpu.is_empty() { "—".into() } else { cpu },
+            if cpu.is_empty() {
+                "—".into()
+            } else {
+                format!("{cpu} (Σ {:.2})", cpu_total(s.name))
+            },
             s.ok_runs,
             s.runs
         ));
     }
-    md.push_str("| pg_receivewal (skipped: TODO, not implemented yet) | — | — | — | — | 0/0 |\n\n");
-    md.push_str(&format!(
-        "Ratios: walship / min(raw TCP, raw O_DIRECT [{odirect_name}]) = **{}**; walship / (cp + sync) = **{}**.\n",
-        if ratio_raw.is_finite() {
-            format!("{ratio_raw:.2}")
-        } else {
-            "n/a".into()
-        },
-        if ratio_cp.is_finite() {
-            format!("{ratio_cp:.2}")
-        } else {
-            "n/a".into()
-        },
-    ));
+    md.push_str(&format!("\n![throughput]({})\n\n", fname(&tput_path)));
+    // The best ratio any shipper could reach here: it cannot beat the slower of the wire and the disk.
+    let ceiling = |peer: f64| raw_floor / peer;
+    let ceilings = [
+        f64::NAN,
+        ceiling(med("pg_receivewal")),
+        ceiling(med("real_cp_sync")),
+        ceiling(pgbr_best.1),
+        f64::NAN,
+    ];
+    md.push_str(
+        "### Targets\n\nceiling = min(raw TCP, raw O_DIRECT) / peer: the ratio a shipper running at the machine's \
+         raw limit would reach in this run.\n\n| target | measured | ceiling | verdict | detail |\n|---|---:|---:|---|---|\n",
+    );
+    for (t, c) in targets.iter().zip(ceilings) {
+        md.push_str(&format!(
+            "| {} | {} | {} | **{}** | {} |\n",
+            t.0,
+            if t.2.is_finite() {
+                format!("{:.2}", t.2)
+            } else {
+                "n/a".into()
+            },
+            if c.is_finite() { format!("{c:.2}") } else { "—".into() },
+            verdict(t),
+            t.4
+        ));
+    }
+    md.push_str("\n### walship receiver: group commit and fdatasync latency\n\nFrom the receiver's final log line; medians over the reps.\n\n");
+    md.push_str("| run | GB/s | CPU s/GiB send+recv | writes | fdatasyncs | batches | bytes/batch | p50 us | p99 us | max us | frame stalls | zero-copy sends / copied |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
+    for (l, o, _) in &fsync_rows {
+        let g = |k: &str| o.get(k).and_then(Json::as_f64).unwrap_or(f64::NAN);
+        let i = |k: &str| {
+            let v = g(k);
+            if v.is_finite() {
+                format!("{v:.0}")
+            } else {
+                "—".into()
+            }
+        };
+        md.push_str(&format!(
+            "| {l} | {} | {:.3} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} |\n",
+            fmt_gbps(g("gb_per_s_median")),
+            g("cpu_s_per_gib_send_recv"),
+            i("writes"),
+            i("fdatasyncs"),
+            i("batches"),
+            i("bytes_per_batch"),
+            i("p50_us"),
+            i("p99_us"),
+            i("max_us"),
+            i("frame_stalls"),
+            i("zero_copy_sends"),
+            i("zero_copy_copied")
+        ));
+    }
+    md.push_str(&format!("\n![fdatasync latency]({})\n", fname(&lat_path)));
+    if let Json::Arr(items) = &micro {
+        if !items.is_empty() {
+            md.push_str("\n### Micro benches (criterion, last `cargo bench --bench micro` in this target dir)\n\n| bench | GB/s (mean) |\n|---|---:|\n");
+            for it in items {
+                md.push_str(&format!(
+                    "| {} | {:.2} |\n",
+                    it.get("id").and_then(Json::as_str).unwrap_or("?"),
+                    it.get("gb_per_s").and_then(Json::as_f64).unwrap_or(f64::NAN)
+                ));
+            }
+        }
+    }
     let report_path = cfg.results_dir.join("REPORT.md");
     let mut report = std::fs::read_to_string(&report_path).unwrap_or_default();
     if report.is_empty() {
@@ -965,7 +1311,6 @@ fn bench(cfg: &Config) -> Result<(), String> {
     report.push_str(&md);
     std::fs::write(&report_path, report).map_err(|e| format!("write {}: {e}", report_path.display()))?;
     println!("{md}");
-    println!("{pg_skip}");
     println!("results: {} and {}", json_path.display(), report_path.display());
 
     if cfg.keep {
@@ -990,8 +1335,11 @@ fn drop_dir(dir: &Path) {
     sync_all_fs();
 }
 
-fn run_all(cfg: &Config, root: &Path, fio: bool) -> Result<(Vec<Measurement>, Source), String> {
-    let disk_needed = cfg.wants("cp_sync") || cfg.wants("walship");
+fn run_all(cfg: &Config, root: &Path, fio: bool) -> Result<(Vec<Measurement>, Source, Json), String> {
+    let disk_needed = cfg.wants("cp_sync")
+        || cfg.wants("walship")
+        || (cfg.sweep && cfg.wants("walship_sweep"))
+        || REAL_NAMES.iter().any(|n| cfg.wants(n));
     let source = if disk_needed {
         let t = Instant::now();
         let s = make_source(cfg, root)?;
@@ -1056,17 +1404,598 @@ fn run_all(cfg: &Config, root: &Path, fio: bool) -> Result<(Vec<Measurement>, So
         }
         if cfg.wants("cp_sync") {
             let dst = fresh_dir(root, "dst-cp")?;
-            report(bench_cp_sync(cfg, root, &source, &dst, rep));
+            report(bench_cp_sync(cfg, root, &source, &dst, rep, "cp_sync"));
             drop_dir(&dst);
         }
         if cfg.wants("walship") {
             let dst = fresh_dir(root, "dst-walship")?;
-            report(bench_walship(cfg, root, &source, &dst, rep));
+            report(bench_walship(
+                cfg,
+                root,
+                &source,
+                &dst,
+                rep,
+                "walship",
+                "",
+                &cfg.send_extra,
+                &cfg.recv_extra,
+            ));
             drop_dir(&dst);
         }
     }
-    if cfg.wants("pg_receivewal") {
-        eprintln!("  pg_receivewal: skipped: not implemented yet (TODO)");
+    // ---- optional sweep of walship's knobs, one at a time from the defaults, on the synthetic source
+    if cfg.sweep && cfg.wants("walship_sweep") {
+        for rep in 0..cfg.sweep_reps {
+            for (variant, send, recv) in sweep_points() {
+                let dst = fresh_dir(root, "dst-sweep")?;
+                let send: Vec<String> = cfg.send_extra.iter().cloned().chain(send).collect();
+                let recv: Vec<String> = cfg.recv_extra.iter().cloned().chain(recv).collect();
+                report(bench_walship(
+                    cfg,
+                    root,
+                    &source,
+                    &dst,
+                    rep,
+                    "walship_sweep",
+                    &variant,
+                    &send,
+                    &recv,
+                ));
+                drop_dir(&dst);
+            }
+        }
     }
-    Ok((all, source))
+
+    // ---- real WAL from a local PostgreSQL: pg_receivewal, pgBackRest, cp + sync, walship on the same segments
+    let mut real_info = Json::obj();
+    let real_wanted = REAL_NAMES.iter().any(|n| cfg.wants(n));
+    if real_wanted {
+        let skip = |why: String, report: &mut dyn FnMut(Measurement)| {
+            eprintln!("  real WAL contenders skipped: {why}");
+            for n in REAL_NAMES {
+                if cfg.wants(n) {
+                    report(Measurement::new(n, 0, 0).failed(format!("skipped: {why}")));
+                }
+            }
+        };
+        if !cfg.pg {
+            skip("WALSHIP_BENCH_PG=0".into(), &mut report);
+        } else if source.walship_unavailable.is_some() && source.files.is_empty() {
+            skip("no walship binary".into(), &mut report);
+        } else {
+            // SAFETY: geteuid has no side effects.
+            let root_user = unsafe { libc::geteuid() } == 0;
+            let built = if root_user {
+                let t = Instant::now();
+                eprintln!(
+                    "ship bench: building real WAL (~{}) in a local PostgreSQL...",
+                    human_bytes(cfg.pg_bytes)
+                );
+                let r = pg::build_real_wal(root, cfg.pg_bytes, cfg.reps, cfg.timeout);
+                if let Ok(r) = &r {
+                    eprintln!(
+                        "ship bench: real WAL {} .. {} = {} bytes ({} segments) in {:.1} s",
+                        pg::fmt_lsn(r.first_segno * r.seg_size),
+                        pg::fmt_lsn(r.end_lsn),
+                        r.bytes(),
+                        r.segment_names.len(),
+                        t.elapsed().as_secs_f64()
+                    );
+                }
+                r
+            } else {
+                Err("not root: the bench runs PostgreSQL as the postgres OS user via runuser (run as root)".into())
+            };
+            match built {
+                Err(why) => skip(format!("real WAL unavailable: {why}"), &mut report),
+                Ok(mut real) => {
+                    real_info = real.report.clone();
+                    real_phase(cfg, root, &mut real, &mut report)?;
+                }
+            }
+        }
+    }
+    Ok((all, source, real_info))
+}
+
+const REAL_NAMES: [&str; 6] = [
+    "pg_receivewal",
+    "real_cp_sync",
+    "real_walship",
+    "pgbackrest_sync",
+    "pgbackrest_async_none",
+    "pgbackrest_async_lz4",
+];
+
+fn sweep_points() -> Vec<(String, Vec<String>, Vec<String>)> {
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    let mut pts = Vec::new();
+    for z in ["on", "off", "auto"] {
+        pts.push((format!("zero-copy {z}"), s(&["--zero-copy", z]), vec![]));
+    }
+    for f in ["256KiB", "1MiB", "4MiB"] {
+        pts.push((format!("frame-bytes {f}"), s(&["--frame-bytes", f]), vec![]));
+    }
+    for i in ["32MiB", "128MiB", "512MiB"] {
+        pts.push((
+            format!("send in-flight-bytes-max {i}"),
+            s(&["--in-flight-bytes-max", i]),
+            vec![],
+        ));
+    }
+    for b in ["1MiB", "16MiB", "64MiB"] {
+        pts.push((
+            format!("recv fsync-batch-bytes {b}"),
+            vec![],
+            s(&["--fsync-batch-bytes", b]),
+        ));
+    }
+    pts
+}
+
+fn real_phase(
+    cfg: &Config,
+    root: &Path,
+    real: &mut pg::RealWal,
+    report: &mut dyn FnMut(Measurement),
+) -> Result<(), String> {
+    let bytes = real.bytes();
+    // The load left the table files dirty: checkpoint and sync (untimed) so no contender pays for that
+    // writeback, and read the segments once so every contender finds them in the page cache.
+    real.cluster.sql("CHECKPOINT")?;
+    sync_all_fs();
+    let pg_wal = real.cluster.data.join("pg_wal");
+    let pg_files: Vec<PathBuf> = real.segment_names.iter().map(|n| pg_wal.join(n)).collect();
+    warm(&pg_files).map_err(|e| e.to_string())?;
+    // 1. pg_receivewal streams from the running server, one slot per repetition.
+    for rep in 0..cfg.reps {
+        if cfg.wants("pg_receivewal") {
+            let dst = fresh_dir(root, "dst-pg_receivewal")?;
+            report(bench_pg_receivewal(cfg, root, real, &dst, rep));
+            drop_dir(&dst);
+        }
+    }
+    // pgBackRest's stanza-create needs the running server.
+    let pgbr_wanted = ["pgbackrest_sync", "pgbackrest_async_none", "pgbackrest_async_lz4"]
+        .iter()
+        .any(|n| cfg.wants(n));
+    let pgbr = if !pgbr_wanted {
+        Err("not selected".to_string())
+    } else if command_output("pgbackrest", &["version"]).is_none() {
+        Err("pgbackrest not installed (Debian: apt-get install pgbackrest)".to_string())
+    } else {
+        pgbr_setup(cfg, root, real)
+    };
+    // 2. Stop the server: the other contenders read the stopped cluster's pg_wal (or a copy of it).
+    real.cluster.stop(cfg.timeout)?;
+    let src_dir = root.join("src-real");
+    std::fs::create_dir_all(&src_dir).map_err(|e| e.to_string())?;
+    let mut files = Vec::new();
+    for n in &real.segment_names {
+        let from = pg_wal.join(n);
+        let len = from
+            .metadata()
+            .map_err(|e| format!("{}: {e} (recycled before the copy?)", from.display()))?
+            .len();
+        if len != real.seg_size {
+            return Err(format!("{}: {len} bytes, expected {}", from.display(), real.seg_size));
+        }
+        std::fs::copy(&from, src_dir.join(n)).map_err(|e| format!("copy {}: {e}", from.display()))?;
+        files.push(src_dir.join(n));
+    }
+    sync_all_fs();
+    warm(&files).map_err(|e| e.to_string())?;
+    warm(&pg_files).map_err(|e| e.to_string())?;
+    let src = Source {
+        dir: src_dir,
+        files,
+        wal_bytes: bytes,
+        first_lsn: Some(real.first_segno * real.seg_size),
+        end_lsn: Some(real.end_lsn),
+        origin: "real WAL (PostgreSQL pgbench), copy of the stopped cluster's pg_wal".into(),
+        gen_report: Json::Null,
+        walship_unavailable: None,
+    };
+    for rep in 0..cfg.reps {
+        if cfg.wants("real_cp_sync") {
+            let dst = fresh_dir(root, "dst-real-cp")?;
+            report(bench_cp_sync(cfg, root, &src, &dst, rep, "real_cp_sync"));
+            drop_dir(&dst);
+        }
+        if cfg.wants("real_walship") {
+            let dst = fresh_dir(root, "dst-real-walship")?;
+            report(bench_walship(
+                cfg,
+                root,
+                &src,
+                &dst,
+                rep,
+                "real_walship",
+                "",
+                &cfg.send_extra,
+                &cfg.recv_extra,
+            ));
+            drop_dir(&dst);
+        }
+        for (name, opts) in [
+            ("pgbackrest_sync", &["--compress-type=none"][..]),
+            (
+                "pgbackrest_async_none",
+                &["--archive-async", "--process-max=2", "--compress-type=none"][..],
+            ),
+            (
+                "pgbackrest_async_lz4",
+                &["--archive-async", "--process-max=2", "--compress-type=lz4"][..],
+            ),
+        ] {
+            if !cfg.wants(name) {
+                continue;
+            }
+            match &pgbr {
+                Err(why) => report(Measurement::new(name, rep, bytes).failed(format!("skipped: {why}"))),
+                Ok(conf) => report(bench_pgbackrest(cfg, root, real, conf, name, opts, rep)),
+            }
+        }
+    }
+    Ok(())
+}
+
+fn bench_pg_receivewal(cfg: &Config, root: &Path, real: &pg::RealWal, dst: &Path, rep: usize) -> Measurement {
+    let bytes = real.bytes();
+    let mut m = Measurement::new("pg_receivewal", rep, bytes);
+    let bin = real.cluster.bin.join("pg_receivewal");
+    let slot = &real.slots[rep % real.slots.len()];
+    let mut cmd = Command::new(&bin);
+    cmd.args(real.cluster.conn_args())
+        .arg("-D")
+        .arg(dst)
+        .arg(format!("--slot={slot}"))
+        .args(["--no-loop", "-E", &pg::fmt_lsn(real.end_lsn)]);
+    m.command = format!("{} && sync", cmd_line(&cmd));
+    let Some(postmaster) = real.cluster.postmaster_pid() else {
+        return m.failed("no postmaster.pid".into());
+    };
+    let poller = pg::CpuPoller::start(postmaster, "walsender");
+    let start = Instant::now();
+    let f = match run(&mut cmd, root, &format!("pg_receivewal-{rep}"), cfg.timeout) {
+        Ok(f) => f,
+        Err(e) => return m.failed(format!("pg_receivewal could not start: {e}")),
+    };
+    let s = run(
+        &mut Command::new("sync"),
+        root,
+        &format!("sync-pgrw-{rep}"),
+        cfg.timeout,
+    );
+    m.wall_s = start.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_millis(20));
+    let (walsender, pids) = poller.finish();
+    if !f.ok() {
+        return m.failed(format!("pg_receivewal failed: {}", f.describe_failure()));
+    }
+    m.cpu = vec![("pg_receivewal", f.cpu), ("walsender", walsender)];
+    if let Ok(s) = &s {
+        m.cpu.push(("sync", s.cpu));
+        m.extra.set("sync_wall_s", s.wall.as_secs_f64());
+    }
+    m.extra
+        .set("pg_receivewal_wall_s", f.wall.as_secs_f64())
+        .set(
+            "walsender_pids",
+            pids.iter().map(|p| Json::from(*p as u64)).collect::<Vec<_>>(),
+        )
+        .set("slot", slot.as_str())
+        .set("endpos", pg::fmt_lsn(real.end_lsn));
+    // Same bytes as the others: every complete segment must be there, identical to the server's.
+    let pg_wal = real.cluster.data.join("pg_wal");
+    match compare_segments(&pg_wal, dst, &real.segment_names) {
+        Ok(n) if n == bytes => {}
+        Ok(n) => {
+            return m.failed(format!(
+                "pg_receivewal wrote {n} bytes of complete segments, expected {bytes}"
+            ))
+        }
+        Err(e) => return m.failed(format!("pg_receivewal output differs: {e}")),
+    }
+    let partials: Vec<String> = list_files(dst)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|p| {
+            p.file_name()?
+                .to_str()
+                .filter(|n| n.ends_with(".partial"))
+                .map(String::from)
+        })
+        .collect();
+    m.extra.set(
+        "note",
+        "also wrote the next segment as .partial (zero-padded to the segment size), not counted in bytes",
+    );
+    m.extra.set(
+        "partial_files",
+        partials.into_iter().map(Json::from).collect::<Vec<_>>(),
+    );
+    m
+}
+
+/// Byte-compare `names` in `a` and `b`; total bytes compared.
+fn compare_segments(a: &Path, b: &Path, names: &[String]) -> Result<u64, String> {
+    use std::os::unix::fs::FileExt;
+    let mut total = 0u64;
+    let (mut x, mut y) = (vec![0u8; IO_BYTES], vec![0u8; IO_BYTES]);
+    for n in names {
+        let fa = std::fs::File::open(a.join(n)).map_err(|e| format!("{n}: {e}"))?;
+        let fb = std::fs::File::open(b.join(n)).map_err(|e| format!("{n} in {}: {e}", b.display()))?;
+        let len = fa.metadata().map_err(|e| e.to_string())?.len();
+        if fb.metadata().map_err(|e| e.to_string())?.len() != len {
+            return Err(format!("{n}: size differs"));
+        }
+        let mut off = 0;
+        while off < len {
+            let k = ((len - off) as usize).min(IO_BYTES);
+            fa.read_exact_at(&mut x[..k], off).map_err(|e| e.to_string())?;
+            fb.read_exact_at(&mut y[..k], off).map_err(|e| e.to_string())?;
+            if x[..k] != y[..k] {
+                return Err(format!("{n}: differs near offset {off}"));
+            }
+            off += k as u64;
+        }
+        total += len;
+    }
+    Ok(total)
+}
+
+struct PgbrConf {
+    conf: PathBuf,
+    repo: PathBuf,
+    spool: PathBuf,
+}
+
+fn pgbr_setup(cfg: &Config, root: &Path, real: &pg::RealWal) -> Result<PgbrConf, String> {
+    let base = root.join("pgbr");
+    let (repo, spool) = (base.join("repo"), base.join("spool"));
+    for d in [&repo, &spool, &base.join("lock"), &base.join("log")] {
+        std::fs::create_dir_all(d).map_err(|e| e.to_string())?;
+    }
+    let conf = base.join("pgbackrest.conf");
+    let text = format!(
+        "[global]\nrepo1-path={}\nlock-path={}\nlog-path={}\nspool-path={}\nlog-level-console=warn\n\
+         log-level-file=off\n\n[bench]\npg1-path={}\npg1-port={}\npg1-socket-path={}\npg1-user=postgres\n",
+        repo.display(),
+        base.join("lock").display(),
+        base.join("log").display(),
+        spool.display(),
+        real.cluster.data.display(),
+        real.cluster.port,
+        real.cluster.sock.display()
+    );
+    std::fs::write(&conf, text).map_err(|e| e.to_string())?;
+    let mut cmd = Command::new("pgbackrest");
+    cmd.arg(format!("--config={}", conf.display()))
+        .args(["--stanza=bench", "stanza-create"]);
+    match run(&mut cmd, &base, "stanza-create", cfg.timeout) {
+        Ok(f) if f.ok() => Ok(PgbrConf { conf, repo, spool }),
+        Ok(f) => Err(format!("pgbackrest stanza-create failed: {}", f.describe_failure())),
+        Err(e) => Err(format!("pgbackrest could not start: {e}")),
+    }
+}
+
+/// `archive-push` every segment in order, as PostgreSQL's archiver would (`.ready` -> `.done` after each
+/// success), into an emptied repository. Async: the foreground command returns once its segment is in
+/// the repo; a daemonised process (plus process-max workers) pushes ahead from the `.ready` files.
+fn bench_pgbackrest(
+    cfg: &Config,
+    root: &Path,
+    real: &pg::RealWal,
+    conf: &PgbrConf,
+    name: &'static str,
+    opts: &[&str],
+    rep: usize,
+) -> Measurement {
+    let bytes = real.bytes();
+    let mut m = Measurement::new(name, rep, bytes);
+    let pg_wal = real.cluster.data.join("pg_wal");
+    let status = pg_wal.join("archive_status");
+    // Fresh repository archive (keep archive.info), spool and .ready files.
+    let arch = conf.repo.join("archive").join("bench");
+    if let Ok(rd) = std::fs::read_dir(&arch) {
+        for e in rd.flatten() {
+            if e.path().is_dir() {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&conf.spool);
+    let _ = std::fs::create_dir_all(&conf.spool);
+    let _ = std::fs::remove_dir_all(&status);
+    if let Err(e) = std::fs::create_dir_all(&status) {
+        return m.failed(format!("create {}: {e}", status.display()));
+    }
+    for n in &real.segment_names {
+        let _ = std::fs::write(status.join(format!("{n}.ready")), b"");
+    }
+    sync_all_fs();
+    m.command = format!(
+        "for each segment: pgbackrest --config={} --stanza=bench {} archive-push {}/SEGMENT",
+        conf.conf.display(),
+        opts.join(" "),
+        pg_wal.display()
+    );
+    pg::set_subreaper(true);
+    let mut fg = Cpu::default();
+    let start = Instant::now();
+    let mut failure = None;
+    for n in &real.segment_names {
+        let mut cmd = Command::new("pgbackrest");
+        cmd.arg(format!("--config={}", conf.conf.display()))
+            .arg("--stanza=bench")
+            .args(opts)
+            .arg("archive-push")
+            .arg(pg_wal.join(n));
+        match run(&mut cmd, root, &format!("{name}-{rep}"), cfg.timeout) {
+            Ok(f) if f.ok() => {
+                fg.user_s += f.cpu.user_s;
+                fg.sys_s += f.cpu.sys_s;
+                let _ = std::fs::rename(status.join(format!("{n}.ready")), status.join(format!("{n}.done")));
+            }
+            Ok(f) => {
+                failure = Some(format!("archive-push {n} failed: {}", f.describe_failure()));
+                break;
+            }
+            Err(e) => {
+                failure = Some(format!("pgbackrest could not start: {e}"));
+                break;
+            }
+        }
+    }
+    m.wall_s = start.elapsed().as_secs_f64();
+    let bg = pg::reap_orphans(Duration::from_secs(30));
+    pg::set_subreaper(false);
+    if let Some(f) = failure {
+        return m.failed(f);
+    }
+    m.cpu = vec![("pgbackrest", fg), ("pgbackrest_async", bg)];
+    // Every segment must be in the repository (uncompressed: with its exact size).
+    let mut count = 0u64;
+    let mut stored = 0u64;
+    let mut stack = vec![arch.clone()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.len() > 24 && n.as_bytes()[24] == b'-')
+            {
+                count += 1;
+                stored += p.metadata().map(|x| x.len()).unwrap_or(0);
+            }
+        }
+    }
+    m.extra.set("repo_files", count).set("repo_bytes", stored);
+    if count != real.segment_names.len() as u64 {
+        return m.failed(format!(
+            "repository holds {count} segments, expected {}",
+            real.segment_names.len()
+        ));
+    }
+    m
+}
+
+fn short_label(name: &str) -> &str {
+    match name {
+        "raw_tcp" => "raw loopback TCP",
+        "raw_odirect_fio" => "raw O_DIRECT (fio)",
+        "raw_odirect_rust" => "raw O_DIRECT (Rust pwrite)",
+        "cp_sync" => "cp + sync (synthetic)",
+        "walship" => "walship (synthetic)",
+        "real_walship" => "walship (real WAL)",
+        "real_cp_sync" => "cp + sync (real WAL)",
+        "pg_receivewal" => "pg_receivewal (real WAL)",
+        "pgbackrest_sync" => "pgBackRest sync (real WAL)",
+        "pgbackrest_async_none" => "pgBackRest async p2 none",
+        "pgbackrest_async_lz4" => "pgBackRest async p2 lz4",
+        other => other,
+    }
+}
+
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                for d in chars.by_ref() {
+                    if d.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn num_after(text: &str, pat: &str) -> Option<u64> {
+    let i = text.find(pat)? + pat.len();
+    let digits: String = text[i..].chars().take_while(|c| c.is_ascii_digit()).collect();
+    digits.parse().ok()
+}
+
+fn num_before(text: &str, pat: &str) -> Option<u64> {
+    let i = text.find(pat)?;
+    let rev: String = text[..i].chars().rev().take_while(|c| c.is_ascii_digit()).collect();
+    rev.chars().rev().collect::<String>().parse().ok()
+}
+
+/// The receiver's final line: `... N writes (B bytes), F fdatasyncs in K batches (X bytes/batch),
+/// fdatasync p50 A us p99 B us max C us, S frame stalls`.
+fn parse_recv_summary(stderr: &str) -> Json {
+    let clean = strip_ansi(stderr);
+    let Some(line) = clean.lines().rev().find(|l| l.contains("fdatasyncs in")) else {
+        return Json::Null;
+    };
+    let mut o = Json::obj();
+    let mut put = |k: &str, v: Option<u64>| {
+        o.set(k, v.map(Json::from).unwrap_or(Json::Null));
+    };
+    put("writes", num_before(line, " writes ("));
+    put("write_bytes", num_after(line, " writes ("));
+    put("fdatasyncs", num_before(line, " fdatasyncs in "));
+    put("batches", num_after(line, " fdatasyncs in "));
+    put("bytes_per_batch", num_after(line, " batches ("));
+    put("p50_us", num_after(line, "fdatasync p50 "));
+    put("p99_us", num_after(line, " us p99 "));
+    let after_p99 = line.find(" us p99 ").map_or("", |i| &line[i..]);
+    put("max_us", num_after(after_p99, " us max "));
+    put("frame_stalls", num_before(line, " frame stalls"));
+    o.set("line", line.trim());
+    o
+}
+
+/// Criterion results under `<target>/criterion/**/new/`: id and mean throughput in GB/s (10^9 B/s).
+fn read_criterion(dir: &Path) -> Json {
+    let mut items = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let p = e.path();
+            if !p.is_dir() {
+                continue;
+            }
+            if p.file_name().is_some_and(|n| n == "new") {
+                let bench = std::fs::read_to_string(p.join("benchmark.json"))
+                    .ok()
+                    .and_then(|t| Json::parse(t.trim()).ok());
+                let est = std::fs::read_to_string(p.join("estimates.json"))
+                    .ok()
+                    .and_then(|t| Json::parse(t.trim()).ok());
+                if let (Some(b), Some(e)) = (bench, est) {
+                    let bytes = b
+                        .path(&["throughput", "Bytes"])
+                        .or_else(|| b.path(&["throughput", "BytesDecimal"]))
+                        .and_then(Json::as_f64);
+                    let ns = e.path(&["mean", "point_estimate"]).and_then(Json::as_f64);
+                    if let (Some(bytes), Some(ns), Some(id)) = (bytes, ns, b.get("full_id").and_then(Json::as_str)) {
+                        let mut o = Json::obj();
+                        o.set("id", id)
+                            .set("bytes", bytes)
+                            .set("mean_ns", ns)
+                            .set("gb_per_s", bytes / ns);
+                        items.push(o);
+                    }
+                }
+            } else if p.file_name().is_some_and(|n| n != "report" && n != "base") {
+                stack.push(p);
+            }
+        }
+    }
+    items.sort_by(|a, b| format!("{:?}", a.get("id")).cmp(&format!("{:?}", b.get("id"))));
+    Json::Arr(items)
 }

@@ -4,6 +4,8 @@
 #![allow(dead_code)]
 
 pub mod json;
+pub mod pg;
+pub mod svg;
 
 use std::ffi::CString;
 use std::fs::File;
