@@ -559,10 +559,17 @@ fn bench_walship(
     };
     let addr = format!("127.0.0.1:{port}");
     let report_path = root.join(format!("send-report-{tag}.json"));
+    // Authenticated, as deployed (the handshake's HMAC costs nothing measurable).
+    let key = root.join("walship-bench.key");
+    if let Err(e) = std::fs::write(&key, "walship-bench-shared-key-0123456789\n") {
+        return m.failed(format!("cannot write the auth key {}: {e}", key.display()));
+    }
     let mut recv_cmd = Command::new(&cfg.walship_bin);
     recv_cmd
         .args(["recv", "--listen", &addr, "--dir"])
         .arg(dst)
+        .arg("--auth-key-file")
+        .arg(&key)
         .args(recv_extra);
     let mut send_cmd = Command::new(&cfg.walship_bin);
     send_cmd
@@ -570,6 +577,8 @@ fn bench_walship(
         .arg(&src.dir)
         .args(["--to", &addr, "--once", "--report-json"])
         .arg(&report_path)
+        .arg("--auth-key-file")
+        .arg(&key)
         .args(send_extra);
     m.command = format!("{} & {}", cmd_line(&recv_cmd), cmd_line(&send_cmd));
 
