@@ -9,6 +9,8 @@
 //!   command line, exit status, stdout and stderr.
 #![allow(dead_code)]
 
+pub mod pg;
+
 use std::ffi::OsStr;
 use std::fmt::Write as _;
 use std::fs;
