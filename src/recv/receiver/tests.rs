@@ -1,9 +1,11 @@
-//! Tests of the receiver state machine: a seeded simulation with a fake disk that completes
+//! Tests of the receiver state machine, driven by the sender state machine: a seeded simulation
+//! with a fake disk that completes
 //! writes and fsyncs in random order, checking on every step that nothing is acknowledged before
 //! the fake disk made it durable, that acks never move backwards, and that the final bytes match.
 
 use super::*;
 use crate::recv::flusher::{FlushPolicy, SyncTarget};
+use crate::send::sender::{Sender, SenderLimits};
 use proptest::prelude::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -87,11 +89,21 @@ fn simulate_with(seed: u64, stream_len: usize, frame_max: usize, slots: usize, f
     let stream: Vec<u8> = (0..stream_len).map(|_| rng.random::<u8>() | 1).collect();
     let mut rx = Receiver::new(config(slots), Lsn(0));
     rx.set_start(start);
+    // The sender's state machine plans the frames (aligned to a power-of-two frame size, within its
+    // in-flight budget, never past a horizon that grows like a live primary's flush LSN) and checks
+    // every ack the receiver sends.
+    let frame_bytes = {
+        let max = (frame_max as u64).min(rx.frame_bytes_max()).max(1);
+        if max.is_power_of_two() { max } else { max.next_power_of_two() / 2 }
+    };
+    let limits = SenderLimits { frame_bytes, in_flight_bytes_max: frame_bytes * rng.random_range(1..=16u64), seg_size: SEG };
+    let mut sender = Sender::new(limits, start);
+    let end = start + stream_len as u64;
+    let mut horizon = start;
     let mut pool: Vec<Vec<u8>> = vec![vec![0xEE; CHUNK as usize]; slots];
     let mut disk = FakeDisk::default();
     let mut pending: Vec<Pending> = Vec::new();
     let mut piece_pending: Option<(usize, usize, usize)> = None;
-    let mut sent = 0usize;
     let mut now = 0u64;
     let mut last_ack = Lsn(0);
     let mut steps = 0;
@@ -149,6 +161,7 @@ fn simulate_with(seed: u64, stream_len: usize, frame_max: usize, slots: usize, f
                         let durable = disk.durable_prefix(start, &stream);
                         assert!(flushed <= durable, "acked {flushed} but only {durable} is durable (seed {seed})");
                         last_ack = flushed;
+                        sender.on_ack(written, flushed).unwrap_or_else(|e| panic!("sender refused an ack: {e} (seed {seed})"));
                     }
                 }
             }
@@ -161,7 +174,7 @@ fn simulate_with(seed: u64, stream_len: usize, frame_max: usize, slots: usize, f
         }
         if reconnecting && pending.is_empty() && rx.is_drained() {
             reconnecting = false;
-            sent = (rx.resume_point() - start) as usize;
+            sender = Sender::new(limits, rx.resume_point());
         }
         if !reconnecting && !fsync_failed && faults.reset_per_mille > 0 && rng.random_range(0..1000) < faults.reset_per_mille {
             piece_pending = None;
@@ -169,15 +182,20 @@ fn simulate_with(seed: u64, stream_len: usize, frame_max: usize, slots: usize, f
             reconnecting = true;
             continue;
         }
-        if sent == stream.len() && piece_pending.is_none() && pending.is_empty() && rx.is_drained() {
+        if sender.sent() == end && piece_pending.is_none() && pending.is_empty() && rx.is_drained() {
             break;
         }
         // Pick an event: a new frame header, a piece arriving, a completion, or a timer tick.
         let choice = rng.random_range(0..4);
-        if choice == 0 && !rx.frame_in_progress() && sent < stream.len() && !reconnecting && !fsync_failed {
-            let len = rng.random_range(1..=frame_max).min(stream.len() - sent);
-            rx.on_data_header(start + sent as u64, len as u64, &mut actions).unwrap();
-            sent += len;
+        if horizon < end && rng.random_range(0..4) == 0 {
+            horizon = (horizon + rng.random_range(1..=2 * frame_bytes)).min(end);
+        }
+        if choice == 0 && !rx.frame_in_progress() && sender.sent() < horizon && !reconnecting && !fsync_failed {
+            let mut plans = Vec::new();
+            sender.plan(horizon, frame_bytes, 1, &mut plans);
+            if let Some(f) = plans.first() {
+                rx.on_data_header(f.lsn, f.len, &mut actions).unwrap();
+            }
         } else if choice == 1 && piece_pending.is_some() {
             let (slot, off, len) = piece_pending.take().unwrap();
             let lsn_in_frame = frame_piece_lsn(&rx, slot, off);
@@ -214,7 +232,7 @@ fn simulate_with(seed: u64, stream_len: usize, frame_max: usize, slots: usize, f
                 }
             }
         } else if choice == 3 {
-            if reconnecting || fsync_failed || (sent == stream.len() && !rx.frame_in_progress()) {
+            if reconnecting || fsync_failed || (sender.sent() == end && !rx.frame_in_progress()) {
                 rx.force_flush(now, &mut actions);
             } else {
                 rx.poll_flush(now, &mut actions);
