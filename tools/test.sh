@@ -23,4 +23,14 @@ if [ -n "$(pg_bin_dir)" ]; then
   export WALSHIP_REQUIRE_PG=1
 fi
 
-cargo test --release "$@"
+log="$(mktemp /tmp/walship-test.XXXXXX.log)"
+set +e
+cargo test --release "$@" 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+# One closing line over every test binary.
+passed=$(grep -Eo '^test result: .* ([0-9]+) passed' "$log" | grep -Eo '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')
+failed=$(grep -Eo '^test result: .* ([0-9]+) failed' "$log" | grep -Eo '[0-9]+ failed' | awk '{s+=$1} END {print s+0}')
+rm -f "$log"
+echo "tests: $passed passed, $failed failed"
+exit "$status"
