@@ -48,6 +48,9 @@ pub enum WalEnd {
     Corrupt { valid_end: Lsn },
 }
 
+/// Segments read ahead (asynchronously, into the page cache) of the one being mapped.
+const PREFETCH_SEGMENTS: u64 = 2;
+
 #[derive(Debug)]
 pub struct DirSource {
     dir: PathBuf,
@@ -249,6 +252,14 @@ impl DirSource {
         let path = self.files.get(&segno).cloned().expect("mapping a known segment");
         let file = File::open(&path).map_err(io_err(&path))?;
         let map = SegmentMap::map(&file, self.identity.seg_size).map_err(io_err(&path))?;
+        // The next segments will be walked and sent soon: have the kernel read them meanwhile.
+        for ahead in segno + 1..=segno + PREFETCH_SEGMENTS {
+            if let Some(next) = self.files.get(&ahead) {
+                if let Ok(f) = File::open(next) {
+                    crate::uring::prefetch(&f);
+                }
+            }
+        }
         self.maps.insert(segno, Arc::clone(&map));
         Ok(map)
     }

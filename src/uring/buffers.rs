@@ -44,6 +44,15 @@ impl SegmentMap {
     }
 }
 
+/// Asks the kernel to start reading `file` into the page cache now (asynchronous readahead), so a
+/// later mapping of it does not stall the single sender thread on page faults. Advisory only.
+pub fn prefetch(file: &File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: posix_fadvise only reads its integer arguments; the descriptor is open for the whole
+    // call (borrowed from `file`), and an error is harmless (the advice is dropped).
+    let _ = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_WILLNEED) };
+}
+
 /// A fixed set of equally sized, 4 KiB aligned slots in anonymous memory, suitable for O_DIRECT
 /// and for registration as io_uring fixed buffers.
 pub struct BufferPool {

@@ -2,7 +2,7 @@
 pub mod buffers;
 pub mod ring;
 
-pub use buffers::{BufferPool, SegmentMap, POOL_ALIGN_BYTES};
+pub use buffers::{prefetch, BufferPool, SegmentMap, POOL_ALIGN_BYTES};
 pub use ring::{accepted_stream, Capabilities, Completion, CompletionKind, Ring, RingError, SendBatch, IOV_MAX};
 
 #[cfg(test)]
