@@ -112,8 +112,9 @@ fn json_field<'a>(json: &'a str, key: &str) -> Option<&'a str> {
 fn verify(files: &[PathBuf], dst: &Path, end: u64, seg_size: u64) -> Result<(), DemoError> {
     for path in files {
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
-        let segno = u64::from_str_radix(&name[8..16], 16).unwrap_or(0) * (0x1_0000_0000 / seg_size)
-            + u64::from_str_radix(&name[16..24], 16).unwrap_or(0);
+        let Some(crate::wal::WalFileName::Segment { segno, .. }) = crate::wal::WalFileName::parse(&name, seg_size) else {
+            return Err(DemoError::Step { step: "verify", why: format!("{name} is not a segment file name") });
+        };
         let seg_start = segno * seg_size;
         let original = std::fs::read(path).map_err(step("read source segment"))?;
         if seg_start >= end {

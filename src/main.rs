@@ -500,7 +500,7 @@ fn run(cli: Cli) -> Result<()> {
 fn first_segment_size(dir: &std::path::Path) -> Option<u64> {
     std::fs::read_dir(dir).ok()?.filter_map(|e| e.ok()).find_map(|e| {
         let name = e.file_name().into_string().ok()?;
-        (name.len() == 24 && name.bytes().all(|b| b.is_ascii_hexdigit())).then(|| e.metadata().ok().map(|m| m.len()))?
+        walship::wal::has_segment_name_shape(&name).then(|| e.metadata().ok().map(|m| m.len()))?
     })
 }
 

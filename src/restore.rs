@@ -6,6 +6,8 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::wal::{has_segment_name_shape, is_valid_seg_size, WalFileName};
+
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
     #[error("{name:?} is not a WAL segment or history file name (expected 24 hex digits, or 8 hex digits + .history)")]
@@ -31,12 +33,10 @@ impl std::fmt::Display for RestoreOutcome {
     }
 }
 
-fn is_hex(s: &str) -> bool {
-    s.bytes().all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b))
-}
-
+/// A segment or history file name; checked before any path is built from it (the segment size
+/// is not known here, so the segment number part is checked by shape only).
 fn valid_name(name: &str) -> bool {
-    (name.len() == 24 && is_hex(name)) || (name.len() == 16 && name.ends_with(".history") && is_hex(&name[..8]))
+    has_segment_name_shape(name) || matches!(WalFileName::parse(name, 16 << 20), Some(WalFileName::History { .. }))
 }
 
 pub fn restore(dir: &Path, name: &str, target: &Path) -> Result<RestoreOutcome, RestoreError> {
@@ -49,7 +49,7 @@ pub fn restore(dir: &Path, name: &str, target: &Path) -> Result<RestoreOutcome, 
         return Ok(RestoreOutcome::Complete(complete));
     }
     let partial = dir.join(format!("{name}.partial"));
-    if name.len() == 24 && partial.is_file() {
+    if has_segment_name_shape(name) && partial.is_file() {
         copy(&partial, target)?;
         cut_at_flushed(dir, name, target)?;
         return Ok(RestoreOutcome::Partial(partial));
@@ -61,13 +61,11 @@ pub fn restore(dir: &Path, name: &str, target: &Path) -> Result<RestoreOutcome, 
 /// everything from its published flushed LSN on, so recovery never replays what could be lost.
 fn cut_at_flushed(dir: &Path, name: &str, target: &Path) -> Result<(), RestoreError> {
     let Some(flushed) = crate::recv::segment_file::read_published_flushed(dir) else { return Ok(()) };
-    let len = std::fs::metadata(target).map_err(|source| copy_err(dir, target, source))?.len();
-    if !len.is_power_of_two() {
+    let seg_size = std::fs::metadata(target).map_err(|source| copy_err(dir, target, source))?.len();
+    // The receiver writes `.partial` files of exactly one segment.
+    let Some(WalFileName::Segment { segno, .. }) = WalFileName::parse(name, seg_size).filter(|_| is_valid_seg_size(seg_size)) else {
         return Ok(());
-    }
-    let seg_size = len;
-    let segno = u64::from_str_radix(&name[8..16], 16).unwrap_or(0) * (0x1_0000_0000 / seg_size)
-        + u64::from_str_radix(&name[16..24], 16).unwrap_or(0);
+    };
     let seg_start = segno * seg_size;
     if flushed.0 >= seg_start + seg_size {
         return Ok(());

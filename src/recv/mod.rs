@@ -300,7 +300,7 @@ pub fn run_with_metrics(cfg: &RecvConfig, shutdown: Arc<AtomicBool>, metrics: Ar
                 c.last_status = Instant::now();
             }
         }
-        execute(&mut io, cfg, &mut actions, receiver.as_mut(), conn.as_mut(), &mut summary)?;
+        execute(&mut io, &mut actions, receiver.as_mut(), conn.as_mut(), &mut summary)?;
         if let Some(c) = conn.as_mut() {
             pump_sends(&mut io, c);
         }
@@ -326,7 +326,7 @@ pub fn run_with_metrics(cfg: &RecvConfig, shutdown: Arc<AtomicBool>, metrics: Ar
         io.ring.drain(&mut completions);
         for &c in &completions {
             handle_completion(&mut io, cfg, &limits, c, &listener, &mut conn, &mut receiver, &mut identity, &mut actions, &mut summary, &mut accept_posted)?;
-            execute(&mut io, cfg, &mut actions, receiver.as_mut(), conn.as_mut(), &mut summary)?;
+            execute(&mut io, &mut actions, receiver.as_mut(), conn.as_mut(), &mut summary)?;
         }
     }
     // Drop the ring (drains anything left) before the files it may reference.
@@ -489,32 +489,20 @@ fn handle_completion(
         TAG_RECV_HEADER | TAG_RECV_BODY | TAG_RECV_PIECE => {
             let Some(conn) = conn_slot.as_mut() else { return Ok(()) };
             conn.recv_pending = false;
-            if conn.closing {
-                if c.tag & TAG_KIND_MASK == TAG_RECV_PIECE {
-                    if let Some(rx) = receiver.as_mut() {
-                        rx.abandon_frame();
-                    }
-                }
-                return Ok(());
-            }
             // MSG_WAITALL delivers everything asked for, unless the peer closed (or the socket
             // failed) first: a short receive is a connection that ended mid-frame, never data.
-            if c.result > 0 && (c.result as usize) < conn.recv_len {
-                warn!(peer = %conn.peer, got = c.result, expected = conn.recv_len, "sender closed the connection in the middle of a frame; the partial frame is discarded");
-                if c.tag & TAG_KIND_MASK == TAG_RECV_PIECE {
-                    if let Some(rx) = receiver.as_mut() {
-                        rx.abandon_frame();
+            let short = c.result > 0 && (c.result as usize) < conn.recv_len;
+            if conn.closing || short || c.result <= 0 {
+                // (When closing, the socket was shut down on purpose: nothing to report.)
+                if !conn.closing {
+                    if short {
+                        warn!(peer = %conn.peer, got = c.result, expected = conn.recv_len, "sender closed the connection in the middle of a frame; the partial frame is discarded");
+                    } else if c.result == 0 {
+                        info!(peer = %conn.peer, "sender closed the connection");
+                    } else {
+                        warn!(peer = %conn.peer, "receive failed: {}", std::io::Error::from_raw_os_error(-c.result));
+                        io.metrics.inc_error(recv_error::NETWORK); // OPS-METRICS
                     }
-                }
-                begin_close(io, conn, receiver.as_mut());
-                return Ok(());
-            }
-            if c.result <= 0 {
-                if c.result == 0 {
-                    info!(peer = %conn.peer, "sender closed the connection");
-                } else {
-                    warn!(peer = %conn.peer, "receive failed: {}", std::io::Error::from_raw_os_error(-c.result));
-                    io.metrics.inc_error(recv_error::NETWORK); // OPS-METRICS
                 }
                 if c.tag & TAG_KIND_MASK == TAG_RECV_PIECE {
                     if let Some(rx) = receiver.as_mut() {
@@ -526,7 +514,7 @@ fn handle_completion(
             }
             conn.last_heard = Instant::now();
             match c.tag & TAG_KIND_MASK {
-                TAG_RECV_HEADER => on_header(io, cfg, limits, conn, receiver, actions)?,
+                TAG_RECV_HEADER => on_header(io, limits, conn, receiver, actions)?,
                 TAG_RECV_BODY => on_control_body(io, cfg, conn, receiver, identity, c.result as usize)?,
                 _ => {
                     let id = identity.expect("identity known once streaming");
@@ -590,7 +578,6 @@ fn handle_completion(
 
 fn on_header(
     io: &mut Io,
-    cfg: &RecvConfig,
     limits: &Limits,
     conn: &mut Conn,
     receiver: &mut Option<Receiver>,
@@ -631,7 +618,6 @@ fn on_header(
                 conn.phase = ConnPhase::AwaitHeader;
                 send_error_and_close(io, conn, Some(rx), code, format!("from {}: {e}", conn.peer));
             }
-            let _ = cfg;
         }
         (ConnPhase::AwaitHeader, FrameKind::Keepalive | FrameKind::Error) => {
             conn.phase = ConnPhase::AwaitControlBody(header);
@@ -790,7 +776,6 @@ fn on_hello(
                 send_error_and_close(io, conn, receiver.as_mut(), ErrorCode::Gap, msg);
                 return Ok(());
             }
-            SegmentDir::store_history(&cfg.dir, theirs.tli, &hello.history)?;
             let start = switch.segment_start(theirs.seg_size);
             info!(
                 peer = %conn.peer,
@@ -937,7 +922,6 @@ fn on_piece(io: &mut Io, conn: &mut Conn, rx: &mut Receiver, id: &WalIdentity, a
 
 fn execute(
     io: &mut Io,
-    cfg: &RecvConfig,
     actions: &mut Vec<Action>,
     mut receiver: Option<&mut Receiver>,
     mut conn: Option<&mut Conn>,
@@ -1020,6 +1004,5 @@ fn execute(
             }
         }
     }
-    let _ = cfg;
     Ok(())
 }

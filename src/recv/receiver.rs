@@ -15,9 +15,9 @@
 //! O_DIRECT from its slot, whole aligned blocks only: a tail that ends mid-block is written as
 //! the whole block (zero padded) and rewritten as more bytes arrive.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 
-use super::flusher::{FlushPolicy, Flusher, FsyncRequest, SyncTarget};
+use super::flusher::{FlushPolicy, Flusher, FsyncRequest};
 use crate::wal::Lsn;
 
 #[derive(Debug, Clone, Copy)]
@@ -99,8 +99,8 @@ pub struct Receiver {
     acked_flushed: Lsn,
     chunks: VecDeque<Chunk>,
     free_slots: Vec<usize>,
-    /// Segments with an open file; value: a write of it is still in flight or pending.
-    open_segments: BTreeMap<u64, ()>,
+    /// Segments with an open file, not yet complete and durable.
+    open_segments: BTreeSet<u64>,
     frame: Option<FrameInProgress>,
     /// The connection ended: settled tail chunks may be released.
     stream_stopped: bool,
@@ -121,7 +121,7 @@ impl Receiver {
             acked_flushed: durable,
             chunks: VecDeque::new(),
             free_slots: (0..cfg.slots).rev().collect(),
-            open_segments: BTreeMap::new(),
+            open_segments: BTreeSet::new(),
             frame: None,
             stream_stopped: false,
             flusher: Flusher::new(cfg.flush, durable),
@@ -151,11 +151,6 @@ impl Receiver {
             && self.written == self.received
             && self.flushed() == self.received
             && self.flusher.batches_in_flight() == 0
-    }
-
-    /// Segments that currently have a file open (the io loop may close the others).
-    pub fn open_segments(&self) -> impl Iterator<Item = u64> + '_ {
-        self.open_segments.keys().copied()
     }
 
     fn check_invariants(&self) {
@@ -229,8 +224,7 @@ impl Receiver {
     fn new_chunk(&mut self, chunk_start: Lsn, first: Lsn, out: &mut Vec<Action>) -> Option<usize> {
         let slot = self.free_slots.pop()?;
         let segno = chunk_start.0 / self.cfg.seg_size;
-        if let std::collections::btree_map::Entry::Vacant(e) = self.open_segments.entry(segno) {
-            e.insert(());
+        if self.open_segments.insert(segno) {
             out.push(Action::OpenSegment { segno });
         }
         // The stream may resume mid-block: the block's head is on disk already; put it back
@@ -431,16 +425,9 @@ impl Receiver {
 
     fn on_flushed(&mut self, flushed: Lsn, out: &mut Vec<Action>) {
         // Segments whose every byte is durable: give them their final name.
-        let complete: Vec<u64> = self
-            .open_segments
-            .keys()
-            .copied()
-            .filter(|&segno| (segno + 1) * self.cfg.seg_size <= flushed.0)
-            .collect();
-        for segno in complete {
-            self.open_segments.remove(&segno);
-            out.push(Action::CompleteSegment { segno });
-        }
+        let still_open = self.open_segments.split_off(&(flushed.0 / self.cfg.seg_size));
+        let complete = std::mem::replace(&mut self.open_segments, still_open);
+        out.extend(complete.into_iter().map(|segno| Action::CompleteSegment { segno }));
         assert!(flushed >= self.acked_flushed, "ack would move backwards");
         if flushed > self.acked_flushed {
             self.acked_flushed = flushed;
@@ -467,14 +454,6 @@ impl Receiver {
         self.written = start;
         self.acked_flushed = start;
         self.flusher = Flusher::new(self.cfg.flush, start);
-    }
-
-    /// Maps a sync target to the segment file for the io layer (kept here so tests see it too).
-    pub fn sync_target_segment(target: SyncTarget) -> Option<u64> {
-        match target {
-            SyncTarget::Segment(s) => Some(s),
-            SyncTarget::Directory => None,
-        }
     }
 }
 

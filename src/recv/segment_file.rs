@@ -194,7 +194,7 @@ pub fn recover_dir(dir: &Path) -> Result<DirState, DirError> {
     for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
         let entry = entry.map_err(io_err(dir))?;
         if let Some(name) = entry.file_name().to_str() {
-            if looks_like_segment(name) {
+            if crate::wal::has_segment_name_shape(name.strip_suffix(".partial").unwrap_or(name)) {
                 candidates.push(name.to_string());
             }
         }
@@ -308,15 +308,7 @@ fn cut_tail(path: &Path, keep_bytes: u64, seg_size: u64) -> Result<(), DirError>
     file.sync_all().map_err(io_err(path))
 }
 
-fn looks_like_segment(name: &str) -> bool {
-    let stem = name.strip_suffix(".partial").unwrap_or(name);
-    stem.len() == 24 && stem.bytes().all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b))
-}
-
 fn read_identity(path: &Path) -> Result<WalIdentity, DirError> {
-    let file = File::open(path).map_err(io_err(path))?;
-    let mut head = vec![0u8; 8192];
-    let n = file.read_at(&mut head, 0).map_err(io_err(path))?;
-    WalIdentity::from_first_page(&head[..n])
-        .map_err(|e| DirError::BadSegment { path: path.to_path_buf(), why: e.to_string() })
+    let head = crate::wal::read_segment_head(path).map_err(io_err(path))?;
+    WalIdentity::from_first_page(&head).map_err(|e| DirError::BadSegment { path: path.to_path_buf(), why: e.to_string() })
 }

@@ -454,16 +454,11 @@ fn find_identity(pg_wal: &Path, tli: u32) -> Result<WalIdentity, SourceError> {
     let mut names: Vec<String> = std::fs::read_dir(pg_wal)
         .map_err(io_err(pg_wal))?
         .filter_map(|e| e.ok().and_then(|e| e.file_name().to_str().map(String::from)))
-        .filter(|n| n.len() == 24 && n.starts_with(&prefix))
+        .filter(|n| crate::wal::has_segment_name_shape(n) && n.starts_with(&prefix))
         .collect();
     names.sort();
     let first = names.first().ok_or_else(|| SourceError::Empty { dir: pg_wal.to_path_buf() })?;
-    let path = pg_wal.join(first);
-    use std::os::unix::fs::FileExt;
-    let file = File::open(&path).map_err(io_err(&path))?;
-    let mut head = vec![0u8; 8192];
-    let n = file.read_at(&mut head, 0).map_err(io_err(&path))?;
-    WalIdentity::from_first_page(&head[..n]).map_err(|e| SourceError::BadFirstSegment { path, why: e.to_string() })
+    super::source::read_identity(&pg_wal.join(first))
 }
 
 /// Start of the oldest segment of the identity's timeline present in `pg_wal`.

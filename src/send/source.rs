@@ -76,7 +76,7 @@ impl DirSource {
         for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
             let entry = entry.map_err(io_err(dir))?;
             if let Some(name) = entry.file_name().to_str() {
-                if name.len() == 24 && name.bytes().all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b)) {
+                if crate::wal::has_segment_name_shape(name) {
                     names.push(name.to_string());
                 }
             }
@@ -316,11 +316,7 @@ fn describe(reason: &EndReason) -> String {
     }
 }
 
-fn read_identity(path: &Path) -> Result<WalIdentity, SourceError> {
-    use std::os::unix::fs::FileExt;
-    let file = File::open(path).map_err(io_err(path))?;
-    let mut head = vec![0u8; 8192];
-    let n = file.read_at(&mut head, 0).map_err(io_err(path))?;
-    WalIdentity::from_first_page(&head[..n])
-        .map_err(|e| SourceError::BadFirstSegment { path: path.to_path_buf(), why: e.to_string() })
+pub(crate) fn read_identity(path: &Path) -> Result<WalIdentity, SourceError> {
+    let head = crate::wal::read_segment_head(path).map_err(io_err(path))?;
+    WalIdentity::from_first_page(&head).map_err(|e| SourceError::BadFirstSegment { path: path.to_path_buf(), why: e.to_string() })
 }

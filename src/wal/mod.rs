@@ -1,7 +1,7 @@
 //! WAL domain: LSNs, segment names, page headers, record walk, and a synthetic WAL generator.
 //!
-//! Everything here is pure computation over bytes (except `gen`, which writes test files): no I/O in the
-//! parsers and no `unsafe`. Parsers never panic on input bytes; bad data is a typed error or an end reason.
+//! Everything here is pure computation over bytes (except `gen`, which writes test files, and
+//! `read_segment_head`): no I/O in the parsers and no `unsafe`. Parsers never panic on input bytes; bad data is a typed error or an end reason.
 #![forbid(unsafe_code)]
 
 pub mod control;

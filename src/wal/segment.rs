@@ -36,6 +36,26 @@ pub fn segment_file_name(tli: u32, segno: u64, seg_size: u64) -> String {
     format!("{:08X}{:08X}{:08X}", tli, segno / per_id, segno % per_id)
 }
 
+/// Whether `name` has the shape of a segment file name (24 upper-case hex digits), before the segment
+/// size is known to check it fully with [`WalFileName::parse`].
+pub fn has_segment_name_shape(name: &str) -> bool {
+    name.len() == SEGMENT_NAME_LEN && name.bytes().all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b))
+}
+
+/// Bytes read from the start of a segment file to find its identity (the long page header).
+pub const SEGMENT_HEAD_BYTES: usize = 8192;
+
+/// The first [`SEGMENT_HEAD_BYTES`] of a segment file (fewer if it is shorter), for
+/// [`crate::wal::WalIdentity::from_first_page`]. The one place `wal` reads a file outside `gen`.
+pub fn read_segment_head(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::File::open(path)?;
+    let mut head = vec![0u8; SEGMENT_HEAD_BYTES];
+    let n = file.read_at(&mut head, 0)?;
+    head.truncate(n);
+    Ok(head)
+}
+
 /// `TLHistoryFileName`: `%08X.history`.
 pub fn history_file_name(tli: u32) -> String {
     format!("{:08X}{}", tli, HISTORY_SUFFIX)

@@ -6,6 +6,7 @@
 use super::*;
 use crate::recv::flusher::{FlushPolicy, SyncTarget};
 use crate::send::sender::{Sender, SenderLimits};
+use std::collections::BTreeMap;
 use proptest::prelude::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
