@@ -237,7 +237,7 @@ pub fn run_with_metrics(cfg: &RecvConfig, shutdown: Arc<AtomicBool>, metrics: Ar
         ),
         None => info!(dir = %cfg.dir.display(), "directory is empty; the first sender decides where it starts"),
     }
-    let listener = TcpListener::bind(cfg.listen).map_err(|source| RecvError::Listen { addr: cfg.listen, source })?;
+    let listener = bind_listener(cfg.listen)?;
     info!(listen = %listener.local_addr().map_or(cfg.listen, |a| a), "listening");
     let slots = (cfg.in_flight_bytes_max / cfg.chunk_bytes).max(4) as usize;
     let pool = BufferPool::new(slots, cfg.chunk_bytes as usize).map_err(|e| RingError::Io { op: "buffer pool", source: e })?;
@@ -334,6 +334,25 @@ pub fn run_with_metrics(cfg: &RecvConfig, shutdown: Arc<AtomicBool>, metrics: Ar
     summary.flushed = flushed;
     info!(flushed = %flushed, "receiver stopped; everything below {flushed} is durable; {}", summary.describe());
     Ok(summary)
+}
+
+/// How long a restarted receiver waits for its port to be released.
+const BIND_RETRY_FOR: Duration = Duration::from_secs(5);
+
+/// Binds the listening socket. After a crash (kill -9) the previous process's io_uring is torn down
+/// asynchronously and can hold its listening socket (a pending ACCEPT) for a moment: "address in
+/// use" is retried briefly before it is reported.
+fn bind_listener(addr: SocketAddr) -> Result<TcpListener, RecvError> {
+    let deadline = Instant::now() + BIND_RETRY_FOR;
+    loop {
+        match TcpListener::bind(addr) {
+            Ok(l) => return Ok(l),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(source) => return Err(RecvError::Listen { addr, source }),
+        }
+    }
 }
 
 const CONTROL_BUF_BYTES: usize = FRAME_HEADER_LEN + wire::CONTROL_BODY_BYTES_MAX as usize;
