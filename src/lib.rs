@@ -10,6 +10,7 @@ pub mod recv;
 pub mod restore;
 pub mod send;
 pub mod status;
+pub mod tls;
 pub mod uring;
 pub mod wal;
 pub mod wire;

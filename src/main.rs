@@ -112,6 +112,13 @@ impl AuthArgs {
 struct SendArgs {
     #[command(flatten)]
     auth: AuthArgs,
+    /// Encrypt the connection with TLS 1.3, trusting receivers whose certificate is signed by a CA
+    /// in this PEM file (the receiver needs --tls-cert/--tls-key). Costs throughput: see the README.
+    #[arg(long, env = "WALSHIP_TLS_CA", value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// Name the receiver's certificate must carry (DNS name or IP; default: the host of --to).
+    #[arg(long, env = "WALSHIP_TLS_SERVER_NAME", requires = "tls_ca")]
+    tls_server_name: Option<String>,
     /// Directory holding WAL segment files (a stopped cluster's pg_wal, or an archive).
     #[arg(long, env = "WALSHIP_PG_WAL")]
     pg_wal: PathBuf,
@@ -179,6 +186,12 @@ struct SendArgs {
 struct RecvArgs {
     #[command(flatten)]
     auth: AuthArgs,
+    /// Require TLS 1.3 from senders, presenting this PEM certificate chain (leaf first).
+    #[arg(long, env = "WALSHIP_TLS_CERT", value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, env = "WALSHIP_TLS_KEY", value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Address to listen on, e.g. 0.0.0.0:5499.
     #[arg(long, env = "WALSHIP_LISTEN")]
     listen: SocketAddr,
@@ -356,6 +369,13 @@ fn run(cli: Cli) -> Result<()> {
                 poll_interval: a.horizon_poll_interval,
                 slot_advance_interval: a.slot_advance_interval,
             });
+            let tls_client = match &a.tls_ca {
+                None => None,
+                Some(ca) => {
+                    let name = a.tls_server_name.clone().unwrap_or_else(|| walship::tls::host_of(&a.to).to_string());
+                    Some(walship::tls::TlsClient::load(ca, &name)?)
+                }
+            };
             let default_retry = if a.once { Duration::from_secs(30) } else { Duration::from_secs(86_400) };
             let cfg = SendConfig {
                 pg_wal: a.pg_wal,
@@ -365,6 +385,7 @@ fn run(cli: Cli) -> Result<()> {
                 live,
                 shutdown_timeout: a.shutdown_timeout,
                 auth: a.auth.key("send")?,
+                tls: tls_client,
                 zero_copy: a.zero_copy,
                 frame_bytes: a.frame_bytes,
                 in_flight_bytes_max: a.in_flight_bytes_max,
@@ -444,6 +465,10 @@ fn run(cli: Cli) -> Result<()> {
                 peer_timeout: a.peer_timeout,
                 status_interval: a.status_interval,
                 auth: a.auth.key("recv")?,
+                tls: match (&a.tls_cert, &a.tls_key) {
+                    (Some(cert), Some(key)) => Some(walship::tls::TlsServer::load(cert, key)?),
+                    _ => None,
+                },
             };
             let metrics = Arc::new(walship::metrics::Metrics::receiver());
             serve_metrics(a.metrics_listen, &metrics)?;

@@ -928,7 +928,8 @@ fn bad_peers_are_refused_and_leave_no_damage() {
     let _ = aligned;
 
     // (tag, bytes in steps, what the Error frame must say (lower-case substring), expected code)
-    let cases: Vec<(&str, Vec<Vec<u8>>, &str, Option<ErrorCode>)> = vec![
+    type Case<'a> = (&'a str, Vec<Vec<u8>>, &'a str, Option<ErrorCode>);
+    let cases: Vec<Case> = vec![
         ("garbage instead of Hello", vec![noise.clone()], "magic", Some(ErrorCode::Protocol)),
         ("wrong frame magic", vec![bad_magic], "magic", Some(ErrorCode::Protocol)),
         ("bad header CRC", vec![bad_header_crc], "crc", Some(ErrorCode::Protocol)),

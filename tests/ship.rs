@@ -869,3 +869,117 @@ fn restore_serves_partial_under_plain_name() {
     assert_ne!(out.status.code(), Some(0), "`{c}` succeeded");
     assert!(!target.exists());
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// TLS
+
+/// A self-signed certificate for `names` (its own CA): (cert.pem, key.pem) under `dir`.
+fn self_signed(dir: &Path, stem: &str, names: &[&str]) -> (PathBuf, PathBuf) {
+    let ck = rcgen::generate_simple_self_signed(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).expect("rcgen");
+    let (cert, key) = (dir.join(format!("{stem}.pem")), dir.join(format!("{stem}.key")));
+    fs::write(&cert, ck.cert.pem()).unwrap();
+    fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    (cert, key)
+}
+
+struct TlsSetup {
+    ctx: Ctx,
+    g: Gen,
+    dst: PathBuf,
+    port: u16,
+    cert: PathBuf,
+    key: PathBuf,
+    /// A CA that did not sign the receiver's certificate.
+    other_ca: PathBuf,
+}
+
+impl TlsSetup {
+    fn new(name: &str) -> TlsSetup {
+        let ctx = Ctx::new(name);
+        let g = gen_wal(&ctx, "src", "6MiB", MIB, &["--seed", "41"]);
+        let (cert, key) = self_signed(ctx.dir.path(), "receiver", &["localhost", "127.0.0.1"]);
+        let (other_ca, _) = self_signed(ctx.dir.path(), "stranger", &["localhost", "127.0.0.1"]);
+        let dst = ctx.path("dst");
+        TlsSetup { ctx, g, dst, port: free_port(), cert, key, other_ca }
+    }
+
+    fn recv_tls(&self) -> Recv {
+        start_recv(&self.ctx, &self.dst, self.port, &["--tls-cert", p(&self.cert), "--tls-key", p(&self.key)])
+    }
+
+    fn received_files(&self) -> usize {
+        fs::read_dir(&self.dst).map(|d| d.filter(|e| !e.as_ref().unwrap().file_name().to_string_lossy().starts_with('.')).count()).unwrap_or(0)
+    }
+}
+
+#[test]
+fn tls_ships_byte_identical_and_resumes_after_a_receiver_crash() {
+    let s = TlsSetup::new("tls-ship");
+    let recv = s.recv_tls();
+    let ca = p(&s.cert);
+    let report = s.ctx.log("report.json");
+    let (mut g, log) = spawn_send(&s.ctx, &s.g.dir, s.port, &report, &[&["--tls-ca", ca, "--tls-server-name", "localhost"], THROTTLE].concat());
+    // Crash the receiver mid-ship; the sender reconnects (new TLS session) and finishes.
+    wait_complete_segments(&s.dst, 2, &mut g);
+    recv.kill9();
+    let recv = s.recv_tls();
+    let r = finish_send(g, &log, &report);
+    r.assert_ok();
+    assert!(r.output.contains("TLS established"), "sender log lacks the TLS session:\n{}", r.output);
+    assert!(r.report_field("connections").parse::<u64>().unwrap() >= 2, "{:?}", r.report);
+    assert_eq!(r.report_field("zero_copy_sends"), "0", "zero-copy does not apply to TLS");
+    let recv_log = fs::read_to_string(&recv.log).unwrap();
+    assert!(recv_log.contains("TLS established") && recv_log.contains("tls=true"), "{recv_log}");
+    recv.stop();
+    assert_received(&s.g.dir, &s.dst, s.g.seg_size, s.g.first_segno(), s.g.end_lsn);
+}
+
+#[test]
+fn tls_refuses_an_untrusted_or_misnamed_receiver() {
+    let s = TlsSetup::new("tls-untrusted");
+    let recv = s.recv_tls();
+    let r = send(&s.ctx, &s.g.dir, s.port, &["--tls-ca", p(&s.other_ca)]);
+    assert_eq!(r.status.code(), Some(1), "{}", r.output);
+    let e = r.error_line();
+    assert!(e.contains("TLS handshake with 127.0.0.1") && e.contains("certificate") && e.contains("--tls-ca"), "{e}");
+    let r = send(&s.ctx, &s.g.dir, s.port, &["--tls-ca", p(&s.cert), "--tls-server-name", "standby.example"]);
+    assert_eq!(r.status.code(), Some(1), "{}", r.output);
+    assert!(r.error_line().contains("certificate"), "{}", r.error_line());
+    assert_eq!(s.received_files(), 0, "an untrusted receiver was sent WAL");
+    let log = fs::read_to_string(&recv.log).unwrap();
+    assert!(log.contains("TLS handshake with sender") && log.contains("failed"), "{log}");
+    // The receiver still serves a sender that trusts it (by default the name checked is the host
+    // of --to, here the IP address the certificate carries).
+    let r = send(&s.ctx, &s.g.dir, s.port, &["--tls-ca", p(&s.cert)]);
+    r.assert_ok();
+    recv.stop();
+}
+
+#[test]
+fn tls_and_plaintext_peers_are_told_what_the_other_expects() {
+    let s = TlsSetup::new("tls-mismatch");
+    // A plaintext sender against a TLS receiver.
+    let recv = s.recv_tls();
+    let r = send(&s.ctx, &s.g.dir, s.port, &[]);
+    assert_eq!(r.status.code(), Some(1), "{}", r.output);
+    assert!(r.error_line().contains("requires TLS") && r.error_line().contains("--tls-ca"), "{}", r.error_line());
+    let log = fs::read_to_string(&recv.log).unwrap();
+    assert!(log.contains("did not start TLS"), "{log}");
+    recv.stop();
+    assert_eq!(s.received_files(), 0);
+    // A TLS sender against a plaintext receiver.
+    let recv = start_recv(&s.ctx, &s.dst, s.port, &[]);
+    let r = send(&s.ctx, &s.g.dir, s.port, &["--tls-ca", p(&s.cert)]);
+    assert_eq!(r.status.code(), Some(1), "{}", r.output);
+    assert!(r.error_line().contains("not TLS") && r.error_line().contains("--tls-cert"), "{}", r.error_line());
+    let log = fs::read_to_string(&recv.log).unwrap();
+    assert!(log.contains("started a TLS handshake"), "{log}");
+    recv.stop();
+    assert_eq!(s.received_files(), 0);
+    // Bad certificate files: named in the error, at start-up.
+    let bogus = s.ctx.path("bogus.pem");
+    fs::write(&bogus, "not a certificate\n").unwrap();
+    let out = run(&mut walship(&["recv", "--listen", "127.0.0.1:1", "--dir", p(&s.dst), "--tls-cert", p(&bogus), "--tls-key", p(&s.key)])).unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success() && err.contains("bogus.pem") && err.contains("no certificate"), "{err}");
+}

@@ -6,7 +6,7 @@ pub mod segment_file;
 
 use std::collections::{HashMap, VecDeque};
 use std::io::Write;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use tracing::{error, info, warn};
 
 use crate::metrics::{recv_error, RecvMetrics}; // OPS-METRICS
+use crate::tls::{Link, TlsServer};
 use crate::uring::{BufferPool, Completion, Ring, RingError};
 use crate::wal::{Lsn, WalIdentity};
 use crate::wire::{
@@ -45,6 +46,8 @@ pub struct RecvConfig {
     pub status_interval: Duration,
     /// Shared key senders must prove they know (None: `--insecure-no-auth`).
     pub auth: Option<crate::auth::AuthKey>,
+    /// Require TLS from senders (None: plain TCP).
+    pub tls: Option<TlsServer>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -183,7 +186,7 @@ enum ConnPhase {
 }
 
 struct Conn {
-    stream: TcpStream,
+    stream: Link,
     peer: SocketAddr,
     phase: ConnPhase,
     /// A receive on the socket is in flight.
@@ -376,10 +379,10 @@ fn ack_now(written: Lsn, flushed: Lsn) -> Ack {
     Ack { written_lsn: written.0, flushed_lsn: flushed.0, time_us: unix_time_us() }
 }
 
-fn blocking_send(stream: &TcpStream, msg: &Message) -> std::io::Result<()> {
+fn blocking_send(stream: &Link, msg: &Message) -> std::io::Result<()> {
     let mut bytes = Vec::new();
     msg.encode(&mut bytes);
-    let _ = stream.set_write_timeout(Some(Duration::from_secs(2)));
+    stream.set_timeouts(Some(Duration::from_secs(2)));
     (&*stream).write_all(&bytes)
 }
 
@@ -407,7 +410,7 @@ fn begin_close(io: &mut Io, conn: &mut Conn, receiver: Option<&mut Receiver>) {
         return;
     }
     conn.closing = true;
-    let _ = conn.stream.shutdown(std::net::Shutdown::Both);
+    conn.stream.shutdown();
     if conn.recv_pending || conn.send_pending {
         io.ring.cancel_fd(conn.stream.as_raw_fd());
     }
@@ -463,8 +466,19 @@ fn handle_completion(
                 }
                 return Ok(());
             }
-            let stream = crate::uring::accepted_stream(&c);
-            let peer = stream.peer_addr().unwrap_or_else(|_| listener.local_addr().expect("local addr"));
+            let tcp = crate::uring::accepted_stream(&c);
+            let peer = tcp.peer_addr().unwrap_or_else(|_| listener.local_addr().expect("local addr"));
+            let _ = tcp.set_nodelay(true);
+            let stream = match &cfg.tls {
+                None => Link::Tcp(tcp),
+                Some(tls) => match crate::tls::accept(tcp, peer, tls, cfg.peer_timeout) {
+                    Ok(link) => link,
+                    Err(e) => {
+                        warn!(peer = %peer, "cannot start TLS for sender {peer}: {e}");
+                        return Ok(());
+                    }
+                },
+            };
             if conn_slot.is_some() {
                 let _ = blocking_send(
                     &stream,
@@ -474,8 +488,7 @@ fn handle_completion(
                 io.metrics.inc_error(recv_error::BUSY); // OPS-METRICS
                 return Ok(());
             }
-            let _ = stream.set_nodelay(true);
-            info!(peer = %peer, "sender connected");
+            info!(peer = %peer, tls = stream.is_tls(), "sender connected");
             summary.connections += 1;
             io.metrics.connections.inc(); // OPS-METRICS
             io.metrics.connected.set(1); // OPS-METRICS
@@ -606,6 +619,15 @@ fn on_header(
     raw.copy_from_slice(&io.ring.ctl(CTL)[..FRAME_HEADER_LEN]);
     let header = match FrameHeader::decode(&raw, limits) {
         Ok(h) => h,
+        Err(_) if conn.phase == ConnPhase::AwaitHelloHeader && raw[0] == 0x16 && raw[1] == 0x03 => {
+            let message = format!(
+                "sender {} started a TLS handshake, but this receiver runs without TLS: give it --tls-cert and --tls-key, \
+                 or start the sender without --tls-ca",
+                conn.peer
+            );
+            send_error_and_close(io, conn, receiver.as_mut(), ErrorCode::Protocol, message);
+            return Ok(());
+        }
         Err(e) => {
             send_error_and_close(io, conn, receiver.as_mut(), ErrorCode::Protocol, format!("bad frame from {}: {e}", conn.peer));
             return Ok(());

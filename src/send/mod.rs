@@ -1,7 +1,8 @@
 //! `walship send`: ships WAL to a receiver, from a directory at rest (`--once`) or following a
 //! live server up to its flush LSN. Handshake over a blocking socket; the data path is io_uring:
 //! one sendmsg (header + payload straight from the segment mmap, zero-copy when it pays) in
-//! flight per connection, acks received concurrently.
+//! flight per connection, acks received concurrently. With `--tls-ca` the same data path runs on
+//! the plaintext end of a TLS pump ([`crate::tls`]).
 pub mod live;
 pub mod pages;
 pub mod sender;
@@ -9,7 +10,6 @@ pub mod source;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -21,6 +21,7 @@ use crate::uring::{BufferPool, Completion, CompletionKind, Ring, RingError, Send
 use crate::wal::Lsn;
 use crate::wire::{self, Decoder, ErrorCode, FrameHeader, Hello, Limits, Message, FRAME_HEADER_LEN};
 use crate::metrics::{send_error, SenderMetrics};
+use crate::tls::{Link, TlsClient, TlsError};
 use pages::PageChecker;
 use sender::{FramePlan, Sender, SenderLimits};
 use live::{LiveConfig, LiveSource, ServerState};
@@ -61,6 +62,8 @@ pub struct SendConfig {
     pub shutdown_timeout: Duration,
     /// Shared key for the mutual handshake authentication (None: `--insecure-no-auth`).
     pub auth: Option<crate::auth::AuthKey>,
+    /// TLS to the receiver (None: plain TCP).
+    pub tls: Option<TlsClient>,
 }
 
 /// Where the WAL comes from. One per process: the variants' sizes do not matter.
@@ -186,6 +189,8 @@ pub enum SendError {
     Interrupted { flushed: Lsn },
     #[error("cannot resolve {to}: {why}")]
     Resolve { to: String, why: String },
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 /// What a ship achieved.
@@ -403,6 +408,14 @@ fn ship_once(
     let _ = stream.set_nodelay(true);
     summary.connections += 1;
     let peer = addr.to_string();
+    let link = match &cfg.tls {
+        None => Link::Tcp(stream),
+        Some(tls) => match crate::tls::connect(stream, addr, tls, cfg.peer_timeout) {
+            Ok(link) => link,
+            Err(e) if e.is_transient() => return ConnEnd::Transient(e.to_string()),
+            Err(e) => return ConnEnd::Fatal(e.into()),
+        },
+    };
     let id = source.identity();
     let hello = Hello {
         protocol_version: wire::PROTOCOL_VERSION,
@@ -416,7 +429,7 @@ fn ship_once(
         sender_name: cfg.name.clone(),
         history: source.history(),
     };
-    let welcome = match handshake(&stream, &hello, cfg.peer_timeout, cfg.auth.as_ref()) {
+    let welcome = match handshake(&link, &hello, cfg.peer_timeout, cfg.auth.as_ref()) {
         Ok(w) => w,
         Err(HandshakeError::Refused(code, message)) => {
             return match code {
@@ -450,7 +463,7 @@ fn ship_once(
     m.on_connected(&peer);
     m.set_positions(resume.0, resume.0, resume.0);
     m.set_horizon(source.horizon().0);
-    match stream_data(cfg, source, &stream, &peer, resume, shutdown, summary, progress, m) {
+    match stream_data(cfg, source, &link, &peer, resume, shutdown, summary, progress, m) {
         Ok(end) => end,
         Err(e) => ConnEnd::Fatal(e),
     }
@@ -462,7 +475,7 @@ enum HandshakeError {
 }
 
 fn handshake(
-    stream: &TcpStream,
+    stream: &Link,
     hello: &Hello,
     timeout: Duration,
     auth: Option<&crate::auth::AuthKey>,
@@ -470,8 +483,7 @@ fn handshake(
     let mut bytes = Vec::new();
     Message::Hello(hello.clone()).encode(&mut bytes);
     let hello_body = bytes[FRAME_HEADER_LEN..].to_vec();
-    let _ = stream.set_write_timeout(Some(timeout));
-    let _ = stream.set_read_timeout(Some(timeout));
+    stream.set_timeouts(Some(timeout));
     (&*stream).write_all(&bytes).map_err(|e| HandshakeError::Io(e.to_string()))?;
     let mut decoder = Decoder::new(Limits::default());
     let mut buf = [0u8; 4096];
@@ -534,15 +546,11 @@ fn handshake(
     }
 }
 
-fn is_loopback(stream: &TcpStream) -> bool {
-    stream.peer_addr().map(|a| a.ip().is_loopback()).unwrap_or(false)
-}
-
 #[allow(clippy::too_many_arguments)]
 fn stream_data(
     cfg: &SendConfig,
     source: &mut Source,
-    stream: &TcpStream,
+    stream: &Link,
     peer: &str,
     resume: Lsn,
     shutdown: &AtomicBool,
@@ -550,7 +558,7 @@ fn stream_data(
     progress: &mut Progress,
     m: &SenderMetrics,
 ) -> Result<ConnEnd, SendError> {
-    let _ = stream.set_read_timeout(None);
+    stream.set_timeouts(None);
     let id = source.identity();
     let frame_bytes = cfg.frame_bytes.min(id.seg_size);
     let limits = SenderLimits { frame_bytes, in_flight_bytes_max: cfg.in_flight_bytes_max, seg_size: id.seg_size };
@@ -560,9 +568,12 @@ fn stream_data(
     let zero_copy = match cfg.zero_copy {
         ZeroCopy::Off => false,
         ZeroCopy::On => true,
-        ZeroCopy::Auto => !is_loopback(stream),
-    } && ring.capabilities().sendmsg_zc;
-    if cfg.zero_copy == ZeroCopy::On && !ring.capabilities().sendmsg_zc {
+        ZeroCopy::Auto => !stream.peer_is_loopback(),
+    } && ring.capabilities().sendmsg_zc
+        && !stream.is_tls();
+    if cfg.zero_copy == ZeroCopy::On && stream.is_tls() {
+        info!("--zero-copy on has no effect with TLS: every byte is encrypted into a new buffer");
+    } else if cfg.zero_copy == ZeroCopy::On && !ring.capabilities().sendmsg_zc {
         warn!("--zero-copy on, but this kernel's io_uring lacks SENDMSG_ZC: sending with plain sendmsg");
     }
     let fd = stream.as_raw_fd();
@@ -592,7 +603,7 @@ fn stream_data(
             let target = if live { source.horizon() } else { core.sent() };
             if core.flushed() >= target {
                 progress.on_acked(core.flushed(), summary);
-                let _ = stream.shutdown(std::net::Shutdown::Both);
+                stream.shutdown();
                 drain_ring(&mut ring);
                 return Ok(if live { ConnEnd::Done } else { ConnEnd::Fatal(SendError::Interrupted { flushed: core.flushed() }) });
             }
@@ -612,7 +623,7 @@ fn stream_data(
         if let Some(switch) = source.switch_point() {
             if core.flushed() >= switch {
                 info!(switch = %switch, "the receiver holds this timeline up to its switch point; reconnecting on the new timeline");
-                let _ = stream.shutdown(std::net::Shutdown::Both);
+                stream.shutdown();
                 drain_ring(&mut ring);
                 return Ok(ConnEnd::TimelineSwitch);
             }
@@ -624,7 +635,7 @@ fn stream_data(
             }
         }
         if source.is_final() && core.flushed() >= source.horizon() {
-            let _ = stream.shutdown(std::net::Shutdown::Both);
+            stream.shutdown();
             drain_ring(&mut ring);
             return Ok(ConnEnd::Done);
         }
