@@ -10,6 +10,8 @@
 //! 4. `walship`: `walship recv` and `walship send --once` as two processes; durable throughput =
 //!    bytes / wall seconds of the send command (it exits only once the receiver acked flushed == end).
 //!    The receiver's final log line (writes, fdatasyncs, batches, fdatasync p50/p99/max, stalls) is parsed.
+//!    `walship_tls`: the same over TLS 1.3 (`--tls-cert/--tls-key` on recv, `--tls-ca` on send; a
+//!    throw-away self-signed certificate): the cost of encryption, as a ratio to `walship`.
 //! 5. `walship_sweep` (WALSHIP_BENCH_SWEEP=1): walship with one knob changed at a time: `--zero-copy
 //!    on|off|auto`, `--frame-bytes 256KiB|1MiB|4MiB`, `--in-flight-bytes-max 32MiB|128MiB|512MiB`,
 //!    recv `--fsync-batch-bytes 1MiB|16MiB|64MiB`.
@@ -737,6 +739,7 @@ fn label_of(name: &str) -> &'static str {
         "raw_odirect_rust" => "raw O_DIRECT write: Rust pwrite 1 MiB + fdatasync/file",
         "cp_sync" => "cp + sync (source hot in page cache)",
         "walship" => "walship send -> recv, durable (ack flushed == end)",
+        "walship_tls" => "walship send -> recv over TLS 1.3 (AES-128-GCM), durable",
         "real_walship" => "walship send -> recv on the real WAL, durable",
         "real_cp_sync" => "cp + sync of the real WAL segments",
         "pg_receivewal" => "pg_receivewal --slot -E end (+ sync), from the running server",
@@ -873,6 +876,7 @@ fn bench(cfg: &Config) -> Result<(), String> {
         "raw_odirect_rust",
         "cp_sync",
         "walship",
+        "walship_tls",
         "real_walship",
         "real_cp_sync",
         "pg_receivewal",
@@ -1271,6 +1275,19 @@ fn bench(cfg: &Config) -> Result<(), String> {
             t.4
         ));
     }
+    if let Some(t) = find("walship_tls") {
+        let cpu_tls = cpu_total("walship_tls");
+        let cpu_plain = cpu_total("walship");
+        md.push_str(&format!(
+            "\n**TLS cost** (synthetic WAL, same run): walship over TLS {} vs plain {} = **{:.2}x** the throughput; \
+             CPU {:.2} vs {:.2} s/GiB (send+recv, the TLS pump threads included).\n",
+            fmt_gbps(t.gbps_median),
+            fmt_gbps(ws),
+            t.gbps_median / ws,
+            cpu_tls,
+            cpu_plain
+        ));
+    }
     md.push_str("\n### walship receiver: group commit and fdatasync latency\n\nFrom the receiver's final log line; medians over the reps.\n\n");
     md.push_str("| run | GB/s | CPU s/GiB send+recv | writes | fdatasyncs | batches | bytes/batch | p50 us | p99 us | max us | frame stalls | zero-copy sends / copied |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
     for (l, o, _) in &fsync_rows {
@@ -1431,6 +1448,20 @@ fn run_all(cfg: &Config, root: &Path, fio: bool) -> Result<(Vec<Measurement>, So
             ));
             drop_dir(&dst);
         }
+        if cfg.wants("walship_tls") {
+            let dst = fresh_dir(root, "dst-walship-tls")?;
+            let m = match tls_files(root) {
+                Ok((cert, key)) => {
+                    let send: Vec<String> = cfg.send_extra.iter().cloned().chain(["--tls-ca".to_string(), cert.clone()]).collect();
+                    let recv: Vec<String> =
+                        cfg.recv_extra.iter().cloned().chain(["--tls-cert".to_string(), cert, "--tls-key".to_string(), key]).collect();
+                    bench_walship(cfg, root, &source, &dst, rep, "walship_tls", "", &send, &recv)
+                }
+                Err(e) => Measurement::new("walship_tls", rep, source.wal_bytes).failed(e),
+            };
+            report(m);
+            drop_dir(&dst);
+        }
     }
     // ---- optional sweep of walship's knobs, one at a time from the defaults, on the synthetic source
     if cfg.sweep && cfg.wants("walship_sweep") {
@@ -1515,6 +1546,17 @@ const REAL_NAMES: [&str; 6] = [
     "pgbackrest_async_none",
     "pgbackrest_async_lz4",
 ];
+
+/// A throw-away self-signed certificate for 127.0.0.1 (its own CA): (cert.pem, key.pem) paths.
+fn tls_files(root: &Path) -> Result<(String, String), String> {
+    let (cert, key) = (root.join("bench-tls-cert.pem"), root.join("bench-tls-key.pem"));
+    if !cert.exists() {
+        let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).map_err(|e| format!("rcgen: {e}"))?;
+        std::fs::write(&cert, ck.cert.pem()).map_err(|e| format!("write {}: {e}", cert.display()))?;
+        std::fs::write(&key, ck.signing_key.serialize_pem()).map_err(|e| format!("write {}: {e}", key.display()))?;
+    }
+    Ok((cert.display().to_string(), key.display().to_string()))
+}
 
 fn sweep_points() -> Vec<(String, Vec<String>, Vec<String>)> {
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
@@ -1900,6 +1942,7 @@ fn short_label(name: &str) -> &str {
         "raw_odirect_rust" => "raw O_DIRECT (Rust pwrite)",
         "cp_sync" => "cp + sync (synthetic)",
         "walship" => "walship (synthetic)",
+        "walship_tls" => "walship over TLS (synthetic)",
         "real_walship" => "walship (real WAL)",
         "real_cp_sync" => "cp + sync (real WAL)",
         "pg_receivewal" => "pg_receivewal (real WAL)",
