@@ -289,6 +289,8 @@ pub fn connect(tcp: TcpStream, peer: SocketAddr, client: &TlsClient, timeout: Du
     let mut io = Recording { stream: &tcp, seen: Vec::new() };
     while conn.is_handshaking() {
         if let Err(e) = conn.complete_io(&mut io) {
+            // Tell the receiver why (the alert rustls queued, e.g. an unknown CA).
+            while conn.wants_write() && conn.write_tls(&mut io).is_ok_and(|n| n > 0) {}
             let (fatal, why) = explain_handshake_failure(&io.seen, &e);
             let peer = peer.to_string();
             return Err(if fatal { TlsError::Refused { peer, why } } else { TlsError::Io { peer, why } });
