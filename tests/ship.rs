@@ -947,7 +947,7 @@ fn tls_refuses_an_untrusted_or_misnamed_receiver() {
     assert!(r.error_line().contains("certificate"), "{}", r.error_line());
     assert_eq!(s.received_files(), 0, "an untrusted receiver was sent WAL");
     let log = fs::read_to_string(&recv.log).unwrap();
-    assert!(log.contains("TLS handshake with sender") && log.contains("received fatal alert: UnknownCA"), "{log}");
+    assert!(log.contains("TLS handshake with sender") && log.contains("received fatal alert"), "{log}");
     // The receiver still serves a sender that trusts it (by default the name checked is the host
     // of --to, here the IP address the certificate carries).
     let r = send(&s.ctx, &s.g.dir, s.port, &["--tls-ca", p(&s.cert)]);
