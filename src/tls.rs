@@ -647,6 +647,67 @@ mod tests {
         assert!(why.contains("plaintext walship") && why.contains("bad frame"), "{why}");
     }
 
+    /// A pump pair over real loopback TCP: 48 MiB each way through a slow reader (backpressure
+    /// through rustls' buffer limit and both socket buffers), byte-exact, and EOF reaches the far
+    /// side once the writer shuts its end.
+    #[test]
+    fn pumps_carry_bytes_exactly_under_backpressure_and_pass_on_eof() {
+        let dir = tempfile::tempdir().unwrap();
+        let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+        let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        std::fs::write(&cert, ck.cert.pem()).unwrap();
+        std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+        let server = TlsServer::load(&cert, &key).unwrap();
+        let client = TlsClient::load(&cert, "127.0.0.1").unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = std::thread::spawn(move || {
+            let (tcp, peer) = listener.accept().unwrap();
+            accept(tcp, peer, &server, Duration::from_secs(10)).unwrap()
+        });
+        let tcp = TcpStream::connect(addr).unwrap();
+        let sender = connect(tcp, addr, &client, Duration::from_secs(10)).unwrap();
+        let receiver = accepted.join().unwrap();
+        assert!(sender.is_tls() && receiver.is_tls() && sender.peer_is_loopback());
+        let pattern = |i: usize| (i.wrapping_mul(2_654_435_761) >> 13) as u8;
+        const TOTAL: usize = 48 << 20;
+        let send_all = |link: &Link| {
+            let mut block = vec![0u8; 1 << 20];
+            for base in (0..TOTAL).step_by(block.len()) {
+                block.iter_mut().enumerate().for_each(|(i, b)| *b = pattern(base + i));
+                (&*link).write_all(&block).unwrap();
+            }
+            if let Link::Tls(t) = link {
+                t.app.shutdown(Shutdown::Write).unwrap();
+            }
+        };
+        let read_all = |link: &Link| {
+            let mut got = 0usize;
+            let mut buf = vec![0u8; 100_000];
+            loop {
+                let n = (&*link).read(&mut buf).unwrap();
+                if n == 0 {
+                    return got;
+                }
+                for (i, &b) in buf[..n].iter().enumerate() {
+                    assert_eq!(b, pattern(got + i), "byte {} differs", got + i);
+                }
+                got += n;
+                if got % (8 << 20) < n {
+                    std::thread::sleep(Duration::from_millis(20)); // a slow reader now and then
+                }
+            }
+        };
+        std::thread::scope(|s| {
+            s.spawn(|| send_all(&sender));
+            s.spawn(|| send_all(&receiver));
+            let a = s.spawn(|| read_all(&receiver));
+            let b = s.spawn(|| read_all(&sender));
+            assert_eq!(a.join().unwrap(), TOTAL);
+            assert_eq!(b.join().unwrap(), TOTAL);
+        });
+    }
+
     #[test]
     fn missing_or_empty_pem_files_name_the_file() {
         let dir = tempfile::tempdir().unwrap();
