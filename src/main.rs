@@ -222,6 +222,14 @@ struct RecvArgs {
     /// Send a status acknowledgement at least this often (duration).
     #[arg(long, env = "WALSHIP_STATUS_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     status_interval: Duration,
+    /// Pre-zeroed spare segment files to keep ready in --dir (0..=8; 0: off). A new segment is a
+    /// renamed spare, which makes its O_DIRECT writes and fdatasyncs cheaper; costs this many
+    /// segments of disk space.
+    #[arg(long, env = "WALSHIP_SPARE_SEGMENTS", default_value_t = 2)]
+    spare_segments: usize,
+    /// When spares are zeroed: `idle` (only while nothing received waits for the disk) or `always`.
+    #[arg(long, env = "WALSHIP_SPARE_REFILL", default_value = "idle")]
+    spare_refill: walship::recv::spares::SpareRefill,
     /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9187 (default: off).
     #[arg(long, env = "WALSHIP_METRICS_LISTEN", value_name = "ADDR")]
     metrics_listen: Option<SocketAddr>,
@@ -453,6 +461,9 @@ fn run(cli: Cli) -> Result<()> {
             if a.fsync_batches_in_flight_max == 0 || a.fsync_batches_in_flight_max > 64 {
                 bail!("--fsync-batches-in-flight-max must be 1..=64");
             }
+            if a.spare_segments > walship::recv::spares::SPARE_SEGMENTS_MAX {
+                bail!("--spare-segments must be 0..={}", walship::recv::spares::SPARE_SEGMENTS_MAX);
+            }
             let cfg = RecvConfig {
                 listen: a.listen,
                 dir: a.dir,
@@ -469,6 +480,8 @@ fn run(cli: Cli) -> Result<()> {
                     (Some(cert), Some(key)) => Some(walship::tls::TlsServer::load(cert, key)?),
                     _ => None,
                 },
+                spare_segments: a.spare_segments,
+                spare_refill: a.spare_refill,
             };
             let metrics = Arc::new(walship::metrics::Metrics::receiver());
             serve_metrics(a.metrics_listen, &metrics)?;

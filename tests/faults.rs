@@ -87,6 +87,8 @@ fn log_file(path: &Path) -> fs::File {
 
 /// The receiver's published durable LSN: the one non-WAL file it keeps in its directory.
 const STATE_FILE: &str = ".walship-flushed";
+/// The receiver's pre-zeroed spare segment files (not WAL).
+const SPARE_PREFIX: &str = ".walship-spare-";
 
 fn spawn_logged(name: &str, args: &[String], log: &Path) -> ChildGuard {
     let mut c = Command::new(walship_bin());
@@ -236,7 +238,7 @@ fn assert_identical(src: &Path, dst: &Path, first: u64, end: u64) {
     let mut found: Vec<String> = fs::read_dir(dst)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n != STATE_FILE)
+        .filter(|n| n != STATE_FILE && !n.starts_with(SPARE_PREFIX))
         .collect();
     found.sort();
     expected.sort();
@@ -251,7 +253,7 @@ fn assert_prefix(src: &Path, dst: &Path) -> (usize, usize) {
     let Ok(rd) = fs::read_dir(dst) else { return (0, 0) };
     for e in rd {
         let name = e.unwrap().file_name().to_string_lossy().into_owned();
-        if name == STATE_FILE {
+        if name == STATE_FILE || name.starts_with(SPARE_PREFIX) {
             continue;
         }
         let stem = name.strip_suffix(".partial").unwrap_or(&name);

@@ -3,6 +3,7 @@
 pub mod flusher;
 pub mod receiver;
 pub mod segment_file;
+pub mod spares;
 
 use std::collections::{HashMap, VecDeque};
 use std::io::Write;
@@ -25,6 +26,7 @@ use crate::wire::{
 use flusher::{FlushPolicy, SyncTarget};
 use receiver::{Action, Receiver, ReceiverConfig, ReceiverError};
 use segment_file::{recover_dir, DirError, SegmentDir, SegmentFile};
+use spares::{SpareCounts, SpareError, SpareRefill, Spares};
 
 /// Everything `walship recv` needs, validated.
 #[derive(Debug, Clone)]
@@ -48,6 +50,10 @@ pub struct RecvConfig {
     pub auth: Option<crate::auth::AuthKey>,
     /// Require TLS from senders (None: plain TCP).
     pub tls: Option<TlsServer>,
+    /// Pre-zeroed spare segment files kept ready (0: off; at most `spares::SPARE_SEGMENTS_MAX`).
+    pub spare_segments: usize,
+    /// When spares are zeroed.
+    pub spare_refill: SpareRefill,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +72,8 @@ pub enum RecvError {
     FsyncFailed { path: PathBuf, flushed: Lsn, source: std::io::Error },
     #[error("write to {path} at offset {offset} failed: {reason}; nothing past {flushed} was acknowledged")]
     WriteFailed { path: PathBuf, offset: u64, flushed: Lsn, reason: String },
+    #[error(transparent)]
+    Spare(#[from] SpareError),
 }
 
 /// What the receiver did, for the final log line and tests.
@@ -82,6 +90,8 @@ pub struct RecvSummary {
     pub fsync_latency_us: Option<hdrhistogram::Histogram<u64>>,
     /// Frames that had to wait for a free buffer slot or a chunk write.
     pub frame_stalls: u64,
+    /// Pre-zeroed spare segments: created, used for a new segment, or missing when one was needed.
+    pub spares: SpareCounts,
 }
 
 impl RecvSummary {
@@ -92,8 +102,9 @@ impl RecvSummary {
         });
         let per_batch = self.bytes_written.checked_div(self.fsync_batches).unwrap_or(0);
         format!(
-            "{} bytes received, {} writes ({} bytes), {} fdatasyncs in {} batches ({} bytes/batch), fdatasync p50 {} us p99 {} us max {} us, {} frame stalls",
-            self.bytes_received, self.writes, self.bytes_written, self.fsyncs, self.fsync_batches, per_batch, p50, p99, max, self.frame_stalls
+            "{} bytes received, {} writes ({} bytes), {} fdatasyncs in {} batches ({} bytes/batch), fdatasync p50 {} us p99 {} us max {} us, {} frame stalls, spare segments {} created {} used {} missed",
+            self.bytes_received, self.writes, self.bytes_written, self.fsyncs, self.fsync_batches, per_batch, p50, p99, max, self.frame_stalls,
+            self.spares.created, self.spares.used, self.spares.missed
         )
     }
 }
@@ -219,6 +230,8 @@ struct Io {
     epoch: Instant,
     /// OPS-METRICS: Prometheus counters/gauges (atomics; unregistered unless --metrics-listen).
     metrics: Arc<RecvMetrics>,
+    /// Pre-zeroed spare segment files (None: disabled).
+    spares: Option<Spares>,
 }
 
 /// Runs the receiver until `shutdown` is set; then drains, flushes, acks and returns.
@@ -229,6 +242,9 @@ pub fn run(cfg: &RecvConfig, shutdown: Arc<AtomicBool>) -> Result<RecvSummary, R
 /// [`run`], updating `metrics` (OPS-METRICS) as it goes.
 pub fn run_with_metrics(cfg: &RecvConfig, shutdown: Arc<AtomicBool>, metrics: Arc<RecvMetrics>) -> Result<RecvSummary, RecvError> {
     let state = recover_dir(&cfg.dir)?;
+    // Half-zeroed spares of a crashed run are removed here, before anything is received.
+    let spares = Spares::start(&cfg.dir, cfg.spare_segments, cfg.spare_refill, (state.seg_size > 0).then_some(state.seg_size))?;
+    let spares = (cfg.spare_segments > 0).then_some(spares);
     metrics.set_acked(state.durable_end.0, state.durable_end.0); // OPS-METRICS
     match &state.identity {
         Some(id) => info!(
@@ -257,6 +273,7 @@ pub fn run_with_metrics(cfg: &RecvConfig, shutdown: Arc<AtomicBool>, metrics: Ar
         segment_crc: SegmentCrc::new(state.seg_size, state.durable_end, state.durable_crc),
         epoch: Instant::now(),
         metrics,
+        spares,
     };
     let mut identity = state.identity;
     let mut receiver: Option<Receiver> = identity.map(|id| Receiver::new(receiver_config(cfg, id.seg_size), state.durable_end));
@@ -324,6 +341,10 @@ pub fn run_with_metrics(cfg: &RecvConfig, shutdown: Arc<AtomicBool>, metrics: Ar
         if stopping && conn.is_none() && receiver.as_ref().is_none_or(|r| r.is_drained()) {
             break;
         }
+        if let Some(spares) = io.spares.as_ref() {
+            // Spares are zeroed only while nothing received waits for a write or an fdatasync.
+            spares.set_busy(receiver.as_ref().is_some_and(|r| !r.is_drained()));
+        }
         io.ring.submit_and_wait(Some(Duration::from_millis(20)))?;
         completions.clear();
         io.ring.drain(&mut completions);
@@ -335,6 +356,9 @@ pub fn run_with_metrics(cfg: &RecvConfig, shutdown: Arc<AtomicBool>, metrics: Ar
     // Drop the ring (drains anything left) before the files it may reference.
     let flushed = receiver.as_ref().map_or(summary.flushed, |r| r.flushed());
     summary.flushed = flushed;
+    if let Some(spares) = io.spares.take() {
+        summary.spares = spares.counts();
+    }
     info!(flushed = %flushed, "receiver stopped; everything below {flushed} is durable; {}", summary.describe());
     Ok(summary)
 }
@@ -976,7 +1000,10 @@ fn execute(
             match action {
                 Action::OpenSegment { segno } => {
                     let segdir = io.segdir.as_ref().expect("segment dir");
-                    let (file, created) = segdir.open_segment(segno)?;
+                    if let Some(spares) = io.spares.as_ref() {
+                        spares.set_seg_size(segdir.seg_size());
+                    }
+                    let (file, created) = segdir.open_segment(segno, io.spares.as_ref())?;
                     io.files.insert(segno, file);
                     if created {
                         if let Some(rx) = receiver.as_deref_mut() {

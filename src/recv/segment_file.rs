@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use tracing::warn;
 
+use super::spares::Spares;
 use crate::wal::{Lsn, RecordWalker, SegmentWalk, WalFileName, WalIdentity};
 
 #[derive(Debug, thiserror::Error)]
@@ -20,6 +21,8 @@ pub enum DirError {
     BadSegment { path: PathBuf, why: String },
     #[error("writing {path}: {source}")]
     History { path: PathBuf, source: io::Error },
+    #[error("renaming spare segment {spare} to {path}: {source}")]
+    Spare { spare: PathBuf, path: PathBuf, source: io::Error },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> DirError + '_ {
@@ -87,6 +90,10 @@ impl SegmentDir {
         &self.dir
     }
 
+    pub fn seg_size(&self) -> u64 {
+        self.seg_size
+    }
+
     pub fn partial_path(&self, segno: u64) -> PathBuf {
         self.dir.join(WalFileName::Partial { tli: self.tli, segno }.file_name(self.seg_size))
     }
@@ -96,8 +103,9 @@ impl SegmentDir {
     }
 
     /// Opens `segno`'s `.partial`, creating it full size (sparse, reads as zeros) when missing,
-    /// as pg_receivewal does. Returns whether the file was created (the directory then needs a sync).
-    pub fn open_segment(&self, segno: u64) -> Result<(SegmentFile, bool), DirError> {
+    /// as pg_receivewal does, or, when `spares` has one ready, by renaming a pre-zeroed spare (all
+    /// zeros, durable) to it. Returns whether the file was created (the directory then needs a sync).
+    pub fn open_segment(&self, segno: u64, spares: Option<&Spares>) -> Result<(SegmentFile, bool), DirError> {
         let path = self.partial_path(segno);
         let final_path = self.final_path(segno);
         if final_path.exists() {
@@ -107,6 +115,21 @@ impl SegmentDir {
             });
         }
         let created = !path.exists();
+        if let (true, Some(spares)) = (created, spares) {
+            if let Some(spare) = spares.take(self.seg_size) {
+                match std::fs::rename(&spare, &path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                        // Removed behind our back: create the segment fresh instead.
+                        warn!(spare = %spare.display(), "spare segment vanished; creating {} fresh", path.display());
+                        spares.untake();
+                    }
+                    Err(source) => {
+                        return Err(DirError::Spare { spare, path, source });
+                    }
+                }
+            }
+        }
         let direct = OpenOptions::new()
             .create(true)
             .truncate(false)
