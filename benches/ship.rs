@@ -14,7 +14,8 @@
 //!    throw-away self-signed certificate): the cost of encryption, as a ratio to `walship`.
 //! 5. `walship_sweep` (WALSHIP_BENCH_SWEEP=1): walship with one knob changed at a time: `--zero-copy
 //!    on|off|auto`, `--frame-bytes 256KiB|1MiB|4MiB`, `--in-flight-bytes-max 32MiB|128MiB|512MiB`,
-//!    recv `--fsync-batch-bytes 1MiB|16MiB|64MiB`, recv `--fsync-interval-us 200|1000|5000`.
+//!    recv `--fsync-batch-bytes 1MiB|16MiB|64MiB`, recv `--fsync-interval-us 200|1000|5000`,
+//!    recv `--write-mode direct|buffered` (O_DIRECT vs the page cache, fdatasync either way).
 //! 6. Real WAL (PostgreSQL installed, run as root; `common::pg`): initdb a throw-away cluster, one physical
 //!    slot per rep BEFORE the load, `pgbench -i -s N` + `pgbench -T 5`, `pg_switch_wal()`: the complete
 //!    segments [slot start, flush LSN) are the bytes every real contender moves.
@@ -1580,6 +1581,9 @@ fn sweep_points() -> Vec<(String, Vec<String>, Vec<String>)> {
             vec![],
             s(&["--fsync-batch-bytes", b]),
         ));
+    }
+    for mode in ["direct", "buffered"] {
+        pts.push((format!("recv write-mode {mode}"), vec![], s(&["--write-mode", mode])));
     }
     for us in ["200", "1000", "5000"] {
         pts.push((format!("recv fsync-interval-us {us}"), vec![], s(&["--fsync-interval-us", us])));

@@ -182,6 +182,12 @@ struct SendArgs {
     metrics_listen: Option<SocketAddr>,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum WriteMode {
+    Direct,
+    Buffered,
+}
+
 #[derive(clap::Args)]
 struct RecvArgs {
     #[command(flatten)]
@@ -230,6 +236,10 @@ struct RecvArgs {
     /// When spares are zeroed: `idle` (only while nothing received waits for the disk) or `always`.
     #[arg(long, env = "WALSHIP_SPARE_REFILL", default_value = "idle")]
     spare_refill: walship::recv::spares::SpareRefill,
+    /// How segment files are written: `direct` (O_DIRECT from aligned buffers) or `buffered`
+    /// (through the page cache; for comparison). Both fdatasync before acknowledging.
+    #[arg(long, env = "WALSHIP_WRITE_MODE", value_enum, default_value = "direct")]
+    write_mode: WriteMode,
     /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9187 (default: off).
     #[arg(long, env = "WALSHIP_METRICS_LISTEN", value_name = "ADDR")]
     metrics_listen: Option<SocketAddr>,
@@ -480,6 +490,7 @@ fn run(cli: Cli) -> Result<()> {
                     (Some(cert), Some(key)) => Some(walship::tls::TlsServer::load(cert, key)?),
                     _ => None,
                 },
+                write_buffered: a.write_mode == WriteMode::Buffered,
                 spare_segments: a.spare_segments,
                 spare_refill: a.spare_refill,
             };

@@ -50,6 +50,8 @@ pub struct RecvConfig {
     pub auth: Option<crate::auth::AuthKey>,
     /// Require TLS from senders (None: plain TCP).
     pub tls: Option<TlsServer>,
+    /// Write through the page cache instead of O_DIRECT (for comparison; fdatasync either way).
+    pub write_buffered: bool,
     /// Pre-zeroed spare segment files kept ready (0: off; at most `spares::SPARE_SEGMENTS_MAX`).
     pub spare_segments: usize,
     /// When spares are zeroed.
@@ -278,7 +280,7 @@ pub fn run_with_metrics(cfg: &RecvConfig, shutdown: Arc<AtomicBool>, metrics: Ar
     let mut identity = state.identity;
     let mut receiver: Option<Receiver> = identity.map(|id| Receiver::new(receiver_config(cfg, id.seg_size), state.durable_end));
     if let (Some(id), true) = (identity, state.durable_end > Lsn(0)) {
-        io.segdir = Some(SegmentDir::open(&cfg.dir, id.tli, id.seg_size)?);
+        io.segdir = Some(SegmentDir::open(&cfg.dir, id.tli, id.seg_size)?.buffered(cfg.write_buffered));
     }
     let limits = Limits::new(cfg.frame_bytes_max).unwrap_or_default();
     let mut conn: Option<Conn> = None;
@@ -850,7 +852,7 @@ fn on_hello(
                 "timeline switch: timeline {} ends at {switch}; continuing on timeline {} from {start}", ours.tli, theirs.tli
             );
             io.files.clear();
-            io.segdir = Some(SegmentDir::open(&cfg.dir, theirs.tli, theirs.seg_size)?);
+            io.segdir = Some(SegmentDir::open(&cfg.dir, theirs.tli, theirs.seg_size)?.buffered(cfg.write_buffered));
             io.segment_crc = SegmentCrc::new(theirs.seg_size, start, 0);
             *receiver = Some(Receiver::new(receiver_config(cfg, theirs.seg_size), start));
             *identity = Some(WalIdentity { tli: theirs.tli, ..ours });
@@ -882,7 +884,7 @@ fn on_hello(
         *identity = Some(theirs);
     }
     if io.segdir.is_none() {
-        io.segdir = Some(SegmentDir::open(&cfg.dir, theirs.tli, theirs.seg_size)?);
+        io.segdir = Some(SegmentDir::open(&cfg.dir, theirs.tli, theirs.seg_size)?.buffered(cfg.write_buffered));
     }
     info!(
         peer = %conn.peer,

@@ -73,6 +73,9 @@ pub struct SegmentFile {
 #[derive(Debug)]
 pub struct SegmentDir {
     dir: PathBuf,
+    /// Open segments with O_DIRECT (default); `false` writes through the page cache (for
+    /// comparison: `--write-mode buffered`). Durability is the same: fdatasync either way.
+    direct_io: bool,
     flushed_file: std::sync::Mutex<Option<File>>,
     /// The directory itself, kept open for fsync.
     pub dir_file: File,
@@ -83,7 +86,13 @@ pub struct SegmentDir {
 impl SegmentDir {
     pub fn open(dir: &Path, tli: u32, seg_size: u64) -> Result<SegmentDir, DirError> {
         let dir_file = File::open(dir).map_err(io_err(dir))?;
-        Ok(SegmentDir { dir: dir.to_path_buf(), flushed_file: std::sync::Mutex::new(None), dir_file, tli, seg_size })
+        Ok(SegmentDir { dir: dir.to_path_buf(), direct_io: true, flushed_file: std::sync::Mutex::new(None), dir_file, tli, seg_size })
+    }
+
+    /// Writes through the page cache instead of O_DIRECT (`--write-mode buffered`).
+    pub fn buffered(mut self, buffered: bool) -> SegmentDir {
+        self.direct_io = !buffered;
+        self
     }
 
     pub fn path(&self) -> &Path {
@@ -135,7 +144,7 @@ impl SegmentDir {
             .truncate(false)
             .read(true)
             .write(true)
-            .custom_flags(libc::O_DIRECT | libc::O_CLOEXEC)
+            .custom_flags(if self.direct_io { libc::O_DIRECT | libc::O_CLOEXEC } else { libc::O_CLOEXEC })
             .mode(0o640)
             .open(&path)
             .map_err(|e| {
