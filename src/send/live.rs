@@ -3,6 +3,10 @@
 //! bytes come from the segment files in `pg_wal`, and a physical replication slot keeps the
 //! server from recycling WAL the receiver does not hold durably yet.
 //!
+//! The flush LSN is polled by a thread of its own on a connection of its own ([`FlushPoller`]): a
+//! query that a busy server answers late never holds up sending WAL or processing acks; the
+//! poller wakes the sender's io_uring loop through an eventfd when it learns something new.
+//!
 //! When the server stops cleanly its WAL ends with the shutdown checkpoint: `global/pg_control`
 //! says so, and a record walk from the current horizon finds the checkpoint's end, which becomes
 //! the horizon. After a crash the horizon stays where the server last confirmed it until the server
@@ -10,8 +14,11 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
@@ -42,20 +49,177 @@ pub enum ServerState {
     Down,
 }
 
+/// What one poll of the server's flush position found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Polled {
+    /// The flush LSN (None if the server has none yet), on a primary the timeline it writes, and
+    /// whether the server is a standby.
+    Flush { lsn: Option<Lsn>, tli: Option<u32>, standby: bool },
+    /// The server could not be reached or asked.
+    Unreachable(String),
+}
+
+const FLUSH_SQL: &str = "SELECT pg_is_in_recovery(), \
+     CASE WHEN pg_is_in_recovery() THEN COALESCE(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn())::text \
+          ELSE pg_current_wal_flush_lsn()::text END, \
+     CASE WHEN pg_is_in_recovery() THEN NULL \
+          ELSE substr(pg_walfile_name(pg_current_wal_flush_lsn()), 1, 8) END";
+
+/// The server's flush LSN and, on a primary, the timeline it writes (a standby that was promoted
+/// becomes a primary on a new timeline).
+fn query_flush(client: &mut postgres::Client) -> Result<Polled, postgres::Error> {
+    let row = client.query_one(FLUSH_SQL, &[])?;
+    let text: Option<String> = row.get(1);
+    let tli: Option<String> = row.get(2);
+    Ok(Polled::Flush {
+        lsn: text.and_then(|t| t.parse::<Lsn>().ok()),
+        tli: tli.and_then(|t| u32::from_str_radix(&t, 16).ok()),
+        standby: row.get(0),
+    })
+}
+
+/// Polls the flush position every `interval` on its own thread and connection (reconnecting at
+/// most once a second while the server is away), keeps the latest answer, and signals an eventfd
+/// whenever the answer changed. It also advances the replication slot (on the same connection), so
+/// the sender's loop never waits for SQL.
+pub struct FlushPoller {
+    shared: Arc<PollerShared>,
+    thread: Option<JoinHandle<()>>,
+    seen_seq: u64,
+}
+
+struct PollerShared {
+    /// (sequence number, latest answer).
+    latest: Mutex<(u64, Option<Polled>)>,
+    stop: AtomicBool,
+    wake: OwnedFd,
+    slot: Option<SlotAdvance>,
+}
+
+/// The slot and how far it may go: only to what the receiver acknowledged as flushed.
+struct SlotAdvance {
+    name: String,
+    interval: Duration,
+    /// Acknowledged flushed LSN (set by the sender, forward only).
+    target: AtomicU64,
+    /// Where the slot was last advanced to (or found at start-up).
+    restart: AtomicU64,
+}
+
+impl SlotAdvance {
+    /// Moves the slot to the target if that is ahead; forward only.
+    fn advance(&self, client: &mut postgres::Client) {
+        let target = Lsn(self.target.load(Ordering::Acquire));
+        if target.0 <= self.restart.load(Ordering::Acquire) {
+            return;
+        }
+        let sql = format!("SELECT pg_replication_slot_advance($1::text::name, '{target}'::pg_lsn)");
+        match client.execute(sql.as_str(), &[&self.name]) {
+            Ok(_) => self.restart.store(target.0, Ordering::Release),
+            Err(e) => warn!(slot = %self.name, target = %target, "could not advance the replication slot: {e}"),
+        }
+    }
+}
+
+impl PollerShared {
+    fn publish(&self, polled: Polled) {
+        let mut latest = self.latest.lock().expect("poller lock");
+        if latest.1.as_ref() == Some(&polled) {
+            return;
+        }
+        latest.0 += 1;
+        latest.1 = Some(polled);
+        drop(latest);
+        let _ = rustix::io::write(&self.wake, &1u64.to_ne_bytes());
+    }
+}
+
+impl FlushPoller {
+    fn start(conninfo: String, interval: Duration, slot: Option<SlotAdvance>) -> std::io::Result<FlushPoller> {
+        let wake = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC)?;
+        let shared = Arc::new(PollerShared { latest: Mutex::new((0, None)), stop: AtomicBool::new(false), wake, slot });
+        let s = Arc::clone(&shared);
+        let thread = std::thread::Builder::new().name("walship-horizon".into()).spawn(move || poll_loop(&s, &conninfo, interval))?;
+        Ok(FlushPoller { shared, thread: Some(thread), seen_seq: 0 })
+    }
+
+    /// The latest answer, if it is new since the last call.
+    fn take_new(&mut self) -> Option<Polled> {
+        let latest = self.shared.latest.lock().expect("poller lock");
+        if latest.0 == self.seen_seq {
+            return None;
+        }
+        self.seen_seq = latest.0;
+        latest.1.clone()
+    }
+
+    /// Makes the next `take_new` return the latest answer even if it was taken already.
+    fn replay_latest(&mut self) {
+        self.seen_seq = u64::MAX;
+    }
+}
+
+impl Drop for FlushPoller {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn poll_loop(shared: &PollerShared, conninfo: &str, interval: Duration) {
+    let mut client: Option<postgres::Client> = None;
+    let mut last_connect: Option<Instant> = None;
+    let mut last_slot_advance = Instant::now();
+    while !shared.stop.load(Ordering::Acquire) {
+        let started = Instant::now();
+        if client.is_none() && last_connect.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+            last_connect = Some(Instant::now());
+            match postgres::Client::connect(conninfo, postgres::NoTls) {
+                Ok(c) => client = Some(c),
+                Err(e) => shared.publish(Polled::Unreachable(e.to_string())),
+            }
+        }
+        if let Some(c) = client.as_mut() {
+            match query_flush(c) {
+                Ok(polled) => {
+                    shared.publish(polled);
+                    if let Some(slot) = &shared.slot {
+                        if last_slot_advance.elapsed() >= slot.interval {
+                            last_slot_advance = Instant::now();
+                            slot.advance(c);
+                        }
+                    }
+                }
+                Err(e) => {
+                    client = None;
+                    shared.publish(Polled::Unreachable(e.to_string()));
+                }
+            }
+        }
+        let pause = if client.is_some() { interval } else { Duration::from_millis(50) };
+        std::thread::sleep(pause.saturating_sub(started.elapsed()));
+    }
+    // Leaving: the slot goes as far as the receiver acknowledged, not a second behind.
+    if let (Some(c), Some(slot)) = (client.as_mut(), &shared.slot) {
+        slot.advance(c);
+    }
+}
+
 pub struct LiveSource {
     cfg: LiveConfig,
     pgdata: PathBuf,
-    client: Option<postgres::Client>,
+    /// Polls the flush position and advances the slot, on its own thread.
+    poller: FlushPoller,
+    /// The poller's last answer was a flush position (not an error).
+    reachable: bool,
     identity: WalIdentity,
     first_lsn: Lsn,
     horizon: Lsn,
     is_standby: bool,
     state: ServerState,
     last_poll: Instant,
-    last_connect_attempt: Instant,
-    slot_restart: Lsn,
-    last_slot_advance: Instant,
-    slot_target: Lsn,
     maps: BTreeMap<u64, Arc<SegmentMap>>,
     /// This timeline's history file (empty on timeline 1).
     history: String,
@@ -114,20 +278,27 @@ impl LiveSource {
         // Everything still in pg_wal is offered (a base backup taken just before may need it); the
         // slot protects what lies past its restart_lsn from recycling.
         let first_lsn = oldest;
+        let first_poll = query_flush(&mut client).map_err(|e| pg_err(&cfg.conninfo, e))?;
+        drop(client);
+        let slot = cfg.slot.clone().map(|name| SlotAdvance {
+            name,
+            interval: cfg.slot_advance_interval,
+            target: AtomicU64::new(slot_restart.0),
+            restart: AtomicU64::new(slot_restart.0),
+        });
+        let poller = FlushPoller::start(cfg.conninfo.clone(), cfg.poll_interval, slot)
+            .map_err(|e| SourceError::Server { conninfo: redact(&cfg.conninfo), why: format!("cannot start the flush poller: {e}") })?;
         let mut source = LiveSource {
             cfg,
             pgdata,
-            client: Some(client),
+            poller,
+            reachable: true,
             identity,
             first_lsn,
             horizon: first_lsn,
             is_standby,
             state: ServerState::Up,
             last_poll: Instant::now() - Duration::from_secs(1),
-            last_connect_attempt: Instant::now(),
-            slot_restart,
-            last_slot_advance: Instant::now(),
-            slot_target: slot_restart,
             maps: BTreeMap::new(),
             history: String::new(),
             pending_switch: None,
@@ -135,7 +306,7 @@ impl LiveSource {
             warned_down: false,
         };
         source.history = read_history(&source.cfg.pg_wal, tli).unwrap_or_default();
-        source.poll_horizon()?;
+        source.apply(first_poll)?;
         info!(
             standby = source.is_standby,
             timeline = tli,
@@ -159,20 +330,9 @@ impl LiveSource {
         self.state
     }
 
-    /// The server's flush LSN and, on a primary, the timeline it writes (a standby that was
-    /// promoted becomes a primary on a new timeline).
-    fn query_flush_lsn(&mut self) -> Result<(Option<Lsn>, Option<u32>), postgres::Error> {
-        let client = self.client.as_mut().expect("connected");
-        let sql = "SELECT pg_is_in_recovery(), \
-                   CASE WHEN pg_is_in_recovery() THEN COALESCE(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn())::text \
-                        ELSE pg_current_wal_flush_lsn()::text END, \
-                   CASE WHEN pg_is_in_recovery() THEN NULL \
-                        ELSE substr(pg_walfile_name(pg_current_wal_flush_lsn()), 1, 8) END";
-        let row = client.query_one(sql, &[])?;
-        self.is_standby = row.get(0);
-        let text: Option<String> = row.get(1);
-        let tli: Option<String> = row.get(2);
-        Ok((text.and_then(|t| t.parse::<Lsn>().ok()), tli.and_then(|t| u32::from_str_radix(&t, 16).ok())))
+    /// The eventfd the poller signals when it learned something new (for the sender's ring).
+    pub fn wake_fd(&self) -> RawFd {
+        self.poller.shared.wake.as_raw_fd()
     }
 
     /// The server writes a newer timeline: our timeline ends at the switch point in the new
@@ -211,7 +371,8 @@ impl LiveSource {
         self.first_lsn = switch.segment_start(self.identity.seg_size);
         self.horizon = self.first_lsn;
         self.maps.clear();
-        self.poll_horizon()
+        self.poller.replay_latest();
+        self.refresh()
     }
 
     /// This timeline's history file, for the handshake.
@@ -219,27 +380,42 @@ impl LiveSource {
         &self.history
     }
 
-    fn poll_horizon(&mut self) -> Result<(), SourceError> {
+    /// Takes in what a poll found.
+    fn apply(&mut self, polled: Polled) -> Result<(), SourceError> {
         self.last_poll = Instant::now();
-        match self.query_flush_lsn() {
-            Ok((_, Some(tli))) if tli > self.identity.tli => self.on_new_timeline(tli),
-            Ok(_) if self.pending_switch.is_some() => Ok(()),
-            Ok((Some(lsn), _)) => {
-                if lsn < self.horizon {
-                    // A server restarted from a backup, or a different server: never move backwards.
-                    warn!(server = %lsn, horizon = %self.horizon, "the server's flush LSN is behind what was already confirmed");
-                } else {
-                    self.horizon = lsn;
+        match polled {
+            Polled::Flush { lsn, tli, standby } => {
+                if !self.reachable {
+                    info!(standby, "server is back; following it again");
+                    self.down_since = None;
+                    self.warned_down = false;
+                    self.state = ServerState::Up;
+                    self.reachable = true;
                 }
-                Ok(())
+                self.is_standby = standby;
+                match (lsn, tli) {
+                    (_, Some(tli)) if tli > self.identity.tli => self.on_new_timeline(tli),
+                    _ if self.pending_switch.is_some() => Ok(()),
+                    (Some(lsn), _) if lsn < self.horizon => {
+                        // A server restarted from a backup, or a different server: never move backwards.
+                        warn!(server = %lsn, horizon = %self.horizon, "the server's flush LSN is behind what was already confirmed");
+                        Ok(())
+                    }
+                    (Some(lsn), _) => {
+                        self.horizon = lsn;
+                        Ok(())
+                    }
+                    (None, _) => Ok(()),
+                }
             }
-            Ok((None, _)) => Ok(()),
-            Err(e) => {
-                // A clean shutdown closes connections before it writes the shutdown checkpoint:
-                // say what happened only once pg_control tells (see on_server_unreachable).
-                info!("lost the server connection ({e}); checking whether it is shutting down");
-                self.client = None;
-                self.down_since = Some(Instant::now());
+            Polled::Unreachable(why) => {
+                if self.reachable {
+                    // A clean shutdown closes connections before it writes the shutdown checkpoint:
+                    // say what happened only once pg_control tells (see on_server_unreachable).
+                    info!("lost the server connection ({why}); checking whether it is shutting down");
+                    self.reachable = false;
+                    self.down_since = Some(Instant::now());
+                }
                 self.on_server_unreachable()
             }
         }
@@ -303,52 +479,26 @@ impl LiveSource {
         }
     }
 
-    fn try_reconnect(&mut self) {
-        if self.last_connect_attempt.elapsed() < Duration::from_secs(1) {
-            return;
-        }
-        self.last_connect_attempt = Instant::now();
-        if let Ok(mut client) = postgres::Client::connect(&self.cfg.conninfo, postgres::NoTls) {
-            let standby = client.query_one("SELECT pg_is_in_recovery()", &[]).map(|r| r.get::<_, bool>(0));
-            if let Ok(standby) = standby {
-                info!(standby, "server is back; following it again");
-                self.down_since = None;
-                self.warned_down = false;
-                self.is_standby = standby;
-                self.client = Some(client);
-                self.state = ServerState::Up;
-            }
-        }
-    }
-
-    /// Asks the server how far it has flushed (rate-limited to the poll interval), or, while it is
-    /// down, tries to reconnect.
+    /// Takes in what the poller learned since the last call; while the server is down and not
+    /// known to be cleanly shut down, re-reads pg_control twice a second.
     pub fn refresh(&mut self) -> Result<(), SourceError> {
-        if self.client.is_none() {
-            self.try_reconnect();
-            if self.client.is_none() {
-                if self.state == ServerState::Down {
-                    // A clean shutdown may have completed since we last looked.
-                    if self.last_poll.elapsed() >= Duration::from_millis(500) {
-                        self.last_poll = Instant::now();
-                        self.on_server_unreachable()?;
-                    }
-                }
-                return Ok(());
-            }
+        if let Some(polled) = self.poller.take_new() {
+            return self.apply(polled);
         }
-        if self.last_poll.elapsed() >= self.cfg.poll_interval {
-            self.poll_horizon()?;
+        if !self.reachable && self.state == ServerState::Down && self.last_poll.elapsed() >= Duration::from_millis(500) {
+            self.last_poll = Instant::now();
+            self.on_server_unreachable()?;
         }
         Ok(())
     }
 
-    /// When the next `refresh` is due.
+    /// When `refresh` should run again at the latest (the poller's eventfd wakes the sender sooner).
     pub fn next_refresh_in(&self) -> Duration {
-        if self.client.is_none() {
-            return Duration::from_millis(200);
+        if self.reachable {
+            Duration::from_millis(50)
+        } else {
+            Duration::from_millis(200)
         }
-        self.cfg.poll_interval.saturating_sub(self.last_poll.elapsed())
     }
 
     pub fn segment_path(&self, segno: u64) -> PathBuf {
@@ -384,29 +534,17 @@ impl LiveSource {
 
     }
 
-    /// The receiver holds everything below `flushed` durably: let the slot go that far (never
-    /// beyond, never backwards), at most once per `slot_advance_interval`.
+    /// The receiver holds everything below `flushed` durably: the poller may move the slot that
+    /// far (never beyond, never backwards), at most once per `slot_advance_interval`.
     pub fn on_durable(&mut self, flushed: Lsn) {
-        let Some(slot) = self.cfg.slot.clone() else { return };
-        if flushed > self.slot_target {
-            self.slot_target = flushed;
-        }
-        if self.slot_target <= self.slot_restart || self.last_slot_advance.elapsed() < self.cfg.slot_advance_interval {
-            return;
-        }
-        let Some(client) = self.client.as_mut() else { return };
-        self.last_slot_advance = Instant::now();
-        let target = self.slot_target;
-        let sql = format!("SELECT pg_replication_slot_advance($1::text::name, '{target}'::pg_lsn)");
-        match client.execute(sql.as_str(), &[&slot]) {
-            Ok(_) => self.slot_restart = target,
-            Err(e) => warn!(slot = %slot, target = %target, "could not advance the replication slot: {e}"),
+        if let Some(slot) = &self.poller.shared.slot {
+            slot.target.fetch_max(flushed.0, Ordering::AcqRel);
         }
     }
 
     /// Where the slot was last advanced to (or found at start-up).
     pub fn slot_position(&self) -> Lsn {
-        self.slot_restart
+        self.poller.shared.slot.as_ref().map_or(Lsn(0), |s| Lsn(s.restart.load(Ordering::Acquire)))
     }
 }
 

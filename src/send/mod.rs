@@ -107,6 +107,13 @@ impl Source {
             Source::Live(s) => s.refresh(),
         }
     }
+    /// An eventfd that becomes readable when the horizon may have moved (following a server).
+    fn wake_fd(&self) -> Option<std::os::fd::RawFd> {
+        match self {
+            Source::Dir(_) => None,
+            Source::Live(s) => Some(s.wake_fd()),
+        }
+    }
     fn wait_hint(&self) -> Duration {
         match self {
             Source::Dir(_) => Duration::from_millis(100),
@@ -239,6 +246,10 @@ enum ConnEnd {
 
 const TAG_SEND: u64 = 1;
 const TAG_RECV: u64 = 2;
+/// The live source's poller signalled a new flush position (eventfd read into control buffer 1).
+const TAG_WAKE: u64 = 3;
+const CTL_ACKS: usize = 0;
+const CTL_WAKE: usize = 1;
 const ACK_BUF_BYTES: usize = 4096;
 
 /// Progress shared across connections of one run.
@@ -564,7 +575,9 @@ fn stream_data(
     let limits = SenderLimits { frame_bytes, in_flight_bytes_max: cfg.in_flight_bytes_max, seg_size: id.seg_size };
     let mut core = Sender::new(limits, resume);
     let mut checker = PageChecker::new(id);
-    let mut ring = Ring::new(64, BufferPool::new(1, 4096).map_err(|e| RingError::Io { op: "pool", source: e })?, 1, ACK_BUF_BYTES)?;
+    let mut ring = Ring::new(64, BufferPool::new(1, 4096).map_err(|e| RingError::Io { op: "pool", source: e })?, 2, ACK_BUF_BYTES)?;
+    let wake_fd = source.wake_fd();
+    let mut wake_in_flight = false;
     let zero_copy = match cfg.zero_copy {
         ZeroCopy::Off => false,
         ZeroCopy::On => true,
@@ -604,11 +617,11 @@ fn stream_data(
             if core.flushed() >= target {
                 progress.on_acked(core.flushed(), summary);
                 stream.shutdown();
-                drain_ring(&mut ring);
+                drain_ring(&mut ring, wake_fd);
                 return Ok(if live { ConnEnd::Done } else { ConnEnd::Fatal(SendError::Interrupted { flushed: core.flushed() }) });
             }
             if since.elapsed() > cfg.shutdown_timeout {
-                drain_ring(&mut ring);
+                drain_ring(&mut ring, wake_fd);
                 return Ok(ConnEnd::Fatal(SendError::Interrupted { flushed: core.flushed() }));
             }
         }
@@ -624,7 +637,7 @@ fn stream_data(
             if core.flushed() >= switch {
                 info!(switch = %switch, "the receiver holds this timeline up to its switch point; reconnecting on the new timeline");
                 stream.shutdown();
-                drain_ring(&mut ring);
+                drain_ring(&mut ring, wake_fd);
                 return Ok(ConnEnd::TimelineSwitch);
             }
         }
@@ -636,7 +649,7 @@ fn stream_data(
         }
         if source.is_final() && core.flushed() >= source.horizon() {
             stream.shutdown();
-            drain_ring(&mut ring);
+            drain_ring(&mut ring, wake_fd);
             return Ok(ConnEnd::Done);
         }
         if let Some(ServerState::ShutDown { checkpoint, end }) = source.server_state() {
@@ -661,8 +674,12 @@ fn stream_data(
             );
         }
         if !recv_in_flight {
-            ring.recv_ctl(fd, TAG_RECV, 0, ACK_BUF_BYTES.min(decoder.room().max(1)), false);
+            ring.recv_ctl(fd, TAG_RECV, CTL_ACKS, ACK_BUF_BYTES.min(decoder.room().max(1)), false);
             recv_in_flight = true;
+        }
+        if let (Some(wake), false) = (wake_fd, wake_in_flight) {
+            ring.read_ctl(wake, TAG_WAKE, CTL_WAKE, 8);
+            wake_in_flight = true;
         }
         if !send_in_flight {
             plans.clear();
@@ -692,15 +709,17 @@ fn stream_data(
                     send_in_flight = false;
                     if c.result < 0 {
                         let e = std::io::Error::from_raw_os_error(-c.result);
-                        drain_ring(&mut ring);
+                        drain_ring(&mut ring, wake_fd);
                         return Ok(ConnEnd::Transient(format!("send to {peer} failed: {e}")));
                     }
                 }
                 (TAG_SEND, CompletionKind::ZeroCopyNotification { copied: true }) => summary.zero_copy_copied += 1,
+                // The loop's next turn takes in what the poller learned.
+                (TAG_WAKE, _) => wake_in_flight = false,
                 (TAG_RECV, _) => {
                     recv_in_flight = false;
                     if c.result <= 0 {
-                        drain_ring(&mut ring);
+                        drain_ring(&mut ring, wake_fd);
                         let why = if c.result == 0 {
                             "receiver closed the connection".to_string()
                         } else {
@@ -708,7 +727,7 @@ fn stream_data(
                         };
                         return Ok(ConnEnd::Transient(format!("connection to {peer} lost: {why}")));
                     }
-                    decoder.feed(&ring.ctl(0)[..c.result as usize]);
+                    decoder.feed(&ring.ctl(CTL_ACKS)[..c.result as usize]);
                     loop {
                         match decoder.next_message() {
                             Ok(Some(Message::Ack(ack))) => match core.on_ack(Lsn(ack.written_lsn), Lsn(ack.flushed_lsn)) {
@@ -721,13 +740,13 @@ fn stream_data(
                                     }
                                 }
                                 Err(e) => {
-                                    drain_ring(&mut ring);
+                                    drain_ring(&mut ring, wake_fd);
                                     return Ok(ConnEnd::Fatal(SendError::Refused { peer: peer.into(), message: format!("protocol violation: {e}") }));
                                 }
                             },
                             Ok(Some(Message::Keepalive(_))) => {}
                             Ok(Some(Message::Error(e))) => {
-                                drain_ring(&mut ring);
+                                drain_ring(&mut ring, wake_fd);
                                 let message = e.message.clone();
                                 return Ok(match e.code {
                                     ErrorCode::Identity | ErrorCode::Gap | ErrorCode::Protocol => {
@@ -737,7 +756,7 @@ fn stream_data(
                                 });
                             }
                             Ok(Some(other)) => {
-                                drain_ring(&mut ring);
+                                drain_ring(&mut ring, wake_fd);
                                 return Ok(ConnEnd::Fatal(SendError::Refused {
                                     peer: peer.into(),
                                     message: format!("unexpected {} frame during streaming", other.kind()),
@@ -745,7 +764,7 @@ fn stream_data(
                             }
                             Ok(None) => break,
                             Err(e) => {
-                                drain_ring(&mut ring);
+                                drain_ring(&mut ring, wake_fd);
                                 return Ok(ConnEnd::Fatal(SendError::Refused { peer: peer.into(), message: format!("bad frame: {e}") }));
                             }
                         }
@@ -755,7 +774,7 @@ fn stream_data(
             }
         }
         if core.unacked_bytes() > 0 && last_progress.elapsed() > cfg.peer_timeout {
-            drain_ring(&mut ring);
+            drain_ring(&mut ring, wake_fd);
             return Ok(ConnEnd::Transient(format!(
                 "receiver {peer} acknowledged nothing for {:?} with {} bytes outstanding",
                 cfg.peer_timeout,
@@ -768,8 +787,12 @@ fn stream_data(
     }
 }
 
-/// Cancels what is still in flight on the connection and waits for the kernel to let go.
-fn drain_ring(ring: &mut Ring) {
+/// Cancels what is still in flight on the connection (and the wait on the poller's eventfd) and
+/// waits for the kernel to let go.
+fn drain_ring(ring: &mut Ring, wake_fd: Option<std::os::fd::RawFd>) {
+    if let Some(fd) = wake_fd {
+        ring.cancel_fd(fd);
+    }
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut sink = Vec::new();
     while ring.in_flight() > 0 && Instant::now() < deadline {

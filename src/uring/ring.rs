@@ -250,6 +250,17 @@ impl Ring {
         self.push(entry, tag, Hold::Ctl(index));
     }
 
+    /// Reads up to `len` bytes from `fd` (e.g. an eventfd's 8-byte counter) into control buffer
+    /// `index`. The buffer is the ring's own, held until the completion like a receive's.
+    pub fn read_ctl(&mut self, fd: RawFd, tag: u64, index: usize, len: usize) {
+        assert!(!self.ctl_busy[index], "control buffer {index} already in flight");
+        assert!(len > 0 && len <= self.ctl[index].len());
+        self.ctl_busy[index] = true;
+        let ptr = self.ctl[index].as_mut_ptr();
+        let entry = opcode::Read::new(types::Fd(fd), ptr, len as u32).offset(u64::MAX).build();
+        self.push(entry, tag, Hold::Ctl(index));
+    }
+
     /// Receives exactly `len` bytes into pool slot `slot` at `offset` (MSG_WAITALL).
     pub fn recv_slot(&mut self, socket: RawFd, tag: u64, slot: usize, offset: usize, len: usize) {
         assert!(offset + len <= self.pool.slot_bytes());
