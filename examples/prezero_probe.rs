@@ -16,7 +16,7 @@ const SEG: u64 = 16 << 20;
 const IO: usize = 1 << 20;
 const SYNC_EVERY: u64 = 4 << 20;
 
-fn aligned(buf: &mut Vec<u8>) -> &mut [u8] {
+fn aligned(buf: &mut [u8]) -> &mut [u8] {
     let off = buf.as_ptr().align_offset(4096);
     &mut buf[off..off + IO]
 }
