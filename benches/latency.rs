@@ -582,13 +582,15 @@ fn markdown(cfg: &Config, m: &Json, f: &Facts, met: bool, bound: f64) -> String 
     ));
     md.push_str(&format!(
         "Load: `pgbench -T {} -c {}` on scale {} with walship following: **{}**, {:.0} MB of WAL. \
-         Shipping: `walship recv --auth-key-file KEY` and `walship send --conninfo ... --slot {SLOT_WALSHIP}` \
+         Shipping: `walship recv --auth-key-file KEY{}` and `walship send --conninfo ... --slot {SLOT_WALSHIP}{}` \
          (horizon poll {}).{}\n\n",
         cfg.seconds,
         cfg.clients,
         cfg.scale,
         pgbench_text(at("pgbench")),
         num(m, "wal_bytes_during_load") / 1e6,
+        cfg.recv_extra.iter().map(|a| format!(" {a}")).collect::<String>(),
+        cfg.send_extra.iter().map(|a| format!(" {a}")).collect::<String>(),
         m.get("horizon_poll_interval").and_then(Json::as_str).unwrap_or("1ms"),
         if peer.get("pgbench").is_some() {
             format!(
