@@ -877,6 +877,16 @@ fn run_bench(cfg: &Config, bin: &Path, root: &Path) -> Result<Json, String> {
     )));
 
     // ---- phase 2 (peer): the same load again with pg_receivewal --synchronous following instead
+    notes.push(Json::from(format!(
+        "One run, {} s of load: each p99 rests on the worst 1% of its values ({} probe ops; the receiver's {} \
+         fdatasyncs), and on this shared host single disk stalls of tens to hundreds of ms (the probe's max, quiet \
+         or loaded) move p99 by several x between runs. The verdict compares numbers taken in the same seconds; \
+         read it together with the earlier sections.",
+        cfg.seconds,
+        p1.probe.len(),
+        m.path(&["recv_fdatasync_us", "count"]).and_then(Json::as_u64).unwrap_or(0),
+    )));
+
     if cfg.peer {
         let prw_dir = root.join("pg_receivewal");
         std::fs::create_dir_all(&prw_dir).map_err(|e| e.to_string())?;
