@@ -345,6 +345,12 @@ fn parse_recv_summary(stderr: &str) -> Json {
     let after_p99 = line.find(" us p99 ").map_or("", |i| &line[i..]);
     put("max", num_after(after_p99, " us max "));
     put("frame_stalls", num_before(line, " frame stalls"));
+    put("write_p50", num_after(line, ", write p50 "));
+    let after_write = line.find(", write p50 ").map_or("", |i| &line[i..]);
+    put("write_p99", num_after(after_write, " us p99 "));
+    put("frame_to_durable_p50", num_after(line, "frame-to-durable p50 "));
+    let after_f2d = line.find("frame-to-durable p50 ").map_or("", |i| &line[i..]);
+    put("frame_to_durable_p99", num_after(after_f2d, " us p99 "));
     o.set("line", line.trim());
     o
 }
@@ -605,6 +611,11 @@ fn markdown(cfg: &Config, m: &Json, f: &Facts, met: bool, bound: f64) -> String 
     ));
     md.push_str("| latency, us | n | p50 | p90 | p99 | p99.9 | max |\n|---|---:|---:|---:|---:|---:|---:|\n");
     md.push_str(&row("**walship flush-to-durable-ack** (sender's histogram, one value per new flush LSN seen)", ack));
+    md.push_str(&row(
+        "walship recv: data frame arrival to the ack covering it (the receiver's share of the ack latency)",
+        at("recv_frame_to_durable_us"),
+    ));
+    md.push_str(&row("walship recv O_DIRECT write, same seconds", at("recv_write_us")));
     md.push_str(&row("walship recv fdatasync, same seconds (its final log line)", recv));
     md.push_str(&row("probe: 8 KiB write + fdatasync, **during walship's load**, same filesystem", probe_load));
     md.push_str(&row("probe: 8 KiB write + fdatasync, quiet (before the load, walship following, idle)", probe_quiet));
@@ -846,6 +857,14 @@ fn run_bench(cfg: &Config, bin: &Path, root: &Path) -> Result<Json, String> {
     recv_json.set("count", recv_summary.get("fdatasyncs").cloned());
     for k in ["p50", "p99", "max"] {
         recv_json.set(k, recv_summary.get(k).cloned());
+    }
+    // The receiver's own share of the ack latency, and its O_DIRECT writes.
+    for (key, prefix, count) in [("recv_frame_to_durable_us", "frame_to_durable", None), ("recv_write_us", "write", Some("writes"))] {
+        let mut o = Json::obj();
+        o.set("count", count.and_then(|c| recv_summary.get(c).cloned()).unwrap_or(Json::Null));
+        o.set("p50", recv_summary.get(&format!("{prefix}_p50")).cloned());
+        o.set("p99", recv_summary.get(&format!("{prefix}_p99")).cloned());
+        m.set(key, o);
     }
     m.set("walship_ack_latency_us", lat.clone());
     m.set("recv_fdatasync_us", recv_json);

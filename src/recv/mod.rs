@@ -90,6 +90,11 @@ pub struct RecvSummary {
     pub fsync_batches: u64,
     /// fdatasync latency, microseconds.
     pub fsync_latency_us: Option<hdrhistogram::Histogram<u64>>,
+    /// O_DIRECT write latency (submission to completion), microseconds.
+    pub write_latency_us: Option<hdrhistogram::Histogram<u64>>,
+    /// From a data frame's header arriving to the ack that covers it (its bytes durable),
+    /// microseconds: the receiver's share of the sender's flush-to-durable-ack latency.
+    pub frame_to_durable_us: Option<hdrhistogram::Histogram<u64>>,
     /// Frames that had to wait for a free buffer slot or a chunk write.
     pub frame_stalls: u64,
     /// Pre-zeroed spare segments: created, used for a new segment, or missing when one was needed.
@@ -99,17 +104,29 @@ pub struct RecvSummary {
 impl RecvSummary {
     /// One line for the log: what was written and how the group commit went.
     pub fn describe(&self) -> String {
-        let (p50, p99, max) = self.fsync_latency_us.as_ref().map_or((0, 0, 0), |h| {
-            (h.value_at_quantile(0.5), h.value_at_quantile(0.99), h.max())
-        });
+        let pcts = |h: &Option<hdrhistogram::Histogram<u64>>| {
+            h.as_ref().map_or((0, 0, 0), |h| (h.value_at_quantile(0.5), h.value_at_quantile(0.99), h.max()))
+        };
+        let (p50, p99, max) = pcts(&self.fsync_latency_us);
+        let (w50, w99, _) = pcts(&self.write_latency_us);
+        let (d50, d99, _) = pcts(&self.frame_to_durable_us);
         let per_batch = self.bytes_written.checked_div(self.fsync_batches).unwrap_or(0);
         format!(
-            "{} bytes received, {} writes ({} bytes), {} fdatasyncs in {} batches ({} bytes/batch), fdatasync p50 {} us p99 {} us max {} us, {} frame stalls, spare segments {} created {} used {} missed",
+            "{} bytes received, {} writes ({} bytes), {} fdatasyncs in {} batches ({} bytes/batch), fdatasync p50 {} us p99 {} us max {} us, {} frame stalls, spare segments {} created {} used {} missed, write p50 {w50} us p99 {w99} us, frame-to-durable p50 {d50} us p99 {d99} us",
             self.bytes_received, self.writes, self.bytes_written, self.fsyncs, self.fsync_batches, per_batch, p50, p99, max, self.frame_stalls,
             self.spares.created, self.spares.used, self.spares.missed
         )
     }
 }
+
+/// Records `d` (at least 1 us) into a microsecond histogram, made on first use.
+fn record_us(h: &mut Option<hdrhistogram::Histogram<u64>>, d: Duration) {
+    let h = h.get_or_insert_with(|| hdrhistogram::Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds"));
+    let _ = h.record((d.as_micros() as u64).max(1));
+}
+
+/// Data frames whose acks are awaited: (frame end, when its header arrived), oldest first.
+const ARRIVALS_MAX: usize = 1 << 16;
 
 /// CRC-32C of the bytes of the segment being received, from its start to each frame end, so the
 /// durable LSN can be published with the CRC of everything before it in its segment. Recovery
@@ -222,9 +239,11 @@ struct Io {
     ring: Ring,
     segdir: Option<SegmentDir>,
     files: HashMap<u64, SegmentFile>,
-    /// Writes in flight: id -> (segment, file offset, length), to name them in errors and
-    /// detect short writes.
-    writes: HashMap<u64, (u64, u64, usize)>,
+    /// Writes in flight: id -> (segment, file offset, length, issue time), to name them in errors,
+    /// detect short writes and time them.
+    writes: HashMap<u64, (u64, u64, usize, Instant)>,
+    /// Data frames not yet covered by an ack: (frame end, header arrival), in LSN order.
+    arrivals: VecDeque<(Lsn, Instant)>,
     /// Running CRC of the current segment's received bytes, to publish with `flushed`.
     segment_crc: SegmentCrc,
     /// fsync batches in flight: id -> issue time.
@@ -272,6 +291,7 @@ pub fn run_with_metrics(cfg: &RecvConfig, shutdown: Arc<AtomicBool>, metrics: Ar
         files: HashMap::new(),
         writes: HashMap::new(),
         fsync_started: HashMap::new(),
+        arrivals: VecDeque::new(),
         segment_crc: SegmentCrc::new(state.seg_size, state.durable_end, state.durable_crc),
         epoch: Instant::now(),
         metrics,
@@ -437,6 +457,8 @@ fn begin_close(io: &mut Io, conn: &mut Conn, receiver: Option<&mut Receiver>) {
     }
     conn.closing = true;
     conn.stream.shutdown();
+    // Frames of this connection that were not acknowledged are sent again by the next one.
+    io.arrivals.clear();
     if conn.recv_pending || conn.send_pending {
         io.ring.cancel_fd(conn.stream.as_raw_fd());
     }
@@ -583,7 +605,7 @@ fn handle_completion(
         TAG_WRITE => {
             let rx = receiver.as_mut().expect("write without receiver");
             let write_id = c.tag & !TAG_KIND_MASK;
-            let (segno, offset, len) = io.writes.remove(&write_id).expect("completion of an unknown write");
+            let (segno, offset, len, issued) = io.writes.remove(&write_id).expect("completion of an unknown write");
             let path = io.segdir.as_ref().expect("segment dir").partial_path(segno);
             if c.result < 0 {
                 io.metrics.inc_error(recv_error::WRITE); // OPS-METRICS
@@ -597,6 +619,7 @@ fn handle_completion(
             }
             summary.writes += 1;
             summary.bytes_written += len as u64;
+            record_us(&mut summary.write_latency_us, issued.elapsed());
             io.metrics.bytes_written.inc_by(len as u64); // OPS-METRICS
             rx.on_write_done(write_id, now, actions);
         }
@@ -614,10 +637,7 @@ fn handle_completion(
             }
             summary.fsyncs += 1;
             if let Some(t) = io.fsync_started.get(&batch_id) {
-                let h = summary
-                    .fsync_latency_us
-                    .get_or_insert_with(|| hdrhistogram::Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds"));
-                let _ = h.record((t.elapsed().as_micros() as u64).max(1));
+                record_us(&mut summary.fsync_latency_us, t.elapsed());
                 io.metrics.observe_fsync(t.elapsed().as_secs_f64()); // OPS-METRICS
             }
             let flushed_before = rx.flushed(); // OPS-METRICS
@@ -677,6 +697,10 @@ fn on_header(
         (ConnPhase::AwaitHeader, FrameKind::Data) => {
             let rx = receiver.as_mut().expect("streaming without receiver");
             conn.phase = ConnPhase::DataBody(header);
+            if io.arrivals.len() == ARRIVALS_MAX {
+                io.arrivals.pop_front();
+            }
+            io.arrivals.push_back((Lsn(header.lsn + header.body_len as u64), Instant::now()));
             if let Err(e) = rx.on_data_header(Lsn(header.lsn), header.body_len as u64, actions) {
                 let code = match e {
                     ReceiverError::NotContiguous { .. } => ErrorCode::Gap,
@@ -1034,7 +1058,7 @@ fn execute(
                 Action::Write { write_id, segno, slot, slot_offset, len, valid_len, file_offset } => {
                     io.ring.pool_mut().slot_mut(slot)[slot_offset + valid_len..slot_offset + len].fill(0);
                     let fd = io.files.get(&segno).expect("write to a closed segment").direct.as_raw_fd();
-                    io.writes.insert(write_id, (segno, file_offset, len));
+                    io.writes.insert(write_id, (segno, file_offset, len, Instant::now()));
                     io.ring.write_slot(fd, TAG_WRITE | write_id, slot, slot_offset, len, file_offset);
                 }
                 Action::Fsync(req) => {
@@ -1067,6 +1091,10 @@ fn execute(
                     let crc = io.segment_crc.crc_at(flushed);
                     io.segdir.as_ref().expect("segment dir").publish_flushed(flushed, crc)?;
                     io.metrics.set_acked(written.0, flushed.0); // OPS-METRICS
+                    while io.arrivals.front().is_some_and(|&(end, _)| end <= flushed) {
+                        let (_, arrived) = io.arrivals.pop_front().expect("front");
+                        record_us(&mut summary.frame_to_durable_us, arrived.elapsed());
+                    }
                     if let Some(c) = conn.as_deref_mut() {
                         c.ack_pending = Some((written, flushed));
                     }
