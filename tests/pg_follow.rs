@@ -50,6 +50,15 @@ struct Ctx {
     recv: Option<ChildGuard>,
     send: Option<ChildGuard>,
     t0: Instant,
+    /// As deployed: a shared key and TLS (else `--insecure-no-auth`, plain TCP).
+    secure: Option<Secure>,
+}
+
+/// Key file, receiver certificate and key (self-signed: it is also the sender's CA).
+struct Secure {
+    key: PathBuf,
+    cert: PathBuf,
+    cert_key: PathBuf,
 }
 
 /// `None` = skip (no PostgreSQL, and not required).
@@ -105,6 +114,7 @@ fn setup(name: &str, port: u16) -> Option<Ctx> {
         send: None,
         tmp,
         t0: Instant::now(),
+        secure: None,
     })
 }
 
@@ -163,10 +173,40 @@ impl Ctx {
         format!("host={} port={} user={PG_USER} dbname=postgres", self.sock.display(), self.primary.port)
     }
 
+    /// From now on, walship runs authenticated and over TLS.
+    fn go_secure(&mut self) -> R<()> {
+        let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).map_err(|e| e.to_string())?;
+        let s = Secure { key: self.tmp.join("auth.key"), cert: self.tmp.join("recv.pem"), cert_key: self.tmp.join("recv.key") };
+        let write = |p: &Path, text: String| fs::write(p, text).map_err(|e| format!("write {}: {e}", p.display()));
+        write(&s.key, "follow-test-shared-key-0123456789\n".into())?;
+        write(&s.cert, ck.cert.pem())?;
+        write(&s.cert_key, ck.signing_key.serialize_pem())?;
+        self.secure = Some(s);
+        Ok(())
+    }
+
+    /// `--insecure-no-auth`, or the key and (for `side`) the TLS files.
+    fn security_args(&self, c: &mut Command, side: &str) {
+        match &self.secure {
+            None => {
+                c.arg("--insecure-no-auth");
+            }
+            Some(s) => {
+                c.env_remove("WALSHIP_INSECURE_NO_AUTH").arg("--auth-key-file").arg(&s.key);
+                if side == "recv" {
+                    c.arg("--tls-cert").arg(&s.cert).arg("--tls-key").arg(&s.cert_key);
+                } else {
+                    c.arg("--tls-ca").arg(&s.cert);
+                }
+            }
+        }
+    }
+
     fn start_recv(&mut self) -> R<()> {
         let file = |p: PathBuf| fs::File::create(&p).map_err(|e| format!("create {}: {e}", p.display()));
         let mut c = cmd(walship_bin(), ["recv", "--listen", &self.addr, "--dir"]);
-        c.arg(&self.recv_dir).arg("--insecure-no-auth");
+        c.arg(&self.recv_dir);
+        self.security_args(&mut c, "recv");
         c.env("NO_COLOR", "1");
         c.stdin(Stdio::null()).stdout(file(self.tmp.join("recv.stdout"))?).stderr(file(self.recv_err())?);
         self.say(format!("$ {}", cmdline(&c)));
@@ -181,7 +221,8 @@ impl Ctx {
         if let Some(s) = slot {
             c.args(["--slot", s]);
         }
-        c.arg("--report-json").arg(self.report()).arg("--insecure-no-auth");
+        c.arg("--report-json").arg(self.report());
+        self.security_args(&mut c, "send");
         c.env("NO_COLOR", "1");
         c.stdin(Stdio::null()).stdout(file(self.send_out())?).stderr(file(self.send_err())?);
         self.say(format!("$ {}", cmdline(&c)));
@@ -467,7 +508,7 @@ fn lock() -> std::sync::MutexGuard<'static, ()> {
 // 1. live follow, clean stop, replay
 
 #[test]
-fn live_follow_then_clean_stop_replays() {
+fn live_follow_then_clean_stop_replays_over_tls_with_a_key() {
     let _l = lock();
     let Some(mut ctx) = setup("follow-clean", 5511) else { return };
     if let Err(e) = live_follow_then_clean_stop(&mut ctx) {
@@ -475,9 +516,13 @@ fn live_follow_then_clean_stop_replays() {
     }
 }
 
+/// As deployed: authenticated, over TLS.
 fn live_follow_then_clean_stop(ctx: &mut Ctx) -> R<()> {
     ctx.init_primary()?;
+    ctx.go_secure()?;
     ctx.start_walship()?;
+    ctx.wait_log(&ctx.recv_err(), "sender authenticated", Duration::from_secs(30))?;
+    ctx.wait_log(&ctx.recv_err(), "TLS established", Duration::from_secs(5))?;
     let (base, backup_start) = ctx.base_backup()?;
     ctx.pgbench(&["-i", "-s", "5", "-q"])?;
     ctx.pgbench_run(8)?;
