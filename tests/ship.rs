@@ -984,3 +984,22 @@ fn tls_and_plaintext_peers_are_told_what_the_other_expects() {
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(!out.status.success() && err.contains("bogus.pem") && err.contains("no certificate"), "{err}");
 }
+
+#[test]
+fn tls_sender_killed_mid_frame_then_a_new_sender_completes() {
+    let s = TlsSetup::new("tls-sender-kill");
+    let recv = s.recv_tls();
+    let ca = p(&s.cert);
+    let report = s.ctx.log("report.json");
+    let (mut g, _log) = spawn_send(&s.ctx, &s.g.dir, s.port, &report, &[&["--tls-ca", ca], THROTTLE].concat());
+    wait_complete_segments(&s.dst, 2, &mut g);
+    g.signal(libc::SIGKILL).expect("SIGKILL sender");
+    let _ = wait_exit(&mut g, Duration::from_secs(10), "sender after SIGKILL");
+    // The receiver drops the half-received frame (the TLS session just ends) and serves the next sender.
+    let r = send(&s.ctx, &s.g.dir, s.port, &["--tls-ca", ca]);
+    r.assert_ok();
+    let log = fs::read_to_string(&recv.log).unwrap();
+    assert!(log.contains("TLS connection with") || log.contains("sender closed the connection"), "{log}");
+    recv.stop();
+    assert_received(&s.g.dir, &s.dst, s.g.seg_size, s.g.first_segno(), s.g.end_lsn);
+}
