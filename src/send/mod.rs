@@ -546,14 +546,17 @@ fn handshake(
             Ok(Some(other)) => {
                 return Err(HandshakeError::Refused(ErrorCode::Protocol, format!("expected Welcome, got {}", other.kind())))
             }
-            Ok(None) => {}
+            // Read only once every whole message already received has been taken: the receiver
+            // sends its proof and the Welcome back to back, often in one segment.
+            Ok(None) => {
+                let n = (&*stream).read(&mut buf).map_err(|e| HandshakeError::Io(e.to_string()))?;
+                if n == 0 {
+                    return Err(HandshakeError::Io("receiver closed the connection during the handshake".into()));
+                }
+                decoder.feed(&buf[..n]);
+            }
             Err(e) => return Err(HandshakeError::Refused(ErrorCode::Protocol, e.to_string())),
         }
-        let n = (&*stream).read(&mut buf).map_err(|e| HandshakeError::Io(e.to_string()))?;
-        if n == 0 {
-            return Err(HandshakeError::Io("receiver closed the connection during the handshake".into()));
-        }
-        decoder.feed(&buf[..n]);
     }
 }
 
@@ -831,4 +834,68 @@ fn build_batch(source: &mut Source, checker: &mut PageChecker, plans: &[FramePla
         batch.push_map(&map, offset, plan.len as usize);
     }
     Ok(batch)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    fn hello() -> Hello {
+        Hello {
+            protocol_version: wire::PROTOCOL_VERSION,
+            page_magic: 0xD110,
+            timeline: 1,
+            system_id: 7,
+            seg_size: 16 << 20,
+            block_size: 8192,
+            first_lsn: 16 << 20,
+            horizon_lsn: 32 << 20,
+            sender_name: "t".into(),
+            history: String::new(),
+        }
+    }
+
+    /// The receiver answers the sender's response with its proof and the Welcome in one write and
+    /// then sends nothing more (until its first status ack, a second later): the handshake must take
+    /// the Welcome it already holds instead of waiting for more bytes. (It used to wait: every
+    /// authenticated connection lost a second.)
+    #[test]
+    fn authenticated_handshake_takes_a_welcome_that_arrived_with_the_proof() {
+        let key = crate::auth::AuthKey::from_bytes(b"a shared key of enough bytes");
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let receiver_key = key.clone();
+        let receiver = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut decoder = Decoder::new(Limits::default());
+            let mut next = |s: &mut TcpStream| loop {
+                if let Some(m) = decoder.next_message().unwrap() {
+                    return m;
+                }
+                let mut buf = [0u8; 4096];
+                let n = s.read(&mut buf).unwrap();
+                assert!(n > 0, "sender hung up");
+                decoder.feed(&buf[..n]);
+            };
+            let Message::Hello(_) = next(&mut s) else { panic!("expected Hello") };
+            let nonce_r = [3u8; wire::AUTH_NONCE_LEN];
+            let mut out = Vec::new();
+            Message::Auth(wire::Auth { step: wire::AuthStep::Challenge, nonce: nonce_r, mac: [0; wire::AUTH_MAC_LEN] }).encode(&mut out);
+            s.write_all(&out).unwrap();
+            let Message::Auth(response) = next(&mut s) else { panic!("expected the response") };
+            let mut out = Vec::new();
+            let proof = receiver_key.receiver_mac(&response.nonce, &nonce_r);
+            Message::Auth(wire::Auth { step: wire::AuthStep::Proof, nonce: [0; wire::AUTH_NONCE_LEN], mac: proof }).encode(&mut out);
+            Message::Welcome(wire::Welcome { protocol_version: wire::PROTOCOL_VERSION, timeline: 1, system_id: 7, durable_lsn: 0 }).encode(&mut out);
+            s.write_all(&out).unwrap();
+            std::thread::sleep(Duration::from_secs(3)); // silent, connection open
+        });
+        let link = Link::Tcp(TcpStream::connect(addr).unwrap());
+        let started = Instant::now();
+        let welcome = handshake(&link, &hello(), Duration::from_secs(2), Some(&key));
+        assert!(matches!(welcome, Ok(ref w) if w.system_id == 7), "handshake did not take the Welcome it held");
+        assert!(started.elapsed() < Duration::from_secs(2));
+        receiver.join().unwrap();
+    }
 }
