@@ -68,28 +68,11 @@ struct Config {
     recv_extra: Vec<String>,
 }
 
-fn env_flag(name: &str) -> Option<bool> {
-    std::env::var(name)
-        .ok()
-        .map(|v| !matches!(v.as_str(), "" | "0" | "false" | "no"))
-}
-
 fn env_num<T: std::str::FromStr>(name: &str, default: T) -> Result<T, String> {
     match std::env::var(name) {
         Ok(v) => v.trim().parse().map_err(|_| format!("bad {name} {v:?}")),
         Err(_) => Ok(default),
     }
-}
-
-fn target_dir() -> PathBuf {
-    // The bench binary lives in <target>/release/deps/latency-HASH.
-    if let Ok(dir) = std::env::var("CARGO_TARGET_DIR") {
-        return PathBuf::from(dir);
-    }
-    std::env::current_exe()
-        .ok()
-        .and_then(|exe| exe.parent()?.parent()?.parent().map(Path::to_path_buf))
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"))
 }
 
 impl Config {
@@ -282,38 +265,6 @@ fn lag_sampler(conninfo: &str, app: &str, stop: &AtomicBool, period: Duration) -
     Ok((flush, write, samples, nulls))
 }
 
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            if chars.peek() == Some(&'[') {
-                chars.next();
-                for d in chars.by_ref() {
-                    if d.is_ascii_alphabetic() {
-                        break;
-                    }
-                }
-            }
-            continue;
-        }
-        out.push(c);
-    }
-    out
-}
-
-fn num_after(text: &str, pat: &str) -> Option<u64> {
-    let i = text.find(pat)? + pat.len();
-    let digits: String = text[i..].chars().take_while(|c| c.is_ascii_digit()).collect();
-    digits.parse().ok()
-}
-
-fn num_before(text: &str, pat: &str) -> Option<u64> {
-    let i = text.find(pat)?;
-    let rev: String = text[..i].chars().rev().take_while(|c| c.is_ascii_digit()).collect();
-    rev.chars().rev().collect::<String>().parse().ok()
-}
-
 fn f64_after(text: &str, pat: &str) -> Option<f64> {
     let i = text.find(pat)? + pat.len();
     let s: String = text[i..]
@@ -322,37 +273,6 @@ fn f64_after(text: &str, pat: &str) -> Option<f64> {
         .take_while(|c| c.is_ascii_digit() || *c == '.')
         .collect();
     s.parse().ok()
-}
-
-/// The receiver's final line: `... N writes (B bytes), F fdatasyncs in K batches (X bytes/batch),
-/// fdatasync p50 A us p99 B us max C us, S frame stalls` (same parse as ship.rs).
-fn parse_recv_summary(stderr: &str) -> Json {
-    let clean = strip_ansi(stderr);
-    let Some(line) = clean.lines().rev().find(|l| l.contains("fdatasyncs in")) else {
-        return Json::Null;
-    };
-    let mut o = Json::obj();
-    let mut put = |k: &str, v: Option<u64>| {
-        o.set(k, v.map(Json::from).unwrap_or(Json::Null));
-    };
-    put("writes", num_before(line, " writes ("));
-    put("write_bytes", num_after(line, " writes ("));
-    put("fdatasyncs", num_before(line, " fdatasyncs in "));
-    put("batches", num_after(line, " fdatasyncs in "));
-    put("bytes_per_batch", num_after(line, " batches ("));
-    put("p50", num_after(line, "fdatasync p50 "));
-    put("p99", num_after(line, " us p99 "));
-    let after_p99 = line.find(" us p99 ").map_or("", |i| &line[i..]);
-    put("max", num_after(after_p99, " us max "));
-    put("frame_stalls", num_before(line, " frame stalls"));
-    put("write_p50", num_after(line, ", write p50 "));
-    let after_write = line.find(", write p50 ").map_or("", |i| &line[i..]);
-    put("write_p99", num_after(after_write, " us p99 "));
-    put("frame_to_durable_p50", num_after(line, "frame-to-durable p50 "));
-    let after_f2d = line.find("frame-to-durable p50 ").map_or("", |i| &line[i..]);
-    put("frame_to_durable_p99", num_after(after_f2d, " us p99 "));
-    o.set("line", line.trim());
-    o
 }
 
 fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> Result<bool, String>) -> Result<(), String> {
@@ -856,14 +776,14 @@ fn run_bench(cfg: &Config, bin: &Path, root: &Path) -> Result<Json, String> {
     let mut recv_json = Json::obj();
     recv_json.set("count", recv_summary.get("fdatasyncs").cloned());
     for k in ["p50", "p99", "max"] {
-        recv_json.set(k, recv_summary.get(k).cloned());
+        recv_json.set(k, recv_summary.get(&format!("{k}_us")).cloned());
     }
     // The receiver's own share of the ack latency, and its O_DIRECT writes.
     for (key, prefix, count) in [("recv_frame_to_durable_us", "frame_to_durable", None), ("recv_write_us", "write", Some("writes"))] {
         let mut o = Json::obj();
         o.set("count", count.and_then(|c| recv_summary.get(c).cloned()).unwrap_or(Json::Null));
-        o.set("p50", recv_summary.get(&format!("{prefix}_p50")).cloned());
-        o.set("p99", recv_summary.get(&format!("{prefix}_p99")).cloned());
+        o.set("p50", recv_summary.get(&format!("{prefix}_p50_us")).cloned());
+        o.set("p99", recv_summary.get(&format!("{prefix}_p99_us")).cloned());
         m.set(key, o);
     }
     m.set("walship_ack_latency_us", lat.clone());

@@ -84,23 +84,6 @@ struct Config {
     pg_bytes: u64,
 }
 
-fn env_flag(name: &str) -> Option<bool> {
-    std::env::var(name)
-        .ok()
-        .map(|v| !matches!(v.as_str(), "" | "0" | "false" | "no"))
-}
-
-fn target_dir() -> PathBuf {
-    // The bench binary lives in <target>/release/deps/ship-HASH.
-    if let Ok(dir) = std::env::var("CARGO_TARGET_DIR") {
-        return PathBuf::from(dir);
-    }
-    std::env::current_exe()
-        .ok()
-        .and_then(|exe| exe.parent()?.parent()?.parent().map(Path::to_path_buf))
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"))
-}
-
 impl Config {
     fn from_env() -> Result<Config, String> {
         let bytes = match std::env::var("WALSHIP_BENCH_BYTES") {
@@ -1958,63 +1941,6 @@ fn short_label(name: &str) -> &str {
         "pgbackrest_async_lz4" => "pgBackRest async p2 lz4",
         other => other,
     }
-}
-
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            if chars.peek() == Some(&'[') {
-                chars.next();
-                for d in chars.by_ref() {
-                    if d.is_ascii_alphabetic() {
-                        break;
-                    }
-                }
-            }
-            continue;
-        }
-        out.push(c);
-    }
-    out
-}
-
-fn num_after(text: &str, pat: &str) -> Option<u64> {
-    let i = text.find(pat)? + pat.len();
-    let digits: String = text[i..].chars().take_while(|c| c.is_ascii_digit()).collect();
-    digits.parse().ok()
-}
-
-fn num_before(text: &str, pat: &str) -> Option<u64> {
-    let i = text.find(pat)?;
-    let rev: String = text[..i].chars().rev().take_while(|c| c.is_ascii_digit()).collect();
-    rev.chars().rev().collect::<String>().parse().ok()
-}
-
-/// The receiver's final line: `... N writes (B bytes), F fdatasyncs in K batches (X bytes/batch),
-/// fdatasync p50 A us p99 B us max C us, S frame stalls`.
-fn parse_recv_summary(stderr: &str) -> Json {
-    let clean = strip_ansi(stderr);
-    let Some(line) = clean.lines().rev().find(|l| l.contains("fdatasyncs in")) else {
-        return Json::Null;
-    };
-    let mut o = Json::obj();
-    let mut put = |k: &str, v: Option<u64>| {
-        o.set(k, v.map(Json::from).unwrap_or(Json::Null));
-    };
-    put("writes", num_before(line, " writes ("));
-    put("write_bytes", num_after(line, " writes ("));
-    put("fdatasyncs", num_before(line, " fdatasyncs in "));
-    put("batches", num_after(line, " fdatasyncs in "));
-    put("bytes_per_batch", num_after(line, " batches ("));
-    put("p50_us", num_after(line, "fdatasync p50 "));
-    put("p99_us", num_after(line, " us p99 "));
-    let after_p99 = line.find(" us p99 ").map_or("", |i| &line[i..]);
-    put("max_us", num_after(after_p99, " us max "));
-    put("frame_stalls", num_before(line, " frame stalls"));
-    o.set("line", line.trim());
-    o
 }
 
 /// Criterion results under `<target>/criterion/**/new/`: id and mean throughput in GB/s (10^9 B/s).

@@ -1,4 +1,4 @@
-//! Helpers for the end-to-end throughput bench (`benches/ship.rs`): processes measured with wait4
+//! Helpers for the benches (`benches/ship.rs`, `benches/latency.rs`): processes measured with wait4
 //! rusage, O_DIRECT writes from an aligned buffer, filesystem type, machine facts.
 
 #![allow(dead_code)]
@@ -460,4 +460,89 @@ pub fn median(values: &mut [f64]) -> f64 {
     } else {
         (values[mid - 1] + values[mid]) / 2.0
     }
+}
+
+/// Text without ANSI escape sequences (colored log lines).
+pub fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                for d in chars.by_ref() {
+                    if d.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The integer right after the first `pat` in `text`.
+pub fn num_after(text: &str, pat: &str) -> Option<u64> {
+    let i = text.find(pat)? + pat.len();
+    let digits: String = text[i..].chars().take_while(|c| c.is_ascii_digit()).collect();
+    digits.parse().ok()
+}
+
+/// The integer right before the first `pat` in `text`.
+pub fn num_before(text: &str, pat: &str) -> Option<u64> {
+    let i = text.find(pat)?;
+    let rev: String = text[..i].chars().rev().take_while(|c| c.is_ascii_digit()).collect();
+    rev.chars().rev().collect::<String>().parse().ok()
+}
+
+/// `walship recv`'s final line: `... N writes (B bytes), F fdatasyncs in K batches (X bytes/batch),
+/// fdatasync p50 A us p99 B us max C us, S frame stalls, ..., write p50 D us p99 E us,
+/// frame-to-durable p50 F us p99 G us` as JSON (`Null` when the line is missing).
+pub fn parse_recv_summary(stderr: &str) -> json::Json {
+    use json::Json;
+    let clean = strip_ansi(stderr);
+    let Some(line) = clean.lines().rev().find(|l| l.contains("fdatasyncs in")) else {
+        return Json::Null;
+    };
+    let mut o = Json::obj();
+    let mut put = |k: &str, v: Option<u64>| {
+        o.set(k, v.map(Json::from).unwrap_or(Json::Null));
+    };
+    // `p50 X us p99 Y us` after `label`.
+    let after = |label: &str| line.find(label).map_or("", |i| &line[i..]);
+    put("writes", num_before(line, " writes ("));
+    put("write_bytes", num_after(line, " writes ("));
+    put("fdatasyncs", num_before(line, " fdatasyncs in "));
+    put("batches", num_after(line, " fdatasyncs in "));
+    put("bytes_per_batch", num_after(line, " batches ("));
+    put("p50_us", num_after(line, "fdatasync p50 "));
+    put("p99_us", num_after(after("fdatasync p50 "), " us p99 "));
+    put("max_us", num_after(after("fdatasync p50 "), " us max "));
+    put("frame_stalls", num_before(line, " frame stalls"));
+    put("write_p50_us", num_after(line, ", write p50 "));
+    put("write_p99_us", num_after(after(", write p50 "), " us p99 "));
+    put("frame_to_durable_p50_us", num_after(line, "frame-to-durable p50 "));
+    put("frame_to_durable_p99_us", num_after(after("frame-to-durable p50 "), " us p99 "));
+    o.set("line", line.trim());
+    o
+}
+
+/// An on/off environment variable: unset is `None`; "", "0", "false" and "no" are off.
+pub fn env_flag(name: &str) -> Option<bool> {
+    std::env::var(name)
+        .ok()
+        .map(|v| !matches!(v.as_str(), "" | "0" | "false" | "no"))
+}
+
+/// Cargo's target directory (the bench binary lives in `<target>/release/deps/NAME-HASH`).
+pub fn target_dir() -> PathBuf {
+    if let Ok(dir) = std::env::var("CARGO_TARGET_DIR") {
+        return PathBuf::from(dir);
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent()?.parent()?.parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"))
 }
