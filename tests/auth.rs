@@ -5,7 +5,6 @@
 mod common;
 
 use common::*;
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -16,9 +15,6 @@ fn walship(args: &[&str]) -> Command {
     c
 }
 
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
 
 struct Setup {
     dir: TestDir,

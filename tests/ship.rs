@@ -21,7 +21,7 @@ use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus};
 use std::time::{Duration, Instant};
 
 const MIB: u64 = 1 << 20;
@@ -68,19 +68,6 @@ impl Drop for Ctx {
     }
 }
 
-fn walship(args: &[&str]) -> Command {
-    let mut c = Command::new(walship_bin());
-    c.args(args);
-    c.env("NO_COLOR", "1").env_remove("WALSHIP_LOG");
-    // These tests are about shipping; authentication has its own tests (tests/auth.rs).
-    c.env("WALSHIP_INSECURE_NO_AUTH", "true");
-    c.stdin(Stdio::null());
-    c
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().expect("utf-8 path")
-}
 
 /// Spawns with stdout+stderr appended to `log`.
 fn spawn_logged(name: &str, mut cmd: Command, log: &Path) -> ChildGuard {

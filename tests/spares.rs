@@ -9,23 +9,11 @@ use common::*;
 use std::fs::{self, File};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::time::Duration;
 
 const SEG: u64 = 16 << 20;
 
-fn walship(args: &[&str]) -> Command {
-    let mut c = Command::new(walship_bin());
-    c.args(args);
-    c.env("NO_COLOR", "1").env_remove("WALSHIP_LOG");
-    c.env("WALSHIP_INSECURE_NO_AUTH", "true");
-    c.stdin(Stdio::null());
-    c
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().expect("utf-8 path")
-}
 
 struct Gen {
     dir: PathBuf,

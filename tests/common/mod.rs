@@ -5,6 +5,7 @@
 //! - [`free_port`]: a currently free TCP port on 127.0.0.1.
 //! - [`ChildGuard`]: a spawned process that is killed (SIGKILL) and reaped when the guard drops, so a
 //!   panicking test never leaves a receiver running.
+//! - [`walship`]: `walship ARGS` for the shipping tests (no authentication, no colour).
 //! - [`run`] / [`run_ok`]: run a command to completion with its output captured, errors that show the
 //!   command line, exit status, stdout and stderr.
 #![allow(dead_code)]
@@ -308,6 +309,20 @@ where
         c.env("WALSHIP_INSECURE_NO_AUTH", "true");
     }
     c
+}
+
+/// `walship ARGS` as the shipping tests run it: no authentication (tests/auth.rs covers it), no
+/// colour, the default log level, stdin closed.
+pub fn walship(args: &[&str]) -> Command {
+    let mut c = cmd(walship_bin(), args);
+    c.env("NO_COLOR", "1").env_remove("WALSHIP_LOG");
+    c.stdin(Stdio::null());
+    c
+}
+
+/// A path as a command-line argument (test paths are UTF-8).
+pub fn p(path: &Path) -> &str {
+    path.to_str().expect("utf-8 path")
 }
 
 /// Parse a PostgreSQL LSN `X/Y` (hex; PG 18 zero-pads the low part, both parse).
