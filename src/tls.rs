@@ -38,6 +38,12 @@ const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 /// First byte of a TLS alert record.
 const TLS_ALERT_RECORD: u8 = 0x15;
 
+/// Whether `bytes`, the first a peer sent, open a TLS handshake: a handshake record (0x16) of
+/// record version 3.x (the second byte, when there is one).
+pub fn starts_tls_handshake(bytes: &[u8]) -> bool {
+    bytes.first() == Some(&TLS_HANDSHAKE_RECORD) && bytes.get(1).is_none_or(|&major| major == 0x03)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("cannot read {what} {path}: {source}")]
@@ -339,7 +345,7 @@ fn refuse_plaintext(tcp: &TcpStream, peer: SocketAddr) -> Result<(), String> {
     let mut first = [0u8; 1];
     match tcp.peek(&mut first) {
         Ok(0) => Err(format!("sender {peer} closed the connection before the TLS handshake")),
-        Ok(_) if first[0] == TLS_HANDSHAKE_RECORD => Ok(()),
+        Ok(_) if starts_tls_handshake(&first) => Ok(()),
         Ok(_) => {
             let message = "this receiver requires TLS: give the sender --tls-ca (the CA of the receiver's certificate)".to_string();
             let mut bytes = Vec::new();

@@ -668,7 +668,7 @@ fn on_header(
     raw.copy_from_slice(&io.ring.ctl(CTL)[..FRAME_HEADER_LEN]);
     let header = match FrameHeader::decode(&raw, limits) {
         Ok(h) => h,
-        Err(_) if conn.phase == ConnPhase::AwaitHelloHeader && raw[0] == 0x16 && raw[1] == 0x03 => {
+        Err(_) if conn.phase == ConnPhase::AwaitHelloHeader && crate::tls::starts_tls_handshake(&raw) => {
             let message = format!(
                 "sender {} started a TLS handshake, but this receiver runs without TLS: give it --tls-cert and --tls-key, \
                  or start the sender without --tls-ca",
