@@ -28,8 +28,9 @@ struct Cli {
     /// Log format on stderr: human (default) or json (one object per line).
     #[arg(long, global = true, env = "WALSHIP_LOG_FORMAT", value_enum, default_value = "human", display_order = 901)]
     log_format: LogFormat,
-    /// Log filter: a level (error, warn, info, debug, trace) or tracing directives (e.g. walship=debug).
-    #[arg(long, global = true, env = "WALSHIP_LOG", default_value = "info", value_name = "FILTER", display_order = 902)]
+    /// Log filter: a level (error, warn, info, debug, trace, off) or tracing directives (e.g. walship=debug).
+    #[arg(long, global = true, env = "WALSHIP_LOG", default_value = "info", value_name = "FILTER", display_order = 902,
+          value_parser = parse_log_filter)]
     log_level: String,
 }
 
@@ -45,6 +46,71 @@ fn parse_bytes(s: &str) -> Result<u64, String> {
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("not a duration ({e}); e.g. 30s, 5m, 250ms"))
+}
+
+/// A duration that must not be zero (a zero timeout or interval would break the connection or spin).
+fn parse_duration_nonzero(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d.is_zero() {
+        return Err("must be longer than zero; e.g. 30s, 250ms".into());
+    }
+    Ok(d)
+}
+
+/// A receiver's largest accepted frame: at least the smallest sender frame (64 KiB), at most the
+/// wire format's ceiling.
+fn parse_frame_bytes_max(s: &str) -> Result<u64, String> {
+    let v = parse_bytes(s)?;
+    let max = u64::from(walship::wire::DATA_BODY_BYTES_MAX_LIMIT);
+    if !(64 << 10..=max).contains(&v) {
+        return Err(format!("must be between 64KiB and {max} bytes (the largest --frame-bytes a sender may use is 16MiB)"));
+    }
+    Ok(v)
+}
+
+/// `HOST:PORT` with a port 1..=65535 (`[::1]:5499` for IPv6). Checked at start-up: a typo must not
+/// be retried as a transient connection failure for the whole --retry-for.
+fn parse_host_port(s: &str) -> Result<String, String> {
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return Err("expected HOST:PORT, e.g. archive.example.com:5499 or 10.0.0.2:5499 or [::1]:5499".into());
+    };
+    let host_ok = !host.is_empty() && (!host.contains(':') || (host.starts_with('[') && host.ends_with(']')));
+    if !host_ok {
+        return Err(format!("{host:?} is not a host name or address (IPv6 addresses go in brackets: [::1]:5499)"));
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(s.to_string()),
+        _ => Err(format!("port {port:?} is not a number in 1..=65535")),
+    }
+}
+
+/// A log filter: a level name, or `target=level` directives separated by commas. A word that is
+/// no level (`inf`) is refused: tracing would take it as a target name and silence every line.
+fn parse_log_filter(s: &str) -> Result<String, String> {
+    const LEVELS: [&str; 6] = ["error", "warn", "info", "debug", "trace", "off"];
+    let is_level = |w: &str| LEVELS.contains(&w.trim().to_ascii_lowercase().as_str());
+    for directive in s.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let ok = match directive.rsplit_once('=') {
+            Some((target, level)) => !target.is_empty() && is_level(level),
+            None => is_level(directive) || directive.starts_with("walship"),
+        };
+        if !ok {
+            return Err(format!("{directive:?} is not a log level; use one of {} or TARGET=LEVEL (e.g. walship=debug)", LEVELS.join(", ")));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(s).map(|_| s.to_string()).map_err(|e| e.to_string())
+}
+
+/// An octal permission mode such as 0640 or 640.
+fn parse_file_mode(s: &str) -> Result<u32, String> {
+    let mode = u32::from_str_radix(s.trim().trim_start_matches("0o"), 8).map_err(|_| format!("{s:?} is not an octal mode; e.g. 0640"))?;
+    if mode > 0o777 {
+        return Err(format!("{s:?}: only permission bits (at most 0777) are allowed"));
+    }
+    if mode & 0o600 != 0o600 {
+        return Err(format!("{s:?}: the receiver itself must be able to read and write its files (0600 at least)"));
+    }
+    Ok(mode)
 }
 
 #[derive(Subcommand)]
@@ -123,7 +189,7 @@ struct SendArgs {
     #[arg(long, env = "WALSHIP_PG_WAL")]
     pg_wal: PathBuf,
     /// Receiver address, host:port.
-    #[arg(long, env = "WALSHIP_TO")]
+    #[arg(long, env = "WALSHIP_TO", value_parser = parse_host_port)]
     to: String,
     /// Ship everything valid in the directory (a stopped cluster, an archive), wait until the
     /// receiver holds it durably, exit. Without it, follow the live server given by --conninfo.
@@ -138,10 +204,10 @@ struct SendArgs {
     #[arg(long, env = "WALSHIP_SLOT")]
     slot: Option<String>,
     /// Follow mode: how often to ask the server for its flush LSN.
-    #[arg(long, env = "WALSHIP_HORIZON_POLL_INTERVAL", default_value = "1ms", value_parser = parse_duration)]
+    #[arg(long, env = "WALSHIP_HORIZON_POLL_INTERVAL", default_value = "1ms", value_parser = parse_duration_nonzero)]
     horizon_poll_interval: Duration,
     /// Follow mode: advance the slot at most this often.
-    #[arg(long, env = "WALSHIP_SLOT_ADVANCE_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, env = "WALSHIP_SLOT_ADVANCE_INTERVAL", default_value = "1s", value_parser = parse_duration_nonzero)]
     slot_advance_interval: Duration,
     /// On SIGTERM, wait at most this long for the receiver to acknowledge the final horizon.
     #[arg(long, env = "WALSHIP_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
@@ -159,17 +225,17 @@ struct SendArgs {
     /// Most bytes sent and not yet acknowledged durable by the receiver (bytes: 128MiB).
     #[arg(long, env = "WALSHIP_IN_FLIGHT_BYTES_MAX", default_value = "128MiB", value_parser = parse_bytes)]
     in_flight_bytes_max: u64,
-    /// Most bytes handed to the kernel in one sendmsg (bytes).
-    #[arg(long, env = "WALSHIP_SEND_BATCH_BYTES_MAX", default_value = "8MiB", value_parser = parse_bytes)]
-    send_batch_bytes_max: u64,
+    /// Most bytes handed to the kernel in one sendmsg (bytes; default 8MiB, or --frame-bytes if larger).
+    #[arg(long, env = "WALSHIP_SEND_BATCH_BYTES_MAX", value_parser = parse_bytes)]
+    send_batch_bytes_max: Option<u64>,
     /// Smallest sendmsg that goes zero-copy when zero-copy is on (bytes).
     #[arg(long, env = "WALSHIP_ZERO_COPY_BYTES_MIN", default_value = "64KiB", value_parser = parse_bytes)]
     zero_copy_bytes_min: u64,
     /// Drop a connection whose receiver acknowledges nothing for this long while data is outstanding (duration).
-    #[arg(long, env = "WALSHIP_PEER_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    #[arg(long, env = "WALSHIP_PEER_TIMEOUT", default_value = "60s", value_parser = parse_duration_nonzero)]
     peer_timeout: Duration,
     /// With --once and no terminal: log a progress line this often (on a terminal a bar is drawn).
-    #[arg(long, env = "WALSHIP_PROGRESS_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "WALSHIP_PROGRESS_INTERVAL", default_value = "10s", value_parser = parse_duration_nonzero)]
     progress_interval: Duration,
     /// Write a JSON report of the ship to this file.
     #[arg(long, env = "WALSHIP_REPORT_JSON")]
@@ -219,15 +285,22 @@ struct RecvArgs {
     /// Most fdatasync batches in flight at once (1..=64).
     #[arg(long, env = "WALSHIP_FSYNC_BATCHES_IN_FLIGHT_MAX", default_value_t = 4)]
     fsync_batches_in_flight_max: usize,
-    /// Largest data frame accepted, in bytes.
-    #[arg(long, env = "WALSHIP_FRAME_BYTES_MAX", default_value = "8MiB", value_parser = parse_bytes)]
+    /// Largest data frame accepted, in bytes (64KiB..; at least the sender's --frame-bytes).
+    #[arg(long, env = "WALSHIP_FRAME_BYTES_MAX", default_value = "8MiB", value_parser = parse_frame_bytes_max)]
     frame_bytes_max: u64,
     /// Drop a sender that sends nothing for this long (duration).
-    #[arg(long, env = "WALSHIP_PEER_TIMEOUT", default_value = "120s", value_parser = parse_duration)]
+    #[arg(long, env = "WALSHIP_PEER_TIMEOUT", default_value = "120s", value_parser = parse_duration_nonzero)]
     peer_timeout: Duration,
     /// Send a status acknowledgement at least this often (duration).
-    #[arg(long, env = "WALSHIP_STATUS_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, env = "WALSHIP_STATUS_INTERVAL", default_value = "1s", value_parser = parse_duration_nonzero)]
     status_interval: Duration,
+    /// Permission bits of the files the receiver creates (octal). 0640 lets the --group read them.
+    #[arg(long, env = "WALSHIP_FILE_MODE", default_value = "0640", value_parser = parse_file_mode)]
+    file_mode: u32,
+    /// Group (name or number) of the files the receiver creates and of --dir, e.g. `postgres`, so a
+    /// standby running as that user can restore from the directory (default: the receiver's group).
+    #[arg(long, env = "WALSHIP_GROUP", value_name = "GROUP")]
+    group: Option<String>,
     /// Pre-zeroed spare segment files to keep ready in --dir (0..=8; 0: off). A new segment is a
     /// renamed spare, which makes its O_DIRECT writes and fdatasyncs cheaper; costs this many
     /// segments of disk space.
@@ -303,30 +376,111 @@ fn main() -> ExitCode {
     let cli = match parse_cli() {
         Ok(cli) => cli,
         Err(e) => {
-            eprintln!("walship: error: {e:#}");
+            eprintln!("walship: error: {}", describe_error(&e));
             return ExitCode::from(2);
         }
     };
     init_logging(cli.log_format, &cli.log_level);
+    let json_logs = cli.log_format == LogFormat::Json;
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("walship: error: {e:#}");
-            ExitCode::FAILURE
+            // Once: a JSON log consumer gets it as a log object, a person on the terminal as one line.
+            let text = describe_error(&e);
+            if json_logs {
+                tracing::error!("{text}");
+            } else {
+                eprintln!("walship: error: {text}");
+            }
+            ExitCode::from(e.downcast_ref::<Exit>().map_or(1, |x| x.0))
         }
     }
+}
+
+/// An error whose exit code is not 1 (restore's "stop recovery" code).
+#[derive(Debug)]
+struct Exit(u8);
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit code {}", self.0)
+    }
+}
+
+impl std::error::Error for Exit {}
+
+/// The error chain on one line, each cause once: a cause whose text the message before it already
+/// contains (`{path}: {source}` formats) is not repeated.
+fn describe_error(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        if cause.downcast_ref::<Exit>().is_some() {
+            continue;
+        }
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 /// Flags > environment > `--config` file > defaults: the file's values become clap defaults.
 fn parse_cli() -> Result<Cli> {
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let mut cmd = Cli::command();
-    if let Some(path) = walship::config_file::config_path(&args) {
-        cmd = walship::config_file::apply_file(cmd, &path)?;
+    let config = walship::config_file::config_path(&args);
+    if let Some(path) = &config {
+        cmd = walship::config_file::apply_file(cmd, path)?;
     }
-    let matches = cmd.get_matches_from(args);
+    let matches = match cmd.clone().try_get_matches_from(&args) {
+        Ok(m) => m,
+        Err(e) if !e.use_stderr() || e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => e.exit(),
+        Err(e) => bail!("{}", with_value_origin(&cmd, &args, config.as_deref(), &e)),
+    };
     Ok(Cli::from_arg_matches(&matches)?)
+}
+
+/// clap's message for a bad value, plus where the value came from when it was not the command
+/// line: the `WALSHIP_*` variable or the `--config` file, so the operator knows what to fix.
+fn with_value_origin(cmd: &clap::Command, args: &[std::ffi::OsString], config: Option<&std::path::Path>, e: &clap::Error) -> String {
+    let rendered = e.render().to_string();
+    let text = rendered.trim().trim_start_matches("error: ").to_string();
+    let Some(clap::error::ContextValue::String(arg)) = e.get(clap::error::ContextKind::InvalidArg) else { return text };
+    let Some(long) = arg.strip_prefix("--").and_then(|a| a.split([' ', '=']).next()) else { return text };
+    let on_command_line = args.iter().filter_map(|a| a.to_str()).any(|a| a == format!("--{long}") || a.starts_with(&format!("--{long}=")));
+    if on_command_line {
+        return text;
+    }
+    let env = std::iter::once(cmd)
+        .chain(cmd.get_subcommands())
+        .flat_map(|c| c.get_arguments())
+        .find(|a| a.get_long() == Some(long))
+        .and_then(|a| a.get_env().map(|v| v.to_string_lossy().into_owned()));
+    match (env.filter(|v| std::env::var_os(v).is_some()), config) {
+        (Some(var), _) => format!("{text}\n(the value came from the environment variable {var})"),
+        (None, Some(path)) => format!("{text}\n(the value came from the config file {}, key `{}`)", path.display(), long.replace('-', "_")),
+        (None, None) => text,
+    }
+}
+
+/// SIGHUP (a closed terminal, or `systemctl reload`) must neither kill walship silently nor stop
+/// the ship: it is logged and otherwise ignored (there is nothing to reload; SIGTERM stops).
+fn log_and_ignore_sighup() -> Result<()> {
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP]).context("installing the SIGHUP handler")?;
+    std::thread::Builder::new()
+        .name("walship-sighup".into())
+        .spawn(move || {
+            for _ in signals.forever() {
+                tracing::warn!("SIGHUP received: walship has no configuration to reload, and keeps running (SIGTERM stops it, draining first)");
+            }
+        })
+        .context("starting the SIGHUP thread")?;
+    Ok(())
 }
 
 fn init_logging(format: LogFormat, level: &str) {
@@ -356,6 +510,7 @@ fn serve_metrics(listen: Option<SocketAddr>, metrics: &Arc<walship::metrics::Met
 }
 
 fn shutdown_flag() -> Result<Arc<AtomicBool>> {
+    log_and_ignore_sighup()?;
     let flag = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, Arc::clone(&flag)).context("installing signal handlers")?;
@@ -377,8 +532,9 @@ fn run(cli: Cli) -> Result<()> {
             if a.in_flight_bytes_max < a.frame_bytes {
                 bail!("--in-flight-bytes-max ({}) must be at least --frame-bytes ({})", a.in_flight_bytes_max, a.frame_bytes);
             }
-            if a.send_batch_bytes_max < a.frame_bytes {
-                bail!("--send-batch-bytes-max must be at least --frame-bytes");
+            let send_batch_bytes_max = a.send_batch_bytes_max.unwrap_or((8 << 20).max(a.frame_bytes));
+            if send_batch_bytes_max < a.frame_bytes {
+                bail!("--send-batch-bytes-max ({send_batch_bytes_max}) must be at least --frame-bytes ({})", a.frame_bytes);
             }
             let live = a.conninfo.map(|conninfo| walship::send::live::LiveConfig {
                 pg_wal: a.pg_wal.clone(),
@@ -407,7 +563,7 @@ fn run(cli: Cli) -> Result<()> {
                 zero_copy: a.zero_copy,
                 frame_bytes: a.frame_bytes,
                 in_flight_bytes_max: a.in_flight_bytes_max,
-                send_batch_bytes_max: a.send_batch_bytes_max,
+                send_batch_bytes_max,
                 zero_copy_bytes_min: a.zero_copy_bytes_min,
                 peer_timeout: a.peer_timeout,
                 connect_timeout: Duration::from_secs(5),
@@ -493,6 +649,10 @@ fn run(cli: Cli) -> Result<()> {
                 write_buffered: a.write_mode == WriteMode::Buffered,
                 spare_segments: a.spare_segments,
                 spare_refill: a.spare_refill,
+                access: walship::recv::segment_file::FileAccess {
+                    file_mode: a.file_mode,
+                    gid: a.group.as_deref().map(resolve_group).transpose()?,
+                },
             };
             let metrics = Arc::new(walship::metrics::Metrics::receiver());
             serve_metrics(a.metrics_listen, &metrics)?;
@@ -506,12 +666,16 @@ fn run(cli: Cli) -> Result<()> {
                     eprintln!("walship restore: {outcome}");
                     Ok(())
                 }
-                // The normal "not (yet) there" answer to recovery: one plain line, exit 1.
-                Err(e @ walship::restore::RestoreError::NotFound { .. }) => {
-                    eprintln!("walship restore: {e}");
-                    std::process::exit(1);
+                // "Not (yet) there" is one plain line and exit 1; anything else stops recovery
+                // (exit above 125) instead of letting it promote on a partial archive.
+                Err(e) => {
+                    let code = e.exit_code();
+                    if code == walship::restore::EXIT_NOT_FOUND {
+                        eprintln!("walship restore: {e}");
+                        std::process::exit(i32::from(code));
+                    }
+                    Err(anyhow::Error::new(e).context(Exit(code)))
                 }
-                Err(e) => Err(e.into()),
             }
         }
         Command::GenWal(a) => {
@@ -551,6 +715,18 @@ fn first_segment_size(dir: &std::path::Path) -> Option<u64> {
         let name = e.file_name().into_string().ok()?;
         walship::wal::has_segment_name_shape(&name).then(|| e.metadata().ok().map(|m| m.len()))?
     })
+}
+
+/// A group name (`postgres`) or number.
+fn resolve_group(group: &str) -> Result<u32> {
+    if let Ok(gid) = group.parse::<u32>() {
+        return Ok(gid);
+    }
+    match nix::unistd::Group::from_name(group) {
+        Ok(Some(g)) => Ok(g.gid.as_raw()),
+        Ok(None) => bail!("--group {group}: no such group on this host"),
+        Err(e) => bail!("--group {group}: cannot look the group up: {e}"),
+    }
 }
 
 fn host_name() -> String {

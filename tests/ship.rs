@@ -229,13 +229,13 @@ fn send(ctx: &Ctx, src: &Path, port: u16, extra: &[&str]) -> SendResult {
 // ---------------------------------------------------------------------------------------------------------
 // Directory and byte comparisons
 
-/// WAL files in `dir` (the receiver's `.walship-flushed` state file and its pre-zeroed
+/// WAL files in `dir` (the receiver's `.walship-flushed` state file, its `.walship.lock` and its pre-zeroed
 /// `.walship-spare-N` files are not WAL and are left out).
 fn list_names(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = fs::read_dir(dir)
         .unwrap_or_else(|e| panic!("read_dir {}: {e}", dir.display()))
         .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .filter(|n| n != ".walship-flushed" && !n.starts_with(".walship-spare-"))
+        .filter(|n| n != ".walship-flushed" && n != ".walship.lock" && !n.starts_with(".walship-spare-"))
         .collect();
     v.sort();
     v

@@ -107,7 +107,7 @@ fn assert_identical(g: &Gen, dst: &Path) {
     }
     let mut wal: Vec<String> = Vec::new();
     for n in names(dst) {
-        if n == ".walship-flushed" || n.starts_with(".walship-spare-") {
+        if n == ".walship-flushed" || n == ".walship.lock" || n.starts_with(".walship-spare-") {
             assert!(!is_seg_name(n.trim_end_matches(".partial")), "{n}");
             continue;
         }

@@ -1,5 +1,6 @@
 //! `walship recv`: accepts one sender at a time and carries out the receiver state machine's
 //! actions with io_uring (socket receives, O_DIRECT writes, fdatasync, acks).
+pub mod dir_lock;
 pub mod flusher;
 pub mod receiver;
 pub mod segment_file;
@@ -25,7 +26,8 @@ use crate::wire::{
 };
 use flusher::{FlushPolicy, SyncTarget};
 use receiver::{Action, Receiver, ReceiverConfig, ReceiverError};
-use segment_file::{recover_dir, DirError, SegmentDir, SegmentFile};
+use dir_lock::{DirLock, LockError};
+use segment_file::{recover_dir, DirError, FileAccess, SegmentDir, SegmentFile};
 use spares::{SpareCounts, SpareError, SpareRefill, Spares};
 
 /// Everything `walship recv` needs, validated.
@@ -56,6 +58,8 @@ pub struct RecvConfig {
     pub spare_segments: usize,
     /// When spares are zeroed.
     pub spare_refill: SpareRefill,
+    /// Mode and group of the files the receiver creates.
+    pub access: FileAccess,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +80,10 @@ pub enum RecvError {
     WriteFailed { path: PathBuf, offset: u64, flushed: Lsn, reason: String },
     #[error(transparent)]
     Spare(#[from] SpareError),
+    #[error(transparent)]
+    Lock(#[from] LockError),
+    #[error("cannot create the receiver directory {path}: {source}")]
+    CreateDir { path: PathBuf, source: std::io::Error },
 }
 
 /// What the receiver did, for the final log line and tests.
@@ -265,7 +273,14 @@ pub fn run(cfg: &RecvConfig, shutdown: Arc<AtomicBool>) -> Result<RecvSummary, R
 
 /// [`run`], updating `metrics` (OPS-METRICS) as it goes.
 pub fn run_with_metrics(cfg: &RecvConfig, shutdown: Arc<AtomicBool>, metrics: Arc<RecvMetrics>) -> Result<RecvSummary, RecvError> {
-    let state = recover_dir(&cfg.dir)?;
+    // The port first: a receiver that cannot listen must not touch the directory.
+    let listener = bind_listener(cfg.listen)?;
+    std::fs::create_dir_all(&cfg.dir).map_err(|source| RecvError::CreateDir { path: cfg.dir.clone(), source })?;
+    // Nothing reads or changes the directory before this process owns it.
+    let lock = DirLock::acquire(&cfg.dir, "walship recv")?;
+    warn_if_not_durable_across_reboot(&cfg.dir);
+    cfg.access.apply_to_dir(&cfg.dir)?;
+    let state = recover_dir(&lock)?;
     // Half-zeroed spares of a crashed run are removed here, before anything is received.
     let spares = Spares::start(&cfg.dir, cfg.spare_segments, cfg.spare_refill, (state.seg_size > 0).then_some(state.seg_size))?;
     let spares = (cfg.spare_segments > 0).then_some(spares);
@@ -280,7 +295,6 @@ pub fn run_with_metrics(cfg: &RecvConfig, shutdown: Arc<AtomicBool>, metrics: Ar
         ),
         None => info!(dir = %cfg.dir.display(), "directory is empty; the first sender decides where it starts"),
     }
-    let listener = bind_listener(cfg.listen)?;
     info!(listen = %listener.local_addr().map_or(cfg.listen, |a| a), "listening");
     let slots = (cfg.in_flight_bytes_max / cfg.chunk_bytes).max(4) as usize;
     let pool = BufferPool::new(slots, cfg.chunk_bytes as usize).map_err(|e| RingError::Io { op: "buffer pool", source: e })?;
@@ -303,7 +317,7 @@ pub fn run_with_metrics(cfg: &RecvConfig, shutdown: Arc<AtomicBool>, metrics: Ar
     let mut identity = state.identity;
     let mut receiver: Option<Receiver> = identity.map(|id| Receiver::new(receiver_config(cfg, id.seg_size), state.durable_end));
     if let (Some(id), true) = (identity, state.durable_end > Lsn(0)) {
-        io.segdir = Some(SegmentDir::open(&cfg.dir, id.tli, id.seg_size)?.buffered(cfg.write_buffered));
+        io.segdir = Some(open_segdir(cfg, id.tli, id.seg_size)?);
     }
     let limits = Limits::new(cfg.frame_bytes_max).unwrap_or_default();
     let mut conn: Option<Conn> = None;
@@ -385,7 +399,29 @@ pub fn run_with_metrics(cfg: &RecvConfig, shutdown: Arc<AtomicBool>, metrics: Ar
         summary.spares = spares.counts();
     }
     info!(flushed = %flushed, "receiver stopped; everything below {flushed} is durable; {}", summary.describe());
+    drop(lock);
     Ok(summary)
+}
+
+fn open_segdir(cfg: &RecvConfig, tli: u32, seg_size: u64) -> Result<SegmentDir, DirError> {
+    Ok(SegmentDir::open(&cfg.dir, tli, seg_size)?.buffered(cfg.write_buffered).with_access(cfg.access))
+}
+
+/// tmpfs (and ramfs) lose everything at a reboot, whatever fdatasync says: say so at start-up.
+fn warn_if_not_durable_across_reboot(dir: &std::path::Path) {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    if let Ok(fs) = rustix::fs::statfs(dir) {
+        #[allow(clippy::unnecessary_cast)] // f_type's width differs between targets
+        let kind = fs.f_type as i64;
+        if kind == TMPFS_MAGIC || kind == RAMFS_MAGIC {
+            warn!(
+                dir = %dir.display(),
+                "{} is on tmpfs/ramfs: what is acknowledged there is lost at a reboot. Put the receiver directory on a disk filesystem",
+                dir.display()
+            );
+        }
+    }
 }
 
 /// How long a restarted receiver waits for its port to be released.
@@ -879,14 +915,14 @@ fn on_hello(
                 "timeline switch: timeline {} ends at {switch}; continuing on timeline {} from {start}", ours.tli, theirs.tli
             );
             io.files.clear();
-            io.segdir = Some(SegmentDir::open(&cfg.dir, theirs.tli, theirs.seg_size)?.buffered(cfg.write_buffered));
+            io.segdir = Some(open_segdir(cfg, theirs.tli, theirs.seg_size)?);
             io.segment_crc = SegmentCrc::new(theirs.seg_size, start, 0);
             *receiver = Some(Receiver::new(receiver_config(cfg, theirs.seg_size), start));
             *identity = Some(WalIdentity { tli: theirs.tli, ..ours });
         }
     }
     if !hello.history.is_empty() {
-        SegmentDir::store_history(&cfg.dir, theirs.tli, &hello.history)?;
+        SegmentDir::store_history(&cfg.dir, theirs.tli, &hello.history, cfg.access)?;
     }
     let rx = receiver.get_or_insert_with(|| Receiver::new(receiver_config(cfg, theirs.seg_size), Lsn(0)));
     let durable = rx.resume_point();
@@ -911,7 +947,7 @@ fn on_hello(
         *identity = Some(theirs);
     }
     if io.segdir.is_none() {
-        io.segdir = Some(SegmentDir::open(&cfg.dir, theirs.tli, theirs.seg_size)?.buffered(cfg.write_buffered));
+        io.segdir = Some(open_segdir(cfg, theirs.tli, theirs.seg_size)?);
     }
     info!(
         peer = %conn.peer,

@@ -23,6 +23,16 @@ pub enum DirError {
     History { path: PathBuf, source: io::Error },
     #[error("renaming spare segment {spare} to {path}: {source}")]
     Spare { spare: PathBuf, path: PathBuf, source: io::Error },
+    #[error(
+        "{path}: this receiver acknowledged everything below {published} as durable (per {flushed_file}), but \
+         {why}. Refusing to start: recovery never cuts WAL below an acknowledged LSN, and nothing was changed. \
+         Was the directory written by another process, or the disk damaged? Check the file with pg_waldump; \
+         restore it from another copy, or move it aside (the receiver then resumes from {resume_from}, and the \
+         sender ships that segment again if it still has it)"
+    )]
+    AckedDamaged { path: PathBuf, published: Lsn, flushed_file: PathBuf, why: String, resume_from: Lsn },
+    #[error("{path}: cannot read the receiver's published durable LSN: {source}")]
+    Published { path: PathBuf, source: io::Error },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> DirError + '_ {
@@ -33,18 +43,83 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> DirError + '_ {
 /// PostgreSQL and the directory scan ignore it).
 pub const FLUSHED_FILE_NAME: &str = ".walship-flushed";
 
-/// Reads the durable LSN a receiver published in `dir`, if any.
-pub fn read_published_flushed(dir: &Path) -> Option<Lsn> {
-    read_published(dir).map(|(lsn, _)| lsn)
+/// Reads the durable LSN a receiver published in `dir`: `Ok(None)` when there is none (no
+/// receiver ever acknowledged anything here, or an unreadable leftover), an error when the file
+/// exists but cannot be read (a reader that went on without it would hand out unacknowledged bytes).
+pub fn read_published_flushed(dir: &Path) -> Result<Option<Lsn>, DirError> {
+    Ok(read_published(dir)?.map(|(lsn, _)| lsn))
 }
 
 /// The published durable LSN and the CRC-32C of its segment's bytes before it.
-fn read_published(dir: &Path) -> Option<(Lsn, Option<u32>)> {
-    let text = std::fs::read_to_string(dir.join(FLUSHED_FILE_NAME)).ok()?;
+fn read_published(dir: &Path) -> Result<Option<(Lsn, Option<u32>)>, DirError> {
+    let path = dir.join(FLUSHED_FILE_NAME);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(DirError::Published { path, source }),
+    };
     let mut words = text.split_whitespace();
-    let lsn = words.next()?.parse().ok()?;
+    let Some(lsn) = words.next().and_then(|w| w.parse().ok()) else { return Ok(None) };
     let crc = words.next().and_then(|w| u32::from_str_radix(w, 16).ok());
-    Some((lsn, crc))
+    Ok(Some((lsn, crc)))
+}
+
+/// Who may read the files the receiver creates: their mode and, optionally, their group (so a
+/// standby running as another user, e.g. `postgres`, can restore from the directory).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileAccess {
+    /// Permission bits of every file created (segments, history files, `.walship-flushed`).
+    pub file_mode: u32,
+    /// Group of every file created, and of the directory (None: the process's group).
+    pub gid: Option<u32>,
+}
+
+impl Default for FileAccess {
+    fn default() -> FileAccess {
+        FileAccess { file_mode: 0o640, gid: None }
+    }
+}
+
+impl FileAccess {
+    /// Sets `file`'s mode (whatever the umask made of it) and group.
+    pub fn apply(&self, file: &File, path: &Path) -> Result<(), DirError> {
+        use std::os::unix::fs::PermissionsExt;
+        file.set_permissions(std::fs::Permissions::from_mode(self.file_mode)).map_err(io_err(path))?;
+        if let Some(gid) = self.gid {
+            std::os::unix::fs::fchown(file, None, Some(gid)).map_err(|source| DirError::Io {
+                path: path.to_path_buf(),
+                source: io::Error::new(source.kind(), format!("cannot give it group {gid} (--group): {source}")),
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Gives the directory and the WAL files already in it the configured group and mode (a
+    /// directory written before `--group` was set becomes readable by that group); the directory
+    /// gets group read and search permission to match.
+    pub fn apply_to_dir(&self, dir: &Path) -> Result<(), DirError> {
+        use std::os::unix::fs::PermissionsExt;
+        let Some(gid) = self.gid else { return Ok(()) };
+        let dir_file = File::open(dir).map_err(io_err(dir))?;
+        std::os::unix::fs::fchown(&dir_file, None, Some(gid)).map_err(io_err(dir))?;
+        let mode = dir_file.metadata().map_err(io_err(dir))?.permissions().mode() & 0o7777;
+        let group_bits = if self.file_mode & 0o040 != 0 { 0o050 } else { 0 };
+        dir_file.set_permissions(std::fs::Permissions::from_mode(mode | group_bits)).map_err(io_err(dir))?;
+        for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
+            let entry = entry.map_err(io_err(dir))?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let wal = crate::wal::has_segment_name_shape(name.strip_suffix(".partial").unwrap_or(name))
+                || name.ends_with(".history")
+                || name == FLUSHED_FILE_NAME;
+            if wal && entry.file_type().is_ok_and(|t| t.is_file()) {
+                let path = entry.path();
+                let file = File::open(&path).map_err(io_err(&path))?;
+                self.apply(&file, &path)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// What a receiver directory holds durably.
@@ -81,12 +156,27 @@ pub struct SegmentDir {
     pub dir_file: File,
     tli: u32,
     seg_size: u64,
+    access: FileAccess,
 }
 
 impl SegmentDir {
     pub fn open(dir: &Path, tli: u32, seg_size: u64) -> Result<SegmentDir, DirError> {
         let dir_file = File::open(dir).map_err(io_err(dir))?;
-        Ok(SegmentDir { dir: dir.to_path_buf(), direct_io: true, flushed_file: std::sync::Mutex::new(None), dir_file, tli, seg_size })
+        Ok(SegmentDir {
+            dir: dir.to_path_buf(),
+            direct_io: true,
+            flushed_file: std::sync::Mutex::new(None),
+            dir_file,
+            tli,
+            seg_size,
+            access: FileAccess::default(),
+        })
+    }
+
+    /// Mode and group of the files this directory creates.
+    pub fn with_access(mut self, access: FileAccess) -> SegmentDir {
+        self.access = access;
+        self
     }
 
     /// Writes through the page cache instead of O_DIRECT (`--write-mode buffered`).
@@ -157,6 +247,9 @@ impl SegmentDir {
                     DirError::Io { path: path.clone(), source: e }
                 }
             })?;
+        if created {
+            self.access.apply(&direct, &path)?;
+        }
         let len = direct.metadata().map_err(io_err(&path))?.len();
         if len != self.seg_size {
             if !created && len > self.seg_size {
@@ -180,7 +273,8 @@ impl SegmentDir {
         let path = self.dir.join(FLUSHED_FILE_NAME);
         let mut guard = self.flushed_file.lock().expect("flushed file lock");
         if guard.is_none() {
-            let f = OpenOptions::new().create(true).truncate(false).write(true).mode(0o644).open(&path).map_err(io_err(&path))?;
+            let f = OpenOptions::new().create(true).truncate(false).write(true).mode(0o640).open(&path).map_err(io_err(&path))?;
+            self.access.apply(&f, &path)?;
             *guard = Some(f);
         }
         let crc = crc.map_or("-".to_string(), |c| format!("{c:08x}"));
@@ -190,7 +284,7 @@ impl SegmentDir {
 
     /// Stores a timeline history file durably under its canonical name (temp file, fsync,
     /// rename, fsync of the directory). An existing identical file is left alone.
-    pub fn store_history(dir: &Path, tli: u32, content: &str) -> Result<(), DirError> {
+    pub fn store_history(dir: &Path, tli: u32, content: &str, access: FileAccess) -> Result<(), DirError> {
         let name = WalFileName::History { tli }.file_name(16 << 20);
         let path = dir.join(&name);
         if std::fs::read_to_string(&path).is_ok_and(|old| old == content) {
@@ -200,6 +294,7 @@ impl SegmentDir {
         let err = |source| DirError::History { path: path.clone(), source };
         {
             let mut f = OpenOptions::new().create(true).truncate(true).write(true).mode(0o640).open(&tmp).map_err(err)?;
+            access.apply(&f, &path)?;
             std::io::Write::write_all(&mut f, content.as_bytes()).map_err(err)?;
             f.sync_all().map_err(err)?;
         }
@@ -220,8 +315,13 @@ impl SegmentDir {
 /// durable end is the end of the last valid record in them (a torn tail is ignored and cut off).
 /// Partial files that turn out complete are fsynced and renamed; files past the durable end
 /// are removed (nothing in them was ever acknowledged).
-pub fn recover_dir(dir: &Path) -> Result<DirState, DirError> {
-    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+///
+/// Bytes below the published acknowledged LSN are never cut: if they no longer check out, recovery
+/// refuses to start and changes nothing. Takes the directory's lock as proof that no other process
+/// writes here while recovery decides what is durable.
+pub fn recover_dir(lock: &super::dir_lock::DirLock) -> Result<DirState, DirError> {
+    let dir = lock.path().parent().expect("the lock file lives in the directory");
+    let published = read_published(dir)?;
     let mut candidates: Vec<String> = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
         let entry = entry.map_err(io_err(dir))?;
@@ -308,19 +408,8 @@ pub fn recover_dir(dir: &Path) -> Result<DirState, DirError> {
                 let mut end = valid_end.max(seg_start).max(durable_end);
                 // The receiver acknowledges frame ends, usually inside a record: the published
                 // durable LSN (with the CRC of the bytes before it) keeps that acknowledged tail.
-                if let Some((published, Some(crc))) = read_published(dir) {
-                    if published > end && published < seg_start + seg_size {
-                        let upto = (published - seg_start) as usize;
-                        if crc32c::crc32c(&bytes[..upto]) == crc {
-                            end = published;
-                        } else {
-                            warn!(
-                                path = %path.display(),
-                                published = %published,
-                                "the bytes before the acknowledged LSN {published} no longer match their CRC (damaged?); resuming from the last valid record at {end}"
-                            );
-                        }
-                    }
+                if let Some((acked, crc)) = published.filter(|&(acked, _)| acked > end) {
+                    end = keep_acknowledged_tail(dir, &path, &bytes, seg_start, seg_size, acked, crc, end)?;
                 }
                 cut_tail(&path, end.0 - seg_start.0, seg_size)?;
                 durable_crc = crc32c::crc32c(&bytes[..(end - seg_start) as usize]);
@@ -329,7 +418,61 @@ pub fn recover_dir(dir: &Path) -> Result<DirState, DirError> {
             }
         }
     }
+    if let Some((acked, _)) = published.filter(|&(acked, _)| acked > durable_end) {
+        // Nothing here to cut or keep: the files holding the acknowledged tail are gone.
+        warn!(
+            dir = %dir.display(),
+            published = %acked,
+            durable_end = %durable_end,
+            "this receiver acknowledged WAL up to {acked}, but the directory now holds it only up to {durable_end}: \
+             files were removed behind walship's back. Resuming from {durable_end}; the sender ships the rest again \
+             only if it still has it"
+        );
+    }
     Ok(DirState { identity: Some(identity), durable_end, seg_size, durable_crc })
+}
+
+/// The published acknowledged LSN `acked` lies past the last valid record (`valid_end`) of the
+/// `.partial` at `seg_start`: keep it when the bytes before it match the published CRC; anything
+/// else means acknowledged bytes are not what was acknowledged, and recovery must not cut them.
+#[allow(clippy::too_many_arguments)]
+fn keep_acknowledged_tail(
+    dir: &Path,
+    path: &Path,
+    bytes: &[u8],
+    seg_start: Lsn,
+    seg_size: u64,
+    acked: Lsn,
+    crc: Option<u32>,
+    valid_end: Lsn,
+) -> Result<Lsn, DirError> {
+    let refuse = |why: String| DirError::AckedDamaged {
+        path: path.to_path_buf(),
+        published: acked,
+        flushed_file: dir.join(FLUSHED_FILE_NAME),
+        why,
+        resume_from: seg_start,
+    };
+    if acked >= seg_start + seg_size {
+        return Err(refuse(format!(
+            "the valid WAL in this (last) segment ends at {valid_end}, and no later segment is here"
+        )));
+    }
+    let Some(crc) = crc else {
+        // An old-format file without a CRC: nothing to check the tail against; keep the
+        // acknowledged bytes as they are rather than cut them.
+        warn!(path = %path.display(), published = %acked, "no CRC published with the acknowledged LSN {acked}; keeping the bytes before it unchecked");
+        return Ok(acked);
+    };
+    let upto = (acked - seg_start) as usize;
+    let found = crc32c::crc32c(&bytes[..upto]);
+    if found != crc {
+        return Err(refuse(format!(
+            "the bytes of this segment before it no longer match the CRC-32C published with it \
+             ({found:08x} found, {crc:08x} published); the last valid record ends at {valid_end}"
+        )));
+    }
+    Ok(acked)
 }
 
 /// Zeroes everything after `keep_bytes` (torn or unacknowledged bytes), durably.
