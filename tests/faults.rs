@@ -89,6 +89,8 @@ fn log_file(path: &Path) -> fs::File {
 const STATE_FILE: &str = ".walship-flushed";
 /// The receiver's pre-zeroed spare segment files (not WAL).
 const SPARE_PREFIX: &str = ".walship-spare-";
+/// The receiver's directory lock (not WAL).
+const LOCK_FILE: &str = ".walship.lock";
 
 fn spawn_logged(name: &str, args: &[String], log: &Path) -> ChildGuard {
     let mut c = Command::new(walship_bin());
@@ -238,7 +240,7 @@ fn assert_identical(src: &Path, dst: &Path, first: u64, end: u64) {
     let mut found: Vec<String> = fs::read_dir(dst)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n != STATE_FILE && !n.starts_with(SPARE_PREFIX))
+        .filter(|n| n != STATE_FILE && n != LOCK_FILE && !n.starts_with(SPARE_PREFIX))
         .collect();
     found.sort();
     expected.sort();
@@ -253,7 +255,7 @@ fn assert_prefix(src: &Path, dst: &Path) -> (usize, usize) {
     let Ok(rd) = fs::read_dir(dst) else { return (0, 0) };
     for e in rd {
         let name = e.unwrap().file_name().to_string_lossy().into_owned();
-        if name == STATE_FILE || name.starts_with(SPARE_PREFIX) {
+        if name == STATE_FILE || name == LOCK_FILE || name.starts_with(SPARE_PREFIX) {
             continue;
         }
         let stem = name.strip_suffix(".partial").unwrap_or(&name);
@@ -282,6 +284,10 @@ fn snapshot(dir: &Path) -> BTreeMap<String, (u64, u64)> {
             let e = e.unwrap();
             let p = e.path();
             let rel = p.strip_prefix(base).unwrap().display().to_string();
+            if e.file_name().to_string_lossy().starts_with(SPARE_PREFIX) {
+                // Spares are zeroed and renamed in the background while the receiver is idle: not WAL.
+                continue;
+            }
             let meta = fs::symlink_metadata(&p).unwrap();
             if meta.is_dir() {
                 out.insert(rel, (u64::MAX, 0));
@@ -433,8 +439,11 @@ fn kill9_many_times(workaround: bool, strict_acks: bool, kills_wanted: u32) {
 // 1b. A damaged `.partial` while the receiver is stopped
 // ---------------------------------------------------------------------------------------------------------
 
-/// Ships the first 6 segments, stops the receiver, then damages its `.partial` with `damage`; the receiver
-/// must restart from its true durable end (at or below the damage) and a full ship must end byte-identical.
+/// Ships the first 6 segments, stops the receiver, then damages its `.partial` with `damage`, below the LSN
+/// the receiver acknowledged. Recovery must not cut acknowledged bytes (issue #10): the receiver refuses to
+/// start, names the file and the acknowledged LSN, and changes nothing. The operator then moves the damaged
+/// file aside, as the message says; the receiver resumes from the segment's start (below the damage) and a
+/// full ship ends byte-identical.
 fn damaged_partial(name: &str, damage: impl Fn(&Path, u64)) {
     let td = TestDir::new(name);
     let src = td.join("pg_wal");
@@ -454,19 +463,24 @@ fn damaged_partial(name: &str, damage: impl Fn(&Path, u64)) {
     let held = bytes.iter().rposition(|&b| b != 0).map_or(0, |i| i as u64 + 1);
     assert!(held > 8192, "the prefix should reach well into segment 6");
     damage(&partial, held);
+    let damaged = fs::read(&partial).unwrap();
+    let err = try_start_recv(&dst, port, &rlog, &[]).err().expect("the receiver must refuse to start on damaged acknowledged bytes");
+    assert!(err.contains(&partial.display().to_string()) && err.contains("acknowledged"), "the refusal must name the file: {err}");
+    assert_eq!(fs::read(&partial).unwrap(), damaged, "recovery changed the damaged file");
+    fs::rename(&partial, td.join("damaged.partial")).unwrap();
     let mut recv = start_recv(&dst, port, &rlog, &[]);
     let durable = announced_durable(&fs::read_to_string(&rlog).unwrap()).expect("receiver announces its durable end");
-    assert!(durable <= 6 * SEG + held, "durable end {} beyond what was there", fmt_lsn(durable));
+    assert_eq!(durable, 6 * SEG, "with the damaged segment moved aside, the receiver resumes at its start");
     let (st, log) = run_send(&src, port, &slog, &[], Duration::from_secs(60));
     assert!(st.success(), "full ship after the damage failed:\n{log}");
     stop_recv(&mut recv);
     assert_identical(&src, &dst, SEG, end);
-    eprintln!("{name}: held {held} bytes of segment 6, restarted from {}, final result identical", fmt_lsn(durable));
+    eprintln!("{name}: held {held} bytes of segment 6; refused, then resumed from {} once it was moved aside; identical", fmt_lsn(durable));
 }
 
 /// `truncate -s` the `.partial` to a length in the middle of a 4 KiB block, below the end of WAL.
 #[test]
-fn truncated_partial_resumes_from_true_durable_end() {
+fn truncated_acknowledged_partial_is_refused_then_resumes_once_moved_aside() {
     damaged_partial("trunc-partial", |p, held| {
         let cut = (held / 2) / 4096 * 4096 + 1234;
         let f = fs::OpenOptions::new().write(true).open(p).unwrap();
@@ -477,7 +491,7 @@ fn truncated_partial_resumes_from_true_durable_end() {
 
 /// Zero the `.partial` from the middle of a block on (a torn tail: size kept, bytes lost).
 #[test]
-fn torn_partial_resumes_from_true_durable_end() {
+fn torn_acknowledged_partial_is_refused_then_resumes_once_moved_aside() {
     damaged_partial("torn-partial", |p, held| {
         let cut = (held / 2) / 4096 * 4096 + 1234;
         let mut bytes = fs::read(p).unwrap();
@@ -488,7 +502,7 @@ fn torn_partial_resumes_from_true_durable_end() {
 
 /// Garbage (not zeros) over the tail of the `.partial`, from the middle of a block on.
 #[test]
-fn garbage_tail_partial_resumes_from_true_durable_end() {
+fn garbage_acknowledged_partial_is_refused_then_resumes_once_moved_aside() {
     damaged_partial("garbage-partial", |p, held| {
         let cut = (held / 2) / 4096 * 4096 + 1234;
         let mut bytes = fs::read(p).unwrap();

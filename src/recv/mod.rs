@@ -4,6 +4,7 @@ pub mod dir_lock;
 pub mod flusher;
 pub mod receiver;
 pub mod segment_file;
+pub mod session;
 pub mod spares;
 
 use std::collections::{HashMap, VecDeque};
@@ -22,12 +23,13 @@ use crate::tls::{Link, TlsServer};
 use crate::uring::{BufferPool, Completion, Ring, RingError};
 use crate::wal::{Lsn, WalIdentity};
 use crate::wire::{
-    self, Ack, ErrorCode, ErrorFrame, FrameHeader, FrameKind, Hello, Limits, Message, Welcome, FRAME_HEADER_LEN,
+    self, Ack, ErrorCode, ErrorFrame, FrameHeader, Hello, Limits, Message, Welcome, FRAME_HEADER_LEN,
 };
 use flusher::{FlushPolicy, SyncTarget};
 use receiver::{Action, Receiver, ReceiverConfig, ReceiverError};
 use dir_lock::{DirLock, LockError};
 use segment_file::{recover_dir, DirError, FileAccess, SegmentDir, SegmentFile};
+use session::{ConnPhase, HeaderStep, Refusal, StreamStart};
 use spares::{SpareCounts, SpareError, SpareRefill, Spares};
 
 /// Everything `walship recv` needs, validated.
@@ -211,19 +213,6 @@ fn now_us(epoch: Instant) -> u64 {
 
 fn unix_time_us() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ConnPhase {
-    AwaitHelloHeader,
-    AwaitHelloBody(FrameHeader),
-    /// Challenge sent; waiting for the sender's response.
-    AwaitAuthHeader,
-    AwaitAuthBody(FrameHeader),
-    AwaitHeader,
-    AwaitControlBody(FrameHeader),
-    /// Receiving a data frame's body into the buffer pool.
-    DataBody(FrameHeader),
 }
 
 struct Conn {
@@ -718,24 +707,15 @@ fn on_header(
             return Ok(());
         }
     };
-    match (conn.phase, header.kind) {
-        (ConnPhase::AwaitHelloHeader, FrameKind::Hello) => {
-            conn.phase = ConnPhase::AwaitHelloBody(header);
+    match session::on_header(conn.phase, header, &conn.peer.to_string()) {
+        Err(Refusal { code, message }) => send_error_and_close(io, conn, receiver.as_mut(), code, message),
+        Ok(HeaderStep::ControlBody(phase)) => {
+            conn.phase = phase;
             post_body_recv(io, conn, header);
         }
-        (ConnPhase::AwaitAuthHeader, FrameKind::Auth) => {
-            conn.phase = ConnPhase::AwaitAuthBody(header);
-            post_body_recv(io, conn, header);
-        }
-        (ConnPhase::AwaitAuthHeader, kind) => {
-            send_error_and_close(io, conn, receiver.as_mut(), ErrorCode::Auth, format!("expected an authentication response from {}, got {kind}", conn.peer));
-        }
-        (ConnPhase::AwaitHelloHeader, kind) => {
-            send_error_and_close(io, conn, receiver.as_mut(), ErrorCode::Protocol, format!("expected Hello from {}, got {kind}", conn.peer));
-        }
-        (ConnPhase::AwaitHeader, FrameKind::Data) => {
+        Ok(HeaderStep::DataBody(phase)) => {
             let rx = receiver.as_mut().expect("streaming without receiver");
-            conn.phase = ConnPhase::DataBody(header);
+            conn.phase = phase;
             if io.arrivals.len() == ARRIVALS_MAX {
                 io.arrivals.pop_front();
             }
@@ -748,13 +728,6 @@ fn on_header(
                 conn.phase = ConnPhase::AwaitHeader;
                 send_error_and_close(io, conn, Some(rx), code, format!("from {}: {e}", conn.peer));
             }
-        }
-        (ConnPhase::AwaitHeader, FrameKind::Keepalive | FrameKind::Error) => {
-            conn.phase = ConnPhase::AwaitControlBody(header);
-            post_body_recv(io, conn, header);
-        }
-        (_, kind) => {
-            send_error_and_close(io, conn, receiver.as_mut(), ErrorCode::Protocol, format!("unexpected {kind} frame from {}", conn.peer));
         }
     }
     Ok(())
@@ -843,6 +816,9 @@ fn on_control_body(
     Ok(())
 }
 
+/// Carries out the session's decision on a Hello (`session::on_hello`): a refusal ends the
+/// connection; an accepted sender may first move this directory to a newer timeline, then streams
+/// from the decided start.
 fn on_hello(
     io: &mut Io,
     cfg: &RecvConfig,
@@ -851,104 +827,42 @@ fn on_hello(
     identity: &mut Option<WalIdentity>,
     hello: Hello,
 ) -> Result<(), RecvError> {
-    if let Err(e) = wire::check_version(hello.protocol_version) {
-        send_error_and_close(io, conn, receiver.as_mut(), ErrorCode::Protocol, format!("sender {}: {e}", conn.peer));
-        return Ok(());
-    }
-    let theirs = WalIdentity {
-        system_id: hello.system_id,
-        seg_size: hello.seg_size as u64,
-        block_size: hello.block_size as u64,
-        magic: hello.page_magic,
-        tli: hello.timeline,
-    };
-    if let Some(ours) = identity {
-        let mismatch = if ours.system_id != theirs.system_id {
-            Some(format!("system identifier {} but this directory holds WAL of system {}", theirs.system_id, ours.system_id))
-        } else if ours.seg_size != theirs.seg_size || ours.block_size != theirs.block_size {
-            Some(format!(
-                "segment/block size {}/{} but this directory holds {}/{}",
-                theirs.seg_size, theirs.block_size, ours.seg_size, ours.block_size
-            ))
-        } else if theirs.tli < ours.tli {
-            Some(format!("timeline {} but this directory already follows the newer timeline {}", theirs.tli, ours.tli))
-        } else if ours.magic != theirs.magic {
-            Some(format!("page magic {:#06X} but this directory holds {:#06X}", theirs.magic, ours.magic))
-        } else {
-            None
-        };
-        if let Some(why) = mismatch {
-            send_error_and_close(io, conn, receiver.as_mut(), ErrorCode::Identity, format!("refusing sender {}: it ships {why}", conn.peer));
+    let durable = receiver.as_ref().map_or(Lsn(0), |r| r.resume_point());
+    let accepted = match session::on_hello(&hello, *identity, durable, &conn.peer.to_string()) {
+        Ok(a) => a,
+        Err(Refusal { code, message }) => {
+            send_error_and_close(io, conn, receiver.as_mut(), code, message);
             return Ok(());
         }
-    }
-    // A newer timeline: continue on it from the segment holding the switch point, provided this
-    // directory holds the old timeline up to that point (the sender ships it first).
-    if let Some(ours) = *identity {
-        if theirs.tli > ours.tli {
-            let durable = receiver.as_ref().map_or(Lsn(0), |r| r.resume_point());
-            let switch = crate::wal::history::parse_history(&hello.history)
-                .ok()
-                .and_then(|h| crate::wal::history::switch_point(&h, ours.tli));
-            let Some(switch) = switch else {
-                let msg = format!(
-                    "refusing sender {}: it ships timeline {} whose history does not branch off this directory's timeline {}",
-                    conn.peer, theirs.tli, ours.tli
-                );
-                send_error_and_close(io, conn, receiver.as_mut(), ErrorCode::Identity, msg);
-                return Ok(());
-            };
-            if durable < switch {
-                let msg = format!(
-                    "gap: sender {} switched to timeline {} at {switch}, but this directory holds timeline {} only up to {durable}",
-                    conn.peer, theirs.tli, ours.tli
-                );
-                send_error_and_close(io, conn, receiver.as_mut(), ErrorCode::Gap, msg);
-                return Ok(());
-            }
-            let start = switch.segment_start(theirs.seg_size);
-            info!(
-                peer = %conn.peer,
-                from = ours.tli,
-                to = theirs.tli,
-                switch = %switch,
-                "timeline switch: timeline {} ends at {switch}; continuing on timeline {} from {start}", ours.tli, theirs.tli
-            );
-            io.files.clear();
-            io.segdir = Some(open_segdir(cfg, theirs.tli, theirs.seg_size)?);
-            io.segment_crc = SegmentCrc::new(theirs.seg_size, start, 0);
-            *receiver = Some(Receiver::new(receiver_config(cfg, theirs.seg_size), start));
-            *identity = Some(WalIdentity { tli: theirs.tli, ..ours });
-        }
+    };
+    let seg_size = accepted.identity.seg_size;
+    if let Some(sw) = accepted.switch {
+        info!(
+            peer = %conn.peer,
+            from = sw.from_tli,
+            to = accepted.identity.tli,
+            switch = %sw.switch,
+            "timeline switch: timeline {} ends at {}; continuing on timeline {} from {}", sw.from_tli, sw.switch, accepted.identity.tli, sw.start
+        );
+        io.files.clear();
+        io.segdir = Some(open_segdir(cfg, accepted.identity.tli, seg_size)?);
+        io.segment_crc = SegmentCrc::new(seg_size, sw.start, 0);
+        *receiver = Some(Receiver::new(receiver_config(cfg, seg_size), sw.start));
     }
     if !hello.history.is_empty() {
-        SegmentDir::store_history(&cfg.dir, theirs.tli, &hello.history, cfg.access)?;
+        SegmentDir::store_history(&cfg.dir, hello.timeline, &hello.history, cfg.access)?;
     }
-    let rx = receiver.get_or_insert_with(|| Receiver::new(receiver_config(cfg, theirs.seg_size), Lsn(0)));
-    let durable = rx.resume_point();
-    if durable == Lsn(0) {
-        if hello.first_lsn % theirs.seg_size != 0 {
-            send_error_and_close(io, conn, Some(rx), ErrorCode::Protocol, format!("sender {} starts at {} which is not a segment start", conn.peer, Lsn(hello.first_lsn)));
-            return Ok(());
-        }
-        rx.set_start(Lsn(hello.first_lsn));
-        io.segment_crc.set_seg_size(theirs.seg_size);
-        io.segment_crc.reset(Lsn(hello.first_lsn));
-    } else if durable < Lsn(hello.first_lsn) {
-        let msg = format!(
-            "gap: this directory holds WAL up to {durable} but sender {} starts at {}; the WAL in between is missing",
-            conn.peer,
-            Lsn(hello.first_lsn)
-        );
-        send_error_and_close(io, conn, Some(rx), ErrorCode::Gap, msg);
-        return Ok(());
+    let rx = receiver.get_or_insert_with(|| Receiver::new(receiver_config(cfg, seg_size), Lsn(0)));
+    if let StreamStart::Fresh(first) = accepted.start {
+        rx.set_start(first);
+        io.segment_crc.set_seg_size(seg_size);
+        io.segment_crc.reset(first);
     }
-    if identity.is_none() {
-        *identity = Some(theirs);
-    }
+    *identity = Some(accepted.identity);
     if io.segdir.is_none() {
-        io.segdir = Some(open_segdir(cfg, theirs.tli, theirs.seg_size)?);
+        io.segdir = Some(open_segdir(cfg, accepted.identity.tli, seg_size)?);
     }
+    let resume = accepted.start.lsn();
     info!(
         peer = %conn.peer,
         name = %hello.sender_name,
@@ -956,14 +870,14 @@ fn on_hello(
         timeline = hello.timeline,
         sender_first = %Lsn(hello.first_lsn),
         sender_horizon = %Lsn(hello.horizon_lsn),
-        resume = %durable,
-        "handshake done; the stream resumes at {}", if durable == Lsn(0) { Lsn(hello.first_lsn) } else { durable }
+        resume = %resume,
+        "handshake done; the stream resumes at {resume}"
     );
     let welcome = Welcome {
         protocol_version: wire::PROTOCOL_VERSION,
-        timeline: theirs.tli,
-        system_id: identity.map_or(0, |i| i.system_id),
-        durable_lsn: durable.0,
+        timeline: accepted.identity.tli,
+        system_id: accepted.identity.system_id,
+        durable_lsn: if matches!(accepted.start, StreamStart::Fresh(_)) { 0 } else { resume.0 },
     };
     queue_message(conn, &Message::Welcome(welcome));
     conn.phase = ConnPhase::AwaitHeader;
