@@ -617,19 +617,6 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Recv(a) => {
-            check_pow2("chunk-bytes", a.chunk_bytes, 64 << 10, 16 << 20)?;
-            if a.in_flight_bytes_max < 4 * a.chunk_bytes {
-                bail!("--in-flight-bytes-max must hold at least 4 chunks ({} bytes)", 4 * a.chunk_bytes);
-            }
-            if a.frame_bytes_max > a.in_flight_bytes_max / 2 {
-                bail!("--frame-bytes-max must be at most half of --in-flight-bytes-max");
-            }
-            if a.fsync_batches_in_flight_max == 0 || a.fsync_batches_in_flight_max > 64 {
-                bail!("--fsync-batches-in-flight-max must be 1..=64");
-            }
-            if a.spare_segments > walship::recv::spares::SPARE_SEGMENTS_MAX {
-                bail!("--spare-segments must be 0..={}", walship::recv::spares::SPARE_SEGMENTS_MAX);
-            }
             let cfg = RecvConfig {
                 listen: a.listen,
                 dir: a.dir,

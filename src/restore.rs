@@ -38,7 +38,7 @@ pub enum RestoreError {
     #[error("{path} is not the segment its name says: {why}. Is --dir the right directory?")]
     WrongContent { path: PathBuf, why: String },
     #[error(transparent)]
-    Published(#[from] crate::recv::segment_file::DirError),
+    Published(#[from] crate::recv::published::PublishedError),
 }
 
 impl RestoreError {
@@ -89,7 +89,7 @@ pub fn restore(dir: &Path, name: &str, target: &Path) -> Result<RestoreOutcome, 
     let partial = dir.join(format!("{name}.partial"));
     if has_segment_name_shape(name) && is_file(&partial)? {
         let seg_start = check_segment_head(&partial, name)?;
-        let flushed = crate::recv::segment_file::read_published_flushed(dir)?.unwrap_or(Lsn(0));
+        let flushed = crate::recv::published::read(dir)?.map_or(Lsn(0), |p| p.lsn);
         if flushed <= seg_start {
             return Err(RestoreError::NotYetDurable { name: name.into(), dir: dir.to_path_buf() });
         }
@@ -199,7 +199,7 @@ mod tests {
         let Some(WalFileName::Segment { segno, .. }) = WalFileName::parse(&last, seg) else { panic!() };
         std::fs::rename(dir.path().join(&last), dir.path().join(format!("{last}.partial"))).unwrap();
         let flushed = Lsn(segno * seg + 0x100);
-        std::fs::write(dir.path().join(crate::recv::segment_file::FLUSHED_FILE_NAME), format!("{flushed}\n")).unwrap();
+        std::fs::write(dir.path().join(crate::recv::published::FILE_NAME), format!("{flushed}\n")).unwrap();
         let out = tempfile::tempdir().unwrap();
         let target = out.path().join("out");
         assert!(matches!(restore(dir.path(), &last, &target).unwrap(), RestoreOutcome::Partial(_)));
@@ -226,7 +226,7 @@ mod tests {
         let first = names(dir.path()).into_iter().find(|n| has_segment_name_shape(n)).unwrap();
         let out = tempfile::tempdir().unwrap();
         let target = out.path().join("out");
-        std::fs::write(dir.path().join(crate::recv::segment_file::FLUSHED_FILE_NAME), "FF/0 00000000\n").unwrap();
+        std::fs::write(dir.path().join(crate::recv::published::FILE_NAME), "FF/0 00000000\n").unwrap();
         std::fs::copy(dir.path().join(&first), dir.path().join(format!("{first}.partial"))).unwrap();
         assert!(matches!(restore(dir.path(), &first, &target).unwrap(), RestoreOutcome::Complete(_)));
         std::fs::remove_file(dir.path().join(&first)).unwrap();

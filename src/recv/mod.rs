@@ -2,6 +2,7 @@
 //! actions with io_uring (socket receives, O_DIRECT writes, fdatasync, acks).
 pub mod dir_lock;
 pub mod flusher;
+pub mod published;
 pub mod receiver;
 pub mod segment_file;
 pub mod session;
@@ -64,8 +65,69 @@ pub struct RecvConfig {
     pub access: FileAccess,
 }
 
+/// A [`RecvConfig`] that cannot work, named by the flag that sets it.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("--{flag} must be a power of two between {min} and {max} bytes, got {value}")]
+    NotPowerOfTwoInRange { flag: &'static str, value: u64, min: u64, max: u64 },
+    #[error("--{flag} must be between {min} and {max}, got {value}")]
+    OutOfRange { flag: &'static str, value: u64, min: u64, max: u64 },
+    #[error("--in-flight-bytes-max ({value}) must hold at least 4 chunks of --chunk-bytes ({needed} bytes)")]
+    PoolTooSmall { value: u64, needed: u64 },
+    #[error("--frame-bytes-max ({value}) must be at most half of --in-flight-bytes-max ({pool})")]
+    FrameLargerThanHalfThePool { value: u64, pool: u64 },
+    #[error("--{flag} must be longer than zero")]
+    ZeroDuration { flag: &'static str },
+    #[error("--file-mode {mode:o}: only permission bits, and at least 0600 (the receiver reads and writes its files)")]
+    FileMode { mode: u32 },
+}
+
+impl RecvConfig {
+    /// Checks every limit and how they fit together; `run` refuses a config that fails.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let pow2 = |flag, value: u64, min: u64, max: u64| {
+            if value.is_power_of_two() && (min..=max).contains(&value) {
+                Ok(())
+            } else {
+                Err(ConfigError::NotPowerOfTwoInRange { flag, value, min, max })
+            }
+        };
+        let range = |flag, value: u64, min: u64, max: u64| {
+            if (min..=max).contains(&value) {
+                Ok(())
+            } else {
+                Err(ConfigError::OutOfRange { flag, value, min, max })
+            }
+        };
+        pow2("chunk-bytes", self.chunk_bytes, 64 << 10, 16 << 20)?;
+        if self.in_flight_bytes_max < 4 * self.chunk_bytes {
+            return Err(ConfigError::PoolTooSmall { value: self.in_flight_bytes_max, needed: 4 * self.chunk_bytes });
+        }
+        let frame_bytes_max = u64::from(self.frame_bytes_max);
+        range("frame-bytes-max", frame_bytes_max, 64 << 10, u64::from(wire::DATA_BODY_BYTES_MAX_LIMIT))?;
+        if frame_bytes_max > self.in_flight_bytes_max / 2 {
+            return Err(ConfigError::FrameLargerThanHalfThePool { value: frame_bytes_max, pool: self.in_flight_bytes_max });
+        }
+        range("fsync-batches-in-flight-max", self.fsync_batches_in_flight_max as u64, 1, 64)?;
+        range("fsync-batch-bytes", self.fsync_batch_bytes, 1, 1 << 40)?;
+        range("spare-segments", self.spare_segments as u64, 0, spares::SPARE_SEGMENTS_MAX as u64)?;
+        if self.peer_timeout.is_zero() {
+            return Err(ConfigError::ZeroDuration { flag: "peer-timeout" });
+        }
+        if self.status_interval.is_zero() {
+            return Err(ConfigError::ZeroDuration { flag: "status-interval" });
+        }
+        if self.access.file_mode > 0o777 || self.access.file_mode & 0o600 != 0o600 {
+            return Err(ConfigError::FileMode { mode: self.access.file_mode });
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RecvError {
+    #[error("invalid receiver configuration: {0}")]
+    Config(#[from] ConfigError),
     #[error(transparent)]
     Ring(#[from] RingError),
     #[error(transparent)]
@@ -262,6 +324,7 @@ pub fn run(cfg: &RecvConfig, shutdown: Arc<AtomicBool>) -> Result<RecvSummary, R
 
 /// [`run`], updating `metrics` (OPS-METRICS) as it goes.
 pub fn run_with_metrics(cfg: &RecvConfig, shutdown: Arc<AtomicBool>, metrics: Arc<RecvMetrics>) -> Result<RecvSummary, RecvError> {
+    cfg.validate()?;
     // The port first: a receiver that cannot listen must not touch the directory.
     let listener = bind_listener(cfg.listen)?;
     std::fs::create_dir_all(&cfg.dir).map_err(|source| RecvError::CreateDir { path: cfg.dir.clone(), source })?;
@@ -308,7 +371,7 @@ pub fn run_with_metrics(cfg: &RecvConfig, shutdown: Arc<AtomicBool>, metrics: Ar
     if let (Some(id), true) = (identity, state.durable_end > Lsn(0)) {
         io.segdir = Some(open_segdir(cfg, id.tli, id.seg_size)?);
     }
-    let limits = Limits::new(cfg.frame_bytes_max).unwrap_or_default();
+    let limits = Limits::new(cfg.frame_bytes_max).expect("validated: frame_bytes_max in range");
     let mut conn: Option<Conn> = None;
     let mut summary = RecvSummary { flushed: state.durable_end, ..Default::default() };
     let mut completions: Vec<Completion> = Vec::new();
@@ -1052,4 +1115,54 @@ fn execute(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod config_tests {
+    use super::*;
+
+    fn good() -> RecvConfig {
+        RecvConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            dir: PathBuf::from("/nonexistent"),
+            chunk_bytes: 1 << 20,
+            in_flight_bytes_max: 64 << 20,
+            fsync_batch_bytes: 16 << 20,
+            fsync_interval_us: 1000,
+            fsync_batches_in_flight_max: 4,
+            frame_bytes_max: 8 << 20,
+            peer_timeout: Duration::from_secs(120),
+            status_interval: Duration::from_secs(1),
+            auth: None,
+            tls: None,
+            write_buffered: false,
+            spare_segments: 2,
+            spare_refill: SpareRefill::Idle,
+            access: FileAccess::default(),
+        }
+    }
+
+    #[test]
+    fn the_defaults_are_valid_and_each_broken_limit_is_named() {
+        good().validate().unwrap();
+        let cases: Vec<(fn(&mut RecvConfig), &str)> = vec![
+            (|c| c.chunk_bytes = 3 << 20, "--chunk-bytes"),
+            (|c| c.chunk_bytes = 32 << 10, "--chunk-bytes"),
+            (|c| c.in_flight_bytes_max = 3 << 20, "--in-flight-bytes-max"),
+            (|c| c.frame_bytes_max = 0, "--frame-bytes-max"),
+            (|c| c.frame_bytes_max = 40 << 20, "--frame-bytes-max"),
+            (|c| c.fsync_batches_in_flight_max = 0, "--fsync-batches-in-flight-max"),
+            (|c| c.fsync_batches_in_flight_max = 65, "--fsync-batches-in-flight-max"),
+            (|c| c.spare_segments = spares::SPARE_SEGMENTS_MAX + 1, "--spare-segments"),
+            (|c| c.peer_timeout = Duration::ZERO, "--peer-timeout"),
+            (|c| c.status_interval = Duration::ZERO, "--status-interval"),
+            (|c| c.access.file_mode = 0o440, "--file-mode"),
+        ];
+        for (breaks, flag) in cases {
+            let mut c = good();
+            breaks(&mut c);
+            let err = c.validate().expect_err(flag).to_string();
+            assert!(err.contains(flag), "{flag}: {err}");
+        }
+    }
 }

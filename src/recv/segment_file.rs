@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use tracing::warn;
 
+use super::published::{self, Published, PublishedError, Publisher};
 use super::spares::Spares;
 use crate::wal::{Lsn, RecordWalker, SegmentWalk, WalFileName, WalIdentity};
 
@@ -31,37 +32,12 @@ pub enum DirError {
          sender ships that segment again if it still has it)"
     )]
     AckedDamaged { path: PathBuf, published: Lsn, flushed_file: PathBuf, why: String, resume_from: Lsn },
-    #[error("{path}: cannot read the receiver's published durable LSN: {source}")]
-    Published { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Published(#[from] PublishedError),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> DirError + '_ {
     move |source| DirError::Io { path: path.to_path_buf(), source }
-}
-
-/// Where the receiver publishes its durable LSN for `walship restore` (not a WAL name, so
-/// PostgreSQL and the directory scan ignore it).
-pub const FLUSHED_FILE_NAME: &str = ".walship-flushed";
-
-/// Reads the durable LSN a receiver published in `dir`: `Ok(None)` when there is none (no
-/// receiver ever acknowledged anything here, or an unreadable leftover), an error when the file
-/// exists but cannot be read (a reader that went on without it would hand out unacknowledged bytes).
-pub fn read_published_flushed(dir: &Path) -> Result<Option<Lsn>, DirError> {
-    Ok(read_published(dir)?.map(|(lsn, _)| lsn))
-}
-
-/// The published durable LSN and the CRC-32C of its segment's bytes before it.
-fn read_published(dir: &Path) -> Result<Option<(Lsn, Option<u32>)>, DirError> {
-    let path = dir.join(FLUSHED_FILE_NAME);
-    let text = match std::fs::read_to_string(&path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => return Err(DirError::Published { path, source }),
-    };
-    let mut words = text.split_whitespace();
-    let Some(lsn) = words.next().and_then(|w| w.parse().ok()) else { return Ok(None) };
-    let crc = words.next().and_then(|w| u32::from_str_radix(w, 16).ok());
-    Ok(Some((lsn, crc)))
 }
 
 /// Who may read the files the receiver creates: their mode and, optionally, their group (so a
@@ -111,7 +87,7 @@ impl FileAccess {
             let Some(name) = name.to_str() else { continue };
             let wal = crate::wal::has_segment_name_shape(name.strip_suffix(".partial").unwrap_or(name))
                 || name.ends_with(".history")
-                || name == FLUSHED_FILE_NAME;
+                || name == published::FILE_NAME;
             if wal && entry.file_type().is_ok_and(|t| t.is_file()) {
                 let path = entry.path();
                 let file = File::open(&path).map_err(io_err(&path))?;
@@ -151,7 +127,7 @@ pub struct SegmentDir {
     /// Open segments with O_DIRECT (default); `false` writes through the page cache (for
     /// comparison: `--write-mode buffered`). Durability is the same: fdatasync either way.
     direct_io: bool,
-    flushed_file: std::sync::Mutex<Option<File>>,
+    publisher: Publisher,
     /// The directory itself, kept open for fsync.
     pub dir_file: File,
     tli: u32,
@@ -165,7 +141,7 @@ impl SegmentDir {
         Ok(SegmentDir {
             dir: dir.to_path_buf(),
             direct_io: true,
-            flushed_file: std::sync::Mutex::new(None),
+            publisher: Publisher::new(dir),
             dir_file,
             tli,
             seg_size,
@@ -266,20 +242,14 @@ impl SegmentDir {
         file.buffered.read_exact_at(out, offset).map_err(io_err(&self.partial_path(file.segno)))
     }
 
-    /// Records the durable LSN in `FLUSHED_FILE_NAME` (no fsync needed: after a crash the
-    /// receiver's recovery cuts `.partial` files back to their durable end anyway, and the value
-    /// written is always one that was durable when written).
+    /// Publishes the durable LSN (and the CRC of its segment's bytes before it) for recovery
+    /// and `walship restore`.
     pub fn publish_flushed(&self, flushed: Lsn, crc: Option<u32>) -> Result<(), DirError> {
-        let path = self.dir.join(FLUSHED_FILE_NAME);
-        let mut guard = self.flushed_file.lock().expect("flushed file lock");
-        if guard.is_none() {
-            let f = OpenOptions::new().create(true).truncate(false).write(true).mode(0o640).open(&path).map_err(io_err(&path))?;
-            self.access.apply(&f, &path)?;
-            *guard = Some(f);
-        }
-        let crc = crc.map_or("-".to_string(), |c| format!("{c:08x}"));
-        let line = format!("{:<47}\n", format!("{flushed} {crc}"));
-        guard.as_ref().expect("open").write_all_at(line.as_bytes(), 0).map_err(io_err(&path))
+        let access = self.access;
+        let path = self.publisher.path().to_path_buf();
+        self.publisher
+            .publish(Published { lsn: flushed, crc }, |f| access.apply(f, &path).map_err(|e| io::Error::other(e.to_string())))
+            .map_err(DirError::from)
     }
 
     /// Stores a timeline history file durably under its canonical name (temp file, fsync,
@@ -321,7 +291,7 @@ impl SegmentDir {
 /// writes here while recovery decides what is durable.
 pub fn recover_dir(lock: &super::dir_lock::DirLock) -> Result<DirState, DirError> {
     let dir = lock.path().parent().expect("the lock file lives in the directory");
-    let published = read_published(dir)?;
+    let published = published::read(dir)?.map(|p| (p.lsn, p.crc));
     let mut candidates: Vec<String> = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
         let entry = entry.map_err(io_err(dir))?;
@@ -449,7 +419,7 @@ fn keep_acknowledged_tail(
     let refuse = |why: String| DirError::AckedDamaged {
         path: path.to_path_buf(),
         published: acked,
-        flushed_file: dir.join(FLUSHED_FILE_NAME),
+        flushed_file: dir.join(published::FILE_NAME),
         why,
         resume_from: seg_start,
     };
