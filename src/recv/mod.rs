@@ -1142,10 +1142,12 @@ mod config_tests {
         }
     }
 
+    type Break = fn(&mut RecvConfig);
+
     #[test]
     fn the_defaults_are_valid_and_each_broken_limit_is_named() {
         good().validate().unwrap();
-        let cases: Vec<(fn(&mut RecvConfig), &str)> = vec![
+        let cases: Vec<(Break, &str)> = vec![
             (|c| c.chunk_bytes = 3 << 20, "--chunk-bytes"),
             (|c| c.chunk_bytes = 32 << 10, "--chunk-bytes"),
             (|c| c.in_flight_bytes_max = 3 << 20, "--in-flight-bytes-max"),
