@@ -1,6 +1,9 @@
 //! walship: ship PostgreSQL WAL with io_uring; acknowledge only what is durable.
 //!
-//! Imports flow one way: `wal` <- `wire` <- {`send`, `recv`} -> `uring`.
+//! Imports flow one way: {`send`, `recv`} -> {`wal`, `wire`, `uring`}; `wal` and `wire` import
+//! nothing of the crate (`wire` is bytes on the wire, `wal` is PostgreSQL's formats), and `uring`
+//! holds all `unsafe`. `recv::session` and the state machines (`send::sender`, `recv::receiver`,
+//! `recv::flusher`) are pure: events in, decisions out.
 pub mod auth;
 pub mod config_file;
 pub mod demo;

@@ -1,5 +1,6 @@
 //! The io_uring ring: submits operations, drains completions, and keeps every buffer an operation
-//! uses alive until the kernel is done with it. This file holds the data path's only `unsafe`.
+//! uses alive until the kernel is done with it. Together with `buffers.rs` (the aligned pool and the
+//! segment mappings) it holds all of the data path's `unsafe`, each site with a `// SAFETY:` note.
 //!
 //! Rules enforced here rather than trusted to callers:
 //! - an operation's memory (pool slot, control buffer, send batch, segment map) is owned or

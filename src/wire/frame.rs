@@ -2,13 +2,16 @@
 //!
 //! Header (32 bytes, little-endian):
 //! ```text
-//! 0..4   magic b"WSHP"        4 kind u8     5 flags u8 (0)    6..8 reserved u16 (0)
+//! 0..4   magic b"WSHP"        4 kind u8     5 flags u8        6..8 reserved u16 (0)
 //! 8..12  body_len u32         12..16 body_crc u32 = crc32c(body)
 //! 16..24 lsn u64 (Data: LSN of the first payload byte; other kinds: 0)
 //! 24..28 reserved u32 (0)     28..32 header_crc u32 = crc32c(header[0..28])
 //! ```
 //! Validation order in [`FrameHeader::decode`]: magic, header CRC (so a torn header is reported as such rather
 //! than as a nonsense field), kind, flags, reserved fields, LSN, body length.
+//!
+//! Flags: Data frames may carry [`DATA_FLAG_SWITCH_PADDING`] (the frame reaches into the padding after an
+//! `XLOG_SWITCH`, pages PostgreSQL never wrote); every other kind has flags 0.
 
 use std::fmt;
 
@@ -160,8 +163,8 @@ pub enum WireError {
     /// Header byte 4 names no frame kind.
     #[error("frame header: expected kind 1..=6, found {0}")]
     UnknownKind(u8),
-    /// Header byte 5 is nonzero; v1 defines no flags.
-    #[error("frame header: expected flags 0 (protocol v1 defines none), found {0:#04x}")]
+    /// Header byte 5 holds a flag this frame kind does not define.
+    #[error("frame header: flags {0:#04x} are not defined for this frame kind")]
     BadFlags(u8),
     /// A reserved header field is nonzero. `offset` is its byte offset in the header (6 or 24).
     #[error("frame header: expected reserved field at byte {offset} to be 0, found {found:#x}")]
