@@ -164,7 +164,7 @@ pub enum WireError {
     #[error("frame header: expected kind 1..=6, found {0}")]
     UnknownKind(u8),
     /// Header byte 5 holds a flag this frame kind does not define.
-    #[error("frame header: flags {0:#04x} are not defined for this frame kind")]
+    #[error("frame header: found flags {0:#04x}, expected only the flags defined for this frame kind (Data: switch padding; others: none)")]
     BadFlags(u8),
     /// A reserved header field is nonzero. `offset` is its byte offset in the header (6 or 24).
     #[error("frame header: expected reserved field at byte {offset} to be 0, found {found:#x}")]
