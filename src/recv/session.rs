@@ -130,7 +130,8 @@ pub fn on_hello(hello: &Hello, ours: Option<WalIdentity>, durable: Lsn, peer: &s
         None => (theirs, None, durable),
     };
     let first = Lsn(hello.first_lsn);
-    let start = if durable == Lsn(0) {
+    // LSN 0 is "holds nothing" only for a directory that did not just switch timelines.
+    let start = if durable == Lsn(0) && switch.is_none() {
         if hello.first_lsn % theirs.seg_size.max(1) != 0 {
             return Err(Refusal::new(ErrorCode::Protocol, format!("sender {peer} starts at {first} which is not a segment start")));
         }
@@ -285,6 +286,87 @@ mod tests {
         let mut h = hello(1, 0);
         h.protocol_version = PROTOCOL_VERSION + 1;
         assert_eq!(refused(on_hello(&h, None, Lsn(0), "p")).code, ErrorCode::Protocol);
+    }
+
+    /// The directory as the session sees it across many connections.
+    #[derive(Debug, Clone, Copy)]
+    struct Dir {
+        identity: Option<WalIdentity>,
+        durable: Lsn,
+    }
+
+    /// One random sender: mostly the right cluster on the current or a newer timeline, sometimes
+    /// another system, an older timeline, a history that does not branch off ours, a sender that
+    /// starts past our durable end (a gap), or a non-segment start.
+    fn random_hello(rng: &mut rand::rngs::StdRng, dir: &Dir) -> Hello {
+        use rand::Rng;
+        let tli = dir.identity.map_or(1, |i| i.tli);
+        let durable = dir.durable.0;
+        let mut h = hello(tli, durable.saturating_sub(rng.random_range(0..3) * SEG) / SEG * SEG);
+        match rng.random_range(0..10) {
+            0 => h.system_id = 43,
+            1 if tli > 1 => h.timeline = tli - 1,
+            2 => h.first_lsn = durable / SEG * SEG + rng.random_range(1..4) * SEG, // a gap
+            3 | 4 => {
+                // A newer timeline, switching somewhere around our durable end (or not off ours).
+                h.timeline = tli + 1;
+                let switch = (durable + rng.random_range(0..2 * SEG)).saturating_sub(SEG);
+                let parent = if rng.random_range(0..4) == 0 { tli + 7 } else { tli };
+                h.history = format!("{parent}\t{}\tno recovery target specified\n", Lsn(switch));
+                h.first_lsn = switch / SEG * SEG;
+            }
+            5 if durable == 0 => h.first_lsn += 8192, // not a segment start
+            _ => {}
+        }
+        h
+    }
+
+    /// Seeded simulation over sessions: the directory only changes on an accepted Hello, and then
+    /// its identity (system, geometry, magic) never changes, its timeline never goes back, the
+    /// resume point is never below what it holds durably (acks never move backwards) except onto a
+    /// newer timeline at a switch point it holds, and a fresh start is always a segment start of an
+    /// empty directory.
+    #[test]
+    fn a_seeded_simulation_of_many_senders_keeps_the_session_invariants() {
+        use rand::{Rng, SeedableRng};
+        for seed in 0..300u64 {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let mut dir = Dir { identity: None, durable: Lsn(0) };
+            for step in 0..200 {
+                let h = random_hello(&mut rng, &dir);
+                let before = dir;
+                match on_hello(&h, dir.identity, dir.durable, "sim") {
+                    Err(r) => {
+                        assert_ne!(r.code, ErrorCode::Other, "seed {seed} step {step}: refusals carry a specific code");
+                        assert!(!r.message.is_empty());
+                    }
+                    Ok(a) => {
+                        if let Some(ours) = before.identity {
+                            assert_eq!((a.identity.system_id, a.identity.seg_size, a.identity.magic), (ours.system_id, ours.seg_size, ours.magic));
+                            assert!(a.identity.tli >= ours.tli, "seed {seed} step {step}: timeline went back");
+                            assert!(h.timeline >= ours.tli, "seed {seed} step {step}: accepted a sender of an older timeline");
+                            assert_eq!(a.identity.tli, h.timeline, "seed {seed} step {step}: the stream continues on the sender's timeline");
+                        }
+                        match (a.switch, a.start) {
+                            (None, StreamStart::Resume(l)) => assert_eq!(l, before.durable, "seed {seed} step {step}"),
+                            (None, StreamStart::Fresh(l)) => {
+                                assert_eq!(before.durable, Lsn(0));
+                                assert_eq!(l.0 % SEG, 0);
+                            }
+                            (Some(sw), start) => {
+                                assert!(before.durable >= sw.switch, "seed {seed} step {step}: switched without holding the switch point");
+                                assert_eq!(start, StreamStart::Resume(sw.start));
+                                assert!(sw.start <= sw.switch && sw.switch.0 - sw.start.0 < SEG);
+                            }
+                        }
+                        assert!(a.start.lsn() >= Lsn(h.first_lsn) || a.start == StreamStart::Fresh(Lsn(h.first_lsn)), "the sender has the WAL from the start on");
+                        // The sender streams a while; what becomes durable moves forward from the start.
+                        let streamed = rng.random_range(0..3 * SEG);
+                        dir = Dir { identity: Some(a.identity), durable: a.start.lsn() + streamed };
+                    }
+                }
+            }
+        }
     }
 
     #[test]
