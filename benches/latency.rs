@@ -668,10 +668,13 @@ fn run_bench(cfg: &Config, bin: &Path, root: &Path) -> Result<Json, String> {
     let port = free_port().map_err(|e| format!("no free port: {e}"))?;
     let addr = format!("127.0.0.1:{port}");
     let report_path = root.join("send-report.json");
+    let recv_report_path = root.join("recv-report.json");
     let mut recv_cmd = Command::new(&cfg.walship_bin);
     recv_cmd
         .args(["recv", "--listen", &addr, "--dir"])
         .arg(&recv_dir)
+        .arg("--report-json")
+        .arg(&recv_report_path)
         .arg("--auth-key-file")
         .arg(&key)
         .args(&cfg.recv_extra)
@@ -766,10 +769,11 @@ fn run_bench(cfg: &Config, bin: &Path, root: &Path) -> Result<Json, String> {
     if lat.get("p99").and_then(Json::as_u64).unwrap_or(0) == 0 {
         return Err(format!("sender recorded no ack latency: {report_text}"));
     }
-    let recv_summary = parse_recv_summary(&recv_f.stderr);
+    let recv_summary = read_recv_report(&recv_report_path);
     if recv_summary == Json::Null {
         return Err(format!(
-            "no summary line in walship recv's log: {}",
+            "no report {} from walship recv: {}",
+            recv_report_path.display(),
             tail(&strip_ansi(&recv_f.stderr), 600)
         ));
     }

@@ -9,7 +9,7 @@
 //! 3. `cp_sync`: `cp` of the segment files into a fresh directory, then `sync`.
 //! 4. `walship`: `walship recv` and `walship send --once` as two processes; durable throughput =
 //!    bytes / wall seconds of the send command (it exits only once the receiver acked flushed == end).
-//!    The receiver's final log line (writes, fdatasyncs, batches, fdatasync p50/p99/max, stalls) is parsed.
+//!    The receiver's `--report-json` file (writes, fdatasyncs, batches, fdatasync p50/p99/max, stalls) is read.
 //!    `walship_tls`: the same over TLS 1.3 (`--tls-cert/--tls-key` on recv, `--tls-ca` on send; a
 //!    throw-away self-signed certificate): the cost of encryption, as a ratio to `walship`.
 //! 5. `walship_sweep` (WALSHIP_BENCH_SWEEP=1): walship with one knob changed at a time: `--zero-copy
@@ -550,10 +550,14 @@ fn bench_walship(
     if let Err(e) = std::fs::write(&key, "walship-bench-shared-key-0123456789\n") {
         return m.failed(format!("cannot write the auth key {}: {e}", key.display()));
     }
+    let recv_report_path = root.join(format!("recv-report-{tag}.json"));
+    let _ = std::fs::remove_file(&recv_report_path);
     let mut recv_cmd = Command::new(&cfg.walship_bin);
     recv_cmd
         .args(["recv", "--listen", &addr, "--dir"])
         .arg(dst)
+        .arg("--report-json")
+        .arg(&recv_report_path)
         .arg("--auth-key-file")
         .arg(&key)
         .args(recv_extra);
@@ -608,7 +612,7 @@ fn bench_walship(
             m.extra.set("recv_exit", r.exit_code.map(|c| c as u64));
             m.extra.set("recv_signal", r.signal.map(|c| c as u64));
             m.extra.set("recv_cpu_total_s", r.cpu.total_s());
-            m.extra.set("recv_summary", parse_recv_summary(&r.stderr));
+            m.extra.set("recv_summary", read_recv_report(&recv_report_path));
         }
         Err(e) => {
             m.extra.set("recv_wait_error", e.to_string());
@@ -1272,7 +1276,7 @@ fn bench(cfg: &Config) -> Result<(), String> {
             cpu_plain
         ));
     }
-    md.push_str("\n### walship receiver: group commit and fdatasync latency\n\nFrom the receiver's final log line; medians over the reps.\n\n");
+    md.push_str("\n### walship receiver: group commit and fdatasync latency\n\nFrom the receiver's --report-json file; medians over the reps.\n\n");
     md.push_str("| run | GB/s | CPU s/GiB send+recv | writes | fdatasyncs | batches | bytes/batch | p50 us | p99 us | max us | frame stalls | zero-copy sends / copied |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
     for (l, o, _) in &fsync_rows {
         let g = |k: &str| o.get(k).and_then(Json::as_f64).unwrap_or(f64::NAN);

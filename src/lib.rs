@@ -10,6 +10,7 @@ pub mod demo;
 pub mod metrics;
 pub mod progress;
 pub mod recv;
+pub mod report;
 pub mod restore;
 pub mod send;
 pub mod status;

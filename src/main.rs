@@ -316,6 +316,9 @@ struct RecvArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9187 (default: off).
     #[arg(long, env = "WALSHIP_METRICS_LISTEN", value_name = "ADDR")]
     metrics_listen: Option<SocketAddr>,
+    /// On exit, write a JSON report (durable position, writes, fdatasyncs, latencies) to this file.
+    #[arg(long, env = "WALSHIP_RECV_REPORT_JSON", value_name = "FILE")]
+    report_json: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -599,20 +602,8 @@ fn run(cli: Cli) -> Result<()> {
                 println!("flush-to-durable-ack latency: p50 {p50} us, p99 {p99} us, p99.9 {p999} us, max {max} us");
             }
             if let Some(path) = a.report_json {
-                let (p50, p99, p999, max) = latency.unwrap_or_default();
-                let json = format!(
-                    "{{\"bytes\":{},\"segments\":{},\"seconds\":{:.6},\"mb_per_s\":{:.3},\"start_lsn\":\"{}\",\"end_lsn\":\"{}\",\"connections\":{},\"zero_copy_sends\":{},\"zero_copy_copied\":{},\"ack_latency_us\":{{\"p50\":{p50},\"p99\":{p99},\"p999\":{p999},\"max\":{max}}}}}\n",
-                    summary.bytes,
-                    summary.segments,
-                    summary.seconds,
-                    summary.mb_per_s(),
-                    summary.start_lsn,
-                    summary.end_lsn,
-                    summary.connections,
-                    summary.zero_copy_sends,
-                    summary.zero_copy_copied
-                );
-                std::fs::write(&path, json).with_context(|| format!("writing {}", path.display()))?;
+                walship::report::write(&path, &walship::report::SendReport::from(&summary))
+                    .with_context(|| format!("writing the report {}", path.display()))?;
             }
             Ok(())
         }
@@ -644,7 +635,11 @@ fn run(cli: Cli) -> Result<()> {
             let metrics = Arc::new(walship::metrics::Metrics::receiver());
             serve_metrics(a.metrics_listen, &metrics)?;
             let recv_metrics = metrics.recv.clone().expect("receiver metrics");
-            walship::recv::run_with_metrics(&cfg, shutdown_flag()?, recv_metrics)?;
+            let summary = walship::recv::run_with_metrics(&cfg, shutdown_flag()?, recv_metrics)?;
+            if let Some(path) = a.report_json {
+                walship::report::write(&path, &walship::report::RecvReport::from(&summary))
+                    .with_context(|| format!("writing the report {}", path.display()))?;
+            }
             Ok(())
         }
         Command::Restore(a) => {

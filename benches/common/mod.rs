@@ -497,35 +497,30 @@ pub fn num_before(text: &str, pat: &str) -> Option<u64> {
     rev.chars().rev().collect::<String>().parse().ok()
 }
 
-/// `walship recv`'s final line: `... N writes (B bytes), F fdatasyncs in K batches (X bytes/batch),
-/// fdatasync p50 A us p99 B us max C us, S frame stalls, ..., write p50 D us p99 E us,
-/// frame-to-durable p50 F us p99 G us` as JSON (`Null` when the line is missing).
-pub fn parse_recv_summary(stderr: &str) -> json::Json {
+/// `walship recv --report-json FILE` (written when the receiver exits) as the flat object the
+/// reports use (`p50_us` etc. are fdatasync's); `Null` when the file is missing or unreadable.
+pub fn read_recv_report(path: &Path) -> json::Json {
     use json::Json;
-    let clean = strip_ansi(stderr);
-    let Some(line) = clean.lines().rev().find(|l| l.contains("fdatasyncs in")) else {
-        return Json::Null;
-    };
+    let Ok(text) = std::fs::read_to_string(path) else { return Json::Null };
+    let Ok(r) = Json::parse(text.trim()) else { return Json::Null };
     let mut o = Json::obj();
-    let mut put = |k: &str, v: Option<u64>| {
-        o.set(k, v.map(Json::from).unwrap_or(Json::Null));
+    let mut copy = |to: &str, from: &[&str]| {
+        o.set(to, r.path(from).and_then(Json::as_u64).map(Json::from).unwrap_or(Json::Null));
     };
-    // `p50 X us p99 Y us` after `label`.
-    let after = |label: &str| line.find(label).map_or("", |i| &line[i..]);
-    put("writes", num_before(line, " writes ("));
-    put("write_bytes", num_after(line, " writes ("));
-    put("fdatasyncs", num_before(line, " fdatasyncs in "));
-    put("batches", num_after(line, " fdatasyncs in "));
-    put("bytes_per_batch", num_after(line, " batches ("));
-    put("p50_us", num_after(line, "fdatasync p50 "));
-    put("p99_us", num_after(after("fdatasync p50 "), " us p99 "));
-    put("max_us", num_after(after("fdatasync p50 "), " us max "));
-    put("frame_stalls", num_before(line, " frame stalls"));
-    put("write_p50_us", num_after(line, ", write p50 "));
-    put("write_p99_us", num_after(after(", write p50 "), " us p99 "));
-    put("frame_to_durable_p50_us", num_after(line, "frame-to-durable p50 "));
-    put("frame_to_durable_p99_us", num_after(after("frame-to-durable p50 "), " us p99 "));
-    o.set("line", line.trim());
+    copy("writes", &["writes"]);
+    copy("write_bytes", &["write_bytes"]);
+    copy("fdatasyncs", &["fdatasyncs"]);
+    copy("batches", &["fsync_batches"]);
+    copy("bytes_per_batch", &["bytes_per_batch"]);
+    copy("p50_us", &["fdatasync_us", "p50"]);
+    copy("p99_us", &["fdatasync_us", "p99"]);
+    copy("max_us", &["fdatasync_us", "max"]);
+    copy("frame_stalls", &["frame_stalls"]);
+    copy("write_p50_us", &["write_us", "p50"]);
+    copy("write_p99_us", &["write_us", "p99"]);
+    copy("frame_to_durable_p50_us", &["frame_to_durable_us", "p50"]);
+    copy("frame_to_durable_p99_us", &["frame_to_durable_us", "p99"]);
+    o.set("report", r);
     o
 }
 
