@@ -93,18 +93,15 @@ pub fn run(dir: &Path, wal_bytes: u64, port: u16, keep: bool) -> Result<(), Demo
     }
     let json = std::fs::read_to_string(&report_json).map_err(step("read send report"))?;
     verify(&report.segment_files, &dst, report.end_lsn.0, 16 << 20)?;
-    println!("  shipped and verified byte for byte: {json}");
-    println!("  {}", json_field(&json, "mb_per_s").map_or(String::new(), |v| format!("durable throughput: {v} MB/s over loopback")));
+    println!("  shipped and verified byte for byte: {}", json.trim());
+    let report: serde_json::Value = serde_json::from_str(&json).map_err(|e| DemoError::Step { step: "read send report", why: e.to_string() })?;
+    if let Some(mb_per_s) = report["mb_per_s"].as_f64() {
+        println!("  durable throughput: {mb_per_s:.1} MB/s over loopback");
+    }
     if !keep {
         let _ = std::fs::remove_dir_all(dir);
     }
     Ok(())
-}
-
-fn json_field<'a>(json: &'a str, key: &str) -> Option<&'a str> {
-    let start = json.find(&format!("\"{key}\":"))? + key.len() + 3;
-    let rest = &json[start..];
-    Some(rest[..rest.find([',', '}'])?].trim_matches('"'))
 }
 
 /// Complete segments identical; the `.partial` identical up to the end and zero after it; the
