@@ -19,7 +19,6 @@
 mod common;
 
 use common::*;
-use std::fmt::Write as _;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -27,7 +26,6 @@ use std::process::{Command, ExitStatus, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-const REPLAY_TIMEOUT: Duration = Duration::from_secs(120);
 const SLOT: &str = "walship";
 
 
@@ -395,7 +393,7 @@ impl Ctx {
     /// A standby from `base` (empty pg_wal) restoring only through `walship restore`; it must replay to exactly
     /// `target` and show `sums`.
     fn replay(&self, base: &Path, target: u64, cd: &ControlData, backup_start: u64, sums: &[(String, String)], port: u16) -> R<()> {
-        let mut standby = Server {
+        let standby = Server {
             pg: self.pg.clone(),
             name: "standby",
             data: self.pgdir.join("standby"),
@@ -404,78 +402,18 @@ impl Ctx {
             port,
             running: false,
         };
-        run_ok(cmd("cp", ["-a"]).arg(base).arg(&standby.data))?;
-        let wal = standby.data.join("pg_wal");
-        for e in fs::read_dir(&wal).map_err(|e| e.to_string())?.flatten() {
-            let p = e.path();
-            let r = if p.is_dir() { fs::remove_dir_all(&p) } else { fs::remove_file(&p) };
-            r.map_err(|e| format!("empty {}: {e}", wal.display()))?;
-        }
-        fs::write(standby.data.join("standby.signal"), b"").map_err(|e| e.to_string())?;
-        let exe = self.restore_exe()?;
-        let restore = format!("{} restore %f %p --dir {}", exe.display(), self.recv_dir.display());
-        append(
-            &standby.data.join("postgresql.auto.conf"),
-            &format!(
-                "\n# walship pg_follow standby\nport = {port}\nrestore_command = '{restore}'\nhot_standby = on\n\
-                 wal_retrieve_retry_interval = '1s'\n"
-            ),
-        )?;
-        self.pg.chown(&standby.data)?;
-        chmod_a_rx(&self.recv_dir).map_err(|e| format!("chmod -R a+rX {}: {e}", self.recv_dir.display()))?;
-        self.say(format!("standby: restore_command = '{restore}', replaying to {}", fmt_lsn(target)));
-        standby.pg_ctl_start(false)?;
-        let t0 = Instant::now();
-        let mut last = String::new();
-        let reached = poll_until(REPLAY_TIMEOUT, Duration::from_millis(250), || match standby.sql_quiet("SELECT pg_last_wal_replay_lsn()") {
-            Ok(s) => {
-                last = s.clone();
-                parse_lsn(&s).filter(|&l| l >= target).map(Ok)
-            }
-            Err(e) => {
-                last = e;
-                if t0.elapsed() > Duration::from_secs(3) && !standby.alive() {
-                    Some(Err(standby.err(format!("standby postmaster died during recovery (last psql: {last})"))))
-                } else {
-                    None
-                }
-            }
-        })
-        .ok_or_else(|| standby.err(format!("standby did not replay to {} within {REPLAY_TIMEOUT:?}; last: {last}", fmt_lsn(target))))??;
-        self.say(format!("standby replayed to {} after {:.1} s", fmt_lsn(reached), t0.elapsed().as_secs_f64()));
-        if reached != target {
-            return Err(standby.err(format!("pg_last_wal_replay_lsn() = {} != primary's end of WAL {}", fmt_lsn(reached), fmt_lsn(target))));
-        }
-        if standby.sql("SELECT pg_is_in_recovery()")? != "t" {
-            return Err(standby.err("standby is not in recovery"));
-        }
-        let got = checksums(&standby)?;
-        let mut bad = String::new();
-        for ((tbl, want), (_, have)) in sums.iter().zip(&got) {
-            if want != have {
-                let _ = writeln!(bad, "  {tbl}: primary {want}\n  {tbl}: standby {have}");
-            }
-        }
-        if !bad.is_empty() {
-            return Err(standby.err(format!("checksums differ after replay:\n{bad}")));
-        }
-        self.say(format!("all {} table checksums equal", got.len()));
-        let log = fs::read_to_string(&standby.log).unwrap_or_default();
-        let restored: Vec<&str> = log
-            .lines()
-            .filter_map(|l| l.split("restored log file \"").nth(1).and_then(|s| s.split('"').next()))
-            .collect();
-        let want: Vec<String> =
-            (backup_start / cd.seg_size..=(target - 1) / cd.seg_size).map(|s| seg_name(cd.tli, s, cd.seg_size)).collect();
-        let missing: Vec<&String> = want.iter().filter(|n| !restored.contains(&n.as_str())).collect();
-        if !missing.is_empty() {
-            return Err(standby.err(format!("standby log shows no `restored log file` for {missing:?}")));
-        }
-        if let Some(l) = log.lines().find(|l| l.contains(".partial is not in")) {
-            return Err(standby.err(format!("recovery asked restore_command for a .partial name: {l}")));
-        }
-        self.say(format!("standby restored {} files via walship restore ({} .. {})", restored.len(), want[0], want[want.len() - 1]));
-        standby.stop("fast")?;
+        let want_restored = (backup_start / cd.seg_size..=(target - 1) / cd.seg_size).map(|s| seg_name(cd.tli, s, cd.seg_size)).collect();
+        let replay = common::replay::Replay {
+            standby,
+            base,
+            restore_exe: self.restore_exe()?,
+            recv_dir: &self.recv_dir,
+            extra_conf: "",
+            target,
+            sums,
+            want_restored,
+        };
+        common::replay::replay_and_verify(replay, &|m| self.say(m))?;
         Ok(())
     }
 

@@ -26,7 +26,6 @@
 mod common;
 
 use common::*;
-use std::fmt::Write as _;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -735,7 +734,7 @@ fn check_received(ctx: &Ctx, b_wal: &Path, cd: &ControlData, backup_start: u64, 
 
 #[allow(clippy::too_many_arguments)]
 fn replay(ctx: &Ctx, base: &Path, target: u64, cd: &ControlData, backup_start: u64, switch_seg: u64, end_seg: u64, sums: &[(String, String)]) -> R<()> {
-    let mut standby = Server {
+    let standby = Server {
         pg: ctx.pg.clone(),
         name: "replay",
         data: ctx.pgdir.join("replay"),
@@ -744,84 +743,22 @@ fn replay(ctx: &Ctx, base: &Path, target: u64, cd: &ControlData, backup_start: u
         port: REPLAY_PORT,
         running: false,
     };
-    run_ok(cmd("cp", ["-a"]).arg(base).arg(&standby.data))?;
-    let wal = standby.data.join("pg_wal");
-    for e in fs::read_dir(&wal).map_err(|e| e.to_string())?.flatten() {
-        let p = e.path();
-        let r = if p.is_dir() { fs::remove_dir_all(&p) } else { fs::remove_file(&p) };
-        r.map_err(|e| format!("empty {}: {e}", wal.display()))?;
-    }
-    fs::write(standby.data.join("standby.signal"), b"").map_err(|e| e.to_string())?;
-    let exe = ctx.restore_exe()?;
-    let restore = format!("{} restore %f %p --dir {}", exe.display(), ctx.recv_dir.display());
-    append(
-        &standby.data.join("postgresql.auto.conf"),
-        &format!(
-            "\n# walship pg_timeline replay standby\nport = {}\nunix_socket_directories = '{}'\nrestore_command = '{restore}'\n\
-             hot_standby = on\nrecovery_target_timeline = 'latest'\nwal_retrieve_retry_interval = '1s'\n",
-            standby.port,
-            standby.sock.display()
-        ),
-    )?;
-    ctx.pg.chown(&standby.data)?;
-    chmod_a_rx(&ctx.recv_dir).map_err(|e| format!("chmod -R a+rX {}: {e}", ctx.recv_dir.display()))?;
-    ctx.say(format!("replay standby: restore_command = '{restore}', replaying to {}", fmt_lsn(target)));
-    standby.pg_ctl_start(false)?;
-    let t0 = Instant::now();
-    let mut last = String::new();
-    let reached = poll_until(REPLAY_TIMEOUT, Duration::from_millis(250), || match standby.sql_quiet("SELECT pg_last_wal_replay_lsn()") {
-        Ok(s) => {
-            last = s.clone();
-            parse_lsn(&s).filter(|&l| l >= target).map(Ok)
-        }
-        Err(e) => {
-            last = e;
-            if t0.elapsed() > Duration::from_secs(3) && !standby.alive() {
-                Some(Err(standby.err(format!("replay standby died during recovery (last psql: {last})"))))
-            } else {
-                None
-            }
-        }
-    })
-    .ok_or_else(|| standby.err(format!("replay standby did not reach {} within {REPLAY_TIMEOUT:?}; last: {last}", fmt_lsn(target))))??;
-    ctx.say(format!("replay standby reached {} after {:.1} s", fmt_lsn(reached), t0.elapsed().as_secs_f64()));
-    if reached != target {
-        return Err(standby.err(format!("pg_last_wal_replay_lsn() = {} != B's end of WAL {}", fmt_lsn(reached), fmt_lsn(target))));
-    }
-    if standby.sql("SELECT pg_is_in_recovery()")? != "t" {
-        return Err(standby.err("replay standby is not in recovery"));
-    }
-    let got = checksums(&standby)?;
-    let mut bad = String::new();
-    for ((tbl, want), (_, have)) in sums.iter().zip(&got) {
-        if want != have {
-            let _ = writeln!(bad, "  {tbl}: B       {want}\n  {tbl}: standby {have}");
-        }
-    }
-    if !bad.is_empty() {
-        return Err(standby.err(format!("checksums differ after replay:\n{bad}")));
-    }
-    ctx.say(format!("all {} table checksums equal B's", got.len()));
-
-    // What recovery fetched: the history file, timeline 1 up to the switch, timeline 2 from it.
-    let log = fs::read_to_string(&standby.log).unwrap_or_default();
-    let restored: Vec<&str> = log
-        .lines()
-        .filter_map(|l| l.split("restored log file \"").nth(1).and_then(|s| s.split('"').next()))
-        .collect();
+    // What recovery must fetch: the history file, timeline 1 up to the switch, timeline 2 from it.
     let seg = cd.seg_size;
-    let mut want: Vec<String> = vec!["00000002.history".into()];
-    want.extend((backup_start / seg..switch_seg).map(|s| seg_name(1, s, seg)));
-    want.extend((switch_seg..=end_seg).map(|s| seg_name(2, s, seg)));
-    let missing: Vec<&String> = want.iter().filter(|n| !restored.contains(&n.as_str())).collect();
-    if !missing.is_empty() {
-        return Err(standby.err(format!("replay standby log shows no `restored log file` for {missing:?} (restored: {restored:?})")));
-    }
-    if let Some(l) = log.lines().find(|l| l.contains(".partial is not in")) {
-        return Err(standby.err(format!("recovery asked restore_command for a .partial name: {l}")));
-    }
-    ctx.say(format!("replay standby restored {} files via walship restore: {restored:?}", restored.len()));
-    standby.stop("fast")?;
+    let mut want_restored: Vec<String> = vec!["00000002.history".into()];
+    want_restored.extend((backup_start / seg..switch_seg).map(|s| seg_name(1, s, seg)));
+    want_restored.extend((switch_seg..=end_seg).map(|s| seg_name(2, s, seg)));
+    let replay = common::replay::Replay {
+        standby,
+        base,
+        restore_exe: ctx.restore_exe()?,
+        recv_dir: &ctx.recv_dir,
+        extra_conf: "recovery_target_timeline = 'latest'",
+        target,
+        sums,
+        want_restored,
+    };
+    let standby = common::replay::replay_and_verify(replay, &|m| ctx.say(m))?;
     let scd = standby.controldata()?;
     ctx.say(format!(
         "replay standby stopped: pg_control `{}`, latest checkpoint {} on timeline {} (B's shutdown checkpoint {})",

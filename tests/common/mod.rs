@@ -11,6 +11,7 @@
 #![allow(dead_code)]
 
 pub mod pg;
+pub mod replay;
 
 use std::ffi::OsStr;
 use std::fmt::Write as _;
