@@ -454,6 +454,7 @@ fn ship_once(
     let welcome = match handshake(&link, &hello, cfg.peer_timeout, cfg.auth.as_ref()) {
         Ok(w) => w,
         Err(HandshakeError::Refused(code, message)) => {
+            let message = if matches!(code, ErrorCode::Gap) { explain_gap_at_slot(source, message) } else { message };
             return match code {
                 ErrorCode::Identity | ErrorCode::Gap | ErrorCode::Protocol | ErrorCode::Auth => {
                     ConnEnd::Fatal(SendError::Refused { peer, message })
@@ -503,6 +504,21 @@ fn slot_covers(source: &Source, peer: &str, resume: Lsn) -> Result<(), SendError
             Err(SendError::SlotAhead { peer: peer.into(), receiver: resume, slot: slot.into(), slot_from })
         }
         _ => Ok(()),
+    }
+}
+
+/// The receiver refused a gap: when shipping starts at the slot's segment (older WAL in pg_wal
+/// is not protected), say why the sender starts there and what to do.
+fn explain_gap_at_slot(source: &Source, message: String) -> String {
+    let Source::Live(live) = source else { return message };
+    match live.slot_protects_from() {
+        Some((slot, from)) if live.first_lsn() == from => format!(
+            "{message}. walship starts at {from} because replication slot {slot} keeps WAL only from there: WAL before \
+             it is not protected from recycling and is not shipped. The receiver's directory is not the one this slot \
+             served, or it lost WAL: give the receiver the directory that holds WAL up to {from}, or start an empty \
+             receiver directory (shipping then starts at the slot) with a new base backup"
+        ),
+        _ => message,
     }
 }
 
