@@ -7,6 +7,13 @@
 //! query that a busy server answers late never holds up sending WAL or processing acks; the
 //! poller wakes the sender's io_uring loop through an eventfd when it learns something new.
 //!
+//! Before anything is done on the server, its system identifier must equal pg_control's and the
+//! WAL's (a `--pg-wal` of another cluster is refused). With `--slot`, shipping never starts before
+//! the segment holding the slot's restart_lsn: a new slot reserves WAL only from the server's last
+//! checkpoint redo (PostgreSQL cannot reserve older WAL through SQL), and older WAL, unprotected,
+//! could be recycled half-way through shipping it, leaving the receiver behind a slot that moved
+//! on. Skipping it is said in a WARN; a receiver that holds less than the slot keeps is refused.
+//!
 //! When the server stops cleanly its WAL ends with the shutdown checkpoint: `global/pg_control`
 //! says so, and a record walk from the current horizon finds the checkpoint's end, which becomes
 //! the horizon. After a crash the horizon stays where the server last confirmed it until the server
@@ -745,4 +752,25 @@ fn oldest_segment(pg_wal: &Path, id: WalIdentity) -> Result<Lsn, SourceError> {
         }
     }
     oldest.map(|s| Lsn(s * id.seg_size)).ok_or_else(|| SourceError::Empty { dir: pg_wal.to_path_buf() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redact_masks_passwords_in_both_conninfo_forms() {
+        assert_eq!(redact("host=h password=secret user=u"), "host=h password=*** user=u");
+        assert_eq!(redact("postgresql://u:secret@h:5432/db"), "postgresql://u:***@h:5432/db");
+        assert_eq!(redact("postgresql://u@h/db"), "postgresql://u@h/db");
+    }
+
+    #[test]
+    fn shipping_starts_at_the_slot_s_segment_never_before() {
+        let seg = 16u64 << 20;
+        assert_eq!(first_protected(Lsn(5 * seg), "s", Lsn(0xF77_C5D0), true, seg), Lsn(0xF00_0000));
+        assert_eq!(first_protected(Lsn(0xF00_0000), "s", Lsn(0xF77_C5D0), false, seg), Lsn(0xF00_0000));
+        // A slot older than pg_wal's oldest segment: pg_wal's oldest.
+        assert_eq!(first_protected(Lsn(0x1000_0000), "s", Lsn(0xF77_C5D0), false, seg), Lsn(0x1000_0000));
+    }
 }

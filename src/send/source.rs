@@ -5,6 +5,13 @@
 //! Nothing at or past the horizon is ever handed out: a recycled segment (stale `xlp_pageaddr`)
 //! or a zero-filled tail ends the walk; a page *after* the end that does belong to its position
 //! means the WAL went on, so the end is a corruption and is reported with file, offset and LSN.
+//!
+//! The shipped timeline is the newest one present; a segment's timeline is its file name's (the
+//! switch segment PostgreSQL copies at promotion starts with pages of the ancestor timeline). Its
+//! segments are shipped from the oldest on, followed by the `NAME.partial` right after the last
+//! complete one (a receiver's directory, a pg_receivewal directory): the walk finds its valid end
+//! like any segment's, so `--once` never stops short of the end of valid WAL. Everything else in
+//! the directory is named in one "skipped in DIR" info line.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -511,4 +518,48 @@ pub(crate) fn read_identity_named(path: &Path, name_tli: u32, segno: u64, dir: &
 pub(crate) fn read_identity(path: &Path) -> Result<WalIdentity, SourceError> {
     let head = crate::wal::read_segment_head(path).map_err(io_err(path))?;
     WalIdentity::from_first_page(&head).map_err(|e| SourceError::BadFirstSegment { path: path.to_path_buf(), why: e.to_string() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wal::gen::{generate, GenOptions};
+
+    const SEG: u64 = 1 << 20;
+
+    /// Timeline-1 WAL from segment 3 on, its first file renamed to timeline 2 (what PostgreSQL's
+    /// copy of the switch segment looks like: pages of the ancestor under the new name).
+    fn switch_segment(history: Option<&str>) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = GenOptions { dir: dir.path().into(), seg_size: SEG, start_segno: 3, wal_bytes: SEG / 2, ..Default::default() };
+        let report = generate(&opts).unwrap();
+        let renamed = dir.path().join(WalFileName::Segment { tli: 2, segno: 3 }.file_name(SEG));
+        std::fs::rename(&report.segment_files[0], &renamed).unwrap();
+        if let Some(h) = history {
+            std::fs::write(dir.path().join("00000002.history"), h).unwrap();
+        }
+        (dir, renamed)
+    }
+
+    #[test]
+    fn an_ancestor_timeline_on_the_switch_segment_takes_the_name_s_timeline() {
+        let (dir, path) = switch_segment(Some("1\t0/380000\tno recovery target specified\n"));
+        let id = read_identity_named(&path, 2, 3, dir.path()).unwrap();
+        assert_eq!(id.tli, 2);
+        let (dir, path) = switch_segment(None);
+        assert_eq!(read_identity_named(&path, 2, 3, dir.path()).unwrap().tli, 2, "no history file: tli <= name's is accepted");
+    }
+
+    #[test]
+    fn a_timeline_that_is_not_an_ancestor_or_ended_earlier_is_refused() {
+        let (dir, path) = switch_segment(Some("1\t0/200000\tno recovery target specified\n"));
+        let e = read_identity_named(&path, 2, 3, dir.path()).unwrap_err().to_string();
+        assert!(e.contains("ended at 0/00200000"), "{e}");
+        let (dir, path) = switch_segment(Some("5\t0/380000\tno recovery target specified\n"));
+        let e = read_identity_named(&path, 2, 3, dir.path()).unwrap_err().to_string();
+        assert!(e.contains("not an ancestor"), "{e}");
+        let (dir, path) = switch_segment(None);
+        let e = read_identity_named(&path, 0, 3, dir.path()).unwrap_err().to_string();
+        assert!(e.contains("newer than its name's timeline"), "{e}");
+    }
 }
