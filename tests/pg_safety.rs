@@ -16,7 +16,7 @@
 //! shutdown checkpoint, found with pg_waldump) and show the same table checksums.
 //!
 //! Needs PostgreSQL; without it each test prints "SKIP: PostgreSQL not installed" and passes, unless
-//! `WALSHIP_REQUIRE_PG=1`. Serialized; ports 56101..56139 (used by no other test file).
+//! `WALSHIP_REQUIRE_PG=1`. Serialized; ports 56101..56143 (used by no other test file).
 //!
 //! Run: `cargo test --release --test pg_safety -- --nocapture`.
 
@@ -28,7 +28,7 @@ use std::fmt::Write as _;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -575,9 +575,11 @@ fn once_ships_a_promoted_cluster_that_replays_to_its_end() {
     }
 }
 
-fn promoted(ctx: &mut Ctx) -> R<()> {
-    let mut a = ctx.server("a", 56131);
-    let mut b = ctx.server("b", 56132);
+/// Primary a (port `a_port`), streaming standby b (`a_port + 1`) with load from a, b promoted, a
+/// stopped; returns b, running on timeline 2.
+fn promoted_standby(ctx: &mut Ctx, a_port: u16) -> R<Server> {
+    let mut a = ctx.server("a", a_port);
+    let mut b = ctx.server("b", a_port + 1);
     // wal_keep_size: b keeps its switch segment (the copy of timeline 1's last segment) through the
     // base backup's checkpoint, as a cluster promoted and stopped soon after does.
     ctx.init(&mut a, "wal_level = replica\nmax_wal_senders = 4\nmax_replication_slots = 4\nhot_standby = on\nwal_keep_size = 1GB")?;
@@ -599,6 +601,11 @@ fn promoted(ctx: &mut Ctx) -> R<()> {
     run_ok(&mut c).map_err(|e| b.err(e))?;
     a.stop("fast")?;
     ctx.say(format!("b promoted at {}", b.sql("SELECT pg_current_wal_lsn()")?));
+    Ok(b)
+}
+
+fn promoted(ctx: &mut Ctx) -> R<()> {
+    let mut b = promoted_standby(ctx, 56131)?;
     let (base, backup_start) = ctx.base_backup(&b)?;
     ctx.pgbench(&b, &["-c", "2", "-j", "2", "-t", "300", "-n"])?;
     let sums = checksums(&b)?;
@@ -631,7 +638,44 @@ fn promoted(ctx: &mut Ctx) -> R<()> {
     ctx.replay(&base, end, &cd, backup_start, &sums, 56133)
 }
 
-#[allow(dead_code)]
-fn quiet(c: &mut Command) -> &mut Command {
-    c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null())
+/// Follow mode started on a freshly promoted server (after its first checkpoint): the identity's
+/// timeline is the file names' (2), though the oldest segment starts with timeline-1 pages; the
+/// receiver's WAL replays to the end.
+#[test]
+fn follow_starts_on_a_freshly_promoted_server() {
+    let _l = lock();
+    let Some(mut ctx) = setup("safety-promoted-follow") else { return };
+    if let Err(e) = promoted_follow(&mut ctx) {
+        ctx.fail(e);
+    }
+}
+
+fn promoted_follow(ctx: &mut Ctx) -> R<()> {
+    let mut b = promoted_standby(ctx, 56141)?;
+    // Right after promotion pg_control still names timeline 1 (the sender then starts there and
+    // switches, as pg_timeline.rs covers); after a checkpoint it names 2, and pg_wal's oldest
+    // timeline-2 segment is the switch segment, whose first page says timeline 1.
+    b.sql("CHECKPOINT")?;
+    ctx.start_recv()?;
+    let b_wal = b.data.join("pg_wal");
+    ctx.start_send(&["--pg-wal", p(&b_wal), "--conninfo", &Ctx::conninfo(&b), "--slot", "s", "--insecure-no-auth"])?;
+    let l = ctx.wait_log("send", "following a live", Duration::from_secs(30))?;
+    ctx.say(format!("sender: {}", l.trim()));
+    if !l.contains("timeline=2") {
+        return Err(format!("the sender should follow timeline 2: {l}"));
+    }
+    let (base, backup_start) = ctx.base_backup(&b)?;
+    ctx.pgbench(&b, &["-c", "2", "-j", "2", "-t", "300", "-n"])?;
+    ctx.check_alive()?;
+    let sums = checksums(&b)?;
+    let (cd, end) = ctx.clean_stop(&mut b)?;
+    let line = ctx.wait_log("send", "holds the server's WAL durably through its shutdown checkpoint", Duration::from_secs(60))?;
+    ctx.say(format!("sender: {}", line.trim()));
+    let flushed = ctx.recv_flushed()?;
+    if flushed != end {
+        return Err(format!("receiver's .walship-flushed {} != b's end of WAL {}", fmt_lsn(flushed), fmt_lsn(end)));
+    }
+    ctx.sigterm("send")?;
+    ctx.sigterm("recv")?;
+    ctx.replay(&base, end, &cd, backup_start, &sums, 56143)
 }
