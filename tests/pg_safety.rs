@@ -664,6 +664,12 @@ fn promoted_follow(ctx: &mut Ctx) -> R<()> {
     if !l.contains("timeline=2") {
         return Err(format!("the sender should follow timeline 2: {l}"));
     }
+    // The WAL identity (what the Hello carries, which files are read) is timeline 2 from the start,
+    // not the switch segment's page timeline 1 (which used to send it through timeline 1's files).
+    let opened = ctx.wait_log("send", "source opened", Duration::from_secs(5))?;
+    if !opened.contains("timeline=2") {
+        return Err(format!("the source's identity should be timeline 2: {opened}"));
+    }
     let (base, backup_start) = ctx.base_backup(&b)?;
     ctx.pgbench(&b, &["-c", "2", "-j", "2", "-t", "300", "-n"])?;
     ctx.check_alive()?;
