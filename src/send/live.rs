@@ -264,15 +264,19 @@ pub fn describe_pg_error(e: &postgres::Error) -> String {
     s
 }
 
-/// The connection string without its password (`password=...` and the `user:password@` of a URI).
+/// The connection string without its password (`password=...`, and in a URI the `user:password@`
+/// part and a `password=` parameter).
 pub fn redact(conninfo: &str) -> String {
     if let Some((scheme, rest)) = conninfo.split_once("://") {
-        if let Some((userinfo, host)) = rest.split_once('@') {
-            if let Some((user, _password)) = userinfo.split_once(':') {
-                return format!("{scheme}://{user}:***@{host}");
+        let rest = match rest.split_once('@') {
+            Some((userinfo, host)) if userinfo.contains(':') => {
+                format!("{}:***@{host}", userinfo.split(':').next().unwrap_or_default())
             }
-        }
-        return conninfo.to_string();
+            _ => rest.to_string(),
+        };
+        let Some((path, query)) = rest.split_once('?') else { return format!("{scheme}://{rest}") };
+        let query: Vec<&str> = query.split('&').map(|kv| if kv.starts_with("password=") { "password=***" } else { kv }).collect();
+        return format!("{scheme}://{path}?{}", query.join("&"));
     }
     conninfo
         .split_whitespace()
@@ -763,6 +767,7 @@ mod tests {
         assert_eq!(redact("host=h password=secret user=u"), "host=h password=*** user=u");
         assert_eq!(redact("postgresql://u:secret@h:5432/db"), "postgresql://u:***@h:5432/db");
         assert_eq!(redact("postgresql://u@h/db"), "postgresql://u@h/db");
+        assert_eq!(redact("postgres://u@h/db?sslmode=disable&password=secret"), "postgres://u@h/db?sslmode=disable&password=***");
     }
 
     #[test]
