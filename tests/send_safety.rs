@@ -182,3 +182,19 @@ fn once_says_in_one_line_what_it_skipped() {
     }
     assert_eq!(r.lsn("end_lsn"), g.end_lsn, "{}", r.output);
 }
+
+/// A trailing `.partial` shorter than a segment (a truncated copy) is not silently dropped: the
+/// ship fails naming the file, rather than exiting 0 short of the end of valid WAL.
+#[test]
+fn a_short_trailing_partial_fails_loudly() {
+    let tmp = TestDir::new("safety-short");
+    let g = gen_wal(&tmp.join("src"), "3500KiB", &["--seed", "35"]);
+    let last = g.last_name(1);
+    let partial = g.dir.join(format!("{last}.partial"));
+    fs::rename(g.dir.join(&last), &partial).unwrap();
+    fs::OpenOptions::new().write(true).open(&partial).unwrap().set_len(MIB / 2).unwrap();
+    let r = ship(&tmp, "short", &g.dir, &tmp.join("dst"));
+    assert!(!r.status.success(), "a short .partial must not end in exit 0:\n{}", r.output);
+    let err = r.output.lines().find(|l| l.starts_with("walship: error:")).unwrap_or_else(|| panic!("no error line:\n{}", r.output));
+    assert!(err.contains(&format!("{last}.partial")) && err.contains("expected"), "the error should name the short file: {err}");
+}
