@@ -7,6 +7,13 @@
 //! query that a busy server answers late never holds up sending WAL or processing acks; the
 //! poller wakes the sender's io_uring loop through an eventfd when it learns something new.
 //!
+//! Before anything is done on the server, its system identifier must equal pg_control's and the
+//! WAL's (a `--pg-wal` of another cluster is refused). With `--slot`, shipping never starts before
+//! the segment holding the slot's restart_lsn: a new slot reserves WAL only from the server's last
+//! checkpoint redo (PostgreSQL cannot reserve older WAL through SQL), and older WAL, unprotected,
+//! could be recycled half-way through shipping it, leaving the receiver behind a slot that moved
+//! on. Skipping it is said in a WARN; a receiver that holds less than the slot keeps is refused.
+//!
 //! When the server stops cleanly its WAL ends with the shutdown checkpoint: `global/pg_control`
 //! says so, and a record walk from the current horizon finds the checkpoint's end, which becomes
 //! the horizon. After a crash the horizon stays where the server last confirmed it until the server
@@ -178,7 +185,7 @@ fn poll_loop(shared: &PollerShared, conninfo: &str, interval: Duration) {
             last_connect = Some(Instant::now());
             match postgres::Client::connect(conninfo, postgres::NoTls) {
                 Ok(c) => client = Some(c),
-                Err(e) => shared.publish(Polled::Unreachable(e.to_string())),
+                Err(e) => shared.publish(Polled::Unreachable(describe_pg_error(&e))),
             }
         }
         if let Some(c) = client.as_mut() {
@@ -194,7 +201,7 @@ fn poll_loop(shared: &PollerShared, conninfo: &str, interval: Duration) {
                 }
                 Err(e) => {
                     client = None;
-                    shared.publish(Polled::Unreachable(e.to_string()));
+                    shared.publish(Polled::Unreachable(describe_pg_error(&e)));
                 }
             }
         }
@@ -231,11 +238,46 @@ pub struct LiveSource {
 }
 
 fn pg_err(conninfo: &str, e: postgres::Error) -> SourceError {
-    SourceError::Server { conninfo: redact(conninfo), why: e.to_string() }
+    SourceError::Server { conninfo: redact(conninfo), why: describe_pg_error(&e) }
 }
 
-/// The connection string without its password.
-fn redact(conninfo: &str) -> String {
+/// PostgreSQL's own words for a failed call: severity, SQLSTATE, message, detail and hint of a
+/// server error (the client library's Display says only "db error"); otherwise the error and its
+/// causes (connection refused, bad connection string ...).
+pub fn describe_pg_error(e: &postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        let mut s = format!("{} {}: {}", db.severity(), db.code().code(), db.message());
+        if let Some(detail) = db.detail() {
+            s.push_str(&format!("; DETAIL: {detail}"));
+        }
+        if let Some(hint) = db.hint() {
+            s.push_str(&format!("; HINT: {hint}"));
+        }
+        return s;
+    }
+    let mut s = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        s.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    s
+}
+
+/// The connection string without its password (`password=...`, and in a URI the `user:password@`
+/// part and a `password=` parameter).
+pub fn redact(conninfo: &str) -> String {
+    if let Some((scheme, rest)) = conninfo.split_once("://") {
+        let rest = match rest.split_once('@') {
+            Some((userinfo, host)) if userinfo.contains(':') => {
+                format!("{}:***@{host}", userinfo.split(':').next().unwrap_or_default())
+            }
+            _ => rest.to_string(),
+        };
+        let Some((path, query)) = rest.split_once('?') else { return format!("{scheme}://{rest}") };
+        let query: Vec<&str> = query.split('&').map(|kv| if kv.starts_with("password=") { "password=***" } else { kv }).collect();
+        return format!("{scheme}://{path}?{}", query.join("&"));
+    }
     conninfo
         .split_whitespace()
         .map(|kv| if kv.starts_with("password=") { "password=***" } else { kv })
@@ -252,32 +294,29 @@ impl LiveSource {
         let pgdata = cfg.pg_wal.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
         let control = read_control(&pgdata)?;
         let mut client = postgres::Client::connect(&cfg.conninfo, postgres::NoTls).map_err(|e| pg_err(&cfg.conninfo, e))?;
+        // Same cluster on both sides before anything is done on the server (no slot yet).
+        let tli = control.timeline;
+        let identity = find_identity(&cfg.pg_wal, tli)?;
+        check_same_cluster(&mut client, &cfg, &pgdata, &control, identity)?;
         let is_standby: bool = client
             .query_one("SELECT pg_is_in_recovery()", &[])
             .map_err(|e| pg_err(&cfg.conninfo, e))?
             .get(0);
-        let tli = control.timeline;
-        let identity = find_identity(&cfg.pg_wal, tli)?;
-        if identity.system_id != control.system_id {
-            return Err(SourceError::BadFirstSegment {
-                path: cfg.pg_wal.clone(),
-                why: format!("WAL of system {} but pg_control says system {}", identity.system_id, control.system_id),
-            });
-        }
+        warn_if_wal_level_minimal(&mut client, &cfg.conninfo)?;
+        let oldest = oldest_segment(&cfg.pg_wal, identity)?;
         let mut slot_restart = Lsn(0);
+        let mut first_lsn = oldest;
         if let Some(slot) = &cfg.slot {
-            slot_restart = ensure_slot(&mut client, &cfg.conninfo, slot)?;
+            let (restart, created) = ensure_slot(&mut client, &cfg.conninfo, slot)?;
+            slot_restart = restart;
             info!(slot = %slot, restart_lsn = %slot_restart, "replication slot keeps WAL from {slot_restart} on");
+            first_lsn = first_protected(oldest, slot, restart, created, identity.seg_size);
         } else {
             warn!(
                 "no --slot: the server may recycle WAL before it is shipped; walship will notice (missing or \
                  recycled segment) and stop rather than ship garbage. Use --slot NAME to prevent it"
             );
         }
-        let oldest = oldest_segment(&cfg.pg_wal, identity)?;
-        // Everything still in pg_wal is offered (a base backup taken just before may need it); the
-        // slot protects what lies past its restart_lsn from recycling.
-        let first_lsn = oldest;
         let first_poll = query_flush(&mut client).map_err(|e| pg_err(&cfg.conninfo, e))?;
         drop(client);
         let slot = cfg.slot.clone().map(|name| SlotAdvance {
@@ -542,6 +581,12 @@ impl LiveSource {
         }
     }
 
+    /// The slot's name and the start of the oldest segment it keeps (None without `--slot`).
+    pub fn slot_protects_from(&self) -> Option<(&str, Lsn)> {
+        let slot = self.poller.shared.slot.as_ref()?;
+        Some((&slot.name, Lsn(slot.restart.load(Ordering::Acquire)).segment_start(self.identity.seg_size)))
+    }
+
     /// Where the slot was last advanced to (or found at start-up).
     pub fn slot_position(&self) -> Lsn {
         self.poller.shared.slot.as_ref().map_or(Lsn(0), |s| Lsn(s.restart.load(Ordering::Acquire)))
@@ -557,7 +602,12 @@ pub fn read_history(pg_wal: &Path, tli: u32) -> Result<String, SourceError> {
     std::fs::read_to_string(&path).map_err(io_err(&path))
 }
 
-fn ensure_slot(client: &mut postgres::Client, conninfo: &str, slot: &str) -> Result<Lsn, SourceError> {
+/// The slot's restart_lsn and whether it was created now. A new slot reserves WAL from the
+/// server's latest checkpoint redo (PostgreSQL's `ReplicationSlotReserveWal`): older WAL still in
+/// pg_wal is not protected, and no SQL call reserves it (`pg_replication_slot_advance` only moves
+/// forward, and refuses a slot that never reserved WAL). An existing slot without a restart_lsn
+/// protects nothing and is refused.
+fn ensure_slot(client: &mut postgres::Client, conninfo: &str, slot: &str) -> Result<(Lsn, bool), SourceError> {
     let rows = client
         .query("SELECT restart_lsn::text, slot_type FROM pg_replication_slots WHERE slot_name = $1::text::name", &[&slot])
         .map_err(|e| pg_err(conninfo, e))?;
@@ -570,14 +620,102 @@ fn ensure_slot(client: &mut postgres::Client, conninfo: &str, slot: &str) -> Res
             });
         }
         let restart: Option<String> = row.get(0);
-        return Ok(restart.and_then(|t| t.parse().ok()).unwrap_or(Lsn(0)));
+        return match restart.and_then(|t| t.parse().ok()) {
+            Some(lsn) => Ok((lsn, false)),
+            None => Err(SourceError::Server {
+                conninfo: redact(conninfo),
+                why: format!(
+                    "replication slot {slot} exists but reserves no WAL (its restart_lsn is NULL: created without \
+                     reserving WAL, or invalidated after falling behind max_slot_wal_keep_size), so it protects \
+                     nothing. Drop it (SELECT pg_drop_replication_slot('{slot}')) to let walship create it, or use \
+                     another --slot"
+                ),
+            }),
+        };
     }
     let row = client
         .query_one("SELECT lsn::text FROM pg_create_physical_replication_slot($1::text::name, true)", &[&slot])
         .map_err(|e| pg_err(conninfo, e))?;
     info!(slot = %slot, "created physical replication slot");
     let lsn: Option<String> = row.get(0);
-    Ok(lsn.and_then(|t| t.parse().ok()).unwrap_or(Lsn(0)))
+    let lsn = lsn.and_then(|t| t.parse().ok()).ok_or_else(|| SourceError::Server {
+        conninfo: redact(conninfo),
+        why: format!("created replication slot {slot}, but the server reported no restart_lsn for it"),
+    })?;
+    Ok((lsn, true))
+}
+
+/// Where shipping starts with a slot: never before the segment holding the slot's restart_lsn
+/// (older WAL in pg_wal is not protected: a checkpoint may recycle it half-way through shipping it,
+/// leaving the receiver behind a slot that moved on). Says so loudly when that skips WAL.
+fn first_protected(oldest: Lsn, slot: &str, restart: Lsn, created: bool, seg_size: u64) -> Lsn {
+    let slot_segment = restart.segment_start(seg_size);
+    if slot_segment <= oldest {
+        return oldest;
+    }
+    let skipped_mib = (slot_segment - oldest) as f64 / f64::from(1u32 << 20);
+    if created {
+        warn!(
+            slot = %slot, restart_lsn = %restart, pg_wal_from = %oldest,
+            "pg_wal holds WAL from {oldest}, but the new replication slot {slot} reserves WAL only from {restart} \
+             (PostgreSQL reserves a new physical slot at the latest checkpoint's redo; older WAL cannot be reserved). \
+             Shipping starts at {slot_segment}: the {skipped_mib:.0} MiB before it are NOT shipped, since the server may \
+             recycle them at any checkpoint. A base backup that starts before {slot_segment} cannot be restored from \
+             this receiver: take a new one, or ship the older WAL from an archive first"
+        );
+    } else {
+        warn!(
+            slot = %slot, restart_lsn = %restart, pg_wal_from = %oldest,
+            "pg_wal holds WAL from {oldest}, but replication slot {slot} keeps WAL only from {restart}: the older WAL \
+             is not protected and is NOT shipped; shipping starts at {slot_segment}"
+        );
+    }
+    slot_segment
+}
+
+/// Refuses a `--pg-wal` that belongs to another cluster than the server `--conninfo` reaches:
+/// the server's system identifier must equal both pg_control's and the WAL segments'.
+fn check_same_cluster(
+    client: &mut postgres::Client,
+    cfg: &LiveConfig,
+    pgdata: &Path,
+    control: &ControlData,
+    identity: WalIdentity,
+) -> Result<(), SourceError> {
+    let server: i64 = client
+        .query_one("SELECT system_identifier FROM pg_control_system()", &[])
+        .map_err(|e| pg_err(&cfg.conninfo, e))?
+        .get(0);
+    let server = server as u64;
+    if server == control.system_id && identity.system_id != control.system_id {
+        return Err(SourceError::BadFirstSegment {
+            path: cfg.pg_wal.clone(),
+            why: format!("WAL of system {} but pg_control says system {}", identity.system_id, control.system_id),
+        });
+    }
+    if server != control.system_id || server != identity.system_id {
+        return Err(SourceError::WrongCluster {
+            conninfo: redact(&cfg.conninfo),
+            server,
+            pg_wal: cfg.pg_wal.clone(),
+            wal: identity.system_id,
+            pg_control: pgdata.join("global").join("pg_control"),
+            control: control.system_id,
+        });
+    }
+    Ok(())
+}
+
+/// `wal_level=minimal` WAL cannot be replayed by a standby: say so (shipping it still works).
+fn warn_if_wal_level_minimal(client: &mut postgres::Client, conninfo: &str) -> Result<(), SourceError> {
+    let level: String = client.query_one("SHOW wal_level", &[]).map_err(|e| pg_err(conninfo, e))?.get(0);
+    if level == "minimal" {
+        warn!(
+            "the server runs with wal_level=minimal: its WAL lacks what a standby or a restore from a base backup \
+             needs, so what walship ships cannot be replayed. Set wal_level=replica (restart needed)"
+        );
+    }
+    Ok(())
 }
 
 fn read_control(pgdata: &Path) -> Result<ControlData, SourceError> {
@@ -586,7 +724,8 @@ fn read_control(pgdata: &Path) -> Result<ControlData, SourceError> {
     ControlData::parse(&bytes).map_err(|e| SourceError::BadFirstSegment { path, why: e.to_string() })
 }
 
-/// The identity of the WAL in `pg_wal` for timeline `tli`, from the first page of one of its segments.
+/// The identity of the WAL in `pg_wal` for timeline `tli` (the file names' timeline), from the
+/// first page of its oldest segment (whose `xlp_tli` may be an ancestor's, see `read_identity_named`).
 fn find_identity(pg_wal: &Path, tli: u32) -> Result<WalIdentity, SourceError> {
     let prefix = format!("{tli:08X}");
     let mut names: Vec<String> = std::fs::read_dir(pg_wal)
@@ -596,7 +735,13 @@ fn find_identity(pg_wal: &Path, tli: u32) -> Result<WalIdentity, SourceError> {
         .collect();
     names.sort();
     let first = names.first().ok_or_else(|| SourceError::Empty { dir: pg_wal.to_path_buf() })?;
-    super::source::read_identity(&pg_wal.join(first))
+    let path = pg_wal.join(first);
+    let seg_size = super::source::read_identity(&path)?.seg_size;
+    let segno = match WalFileName::parse(first, seg_size) {
+        Some(WalFileName::Segment { segno, .. }) => segno,
+        _ => return Err(SourceError::BadFirstSegment { path, why: "not a canonical segment name for its segment size".into() }),
+    };
+    super::source::read_identity_named(&path, tli, segno, pg_wal)
 }
 
 /// Start of the oldest segment of the identity's timeline present in `pg_wal`.
@@ -611,4 +756,26 @@ fn oldest_segment(pg_wal: &Path, id: WalIdentity) -> Result<Lsn, SourceError> {
         }
     }
     oldest.map(|s| Lsn(s * id.seg_size)).ok_or_else(|| SourceError::Empty { dir: pg_wal.to_path_buf() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redact_masks_passwords_in_both_conninfo_forms() {
+        assert_eq!(redact("host=h password=secret user=u"), "host=h password=*** user=u");
+        assert_eq!(redact("postgresql://u:secret@h:5432/db"), "postgresql://u:***@h:5432/db");
+        assert_eq!(redact("postgresql://u@h/db"), "postgresql://u@h/db");
+        assert_eq!(redact("postgres://u@h/db?sslmode=disable&password=secret"), "postgres://u@h/db?sslmode=disable&password=***");
+    }
+
+    #[test]
+    fn shipping_starts_at_the_slot_s_segment_never_before() {
+        let seg = 16u64 << 20;
+        assert_eq!(first_protected(Lsn(5 * seg), "s", Lsn(0xF77_C5D0), true, seg), Lsn(0xF00_0000));
+        assert_eq!(first_protected(Lsn(0xF00_0000), "s", Lsn(0xF77_C5D0), false, seg), Lsn(0xF00_0000));
+        // A slot older than pg_wal's oldest segment: pg_wal's oldest.
+        assert_eq!(first_protected(Lsn(0x1000_0000), "s", Lsn(0xF77_C5D0), false, seg), Lsn(0x1000_0000));
+    }
 }

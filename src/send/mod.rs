@@ -128,7 +128,7 @@ impl Source {
     }
     fn segment_path(&self, lsn: Lsn) -> PathBuf {
         match self {
-            Source::Dir(s) => s.dir().join(s.segment_name(lsn)),
+            Source::Dir(s) => s.segment_path(lsn),
             Source::Live(s) => s.segment_path(lsn.0 / s.identity().seg_size),
         }
     }
@@ -192,6 +192,15 @@ pub enum SendError {
     GaveUp { retry_for: Duration, last: String },
     #[error("receiver {peer} holds WAL up to {receiver}, but the source's valid WAL ends at {source_end}: it holds WAL this source does not have (another history?)")]
     ReceiverAhead { peer: String, receiver: Lsn, source_end: Lsn },
+    #[error(
+        "receiver {peer} holds WAL durably only up to {receiver}, but replication slot {slot} keeps WAL only from \
+         {slot_from} on: the WAL between them is not protected from recycling (the server may have removed it \
+         already), so shipping it could stop half-way, and shipping from {slot_from} would leave a gap. Refusing to \
+         ship. The receiver's directory is not the one this slot served, or it lost WAL. Give the receiver the \
+         directory that holds WAL up to {slot_from}, or start an empty receiver directory (shipping then starts at \
+         the slot) with a new base backup"
+    )]
+    SlotAhead { peer: String, receiver: Lsn, slot: String, slot_from: Lsn },
     #[error("interrupted; the receiver holds everything below {flushed} durably")]
     Interrupted { flushed: Lsn },
     #[error("cannot resolve {to}: {why}")]
@@ -352,7 +361,9 @@ pub fn run_with_metrics(cfg: &SendConfig, shutdown: Arc<AtomicBool>, m: Arc<Send
             ConnEnd::Fatal(e) => {
                 m.inc_error(match &e {
                     SendError::Source(_) => send_error::SOURCE,
-                    SendError::Refused { .. } | SendError::ReceiverAhead { .. } => send_error::REFUSED,
+                    SendError::Refused { .. } | SendError::ReceiverAhead { .. } | SendError::SlotAhead { .. } => {
+                        send_error::REFUSED
+                    }
                     _ => send_error::OTHER,
                 });
                 return Err(e);
@@ -443,6 +454,7 @@ fn ship_once(
     let welcome = match handshake(&link, &hello, cfg.peer_timeout, cfg.auth.as_ref()) {
         Ok(w) => w,
         Err(HandshakeError::Refused(code, message)) => {
+            let message = if matches!(code, ErrorCode::Gap) { explain_gap_at_slot(source, message) } else { message };
             return match code {
                 ErrorCode::Identity | ErrorCode::Gap | ErrorCode::Protocol | ErrorCode::Auth => {
                     ConnEnd::Fatal(SendError::Refused { peer, message })
@@ -461,6 +473,9 @@ fn ship_once(
             progress.acked
         );
     }
+    if let Err(e) = slot_covers(source, &peer, resume) {
+        return ConnEnd::Fatal(e);
+    }
     if let Err(e) = source.refresh(resume) {
         return ConnEnd::Fatal(e.into());
     }
@@ -477,6 +492,33 @@ fn ship_once(
     match stream_data(cfg, source, &link, &peer, resume, shutdown, summary, progress, m) {
         Ok(end) => end,
         Err(e) => ConnEnd::Fatal(e),
+    }
+}
+
+/// The slot must keep every byte the receiver still needs (from `resume` on): a slot ahead of
+/// the receiver means WAL it needs may be recycled.
+fn slot_covers(source: &Source, peer: &str, resume: Lsn) -> Result<(), SendError> {
+    let Source::Live(live) = source else { return Ok(()) };
+    match live.slot_protects_from() {
+        Some((slot, slot_from)) if resume < slot_from => {
+            Err(SendError::SlotAhead { peer: peer.into(), receiver: resume, slot: slot.into(), slot_from })
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The receiver refused a gap: when shipping starts at the slot's segment (older WAL in pg_wal
+/// is not protected), say why the sender starts there and what to do.
+fn explain_gap_at_slot(source: &Source, message: String) -> String {
+    let Source::Live(live) = source else { return message };
+    match live.slot_protects_from() {
+        Some((slot, from)) if live.first_lsn() == from => format!(
+            "{message}. walship starts at {from} because replication slot {slot} keeps WAL only from there: WAL before \
+             it is not protected from recycling and is not shipped. The receiver's directory is not the one this slot \
+             served, or it lost WAL: give the receiver the directory that holds WAL up to {from}, or start an empty \
+             receiver directory (shipping then starts at the slot) with a new base backup"
+        ),
+        _ => message,
     }
 }
 
