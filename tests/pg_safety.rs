@@ -24,7 +24,6 @@ mod common;
 
 use common::pg::*;
 use common::*;
-use std::fmt::Write as _;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -32,7 +31,6 @@ use std::process::ExitStatus;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-const REPLAY_TIMEOUT: Duration = Duration::from_secs(120);
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -273,76 +271,20 @@ impl Ctx {
     /// receiver's directory must replay to exactly `target` and show `sums`; every segment from
     /// the backup's start to the target must have been restored.
     fn replay(&self, base: &Path, target: u64, cd: &ControlData, backup_start: u64, sums: &[(String, String)], port: u16) -> R<()> {
-        let mut standby = self.server("replay", port);
-        run_ok(cmd("cp", ["-a"]).arg(base).arg(&standby.data))?;
-        let wal = standby.data.join("pg_wal");
-        for e in fs::read_dir(&wal).map_err(|e| e.to_string())?.flatten() {
-            let p = e.path();
-            let r = if p.is_dir() { fs::remove_dir_all(&p) } else { fs::remove_file(&p) };
-            r.map_err(|e| format!("empty {}: {e}", wal.display()))?;
-        }
-        fs::write(standby.data.join("standby.signal"), b"").map_err(|e| e.to_string())?;
-        let _ = fs::remove_file(standby.data.join("postgresql.auto.conf"));
-        let restore = format!("{} restore %f %p --dir {}", self.restore_exe()?.display(), self.recv_dir.display());
-        append(
-            &standby.data.join("postgresql.conf"),
-            &format!(
-                "\n# walship pg_safety replay standby\nport = {port}\nunix_socket_directories = '{}'\n\
-                 restore_command = '{restore}'\nprimary_conninfo = ''\nhot_standby = on\nwal_retrieve_retry_interval = '1s'\n",
-                standby.sock.display()
-            ),
-        )?;
-        self.pg.chown(&standby.data)?;
-        chmod_a_rx(&self.recv_dir).map_err(|e| format!("chmod -R a+rX {}: {e}", self.recv_dir.display()))?;
-        self.say(format!("replay standby: restore_command = '{restore}', replaying to {}", fmt_lsn(target)));
-        standby.pg_ctl_start(false)?;
-        let t0 = Instant::now();
-        let mut last = String::new();
-        let reached = poll_until(REPLAY_TIMEOUT, Duration::from_millis(250), || match standby.sql_quiet("SELECT pg_last_wal_replay_lsn()") {
-            Ok(s) => {
-                last = s.clone();
-                parse_lsn(&s).filter(|&l| l >= target).map(Ok)
-            }
-            Err(e) => {
-                last = e;
-                if t0.elapsed() > Duration::from_secs(3) && !standby.alive() {
-                    Some(Err(standby.err(format!("standby postmaster died during recovery (last psql: {last})"))))
-                } else {
-                    None
-                }
-            }
-        })
-        .ok_or_else(|| standby.err(format!("standby did not replay to {} within {REPLAY_TIMEOUT:?}; last: {last}", fmt_lsn(target))))??;
-        if reached != target {
-            return Err(standby.err(format!("pg_last_wal_replay_lsn() = {} != the source's end of WAL {}", fmt_lsn(reached), fmt_lsn(target))));
-        }
-        let got = checksums(&standby)?;
-        let mut bad = String::new();
-        for ((tbl, want), (_, have)) in sums.iter().zip(&got) {
-            if want != have {
-                let _ = writeln!(bad, "  {tbl}: source {want}\n  {tbl}: standby {have}");
-            }
-        }
-        if !bad.is_empty() {
-            return Err(standby.err(format!("checksums differ after replay:\n{bad}")));
-        }
-        let log = fs::read_to_string(&standby.log).unwrap_or_default();
-        let restored: Vec<&str> =
-            log.lines().filter_map(|l| l.split("restored log file \"").nth(1).and_then(|s| s.split('"').next())).collect();
-        let want: Vec<String> =
-            (backup_start / cd.seg_size..=(target - 1) / cd.seg_size).map(|s| seg_name(cd.tli, s, cd.seg_size)).collect();
-        let missing: Vec<&String> = want.iter().filter(|n| !restored.contains(&n.as_str())).collect();
-        if !missing.is_empty() {
-            return Err(standby.err(format!("standby log shows no `restored log file` for {missing:?}")));
-        }
-        self.say(format!(
-            "standby replayed to {} (= end of WAL), {} table checksums equal, restored {} .. {} via walship restore",
-            fmt_lsn(reached),
-            got.len(),
-            want[0],
-            want[want.len() - 1]
-        ));
-        standby.stop("fast")
+        let want_restored = (backup_start / cd.seg_size..=(target - 1) / cd.seg_size).map(|s| seg_name(cd.tli, s, cd.seg_size)).collect();
+        let replay = common::replay::Replay {
+            standby: self.server("replay", port),
+            base,
+            restore_exe: self.restore_exe()?,
+            recv_dir: &self.recv_dir,
+            // A backup of a standby carries its primary_conninfo: this one restores only.
+            extra_conf: "primary_conninfo = ''",
+            target,
+            sums,
+            want_restored,
+        };
+        common::replay::replay_and_verify(replay, &|m| self.say(m))?;
+        Ok(())
     }
 
     fn fail(&self, e: String) -> ! {
