@@ -71,17 +71,7 @@ fn parse_frame_bytes_max(s: &str) -> Result<u64, String> {
 /// `HOST:PORT` with a port 1..=65535 (`[::1]:5499` for IPv6). Checked at start-up: a typo must not
 /// be retried as a transient connection failure for the whole --retry-for.
 fn parse_host_port(s: &str) -> Result<String, String> {
-    let Some((host, port)) = s.rsplit_once(':') else {
-        return Err("expected HOST:PORT, e.g. archive.example.com:5499 or 10.0.0.2:5499 or [::1]:5499".into());
-    };
-    let host_ok = !host.is_empty() && (!host.contains(':') || (host.starts_with('[') && host.ends_with(']')));
-    if !host_ok {
-        return Err(format!("{host:?} is not a host name or address (IPv6 addresses go in brackets: [::1]:5499)"));
-    }
-    match port.parse::<u16>() {
-        Ok(p) if p > 0 => Ok(s.to_string()),
-        _ => Err(format!("port {port:?} is not a number in 1..=65535")),
-    }
+    walship::send::check_host_port(s).map(|_| s.to_string()).map_err(|e| e.to_string())
 }
 
 /// A log filter: a level name, or `target=level` directives separated by commas. A word that is
@@ -521,24 +511,10 @@ fn shutdown_flag() -> Result<Arc<AtomicBool>> {
     Ok(flag)
 }
 
-fn check_pow2(name: &str, value: u64, min: u64, max: u64) -> Result<()> {
-    if !value.is_power_of_two() || value < min || value > max {
-        bail!("--{name} must be a power of two between {min} and {max} bytes, got {value}");
-    }
-    Ok(())
-}
-
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Send(a) => {
-            check_pow2("frame-bytes", a.frame_bytes, 64 << 10, 16 << 20)?;
-            if a.in_flight_bytes_max < a.frame_bytes {
-                bail!("--in-flight-bytes-max ({}) must be at least --frame-bytes ({})", a.in_flight_bytes_max, a.frame_bytes);
-            }
             let send_batch_bytes_max = a.send_batch_bytes_max.unwrap_or((8 << 20).max(a.frame_bytes));
-            if send_batch_bytes_max < a.frame_bytes {
-                bail!("--send-batch-bytes-max ({send_batch_bytes_max}) must be at least --frame-bytes ({})", a.frame_bytes);
-            }
             let live = a.conninfo.map(|conninfo| walship::send::live::LiveConfig {
                 pg_wal: a.pg_wal.clone(),
                 conninfo,

@@ -35,6 +35,57 @@ pub enum ZeroCopy {
     Off,
 }
 
+/// A [`SendConfig`] that cannot work, named by the flag that sets it.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("--frame-bytes must be a power of two between 64KiB and 16MiB, got {0}")]
+    FrameBytes(u64),
+    #[error("--{flag} ({value}) must be at least --frame-bytes ({frame_bytes})")]
+    BelowFrame { flag: &'static str, value: u64, frame_bytes: u64 },
+    #[error("--{flag} must be longer than zero")]
+    ZeroDuration { flag: &'static str },
+    #[error("--to {0:?}: expected HOST:PORT with a port in 1..=65535 (IPv6 in brackets: [::1]:5499)")]
+    To(String),
+}
+
+/// `HOST:PORT` with a port 1..=65535 (`[::1]:5499` for IPv6): a typo must be refused at start-up,
+/// never retried as a transient connection failure.
+pub fn check_host_port(to: &str) -> Result<(), ConfigError> {
+    let bad = || ConfigError::To(to.to_string());
+    let (host, port) = to.rsplit_once(':').ok_or_else(bad)?;
+    let host_ok = !host.is_empty() && (!host.contains(':') || (host.starts_with('[') && host.ends_with(']')));
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 && host_ok => Ok(()),
+        _ => Err(bad()),
+    }
+}
+
+impl SendConfig {
+    /// Checks every limit and how they fit together; `run` refuses a config that fails.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !self.frame_bytes.is_power_of_two() || !(64 << 10..=16 << 20).contains(&self.frame_bytes) {
+            return Err(ConfigError::FrameBytes(self.frame_bytes));
+        }
+        for (flag, value) in [("in-flight-bytes-max", self.in_flight_bytes_max), ("send-batch-bytes-max", self.send_batch_bytes_max)] {
+            if value < self.frame_bytes {
+                return Err(ConfigError::BelowFrame { flag, value, frame_bytes: self.frame_bytes });
+            }
+        }
+        let live = self.live.as_ref();
+        for (flag, d) in [
+            ("peer-timeout", Some(self.peer_timeout)),
+            ("connect-timeout", Some(self.connect_timeout)),
+            ("horizon-poll-interval", live.map(|l| l.poll_interval)),
+            ("slot-advance-interval", live.map(|l| l.slot_advance_interval)),
+        ] {
+            if d.is_some_and(|d| d.is_zero()) {
+                return Err(ConfigError::ZeroDuration { flag });
+            }
+        }
+        check_host_port(&self.to)
+    }
+}
+
 /// Everything `walship send` needs, validated.
 #[derive(Debug, Clone)]
 pub struct SendConfig {
@@ -182,6 +233,8 @@ impl Source {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
+    #[error("invalid sender configuration: {0}")]
+    Config(#[from] ConfigError),
     #[error(transparent)]
     Source(#[from] SourceError),
     #[error(transparent)]
@@ -304,6 +357,7 @@ pub fn run(cfg: &SendConfig, shutdown: Arc<AtomicBool>) -> Result<SendSummary, S
 
 /// [`run`], publishing positions, lag and errors into `m` as it goes.
 pub fn run_with_metrics(cfg: &SendConfig, shutdown: Arc<AtomicBool>, m: Arc<SenderMetrics>) -> Result<SendSummary, SendError> {
+    cfg.validate()?;
     let mut source = match &cfg.live {
         None => {
             let mut dir = DirSource::open(&cfg.pg_wal)?;
@@ -939,5 +993,59 @@ mod tests {
         assert!(matches!(welcome, Ok(ref w) if w.system_id == 7), "handshake did not take the Welcome it held");
         assert!(started.elapsed() < Duration::from_secs(2));
         receiver.join().unwrap();
+    }
+}
+
+#[cfg(test)]
+mod config_tests {
+    use super::*;
+
+    fn good() -> SendConfig {
+        SendConfig {
+            pg_wal: PathBuf::from("/nonexistent"),
+            to: "archive.example:5499".into(),
+            once: true,
+            retry_for: Duration::from_secs(30),
+            zero_copy: ZeroCopy::Auto,
+            frame_bytes: 1 << 20,
+            in_flight_bytes_max: 128 << 20,
+            send_batch_bytes_max: 8 << 20,
+            zero_copy_bytes_min: 64 << 10,
+            peer_timeout: Duration::from_secs(60),
+            connect_timeout: Duration::from_secs(5),
+            name: "test".into(),
+            live: None,
+            shutdown_timeout: Duration::from_secs(30),
+            auth: None,
+            tls: None,
+        }
+    }
+
+    type Break = fn(&mut SendConfig);
+
+    #[test]
+    fn the_defaults_are_valid_and_each_broken_limit_is_named() {
+        good().validate().unwrap();
+        let cases: Vec<(Break, &str)> = vec![
+            (|c| c.frame_bytes = 3 << 20, "--frame-bytes"),
+            (|c| c.frame_bytes = 32 << 20, "--frame-bytes"),
+            (|c| c.in_flight_bytes_max = 512 << 10, "--in-flight-bytes-max"),
+            (|c| c.send_batch_bytes_max = 512 << 10, "--send-batch-bytes-max"),
+            (|c| c.peer_timeout = Duration::ZERO, "--peer-timeout"),
+            (|c| c.to = "nonsense".into(), "--to"),
+            (|c| c.to = "host:99999".into(), "--to"),
+            (|c| c.to = "host:0".into(), "--to"),
+            (|c| c.to = ":5499".into(), "--to"),
+            (|c| c.to = "::1:5499".into(), "--to"),
+        ];
+        for (breaks, flag) in cases {
+            let mut c = good();
+            breaks(&mut c);
+            let err = c.validate().expect_err(flag).to_string();
+            assert!(err.contains(flag), "{flag}: {err}");
+        }
+        for to in ["[::1]:5499", "10.0.0.2:1", "a:65535"] {
+            assert_eq!(check_host_port(to), Ok(()), "{to}");
+        }
     }
 }
