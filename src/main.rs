@@ -515,7 +515,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Send(a) => {
             let send_batch_bytes_max = a.send_batch_bytes_max.unwrap_or((8 << 20).max(a.frame_bytes));
-            let live = a.conninfo.map(|conninfo| walship::send::live::LiveConfig {
+            let live = a.conninfo.map(|conninfo| walship::send::source::LiveConfig {
                 pg_wal: a.pg_wal.clone(),
                 conninfo,
                 slot: a.slot,

@@ -3,10 +3,12 @@
 //! one sendmsg (header + payload straight from the segment mmap, zero-copy when it pays) in
 //! flight per connection, acks received concurrently. With `--tls-ca` the same data path runs on
 //! the plaintext end of a TLS pump ([`crate::tls`]).
-pub mod live;
 pub mod pages;
 pub mod sender;
 pub mod source;
+
+/// The live source, at its former path.
+pub use source::live;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
@@ -24,8 +26,7 @@ use crate::metrics::{send_error, SenderMetrics};
 use crate::tls::{Link, TlsClient, TlsError};
 use pages::PageChecker;
 use sender::{FramePlan, Sender, SenderLimits};
-use live::{LiveConfig, LiveSource, ServerState};
-use source::{DirSource, SourceError, WalEnd};
+use source::{DirSource, LiveConfig, LiveSource, ServerState, Source, SourceError, WalSource};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ZeroCopy {
@@ -115,120 +116,6 @@ pub struct SendConfig {
     pub auth: Option<crate::auth::AuthKey>,
     /// TLS to the receiver (None: plain TCP).
     pub tls: Option<TlsClient>,
-}
-
-/// Where the WAL comes from. One per process: the variants' sizes do not matter.
-#[allow(clippy::large_enum_variant)]
-pub enum Source {
-    Dir(DirSource),
-    Live(Box<LiveSource>),
-}
-
-impl Source {
-    pub fn identity(&self) -> crate::wal::WalIdentity {
-        match self {
-            Source::Dir(s) => s.identity(),
-            Source::Live(s) => s.identity(),
-        }
-    }
-    pub fn first_lsn(&self) -> Lsn {
-        match self {
-            Source::Dir(s) => s.first_lsn(),
-            Source::Live(s) => s.first_lsn(),
-        }
-    }
-    /// Everything below this may be shipped.
-    pub fn horizon(&self) -> Lsn {
-        match self {
-            Source::Dir(s) => s.horizon(),
-            Source::Live(s) => s.horizon(),
-        }
-    }
-    /// The horizon will not move any more (the directory walk ended).
-    pub fn is_final(&self) -> bool {
-        match self {
-            Source::Dir(s) => s.end().is_some(),
-            Source::Live(_) => false,
-        }
-    }
-    /// Moves the horizon: walks further (directory) or asks the server (live).
-    fn refresh(&mut self, want: Lsn) -> Result<(), SourceError> {
-        match self {
-            Source::Dir(s) => s.walk_until(want),
-            Source::Live(s) => s.refresh(),
-        }
-    }
-    /// An eventfd that becomes readable when the horizon may have moved (following a server).
-    fn wake_fd(&self) -> Option<std::os::fd::RawFd> {
-        match self {
-            Source::Dir(_) => None,
-            Source::Live(s) => Some(s.wake_fd()),
-        }
-    }
-    fn wait_hint(&self) -> Duration {
-        match self {
-            Source::Dir(_) => Duration::from_millis(100),
-            Source::Live(s) => s.next_refresh_in().max(Duration::from_micros(200)),
-        }
-    }
-    fn map_for(&mut self, lsn: Lsn) -> Result<Arc<crate::uring::SegmentMap>, SourceError> {
-        match self {
-            Source::Dir(s) => s.map_for(lsn),
-            Source::Live(s) => s.map_for(lsn),
-        }
-    }
-    fn segment_path(&self, lsn: Lsn) -> PathBuf {
-        match self {
-            Source::Dir(s) => s.segment_path(lsn),
-            Source::Live(s) => s.segment_path(lsn.0 / s.identity().seg_size),
-        }
-    }
-    fn release_below(&mut self, lsn: Lsn) {
-        match self {
-            Source::Dir(s) => s.release_below(lsn),
-            Source::Live(s) => s.release_below(lsn),
-        }
-    }
-    fn on_durable(&mut self, flushed: Lsn) {
-        if let Source::Live(s) = self {
-            s.on_durable(flushed);
-        }
-    }
-    fn corrupt_end(&self) -> Option<Lsn> {
-        match self {
-            Source::Dir(s) => match s.end() {
-                Some(WalEnd::Corrupt { valid_end }) => Some(*valid_end),
-                _ => None,
-            },
-            Source::Live(_) => None,
-        }
-    }
-    fn take_corruption(&mut self) -> Option<SourceError> {
-        match self {
-            Source::Dir(s) => s.take_corruption(),
-            Source::Live(_) => None,
-        }
-    }
-    /// This timeline's history file, for the handshake.
-    fn history(&self) -> String {
-        match self {
-            Source::Dir(s) => live::read_history(s.dir(), s.identity().tli).unwrap_or_default(),
-            Source::Live(s) => s.history().to_string(),
-        }
-    }
-    /// Where the current timeline ends, when the server moved to a newer one.
-    fn switch_point(&self) -> Option<Lsn> {
-        match self {
-            Source::Dir(_) => None,
-            Source::Live(s) => s.switch_point(),
-        }
-    }
-    fn server_state(&self) -> Option<ServerState> {
-        match self {
-            Source::Dir(_) => None,
-            Source::Live(s) => Some(s.state()),
-        }
-    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -358,13 +245,13 @@ pub fn run(cfg: &SendConfig, shutdown: Arc<AtomicBool>) -> Result<SendSummary, S
 /// [`run`], publishing positions, lag and errors into `m` as it goes.
 pub fn run_with_metrics(cfg: &SendConfig, shutdown: Arc<AtomicBool>, m: Arc<SenderMetrics>) -> Result<SendSummary, SendError> {
     cfg.validate()?;
-    let mut source = match &cfg.live {
+    let mut source: Source = match &cfg.live {
         None => {
             let mut dir = DirSource::open(&cfg.pg_wal)?;
             dir.walk_until(dir.first_lsn() + 1)?;
-            Source::Dir(dir)
+            Box::new(dir)
         }
-        Some(live) => Source::Live(Box::new(LiveSource::open(live.clone())?)),
+        Some(live) => Box::new(LiveSource::open(live.clone())?),
     };
     let id = source.identity();
     info!(
@@ -403,9 +290,7 @@ pub fn run_with_metrics(cfg: &SendConfig, shutdown: Arc<AtomicBool>, m: Arc<Send
         match end {
             ConnEnd::Done => break,
             ConnEnd::TimelineSwitch => {
-                if let Source::Live(live) = &mut source {
-                    live.apply_switch()?;
-                }
+                source.apply_switch()?;
                 // Positions on the new timeline start over at its first segment.
                 progress.acked = Lsn(0);
                 progress.horizons_seen.clear();
@@ -552,8 +437,7 @@ fn ship_once(
 /// The slot must keep every byte the receiver still needs (from `resume` on): a slot ahead of
 /// the receiver means WAL it needs may be recycled.
 fn slot_covers(source: &Source, peer: &str, resume: Lsn) -> Result<(), SendError> {
-    let Source::Live(live) = source else { return Ok(()) };
-    match live.slot_protects_from() {
+    match source.slot_protects_from() {
         Some((slot, slot_from)) if resume < slot_from => {
             Err(SendError::SlotAhead { peer: peer.into(), receiver: resume, slot: slot.into(), slot_from })
         }
@@ -564,9 +448,8 @@ fn slot_covers(source: &Source, peer: &str, resume: Lsn) -> Result<(), SendError
 /// The receiver refused a gap: when shipping starts at the slot's segment (older WAL in pg_wal
 /// is not protected), say why the sender starts there and what to do.
 fn explain_gap_at_slot(source: &Source, message: String) -> String {
-    let Source::Live(live) = source else { return message };
-    match live.slot_protects_from() {
-        Some((slot, from)) if live.first_lsn() == from => format!(
+    match source.slot_protects_from() {
+        Some((slot, from)) if source.first_lsn() == from => format!(
             "{message}. walship starts at {from} because replication slot {slot} keeps WAL only from there: WAL before \
              it is not protected from recycling and is not shipped. The receiver's directory is not the one this slot \
              served, or it lost WAL: give the receiver the directory that holds WAL up to {from}, or start an empty \

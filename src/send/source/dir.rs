@@ -1,4 +1,4 @@
-//! The sender's source of WAL: a `pg_wal` directory (or an archive) at rest. Maps segments in
+//! The directory at rest (`--once`): a `pg_wal` directory (or an archive). Maps segments in
 //! LSN order, walks their records to find the horizon (the exact end of valid WAL), and tells
 //! the end of WAL apart from corruption.
 //!
@@ -15,44 +15,17 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tracing::info;
 
+use super::{io_err, read_history, SegmentMaps, SourceError, WalSource};
 use crate::uring::SegmentMap;
 use crate::wal::{
     first_page_claiming_more, page_belongs_here, EndReason, Lsn, RecordWalker, SegmentWalk, WalFileName, WalIdentity,
 };
-
-#[derive(Debug, thiserror::Error)]
-pub enum SourceError {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
-    #[error("{dir}: no WAL segment files found")]
-    Empty { dir: PathBuf },
-    #[error("{path}: not a usable WAL segment: {why}")]
-    BadFirstSegment { path: PathBuf, why: String },
-    #[error(
-        "corrupt WAL in {path} at offset {offset} (LSN {lsn}): {reason}; valid WAL ends at {valid_end}, \
-         but WAL continues at {claimed} (page header valid for that position), so this is damage, not the end \
-         of WAL. Everything before {valid_end} was shipped; nothing after it"
-    )]
-    Corrupt { path: PathBuf, offset: u64, lsn: Lsn, reason: String, valid_end: Lsn, claimed: Lsn },
-    #[error(
-        "--pg-wal and --conninfo are different clusters: the server at {conninfo} is system {server}, but {pg_wal} \
-         holds WAL of system {wal} and {pg_control} says system {control}. Nothing was done on the server (no slot \
-         created). Point --pg-wal at the pg_wal of the server --conninfo reaches (or fix --conninfo)"
-    )]
-    WrongCluster { conninfo: String, server: u64, pg_wal: PathBuf, wal: u64, pg_control: PathBuf, control: u64 },
-    #[error("cannot use the server ({conninfo}): {why}")]
-    Server { conninfo: String, why: String },
-    #[error("{path}: WAL at {lsn} is no longer what the server wrote there: {why}")]
-    Recycled { path: PathBuf, lsn: Lsn, why: String },
-    #[error("segment {name} is missing from {dir} although later segments exist (WAL between {from} and {to} is not available)")]
-    MissingSegment { dir: PathBuf, name: String, from: Lsn, to: Lsn },
-}
 
 /// How the walk of the directory ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,15 +46,11 @@ pub struct DirSource {
     first_lsn: Lsn,
     /// Segment files of the chosen timeline.
     files: BTreeMap<u64, PathBuf>,
-    maps: BTreeMap<u64, Arc<SegmentMap>>,
+    maps: SegmentMaps,
     walker: RecordWalker,
     end: Option<WalEnd>,
     corruption: Option<SourceError>,
     segments_walked: u64,
-}
-
-fn io_err(path: &Path) -> impl FnOnce(io::Error) -> SourceError + '_ {
-    move |source| SourceError::Io { path: path.to_path_buf(), source }
 }
 
 impl DirSource {
@@ -103,7 +72,7 @@ impl DirSource {
             identity,
             first_lsn,
             files,
-            maps: BTreeMap::new(),
+            maps: SegmentMaps::new(identity.seg_size),
             walker: RecordWalker::new(identity, first_lsn),
             end: None,
             corruption: None,
@@ -111,32 +80,13 @@ impl DirSource {
         })
     }
 
-    pub fn identity(&self) -> WalIdentity {
-        self.identity
-    }
-
     pub fn dir(&self) -> &Path {
         &self.dir
-    }
-
-    /// First byte this source has (the start of its oldest segment).
-    pub fn first_lsn(&self) -> Lsn {
-        self.first_lsn
-    }
-
-    /// Everything below this is valid WAL and may be shipped.
-    pub fn horizon(&self) -> Lsn {
-        self.walker.valid_end().max(self.first_lsn)
     }
 
     /// The walk is over: the horizon is final.
     pub fn end(&self) -> Option<&WalEnd> {
         self.end.as_ref()
-    }
-
-    /// The damage that ended the walk, if it was damage.
-    pub fn take_corruption(&mut self) -> Option<SourceError> {
-        self.corruption.take()
     }
 
     pub fn segments_walked(&self) -> u64 {
@@ -230,12 +180,11 @@ impl DirSource {
     }
 
     fn map_segment(&mut self, segno: u64) -> Result<Arc<SegmentMap>, SourceError> {
-        if let Some(m) = self.maps.get(&segno) {
-            return Ok(Arc::clone(m));
+        if let Some(m) = self.maps.get(segno) {
+            return Ok(m);
         }
         let path = self.files.get(&segno).cloned().expect("mapping a known segment");
-        let file = File::open(&path).map_err(io_err(&path))?;
-        let map = SegmentMap::map(&file, self.identity.seg_size).map_err(io_err(&path))?;
+        let map = self.maps.map(segno, &path, io_err(&path))?;
         // The next segments will be walked and sent soon: have the kernel read them meanwhile.
         for ahead in segno + 1..=segno + PREFETCH_SEGMENTS {
             if let Some(next) = self.files.get(&ahead) {
@@ -244,29 +193,67 @@ impl DirSource {
                 }
             }
         }
-        self.maps.insert(segno, Arc::clone(&map));
         Ok(map)
     }
+}
 
-    /// The mapping of the segment holding `lsn` (which must be below the horizon).
-    pub fn map_for(&mut self, lsn: Lsn) -> Result<Arc<SegmentMap>, SourceError> {
+impl WalSource for DirSource {
+    fn identity(&self) -> WalIdentity {
+        self.identity
+    }
+
+    /// The start of the oldest segment.
+    fn first_lsn(&self) -> Lsn {
+        self.first_lsn
+    }
+
+    /// Everything below this is valid WAL and may be shipped.
+    fn horizon(&self) -> Lsn {
+        self.walker.valid_end().max(self.first_lsn)
+    }
+
+    fn is_final(&self) -> bool {
+        self.end.is_some()
+    }
+
+    fn refresh(&mut self, want: Lsn) -> Result<(), SourceError> {
+        self.walk_until(want)
+    }
+
+    fn wait_hint(&self) -> Duration {
+        Duration::from_millis(100)
+    }
+
+    fn map_for(&mut self, lsn: Lsn) -> Result<Arc<SegmentMap>, SourceError> {
         assert!(lsn < self.horizon(), "asked for {lsn}, at or past the horizon {}", self.horizon());
         self.map_segment(lsn.0 / self.identity.seg_size)
     }
 
-    /// Segments wholly below `lsn` are no longer needed by the source (sends in flight keep
-    /// their own reference).
-    pub fn release_below(&mut self, lsn: Lsn) {
-        let segno = lsn.0 / self.identity.seg_size;
-        self.maps.retain(|&s, _| s >= segno);
+    fn release_below(&mut self, lsn: Lsn) {
+        self.maps.release_below(lsn);
     }
 
     /// The file that holds `lsn` (a trailing `.partial` included), or its canonical name.
-    pub fn segment_path(&self, lsn: Lsn) -> PathBuf {
+    fn segment_path(&self, lsn: Lsn) -> PathBuf {
         let segno = lsn.0 / self.identity.seg_size;
         self.files.get(&segno).cloned().unwrap_or_else(|| {
             self.dir.join(WalFileName::Segment { tli: self.identity.tli, segno }.file_name(self.identity.seg_size))
         })
+    }
+
+    fn corrupt_end(&self) -> Option<Lsn> {
+        match self.end {
+            Some(WalEnd::Corrupt { valid_end }) => Some(valid_end),
+            _ => None,
+        }
+    }
+
+    fn take_corruption(&mut self) -> Option<SourceError> {
+        self.corruption.take()
+    }
+
+    fn history(&self) -> String {
+        read_history(&self.dir, self.identity.tli).unwrap_or_default()
     }
 }
 
