@@ -530,14 +530,14 @@ fn run(cli: Cli) -> Result<()> {
                 }
             };
             let default_retry = if a.once { Duration::from_secs(30) } else { Duration::from_secs(86_400) };
-            let cfg = SendConfig {
+            let mut cfg = SendConfig {
                 pg_wal: a.pg_wal,
                 to: a.to,
                 once: a.once,
                 retry_for: a.retry_for.unwrap_or(default_retry),
                 live,
                 shutdown_timeout: a.shutdown_timeout,
-                auth: a.auth.key("send")?,
+                auth: None,
                 tls: tls_client,
                 zero_copy: a.zero_copy,
                 frame_bytes: a.frame_bytes,
@@ -548,6 +548,9 @@ fn run(cli: Cli) -> Result<()> {
                 connect_timeout: Duration::from_secs(5),
                 name: a.name.unwrap_or_else(host_name),
             };
+            // Limits first: a bad value is the one error reported, before any warning about the key.
+            cfg.validate()?;
+            cfg.auth = a.auth.key("send")?;
             let metrics = Arc::new(walship::metrics::Metrics::sender());
             serve_metrics(a.metrics_listen, &metrics)?;
             let sender_metrics = metrics.send.clone().expect("sender metrics");
@@ -584,7 +587,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Recv(a) => {
-            let cfg = RecvConfig {
+            let mut cfg = RecvConfig {
                 listen: a.listen,
                 dir: a.dir,
                 chunk_bytes: a.chunk_bytes,
@@ -595,7 +598,7 @@ fn run(cli: Cli) -> Result<()> {
                 frame_bytes_max: u32::try_from(a.frame_bytes_max).context("--frame-bytes-max too large")?,
                 peer_timeout: a.peer_timeout,
                 status_interval: a.status_interval,
-                auth: a.auth.key("recv")?,
+                auth: None,
                 tls: match (&a.tls_cert, &a.tls_key) {
                     (Some(cert), Some(key)) => Some(walship::tls::TlsServer::load(cert, key)?),
                     _ => None,
@@ -608,6 +611,9 @@ fn run(cli: Cli) -> Result<()> {
                     gid: a.group.as_deref().map(resolve_group).transpose()?,
                 },
             };
+            // Limits first: a bad value is the one error reported, before any warning about the key.
+            cfg.validate()?;
+            cfg.auth = a.auth.key("recv")?;
             let metrics = Arc::new(walship::metrics::Metrics::receiver());
             serve_metrics(a.metrics_listen, &metrics)?;
             let recv_metrics = metrics.recv.clone().expect("receiver metrics");
