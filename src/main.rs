@@ -57,15 +57,11 @@ fn parse_duration_nonzero(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
-/// A receiver's largest accepted frame: at least the smallest sender frame (64 KiB), at most the
-/// wire format's ceiling.
+/// A receiver's largest accepted frame, checked by the library's rule (here too, so that a bad value
+/// from the environment or the config file is named with its origin).
 fn parse_frame_bytes_max(s: &str) -> Result<u64, String> {
     let v = parse_bytes(s)?;
-    let max = u64::from(walship::wire::DATA_BODY_BYTES_MAX_LIMIT);
-    if !(64 << 10..=max).contains(&v) {
-        return Err(format!("must be between 64KiB and {max} bytes (the largest --frame-bytes a sender may use is 16MiB)"));
-    }
-    Ok(v)
+    walship::recv::check_frame_bytes_max(v).map(|_| v).map_err(|e| e.to_string())
 }
 
 /// `HOST:PORT` with a port 1..=65535 (`[::1]:5499` for IPv6). Checked at start-up: a typo must not
@@ -94,13 +90,7 @@ fn parse_log_filter(s: &str) -> Result<String, String> {
 /// An octal permission mode such as 0640 or 640.
 fn parse_file_mode(s: &str) -> Result<u32, String> {
     let mode = u32::from_str_radix(s.trim().trim_start_matches("0o"), 8).map_err(|_| format!("{s:?} is not an octal mode; e.g. 0640"))?;
-    if mode > 0o777 {
-        return Err(format!("{s:?}: only permission bits (at most 0777) are allowed"));
-    }
-    if mode & 0o600 != 0o600 {
-        return Err(format!("{s:?}: the receiver itself must be able to read and write its files (0600 at least)"));
-    }
-    Ok(mode)
+    walship::recv::check_file_mode(mode).map(|_| mode).map_err(|e| e.to_string())
 }
 
 #[derive(Subcommand)]

@@ -8,7 +8,7 @@
 mod common;
 
 use common::*;
-use std::fs::{self, File};
+use std::fs;
 use std::net::TcpListener;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -17,12 +17,6 @@ use std::time::{Duration, Instant};
 
 const SEG: u64 = 1 << 20;
 
-/// Spawns with stdout+stderr appended to `log`.
-fn spawn_logged(name: &str, mut cmd: Command, log: &Path) -> ChildGuard {
-    let f = File::create(log).expect("create log");
-    cmd.stdout(f.try_clone().unwrap()).stderr(f);
-    ChildGuard::spawn(name, &mut cmd).unwrap_or_else(|e| panic!("spawn {name} `{}`: {e}", cmdline(&cmd)))
-}
 
 fn wait_exit(g: &mut ChildGuard, timeout: Duration, what: &str, log: &Path) -> ExitStatus {
     match g.wait_timeout(timeout).expect("wait") {

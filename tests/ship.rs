@@ -17,7 +17,7 @@ mod common;
 use common::*;
 use std::cell::RefCell;
 use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -69,12 +69,6 @@ impl Drop for Ctx {
 }
 
 
-/// Spawns with stdout+stderr appended to `log`.
-fn spawn_logged(name: &str, mut cmd: Command, log: &Path) -> ChildGuard {
-    let f = File::create(log).expect("create log");
-    cmd.stdout(f.try_clone().unwrap()).stderr(f);
-    ChildGuard::spawn(name, &mut cmd).unwrap_or_else(|e| panic!("spawn {name} `{}`: {e}", cmdline(&cmd)))
-}
 
 fn wait_exit(g: &mut ChildGuard, timeout: Duration, what: &str) -> ExitStatus {
     match g.wait_timeout(timeout).expect("wait") {

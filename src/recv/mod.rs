@@ -82,6 +82,24 @@ pub enum ConfigError {
     FileMode { mode: u32 },
 }
 
+/// `--frame-bytes-max`: at least the smallest sender frame (64 KiB), at most the wire format's ceiling.
+pub fn check_frame_bytes_max(value: u64) -> Result<(), ConfigError> {
+    let (min, max) = (64 << 10, u64::from(wire::DATA_BODY_BYTES_MAX_LIMIT));
+    if (min..=max).contains(&value) {
+        Ok(())
+    } else {
+        Err(ConfigError::OutOfRange { flag: "frame-bytes-max", value, min, max })
+    }
+}
+
+/// `--file-mode`: permission bits only, and the receiver itself must read and write its files.
+pub fn check_file_mode(mode: u32) -> Result<(), ConfigError> {
+    if mode > 0o777 || mode & 0o600 != 0o600 {
+        return Err(ConfigError::FileMode { mode });
+    }
+    Ok(())
+}
+
 impl RecvConfig {
     /// Checks every limit and how they fit together; `run` refuses a config that fails.
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -104,7 +122,7 @@ impl RecvConfig {
             return Err(ConfigError::PoolTooSmall { value: self.in_flight_bytes_max, needed: 4 * self.chunk_bytes });
         }
         let frame_bytes_max = u64::from(self.frame_bytes_max);
-        range("frame-bytes-max", frame_bytes_max, 64 << 10, u64::from(wire::DATA_BODY_BYTES_MAX_LIMIT))?;
+        check_frame_bytes_max(frame_bytes_max)?;
         if frame_bytes_max > self.in_flight_bytes_max / 2 {
             return Err(ConfigError::FrameLargerThanHalfThePool { value: frame_bytes_max, pool: self.in_flight_bytes_max });
         }
@@ -117,10 +135,7 @@ impl RecvConfig {
         if self.status_interval.is_zero() {
             return Err(ConfigError::ZeroDuration { flag: "status-interval" });
         }
-        if self.access.file_mode > 0o777 || self.access.file_mode & 0o600 != 0o600 {
-            return Err(ConfigError::FileMode { mode: self.access.file_mode });
-        }
-        Ok(())
+        check_file_mode(self.access.file_mode)
     }
 }
 

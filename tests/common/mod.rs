@@ -106,6 +106,13 @@ pub fn free_port() -> u16 {
     l.local_addr().unwrap().port()
 }
 
+/// Spawns `cmd` with stdout and stderr written to `log` (created anew).
+pub fn spawn_logged(name: &str, mut cmd: Command, log: &Path) -> ChildGuard {
+    let f = fs::File::create(log).expect("create log");
+    cmd.stdout(f.try_clone().unwrap()).stderr(f);
+    ChildGuard::spawn(name, &mut cmd).unwrap_or_else(|e| panic!("spawn {name} `{}`: {e}", cmdline(&cmd)))
+}
+
 /// A child process killed (SIGKILL) and reaped on drop unless it already exited.
 pub struct ChildGuard {
     pub child: Option<Child>,
