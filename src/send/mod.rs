@@ -25,7 +25,7 @@ use crate::wire::{self, Decoder, ErrorCode, FrameHeader, Hello, Limits, Message,
 use crate::metrics::{send_error, SenderMetrics};
 use crate::tls::{Link, TlsClient, TlsError};
 use pages::PageChecker;
-use sender::{FramePlan, Sender, SenderLimits};
+use sender::{ConnEndRule, EndRules, FramePlan, Sender, SenderLimits, SourceFacts};
 use source::{DirSource, LiveConfig, LiveSource, ServerState, Source, SourceError, WalSource};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -394,12 +394,11 @@ fn ship_once(
         Ok(w) => w,
         Err(HandshakeError::Refused(code, message)) => {
             let message = if matches!(code, ErrorCode::Gap) { explain_gap_at_slot(source, message) } else { message };
-            return match code {
-                ErrorCode::Identity | ErrorCode::Gap | ErrorCode::Protocol | ErrorCode::Auth => {
-                    ConnEnd::Fatal(SendError::Refused { peer, message })
-                }
-                _ => ConnEnd::Transient(format!("receiver {peer} refused: {message}")),
-            }
+            return if code.is_fatal() {
+                ConnEnd::Fatal(SendError::Refused { peer, message })
+            } else {
+                ConnEnd::Transient(format!("receiver {peer} refused: {message}"))
+            };
         }
         Err(HandshakeError::Io(e)) => return ConnEnd::Transient(format!("handshake with {peer} failed: {e}")),
     };
@@ -539,11 +538,46 @@ fn handshake(
     }
 }
 
+/// What the source knows that decides how the connection ends.
+fn facts(source: &Source) -> SourceFacts {
+    SourceFacts {
+        horizon: source.horizon(),
+        is_final: source.is_final(),
+        switch_point: source.switch_point(),
+        corrupt_end: source.corrupt_end(),
+    }
+}
+
+/// One streaming connection's io state: the ring, what is in flight on it, and the pure sender
+/// machine whose decisions it carries out. Dropping it drops the ring, which cancels whatever is
+/// still in flight (the poller's eventfd read too) and waits for the kernel to let go.
+struct Streaming<'a> {
+    cfg: &'a SendConfig,
+    link: &'a Link,
+    peer: &'a str,
+    core: Sender,
+    checker: PageChecker,
+    ring: Ring,
+    fd: std::os::fd::RawFd,
+    wake_fd: Option<std::os::fd::RawFd>,
+    zero_copy: bool,
+    decoder: Decoder,
+    send_in_flight: bool,
+    recv_in_flight: bool,
+    wake_in_flight: bool,
+    completions: Vec<Completion>,
+    plans: Vec<FramePlan>,
+    frames_per_batch: usize,
+    shutdown_logged: Option<Lsn>,
+}
+
+/// Streams from `resume` until the connection ends; the end is [`Sender::connection_end`]'s
+/// decision, a broken connection, or a receiver's error.
 #[allow(clippy::too_many_arguments)]
 fn stream_data(
     cfg: &SendConfig,
     source: &mut Source,
-    stream: &Link,
+    link: &Link,
     peer: &str,
     resume: Lsn,
     shutdown: &AtomicBool,
@@ -551,238 +585,246 @@ fn stream_data(
     progress: &mut Progress,
     m: &SenderMetrics,
 ) -> Result<ConnEnd, SendError> {
-    stream.set_timeouts(None);
-    let id = source.identity();
-    let frame_bytes = cfg.frame_bytes.min(id.seg_size);
-    let limits = SenderLimits { frame_bytes, in_flight_bytes_max: cfg.in_flight_bytes_max, seg_size: id.seg_size };
-    let mut core = Sender::new(limits, resume);
-    let mut checker = PageChecker::new(id);
-    let mut ring = Ring::new(64, BufferPool::new(1, 4096).map_err(|e| RingError::Io { op: "pool", source: e })?, 2, ACK_BUF_BYTES)?;
-    let wake_fd = source.wake_fd();
-    let mut wake_in_flight = false;
-    let zero_copy = match cfg.zero_copy {
-        ZeroCopy::Off => false,
-        ZeroCopy::On => true,
-        ZeroCopy::Auto => !stream.peer_is_loopback(),
-    } && ring.capabilities().sendmsg_zc
-        && !stream.is_tls();
-    if cfg.zero_copy == ZeroCopy::On && stream.is_tls() {
-        info!("--zero-copy on has no effect with TLS: every byte is encrypted into a new buffer");
-    } else if cfg.zero_copy == ZeroCopy::On && !ring.capabilities().sendmsg_zc {
-        warn!("--zero-copy on, but this kernel's io_uring lacks SENDMSG_ZC: sending with plain sendmsg");
-    }
-    let fd = stream.as_raw_fd();
-    let mut decoder = Decoder::new(Limits::default());
-    let mut send_in_flight = false;
-    let mut recv_in_flight = false;
-    let mut completions: Vec<Completion> = Vec::new();
-    let mut plans: Vec<FramePlan> = Vec::new();
-    let mut last_progress = Instant::now();
-    let mut draining_since: Option<Instant> = None;
-    let mut shutdown_logged: Option<Lsn> = None;
-    let lookahead = id.seg_size;
-    let frames_per_batch = ((crate::uring::IOV_MAX / 2) as u64).min(cfg.send_batch_bytes_max / frame_bytes.max(1) + 2) as usize;
+    let mut conn = Streaming::open(cfg, source, link, peer, resume)?;
     let live = cfg.live.is_some();
     loop {
-        if shutdown.load(Ordering::Relaxed) && draining_since.is_none() {
-            draining_since = Some(Instant::now());
-            if live {
-                // Shutdown drains (walsender's rule): ship up to the horizon as it is now, then go.
-                source.refresh(core.sent())?;
-                info!(horizon = %source.horizon(), "SIGTERM: shipping up to the current horizon {} and waiting for the ack", source.horizon());
-            } else {
-                info!("interrupted: waiting for the receiver to acknowledge what was sent");
-            }
-        }
-        if let Some(since) = draining_since {
-            let target = if live { source.horizon() } else { core.sent() };
-            if core.flushed() >= target {
-                progress.on_acked(core.flushed(), summary);
-                stream.shutdown();
-                drain_ring(&mut ring, wake_fd);
-                return Ok(if live { ConnEnd::Done } else { ConnEnd::Fatal(SendError::Interrupted { flushed: core.flushed() }) });
-            }
-            if since.elapsed() > cfg.shutdown_timeout {
-                drain_ring(&mut ring, wake_fd);
-                return Ok(ConnEnd::Fatal(SendError::Interrupted { flushed: core.flushed() }));
-            }
+        if shutdown.load(Ordering::Relaxed) && conn.core.begin_drain(Instant::now()) {
+            conn.start_drain(source)?;
         }
         // Move the horizon: keep the directory walk a segment ahead; ask a live server.
-        if draining_since.is_none() && !source.is_final() {
-            source.refresh(core.sent() + lookahead)?;
+        if !conn.core.is_draining() && !source.is_final() {
+            source.refresh(conn.core.sent() + source.identity().seg_size)?;
             m.set_horizon(source.horizon().0);
             if live {
                 progress.observe_horizon(source.horizon());
             }
         }
-        if let Some(switch) = source.switch_point() {
-            if core.flushed() >= switch {
+        if let Some(rule) = conn.core.connection_end(&facts(source), Instant::now()) {
+            return Ok(conn.end(rule, source));
+        }
+        conn.log_state(source, progress);
+        conn.arm_reads();
+        conn.send_next(source, summary, m)?;
+        conn.wait(source)?;
+        if let Some(end) = conn.take_completions(source, summary, progress, m) {
+            return Ok(end);
+        }
+    }
+}
+
+impl<'a> Streaming<'a> {
+    fn open(cfg: &'a SendConfig, source: &Source, link: &'a Link, peer: &'a str, resume: Lsn) -> Result<Streaming<'a>, SendError> {
+        link.set_timeouts(None);
+        let id = source.identity();
+        let frame_bytes = cfg.frame_bytes.min(id.seg_size);
+        let limits = SenderLimits { frame_bytes, in_flight_bytes_max: cfg.in_flight_bytes_max, seg_size: id.seg_size };
+        let rules = EndRules { live: cfg.live.is_some(), shutdown_timeout: cfg.shutdown_timeout, peer_timeout: cfg.peer_timeout };
+        let ring = Ring::new(64, BufferPool::new(1, 4096).map_err(|e| RingError::Io { op: "pool", source: e })?, 2, ACK_BUF_BYTES)?;
+        let zero_copy = zero_copy_on(cfg.zero_copy, link, ring.capabilities().sendmsg_zc);
+        Ok(Streaming {
+            cfg,
+            link,
+            peer,
+            core: Sender::with_end_rules(limits, resume, rules, Instant::now()),
+            checker: PageChecker::new(id),
+            ring,
+            fd: link.as_raw_fd(),
+            wake_fd: source.wake_fd(),
+            zero_copy,
+            decoder: Decoder::new(Limits::default()),
+            send_in_flight: false,
+            recv_in_flight: false,
+            wake_in_flight: false,
+            completions: Vec::new(),
+            plans: Vec::new(),
+            frames_per_batch: ((crate::uring::IOV_MAX / 2) as u64).min(cfg.send_batch_bytes_max / frame_bytes.max(1) + 2) as usize,
+            shutdown_logged: None,
+        })
+    }
+
+    /// A shutdown began: live, ship up to the horizon as it is now (walsender's rule), then go.
+    fn start_drain(&mut self, source: &mut Source) -> Result<(), SendError> {
+        if self.cfg.live.is_some() {
+            source.refresh(self.core.sent())?;
+            info!(horizon = %source.horizon(), "SIGTERM: shipping up to the current horizon {} and waiting for the ack", source.horizon());
+        } else {
+            info!("interrupted: waiting for the receiver to acknowledge what was sent");
+        }
+        Ok(())
+    }
+
+    /// Carries out the end the sender machine decided.
+    fn end(self, rule: ConnEndRule, source: &mut Source) -> ConnEnd {
+        let flushed = self.core.flushed();
+        match rule {
+            ConnEndRule::Done => {
+                self.link.shutdown();
+                ConnEnd::Done
+            }
+            ConnEndRule::Interrupted { drained } => {
+                if drained {
+                    self.link.shutdown();
+                }
+                ConnEnd::Fatal(SendError::Interrupted { flushed })
+            }
+            ConnEndRule::TimelineSwitch { switch } => {
                 info!(switch = %switch, "the receiver holds this timeline up to its switch point; reconnecting on the new timeline");
-                stream.shutdown();
-                drain_ring(&mut ring, wake_fd);
-                return Ok(ConnEnd::TimelineSwitch);
+                self.link.shutdown();
+                ConnEnd::TimelineSwitch
             }
+            ConnEndRule::CorruptEnd { .. } => ConnEnd::Fatal(source.take_corruption().expect("corruption described").into()),
+            ConnEndRule::PeerSilent { unacked_bytes } => ConnEnd::Transient(format!(
+                "receiver {} acknowledged nothing for {:?} with {unacked_bytes} bytes outstanding",
+                self.peer, self.cfg.peer_timeout
+            )),
         }
-        if let Some(valid_end) = source.corrupt_end() {
-            if core.flushed() >= valid_end {
-                let err = source.take_corruption().expect("corruption described");
-                return Ok(ConnEnd::Fatal(err.into()));
-            }
-        }
-        if source.is_final() && core.flushed() >= source.horizon() {
-            stream.shutdown();
-            drain_ring(&mut ring, wake_fd);
-            return Ok(ConnEnd::Done);
-        }
+    }
+
+    /// The periodic "following" line and the one line when the server's shutdown WAL is durable.
+    fn log_state(&mut self, source: &Source, progress: &mut Progress) {
+        let flushed = self.core.flushed();
         if let Some(ServerState::ShutDown { checkpoint, end }) = source.server_state() {
-            if core.flushed() >= end && shutdown_logged != Some(end) {
-                shutdown_logged = Some(end);
+            if flushed >= end && self.shutdown_logged != Some(end) {
+                self.shutdown_logged = Some(end);
                 info!(
                     checkpoint = %checkpoint,
                     "the receiver holds the server's WAL durably through its shutdown checkpoint (up to {end}); waiting for the server to come back"
                 );
             }
         }
-        if live && progress.last_report.elapsed() > Duration::from_secs(10) {
+        if self.cfg.live.is_some() && progress.last_report.elapsed() > Duration::from_secs(10) {
             progress.last_report = Instant::now();
-            let lag = source.horizon() - core.flushed().min(source.horizon());
             info!(
-                sent = %core.sent(),
-                written = %core.written(),
-                flushed = %core.flushed(),
+                sent = %self.core.sent(),
+                written = %self.core.written(),
+                flushed = %flushed,
                 horizon = %source.horizon(),
-                lag_bytes = lag,
+                lag_bytes = source.horizon() - flushed.min(source.horizon()),
                 "following"
             );
         }
-        if !recv_in_flight {
-            ring.recv_ctl(fd, TAG_RECV, CTL_ACKS, ACK_BUF_BYTES.min(decoder.room().max(1)), false);
-            recv_in_flight = true;
+    }
+
+    /// Keeps one read of acks (and one of the poller's eventfd) in flight.
+    fn arm_reads(&mut self) {
+        if !self.recv_in_flight {
+            self.ring.recv_ctl(self.fd, TAG_RECV, CTL_ACKS, ACK_BUF_BYTES.min(self.decoder.room().max(1)), false);
+            self.recv_in_flight = true;
         }
-        if let (Some(wake), false) = (wake_fd, wake_in_flight) {
-            ring.read_ctl(wake, TAG_WAKE, CTL_WAKE, 8);
-            wake_in_flight = true;
+        if let (Some(wake), false) = (self.wake_fd, self.wake_in_flight) {
+            self.ring.read_ctl(wake, TAG_WAKE, CTL_WAKE, 8);
+            self.wake_in_flight = true;
         }
-        if !send_in_flight {
-            plans.clear();
-            let limit = source.horizon();
-            core.plan(limit, cfg.send_batch_bytes_max, frames_per_batch, &mut plans);
-            if !plans.is_empty() {
-                let batch = build_batch(source, &mut checker, &plans)?;
-                let zc = zero_copy && batch.len_bytes() as u64 >= cfg.zero_copy_bytes_min;
-                if zc {
-                    summary.zero_copy_sends += 1;
-                }
-                ring.send_batch(fd, TAG_SEND, batch, zc);
-                send_in_flight = true;
-                m.add_bytes_sent(plans.iter().map(|p| p.len).sum());
-                m.set_positions(core.sent().0, core.written().0, core.flushed().0);
-                source.release_below(core.flushed());
-                checker.forget_below(core.flushed().0 / id.seg_size);
-            }
+    }
+
+    /// With no send in flight, plans the next frames up to the horizon and sends them.
+    fn send_next(&mut self, source: &mut Source, summary: &mut SendSummary, m: &SenderMetrics) -> Result<(), SendError> {
+        if self.send_in_flight {
+            return Ok(());
         }
-        let wait = if send_in_flight { Duration::from_millis(100) } else { source.wait_hint().min(Duration::from_millis(100)) };
-        ring.submit_and_wait(Some(wait))?;
-        completions.clear();
-        ring.drain(&mut completions);
-        for c in completions.iter().copied() {
+        self.plans.clear();
+        self.core.plan(source.horizon(), self.cfg.send_batch_bytes_max, self.frames_per_batch, &mut self.plans);
+        if self.plans.is_empty() {
+            return Ok(());
+        }
+        let batch = build_batch(source, &mut self.checker, &self.plans)?;
+        let zc = self.zero_copy && batch.len_bytes() as u64 >= self.cfg.zero_copy_bytes_min;
+        if zc {
+            summary.zero_copy_sends += 1;
+        }
+        self.ring.send_batch(self.fd, TAG_SEND, batch, zc);
+        self.send_in_flight = true;
+        m.add_bytes_sent(self.plans.iter().map(|p| p.len).sum());
+        m.set_positions(self.core.sent().0, self.core.written().0, self.core.flushed().0);
+        source.release_below(self.core.flushed());
+        self.checker.forget_below(self.core.flushed().0 / source.identity().seg_size);
+        Ok(())
+    }
+
+    fn wait(&mut self, source: &Source) -> Result<(), SendError> {
+        let wait = if self.send_in_flight { Duration::from_millis(100) } else { source.wait_hint().min(Duration::from_millis(100)) };
+        self.ring.submit_and_wait(Some(wait))?;
+        self.completions.clear();
+        self.ring.drain(&mut self.completions);
+        Ok(())
+    }
+
+    /// Takes in what completed; returns how the connection ends when a completion ends it.
+    fn take_completions(&mut self, source: &mut Source, summary: &mut SendSummary, progress: &mut Progress, m: &SenderMetrics) -> Option<ConnEnd> {
+        for c in std::mem::take(&mut self.completions) {
             match (c.tag, c.kind) {
                 (TAG_SEND, CompletionKind::Done) => {
-                    send_in_flight = false;
+                    self.send_in_flight = false;
                     if c.result < 0 {
                         let e = std::io::Error::from_raw_os_error(-c.result);
-                        drain_ring(&mut ring, wake_fd);
-                        return Ok(ConnEnd::Transient(format!("send to {peer} failed: {e}")));
+                        return Some(ConnEnd::Transient(format!("send to {} failed: {e}", self.peer)));
                     }
                 }
                 (TAG_SEND, CompletionKind::ZeroCopyNotification { copied: true }) => summary.zero_copy_copied += 1,
                 // The loop's next turn takes in what the poller learned.
-                (TAG_WAKE, _) => wake_in_flight = false,
+                (TAG_WAKE, _) => self.wake_in_flight = false,
                 (TAG_RECV, _) => {
-                    recv_in_flight = false;
+                    self.recv_in_flight = false;
                     if c.result <= 0 {
-                        drain_ring(&mut ring, wake_fd);
                         let why = if c.result == 0 {
                             "receiver closed the connection".to_string()
                         } else {
                             std::io::Error::from_raw_os_error(-c.result).to_string()
                         };
-                        return Ok(ConnEnd::Transient(format!("connection to {peer} lost: {why}")));
+                        return Some(ConnEnd::Transient(format!("connection to {} lost: {why}", self.peer)));
                     }
-                    decoder.feed(&ring.ctl(CTL_ACKS)[..c.result as usize]);
-                    loop {
-                        match decoder.next_message() {
-                            Ok(Some(Message::Ack(ack))) => match core.on_ack(Lsn(ack.written_lsn), Lsn(ack.flushed_lsn)) {
-                                Ok(advanced) => {
-                                    m.on_ack(core.sent().0, core.written().0, core.flushed().0);
-                                    if advanced {
-                                        last_progress = Instant::now();
-                                        progress.on_acked(core.flushed(), summary);
-                                        source.on_durable(core.flushed());
-                                    }
-                                }
-                                Err(e) => {
-                                    drain_ring(&mut ring, wake_fd);
-                                    return Ok(ConnEnd::Fatal(SendError::Refused { peer: peer.into(), message: format!("protocol violation: {e}") }));
-                                }
-                            },
-                            Ok(Some(Message::Keepalive(_))) => {}
-                            Ok(Some(Message::Error(e))) => {
-                                drain_ring(&mut ring, wake_fd);
-                                let message = e.message.clone();
-                                return Ok(match e.code {
-                                    ErrorCode::Identity | ErrorCode::Gap | ErrorCode::Protocol => {
-                                        ConnEnd::Fatal(SendError::Refused { peer: peer.into(), message })
-                                    }
-                                    _ => ConnEnd::Transient(format!("receiver {peer} gave up: {message}")),
-                                });
-                            }
-                            Ok(Some(other)) => {
-                                drain_ring(&mut ring, wake_fd);
-                                return Ok(ConnEnd::Fatal(SendError::Refused {
-                                    peer: peer.into(),
-                                    message: format!("unexpected {} frame during streaming", other.kind()),
-                                }));
-                            }
-                            Ok(None) => break,
-                            Err(e) => {
-                                drain_ring(&mut ring, wake_fd);
-                                return Ok(ConnEnd::Fatal(SendError::Refused { peer: peer.into(), message: format!("bad frame: {e}") }));
-                            }
-                        }
+                    self.decoder.feed(&self.ring.ctl(CTL_ACKS)[..c.result as usize]);
+                    if let Some(end) = self.take_messages(source, summary, progress, m) {
+                        return Some(end);
                     }
                 }
                 _ => {}
             }
         }
-        if core.unacked_bytes() > 0 && last_progress.elapsed() > cfg.peer_timeout {
-            drain_ring(&mut ring, wake_fd);
-            return Ok(ConnEnd::Transient(format!(
-                "receiver {peer} acknowledged nothing for {:?} with {} bytes outstanding",
-                cfg.peer_timeout,
-                core.unacked_bytes()
-            )));
-        }
-        if core.unacked_bytes() == 0 {
-            last_progress = Instant::now();
+        None
+    }
+
+    /// Every whole message the receiver sent: acks move the machine; anything else ends the
+    /// connection.
+    fn take_messages(&mut self, source: &mut Source, summary: &mut SendSummary, progress: &mut Progress, m: &SenderMetrics) -> Option<ConnEnd> {
+        let refused = |message: String| Some(ConnEnd::Fatal(SendError::Refused { peer: self.peer.into(), message }));
+        loop {
+            match self.decoder.next_message() {
+                Ok(Some(Message::Ack(ack))) => match self.core.on_ack_at(Lsn(ack.written_lsn), Lsn(ack.flushed_lsn), Instant::now()) {
+                    Ok(advanced) => {
+                        m.on_ack(self.core.sent().0, self.core.written().0, self.core.flushed().0);
+                        if advanced {
+                            progress.on_acked(self.core.flushed(), summary);
+                            source.on_durable(self.core.flushed());
+                        }
+                    }
+                    Err(e) => return refused(format!("protocol violation: {e}")),
+                },
+                Ok(Some(Message::Keepalive(_))) => {}
+                Ok(Some(Message::Error(e))) if e.code.is_fatal() => return refused(e.message),
+                Ok(Some(Message::Error(e))) => return Some(ConnEnd::Transient(format!("receiver {} gave up: {}", self.peer, e.message))),
+                Ok(Some(other)) => return refused(format!("unexpected {} frame during streaming", other.kind())),
+                Ok(None) => return None,
+                Err(e) => return refused(format!("bad frame: {e}")),
+            }
         }
     }
 }
 
-/// Cancels what is still in flight on the connection (and the wait on the poller's eventfd) and
-/// waits for the kernel to let go.
-fn drain_ring(ring: &mut Ring, wake_fd: Option<std::os::fd::RawFd>) {
-    if let Some(fd) = wake_fd {
-        ring.cancel_fd(fd);
+/// Whether sends go zero-copy: never through TLS (every byte is encrypted into a new buffer) or
+/// without kernel support; `auto`: only to a peer off this host.
+fn zero_copy_on(setting: ZeroCopy, link: &Link, kernel_has_zc: bool) -> bool {
+    if setting == ZeroCopy::On && link.is_tls() {
+        info!("--zero-copy on has no effect with TLS: every byte is encrypted into a new buffer");
+    } else if setting == ZeroCopy::On && !kernel_has_zc {
+        warn!("--zero-copy on, but this kernel's io_uring lacks SENDMSG_ZC: sending with plain sendmsg");
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut sink = Vec::new();
-    while ring.in_flight() > 0 && Instant::now() < deadline {
-        if ring.submit_and_wait(Some(Duration::from_millis(50))).is_err() {
-            break;
-        }
-        ring.drain(&mut sink);
-    }
+    let wanted = match setting {
+        ZeroCopy::Off => false,
+        ZeroCopy::On => true,
+        ZeroCopy::Auto => !link.peer_is_loopback(),
+    };
+    wanted && kernel_has_zc && !link.is_tls()
 }
 
 /// Frames as header + payload iovecs straight from the segment maps; each header carries the

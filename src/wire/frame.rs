@@ -410,6 +410,13 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Whether retrying cannot help: the peer refused who we are (identity, authentication), what
+    /// we hold (a gap) or how we speak (protocol). The other codes are the peer's trouble
+    /// (I/O, shutdown, damage it found) and are worth a reconnect.
+    pub fn is_fatal(self) -> bool {
+        matches!(self, ErrorCode::Protocol | ErrorCode::Identity | ErrorCode::Gap | ErrorCode::Auth)
+    }
+
     /// The code on the wire.
     pub fn code(self) -> u16 {
         match self {

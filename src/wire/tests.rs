@@ -873,3 +873,15 @@ proptest! {
         }
     }
 }
+
+/// A refusal of who we are, what we hold or how we speak ends the sender, in the handshake and
+/// while streaming alike; the peer's own trouble is worth a reconnect.
+#[test]
+fn only_refusals_are_fatal() {
+    for code in [ErrorCode::Protocol, ErrorCode::Identity, ErrorCode::Gap, ErrorCode::Auth] {
+        assert!(code.is_fatal(), "{code:?}");
+    }
+    for code in [ErrorCode::Corrupt, ErrorCode::Io, ErrorCode::Shutdown, ErrorCode::Other, ErrorCode::Unknown(99)] {
+        assert!(!code.is_fatal(), "{code:?}");
+    }
+}
