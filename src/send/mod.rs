@@ -245,7 +245,57 @@ pub fn run(cfg: &SendConfig, shutdown: Arc<AtomicBool>) -> Result<SendSummary, S
 /// [`run`], publishing positions, lag and errors into `m` as it goes.
 pub fn run_with_metrics(cfg: &SendConfig, shutdown: Arc<AtomicBool>, m: Arc<SenderMetrics>) -> Result<SendSummary, SendError> {
     cfg.validate()?;
-    let mut source: Source = match &cfg.live {
+    let mut source = open_source(cfg)?;
+    m.set_horizon(source.horizon().0);
+    let started = Instant::now();
+    let mut summary = SendSummary::default();
+    let mut progress = Progress {
+        start_lsn: None,
+        acked: Lsn(0),
+        horizons_seen: Default::default(),
+        last_report: Instant::now(),
+    };
+    let mut retry = Retry::new();
+    loop {
+        if shutdown.load(Ordering::Relaxed) && progress.start_lsn.is_none() {
+            return Err(SendError::Interrupted { flushed: progress.acked });
+        }
+        let acked_before = progress.acked;
+        let end = ship_once(cfg, &mut source, &shutdown, &mut summary, &mut progress, &m);
+        m.on_disconnected();
+        if progress.acked > acked_before {
+            // A connection that made progress resets the retry clock and the backoff.
+            retry = Retry::new();
+        }
+        match end {
+            ConnEnd::Done => break,
+            ConnEnd::TimelineSwitch => {
+                source.apply_switch()?;
+                // Positions on the new timeline start over at its first segment.
+                progress.acked = Lsn(0);
+                progress.horizons_seen.clear();
+                retry.lost_at = Instant::now();
+            }
+            ConnEnd::Fatal(e) => {
+                m.inc_error(error_kind(&e));
+                return Err(e);
+            }
+            ConnEnd::Transient(why) => {
+                m.inc_error(send_error::NETWORK);
+                if shutdown.load(Ordering::Relaxed) {
+                    return Err(SendError::Interrupted { flushed: progress.acked });
+                }
+                retry.wait(cfg.retry_for, why, &shutdown, &m)?;
+            }
+        }
+    }
+    summarize(&mut summary, &progress, source.first_lsn(), source.identity().seg_size, started);
+    Ok(summary)
+}
+
+/// The directory at rest (walked to its first segment) or the live server.
+fn open_source(cfg: &SendConfig) -> Result<Source, SendError> {
+    let source: Source = match &cfg.live {
         None => {
             let mut dir = DirSource::open(&cfg.pg_wal)?;
             dir.walk_until(dir.first_lsn() + 1)?;
@@ -264,75 +314,49 @@ pub fn run_with_metrics(cfg: &SendConfig, shutdown: Arc<AtomicBool>, m: Arc<Send
         first = %source.first_lsn(),
         "source opened"
     );
-    m.set_horizon(source.horizon().0);
-    let started = Instant::now();
-    let mut summary = SendSummary::default();
-    let mut progress = Progress {
-        start_lsn: None,
-        acked: Lsn(0),
-        horizons_seen: Default::default(),
-        last_report: Instant::now(),
-    };
-    let mut lost_at = Instant::now();
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        if shutdown.load(Ordering::Relaxed) && progress.start_lsn.is_none() {
-            return Err(SendError::Interrupted { flushed: progress.acked });
-        }
-        let acked_before = progress.acked;
-        let end = ship_once(cfg, &mut source, &shutdown, &mut summary, &mut progress, &m);
-        m.on_disconnected();
-        if progress.acked > acked_before {
-            // A connection that made progress resets the retry clock and the backoff.
-            lost_at = Instant::now();
-            backoff = Duration::from_millis(100);
-        }
-        match end {
-            ConnEnd::Done => break,
-            ConnEnd::TimelineSwitch => {
-                source.apply_switch()?;
-                // Positions on the new timeline start over at its first segment.
-                progress.acked = Lsn(0);
-                progress.horizons_seen.clear();
-                lost_at = Instant::now();
-                continue;
-            }
-            ConnEnd::Fatal(e) => {
-                m.inc_error(match &e {
-                    SendError::Source(_) => send_error::SOURCE,
-                    SendError::Refused { .. } | SendError::ReceiverAhead { .. } | SendError::SlotAhead { .. } => {
-                        send_error::REFUSED
-                    }
-                    _ => send_error::OTHER,
-                });
-                return Err(e);
-            }
-            ConnEnd::Transient(why) => {
-                m.inc_error(send_error::NETWORK);
-                if shutdown.load(Ordering::Relaxed) {
-                    return Err(SendError::Interrupted { flushed: progress.acked });
-                }
-                if lost_at.elapsed() > cfg.retry_for {
-                    return Err(SendError::GaveUp { retry_for: cfg.retry_for, last: why });
-                }
-                m.inc_reconnects();
-                warn!("{why}; retrying in {backoff:?}");
-                sleep_unless(backoff, &shutdown);
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-        }
+    Ok(source)
+}
+
+/// The metric label of a fatal error.
+fn error_kind(e: &SendError) -> &'static str {
+    match e {
+        SendError::Source(_) => send_error::SOURCE,
+        SendError::Refused { .. } | SendError::ReceiverAhead { .. } | SendError::SlotAhead { .. } => send_error::REFUSED,
+        _ => send_error::OTHER,
     }
-    let start = progress.start_lsn.unwrap_or(source.first_lsn());
+}
+
+/// Reconnecting after a transient end: backoff doubling to 5 s, for at most `retry_for` since
+/// the last connection that made progress.
+struct Retry {
+    lost_at: Instant,
+    backoff: Duration,
+}
+
+impl Retry {
+    fn new() -> Retry {
+        Retry { lost_at: Instant::now(), backoff: Duration::from_millis(100) }
+    }
+
+    fn wait(&mut self, retry_for: Duration, why: String, shutdown: &AtomicBool, m: &SenderMetrics) -> Result<(), SendError> {
+        if self.lost_at.elapsed() > retry_for {
+            return Err(SendError::GaveUp { retry_for, last: why });
+        }
+        m.inc_reconnects();
+        warn!("{why}; retrying in {:?}", self.backoff);
+        sleep_unless(self.backoff, shutdown);
+        self.backoff = (self.backoff * 2).min(Duration::from_secs(5));
+        Ok(())
+    }
+}
+
+fn summarize(summary: &mut SendSummary, progress: &Progress, first: Lsn, seg_size: u64, started: Instant) {
+    let start = progress.start_lsn.unwrap_or(first);
     summary.start_lsn = start;
     summary.end_lsn = progress.acked;
     summary.bytes = progress.acked - start.min(progress.acked);
-    summary.segments = if summary.bytes == 0 {
-        0
-    } else {
-        (progress.acked.0 - 1) / id.seg_size - start.0 / id.seg_size + 1
-    };
+    summary.segments = if summary.bytes == 0 { 0 } else { (progress.acked.0 - 1) / seg_size - start.0 / seg_size + 1 };
     summary.seconds = started.elapsed().as_secs_f64();
-    Ok(summary)
 }
 
 fn sleep_unless(d: Duration, shutdown: &AtomicBool) {
@@ -358,68 +382,15 @@ fn ship_once(
     progress: &mut Progress,
     m: &SenderMetrics,
 ) -> ConnEnd {
-    let addr = match resolve(&cfg.to) {
-        Ok(a) => a,
-        Err(e) => return ConnEnd::Transient(e.to_string()),
+    let (link, peer) = match connect(cfg) {
+        Ok(c) => c,
+        Err(end) => return end,
     };
-    let stream = match TcpStream::connect_timeout(&addr, cfg.connect_timeout) {
-        Ok(s) => s,
-        Err(e) => return ConnEnd::Transient(format!("cannot connect to receiver {addr}: {e}")),
-    };
-    let _ = stream.set_nodelay(true);
     summary.connections += 1;
-    let peer = addr.to_string();
-    let link = match &cfg.tls {
-        None => Link::Tcp(stream),
-        Some(tls) => match crate::tls::connect(stream, addr, tls, cfg.peer_timeout) {
-            Ok(link) => link,
-            Err(e) if e.is_transient() => return ConnEnd::Transient(e.to_string()),
-            Err(e) => return ConnEnd::Fatal(e.into()),
-        },
+    let resume = match greet(cfg, source, &link, &peer, progress) {
+        Ok(r) => r,
+        Err(end) => return end,
     };
-    let id = source.identity();
-    let hello = Hello {
-        protocol_version: wire::PROTOCOL_VERSION,
-        page_magic: id.magic,
-        timeline: id.tli,
-        system_id: id.system_id,
-        seg_size: id.seg_size as u32,
-        block_size: id.block_size as u32,
-        first_lsn: source.first_lsn().0,
-        horizon_lsn: source.horizon().0.max(source.first_lsn().0),
-        sender_name: cfg.name.clone(),
-        history: source.history(),
-    };
-    let welcome = match handshake(&link, &hello, cfg.peer_timeout, cfg.auth.as_ref()) {
-        Ok(w) => w,
-        Err(HandshakeError::Refused(code, message)) => {
-            let message = if matches!(code, ErrorCode::Gap) { explain_gap_at_slot(source, message) } else { message };
-            return if code.is_fatal() {
-                ConnEnd::Fatal(SendError::Refused { peer, message })
-            } else {
-                ConnEnd::Transient(format!("receiver {peer} refused: {message}"))
-            };
-        }
-        Err(HandshakeError::Io(e)) => return ConnEnd::Transient(format!("handshake with {peer} failed: {e}")),
-    };
-    let durable = Lsn(welcome.durable_lsn);
-    let resume = if durable == Lsn(0) { source.first_lsn() } else { durable };
-    if resume < progress.acked {
-        warn!(
-            peer = %peer,
-            "receiver acknowledged {} as durable earlier but now holds only {resume}: its storage lost acknowledged WAL; re-sending from {resume}",
-            progress.acked
-        );
-    }
-    if let Err(e) = slot_covers(source, &peer, resume) {
-        return ConnEnd::Fatal(e);
-    }
-    if let Err(e) = source.refresh(resume) {
-        return ConnEnd::Fatal(e.into());
-    }
-    if source.is_final() && source.horizon() < resume {
-        return ConnEnd::Fatal(SendError::ReceiverAhead { peer, receiver: resume, source_end: source.horizon() });
-    }
     progress.start_lsn.get_or_insert(resume);
     progress.acked = resume;
     source.on_durable(resume);
@@ -430,6 +401,72 @@ fn ship_once(
     match stream_data(cfg, source, &link, &peer, resume, shutdown, summary, progress, m) {
         Ok(end) => end,
         Err(e) => ConnEnd::Fatal(e),
+    }
+}
+
+/// TCP (and TLS) to the receiver; the link and the peer's address.
+fn connect(cfg: &SendConfig) -> Result<(Link, String), ConnEnd> {
+    let addr = resolve(&cfg.to).map_err(|e| ConnEnd::Transient(e.to_string()))?;
+    let stream = TcpStream::connect_timeout(&addr, cfg.connect_timeout)
+        .map_err(|e| ConnEnd::Transient(format!("cannot connect to receiver {addr}: {e}")))?;
+    let _ = stream.set_nodelay(true);
+    let link = match &cfg.tls {
+        None => Link::Tcp(stream),
+        Some(tls) => crate::tls::connect(stream, addr, tls, cfg.peer_timeout).map_err(|e| {
+            if e.is_transient() {
+                ConnEnd::Transient(e.to_string())
+            } else {
+                ConnEnd::Fatal(e.into())
+            }
+        })?,
+    };
+    Ok((link, addr.to_string()))
+}
+
+/// The handshake and the checks of where the receiver stands; returns where streaming resumes.
+fn greet(cfg: &SendConfig, source: &mut Source, link: &Link, peer: &str, progress: &Progress) -> Result<Lsn, ConnEnd> {
+    let welcome = match handshake(link, &hello(cfg, source), cfg.peer_timeout, cfg.auth.as_ref()) {
+        Ok(w) => w,
+        Err(HandshakeError::Refused(code, message)) => {
+            let message = if matches!(code, ErrorCode::Gap) { explain_gap_at_slot(source, message) } else { message };
+            return Err(if code.is_fatal() {
+                ConnEnd::Fatal(SendError::Refused { peer: peer.into(), message })
+            } else {
+                ConnEnd::Transient(format!("receiver {peer} refused: {message}"))
+            });
+        }
+        Err(HandshakeError::Io(e)) => return Err(ConnEnd::Transient(format!("handshake with {peer} failed: {e}"))),
+    };
+    let durable = Lsn(welcome.durable_lsn);
+    let resume = if durable == Lsn(0) { source.first_lsn() } else { durable };
+    if resume < progress.acked {
+        warn!(
+            peer = %peer,
+            "receiver acknowledged {} as durable earlier but now holds only {resume}: its storage lost acknowledged WAL; re-sending from {resume}",
+            progress.acked
+        );
+    }
+    slot_covers(source, peer, resume).map_err(ConnEnd::Fatal)?;
+    source.refresh(resume).map_err(|e| ConnEnd::Fatal(e.into()))?;
+    if source.is_final() && source.horizon() < resume {
+        return Err(ConnEnd::Fatal(SendError::ReceiverAhead { peer: peer.into(), receiver: resume, source_end: source.horizon() }));
+    }
+    Ok(resume)
+}
+
+fn hello(cfg: &SendConfig, source: &Source) -> Hello {
+    let id = source.identity();
+    Hello {
+        protocol_version: wire::PROTOCOL_VERSION,
+        page_magic: id.magic,
+        timeline: id.tli,
+        system_id: id.system_id,
+        seg_size: id.seg_size as u32,
+        block_size: id.block_size as u32,
+        first_lsn: source.first_lsn().0,
+        horizon_lsn: source.horizon().0.max(source.first_lsn().0),
+        sender_name: cfg.name.clone(),
+        history: source.history(),
     }
 }
 
@@ -471,46 +508,16 @@ fn handshake(
 ) -> Result<wire::Welcome, HandshakeError> {
     let mut bytes = Vec::new();
     Message::Hello(hello.clone()).encode(&mut bytes);
-    let hello_body = bytes[FRAME_HEADER_LEN..].to_vec();
     stream.set_timeouts(Some(timeout));
     (&*stream).write_all(&bytes).map_err(|e| HandshakeError::Io(e.to_string()))?;
+    let mut proof = AuthExchange { key: auth, hello_body: bytes[FRAME_HEADER_LEN..].to_vec(), answered: None, receiver_proved: false };
     let mut decoder = Decoder::new(Limits::default());
     let mut buf = [0u8; 4096];
-    // (our nonce, the receiver's nonce) once we answered its challenge.
-    let mut answered: Option<([u8; wire::AUTH_NONCE_LEN], [u8; wire::AUTH_NONCE_LEN])> = None;
-    let mut receiver_proved = false;
-    let refuse = |why: String| HandshakeError::Refused(ErrorCode::Auth, why);
     loop {
         match decoder.next_message() {
-            Ok(Some(Message::Auth(a))) => match (a.step, auth) {
-                (wire::AuthStep::Challenge, None) => {
-                    return Err(refuse("the receiver requires authentication: give the sender the receiver's key with --auth-key-file".into()))
-                }
-                (wire::AuthStep::Challenge, Some(key)) if answered.is_none() => {
-                    let nonce_s = crate::auth::nonce().map_err(|e| HandshakeError::Io(e.to_string()))?;
-                    let mac = key.sender_mac(&a.nonce, &nonce_s, &hello_body);
-                    let mut out = Vec::new();
-                    Message::Auth(wire::Auth { step: wire::AuthStep::Response, nonce: nonce_s, mac }).encode(&mut out);
-                    (&*stream).write_all(&out).map_err(|e| HandshakeError::Io(e.to_string()))?;
-                    answered = Some((nonce_s, a.nonce));
-                }
-                (wire::AuthStep::Proof, Some(key)) if answered.is_some() => {
-                    let (nonce_s, nonce_r) = answered.expect("answered");
-                    if !key.verify_receiver(&nonce_s, &nonce_r, &a.mac) {
-                        return Err(refuse("the receiver failed to prove it knows the key (wrong --auth-key-file, or not the receiver you meant)".into()));
-                    }
-                    receiver_proved = true;
-                }
-                (step, _) => return Err(refuse(format!("unexpected authentication step {step:?} from the receiver"))),
-            },
+            Ok(Some(Message::Auth(a))) => proof.on_auth(&a, stream)?,
             Ok(Some(Message::Welcome(w))) => {
-                if auth.is_some() && !receiver_proved {
-                    return Err(refuse(
-                        "the receiver did not authenticate itself (is it running with --insecure-no-auth?); this sender has \
-                         --auth-key-file and ships only to a receiver that proves it knows the key"
-                            .into(),
-                    ));
-                }
+                proof.check_done()?;
                 wire::check_version(w.protocol_version).map_err(|e| HandshakeError::Refused(ErrorCode::Protocol, e.to_string()))?;
                 if w.system_id != 0 && w.system_id != hello.system_id {
                     return Err(HandshakeError::Refused(
@@ -535,6 +542,59 @@ fn handshake(
             }
             Err(e) => return Err(HandshakeError::Refused(ErrorCode::Protocol, e.to_string())),
         }
+    }
+}
+
+/// The sender's half of the mutual authentication: answer the receiver's challenge, then check
+/// its proof.
+struct AuthExchange<'a> {
+    key: Option<&'a crate::auth::AuthKey>,
+    /// The Hello as sent, which the response's MAC covers.
+    hello_body: Vec<u8>,
+    /// (our nonce, the receiver's nonce) once we answered its challenge.
+    answered: Option<([u8; wire::AUTH_NONCE_LEN], [u8; wire::AUTH_NONCE_LEN])>,
+    receiver_proved: bool,
+}
+
+impl AuthExchange<'_> {
+    fn on_auth(&mut self, a: &wire::Auth, stream: &Link) -> Result<(), HandshakeError> {
+        let refuse = |why: String| Err(HandshakeError::Refused(ErrorCode::Auth, why));
+        match (a.step, self.key) {
+            (wire::AuthStep::Challenge, None) => {
+                refuse("the receiver requires authentication: give the sender the receiver's key with --auth-key-file".into())
+            }
+            (wire::AuthStep::Challenge, Some(key)) if self.answered.is_none() => {
+                let nonce_s = crate::auth::nonce().map_err(|e| HandshakeError::Io(e.to_string()))?;
+                let mac = key.sender_mac(&a.nonce, &nonce_s, &self.hello_body);
+                let mut out = Vec::new();
+                Message::Auth(wire::Auth { step: wire::AuthStep::Response, nonce: nonce_s, mac }).encode(&mut out);
+                (&*stream).write_all(&out).map_err(|e| HandshakeError::Io(e.to_string()))?;
+                self.answered = Some((nonce_s, a.nonce));
+                Ok(())
+            }
+            (wire::AuthStep::Proof, Some(key)) if self.answered.is_some() => {
+                let (nonce_s, nonce_r) = self.answered.expect("answered");
+                if !key.verify_receiver(&nonce_s, &nonce_r, &a.mac) {
+                    return refuse("the receiver failed to prove it knows the key (wrong --auth-key-file, or not the receiver you meant)".into());
+                }
+                self.receiver_proved = true;
+                Ok(())
+            }
+            (step, _) => refuse(format!("unexpected authentication step {step:?} from the receiver")),
+        }
+    }
+
+    /// A Welcome arrived: with a key, the receiver must have proved it knows it.
+    fn check_done(&self) -> Result<(), HandshakeError> {
+        if self.key.is_some() && !self.receiver_proved {
+            return Err(HandshakeError::Refused(
+                ErrorCode::Auth,
+                "the receiver did not authenticate itself (is it running with --insecure-no-auth?); this sender has \
+                 --auth-key-file and ships only to a receiver that proves it knows the key"
+                    .into(),
+            ));
+        }
+        Ok(())
     }
 }
 
