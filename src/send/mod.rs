@@ -4,6 +4,7 @@
 //! flight per connection, acks received concurrently. With `--tls-ca` the same data path runs on
 //! the plaintext end of a TLS pump ([`crate::tls`]).
 pub mod pages;
+pub mod quorum;
 pub mod sender;
 pub mod source;
 
