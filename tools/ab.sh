@@ -16,17 +16,19 @@ mkdir -p "$S"
 rm -rf "$S/src"
 "$B" gen-wal --dir "$S/src" --wal-bytes "$BYTES" --seg-size 16777216 >/dev/null
 cat "$S"/src/* >/dev/null
-port=$((57400 + RANDOM % 100))
 rows=()
 one() { # bin label rep
-  local bin=$1 label=$2 rep=$3 dst=$S/dst
+  local bin=$1 label=$2 rep=$3 dst=$S/dst port
+  # A port nobody listens on (never ship into somebody else's receiver).
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
   rm -rf "$dst"; mkdir -p "$dst"; sync
   /usr/bin/time -f "%U %S" -o "$S/recv.time" "$bin" recv --listen 127.0.0.1:$port --dir "$dst" >"$S/recv.log" 2>&1 &
   local rp=$!
   for _ in $(seq 1 500); do grep -q listening "$S/recv.log" && break; sleep 0.01; done
+  grep -q listening "$S/recv.log" || { echo "receiver did not start ($label rep $rep):"; tail "$S/recv.log"; exit 1; }
   /usr/bin/time -f "%U %S" -o "$S/send.time" "$bin" send --pg-wal "$S/src" --to 127.0.0.1:$port --once --report-json "$S/rep.json" >"$S/send.log" 2>&1 \
     || { echo "send failed ($label rep $rep):"; tail "$S/send.log"; exit 1; }
-  kill -TERM $rp; wait $rp || true
+  pkill -TERM -P $rp; wait $rp || true
   local mbs bytes scpu rcpu
   mbs=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["mb_per_s"])' "$S/rep.json")
   bytes=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["bytes"])' "$S/rep.json")
