@@ -7,6 +7,7 @@ pub mod receiver;
 pub mod segment_file;
 pub mod session;
 pub mod spares;
+pub mod stats;
 
 use std::collections::{HashMap, VecDeque};
 use std::io::Write;
@@ -19,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{error, info, warn};
 
-use crate::metrics::{recv_error, RecvMetrics}; // OPS-METRICS
+use crate::metrics::{recv_error, RecvMetrics};
 use crate::tls::{Link, TlsServer};
 use crate::uring::{BufferPool, Completion, Ring, RingError};
 use crate::wal::{Lsn, WalIdentity};
@@ -31,7 +32,8 @@ use receiver::{Action, Receiver, ReceiverConfig, ReceiverError};
 use dir_lock::{DirLock, LockError};
 use segment_file::{recover_dir, DirError, FileAccess, SegmentDir, SegmentFile};
 use session::{ConnPhase, HeaderStep, Refusal, StreamStart};
-use spares::{SpareCounts, SpareError, SpareRefill, Spares};
+use spares::{SpareError, SpareRefill, Spares};
+pub use stats::{RecvStats, RecvSummary};
 
 /// Everything `walship recv` needs, validated.
 #[derive(Debug, Clone)]
@@ -165,56 +167,6 @@ pub enum RecvError {
     CreateDir { path: PathBuf, source: std::io::Error },
 }
 
-/// What the receiver did, for the final log line and tests.
-#[derive(Debug, Clone, Default)]
-pub struct RecvSummary {
-    pub flushed: Lsn,
-    pub bytes_received: u64,
-    pub connections: u64,
-    pub writes: u64,
-    pub bytes_written: u64,
-    pub fsyncs: u64,
-    pub fsync_batches: u64,
-    /// fdatasync latency, microseconds.
-    pub fsync_latency_us: Option<hdrhistogram::Histogram<u64>>,
-    /// O_DIRECT write latency (submission to completion), microseconds.
-    pub write_latency_us: Option<hdrhistogram::Histogram<u64>>,
-    /// From a data frame's header arriving to the ack that covers it (its bytes durable),
-    /// microseconds: the receiver's share of the sender's flush-to-durable-ack latency.
-    pub frame_to_durable_us: Option<hdrhistogram::Histogram<u64>>,
-    /// Frames that had to wait for a free buffer slot or a chunk write.
-    pub frame_stalls: u64,
-    /// Pre-zeroed spare segments: created, used for a new segment, or missing when one was needed.
-    pub spares: SpareCounts,
-}
-
-impl RecvSummary {
-    /// One line for the log: what was written and how the group commit went.
-    pub fn describe(&self) -> String {
-        let pcts = |h: &Option<hdrhistogram::Histogram<u64>>| {
-            h.as_ref().map_or((0, 0, 0), |h| (h.value_at_quantile(0.5), h.value_at_quantile(0.99), h.max()))
-        };
-        let (p50, p99, max) = pcts(&self.fsync_latency_us);
-        let (w50, w99, _) = pcts(&self.write_latency_us);
-        let (d50, d99, _) = pcts(&self.frame_to_durable_us);
-        let per_batch = self.bytes_written.checked_div(self.fsync_batches).unwrap_or(0);
-        format!(
-            "{} bytes received, {} writes ({} bytes), {} fdatasyncs in {} batches ({} bytes/batch), fdatasync p50 {} us p99 {} us max {} us, {} frame stalls, spare segments {} created {} used {} missed, write p50 {w50} us p99 {w99} us, frame-to-durable p50 {d50} us p99 {d99} us",
-            self.bytes_received, self.writes, self.bytes_written, self.fsyncs, self.fsync_batches, per_batch, p50, p99, max, self.frame_stalls,
-            self.spares.created, self.spares.used, self.spares.missed
-        )
-    }
-}
-
-/// Records `d` (at least 1 us) into a microsecond histogram, made on first use.
-fn record_us(h: &mut Option<hdrhistogram::Histogram<u64>>, d: Duration) {
-    let h = h.get_or_insert_with(|| hdrhistogram::Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds"));
-    let _ = h.record((d.as_micros() as u64).max(1));
-}
-
-/// Data frames whose acks are awaited: (frame end, when its header arrived), oldest first.
-const ARRIVALS_MAX: usize = 1 << 16;
-
 /// CRC-32C of the bytes of the segment being received, from its start to each frame end, so the
 /// durable LSN can be published with the CRC of everything before it in its segment. Recovery
 /// trusts a published LSN inside a `.partial` only when the file's bytes still match that CRC.
@@ -319,15 +271,11 @@ struct Io {
     /// Writes in flight: id -> (segment, file offset, length, issue time), to name them in errors,
     /// detect short writes and time them.
     writes: HashMap<u64, (u64, u64, usize, Instant)>,
-    /// Data frames not yet covered by an ack: (frame end, header arrival), in LSN order.
-    arrivals: VecDeque<(Lsn, Instant)>,
     /// Running CRC of the current segment's received bytes, to publish with `flushed`.
     segment_crc: SegmentCrc,
-    /// fsync batches in flight: id -> issue time.
-    fsync_started: HashMap<u64, Instant>,
     epoch: Instant,
-    /// OPS-METRICS: Prometheus counters/gauges (atomics; unregistered unless --metrics-listen).
-    metrics: Arc<RecvMetrics>,
+    /// Every figure of the run: feeds the Prometheus metrics and makes the summary.
+    stats: RecvStats,
     /// Pre-zeroed spare segment files (None: disabled).
     spares: Option<Spares>,
 }
@@ -351,7 +299,6 @@ pub fn run_with_metrics(cfg: &RecvConfig, shutdown: Arc<AtomicBool>, metrics: Ar
     // Half-zeroed spares of a crashed run are removed here, before anything is received.
     let spares = Spares::start(&cfg.dir, cfg.spare_segments, cfg.spare_refill, (state.seg_size > 0).then_some(state.seg_size))?;
     let spares = (cfg.spare_segments > 0).then_some(spares);
-    metrics.set_acked(state.durable_end.0, state.durable_end.0); // OPS-METRICS
     match &state.identity {
         Some(id) => info!(
             dir = %cfg.dir.display(),
@@ -374,11 +321,9 @@ pub fn run_with_metrics(cfg: &RecvConfig, shutdown: Arc<AtomicBool>, metrics: Ar
         segdir: None,
         files: HashMap::new(),
         writes: HashMap::new(),
-        fsync_started: HashMap::new(),
-        arrivals: VecDeque::new(),
         segment_crc: SegmentCrc::new(state.seg_size, state.durable_end, state.durable_crc),
         epoch: Instant::now(),
-        metrics,
+        stats: RecvStats::new(metrics, state.durable_end),
         spares,
     };
     let mut identity = state.identity;
@@ -388,7 +333,6 @@ pub fn run_with_metrics(cfg: &RecvConfig, shutdown: Arc<AtomicBool>, metrics: Ar
     }
     let limits = Limits::new(cfg.frame_bytes_max).expect("validated: frame_bytes_max in range");
     let mut conn: Option<Conn> = None;
-    let mut summary = RecvSummary { flushed: state.durable_end, ..Default::default() };
     let mut completions: Vec<Completion> = Vec::new();
     let mut actions: Vec<Action> = Vec::new();
     let mut accept_posted = false;
@@ -417,7 +361,7 @@ pub fn run_with_metrics(cfg: &RecvConfig, shutdown: Arc<AtomicBool>, metrics: Ar
         if let Some(c) = conn.as_mut() {
             if !c.closing && c.last_heard.elapsed() > cfg.peer_timeout {
                 warn!(peer = %c.peer, "sender silent for {:?}; dropping the connection", cfg.peer_timeout);
-                io.metrics.inc_error(recv_error::TIMEOUT); // OPS-METRICS
+                io.stats.error(recv_error::TIMEOUT);
                 begin_close(&mut io, c, receiver.as_mut());
             } else if !c.closing && c.last_status.elapsed() > cfg.status_interval {
                 if let Some(Action::Ack { written, flushed }) = receiver.as_ref().map(|r| r.status()) {
@@ -426,7 +370,7 @@ pub fn run_with_metrics(cfg: &RecvConfig, shutdown: Arc<AtomicBool>, metrics: Ar
                 c.last_status = Instant::now();
             }
         }
-        execute(&mut io, &mut actions, receiver.as_mut(), conn.as_mut(), &mut summary)?;
+        execute(&mut io, &mut actions, receiver.as_mut(), conn.as_mut())?;
         if let Some(c) = conn.as_mut() {
             pump_sends(&mut io, c);
         }
@@ -439,10 +383,9 @@ pub fn run_with_metrics(cfg: &RecvConfig, shutdown: Arc<AtomicBool>, metrics: Ar
             if let Some(rx) = receiver.as_ref() {
                 // Best effort: tell the sender the final durable position before closing.
                 let _ = blocking_send(&c.stream, &Message::Ack(ack_now(rx.written(), rx.flushed())));
-                summary.flushed = rx.flushed();
             }
-            info!(peer = %c.peer, flushed = %summary.flushed, "connection closed");
-            io.metrics.connected.set(0); // OPS-METRICS
+            io.stats.connection_closed(receiver.as_ref().map(|r| r.flushed()));
+            info!(peer = %c.peer, flushed = %io.stats.flushed(), "connection closed");
         }
         if stopping && conn.is_none() && receiver.as_ref().is_none_or(|r| r.is_drained()) {
             break;
@@ -455,16 +398,14 @@ pub fn run_with_metrics(cfg: &RecvConfig, shutdown: Arc<AtomicBool>, metrics: Ar
         completions.clear();
         io.ring.drain(&mut completions);
         for &c in &completions {
-            handle_completion(&mut io, cfg, &limits, c, &listener, &mut conn, &mut receiver, &mut identity, &mut actions, &mut summary, &mut accept_posted)?;
-            execute(&mut io, &mut actions, receiver.as_mut(), conn.as_mut(), &mut summary)?;
+            handle_completion(&mut io, cfg, &limits, c, &listener, &mut conn, &mut receiver, &mut identity, &mut actions, &mut accept_posted)?;
+            execute(&mut io, &mut actions, receiver.as_mut(), conn.as_mut())?;
         }
     }
     // Drop the ring (drains anything left) before the files it may reference.
-    let flushed = receiver.as_ref().map_or(summary.flushed, |r| r.flushed());
-    summary.flushed = flushed;
-    if let Some(spares) = io.spares.take() {
-        summary.spares = spares.counts();
-    }
+    let flushed = receiver.as_ref().map_or(io.stats.flushed(), |r| r.flushed());
+    let spare_counts = io.spares.take().map(|spares| spares.counts()).unwrap_or_default();
+    let summary = io.stats.summary(flushed, spare_counts);
     info!(flushed = %flushed, "receiver stopped; everything below {flushed} is durable; {}", summary.describe());
     drop(lock);
     Ok(summary)
@@ -563,8 +504,7 @@ fn begin_close(io: &mut Io, conn: &mut Conn, receiver: Option<&mut Receiver>) {
     }
     conn.closing = true;
     conn.stream.shutdown();
-    // Frames of this connection that were not acknowledged are sent again by the next one.
-    io.arrivals.clear();
+    io.stats.connection_closing();
     if conn.recv_pending || conn.send_pending {
         io.ring.cancel_fd(conn.stream.as_raw_fd());
     }
@@ -584,14 +524,7 @@ fn post_header_recv(io: &mut Io, conn: &mut Conn) {
 
 fn send_error_and_close(io: &mut Io, conn: &mut Conn, receiver: Option<&mut Receiver>, code: ErrorCode, message: String) {
     error!(peer = %conn.peer, "{message}");
-    // OPS-METRICS
-    io.metrics.inc_error(match code {
-        ErrorCode::Protocol => recv_error::PROTOCOL,
-        ErrorCode::Identity => recv_error::IDENTITY,
-        ErrorCode::Gap => recv_error::GAP,
-        ErrorCode::Corrupt => recv_error::CRC,
-        _ => recv_error::OTHER,
-    });
+    io.stats.refused(code);
     let _ = blocking_send(&conn.stream, &Message::Error(ErrorFrame { code, message }));
     begin_close(io, conn, receiver);
 }
@@ -607,7 +540,6 @@ fn handle_completion(
     receiver: &mut Option<Receiver>,
     identity: &mut Option<WalIdentity>,
     actions: &mut Vec<Action>,
-    summary: &mut RecvSummary,
     accept_posted: &mut bool,
 ) -> Result<(), RecvError> {
     let now = now_us(io.epoch);
@@ -639,13 +571,11 @@ fn handle_completion(
                     &Message::Error(ErrorFrame { code: ErrorCode::Other, message: "receiver is busy with another sender".into() }),
                 );
                 warn!(peer = %peer, "refused a second sender while one is connected");
-                io.metrics.inc_error(recv_error::BUSY); // OPS-METRICS
+                io.stats.error(recv_error::BUSY);
                 return Ok(());
             }
             info!(peer = %peer, tls = stream.is_tls(), "sender connected");
-            summary.connections += 1;
-            io.metrics.connections.inc(); // OPS-METRICS
-            io.metrics.connected.set(1); // OPS-METRICS
+            io.stats.connection_opened();
             let mut conn = Conn {
                 stream,
                 peer,
@@ -668,7 +598,7 @@ fn handle_completion(
             conn.send_pending = false;
             if c.result < 0 && !conn.closing {
                 warn!(peer = %conn.peer, "send failed: {}", std::io::Error::from_raw_os_error(-c.result));
-                io.metrics.inc_error(recv_error::NETWORK); // OPS-METRICS
+                io.stats.error(recv_error::NETWORK);
                 begin_close(io, conn, receiver.as_mut());
             }
         }
@@ -687,7 +617,7 @@ fn handle_completion(
                         info!(peer = %conn.peer, "sender closed the connection");
                     } else {
                         warn!(peer = %conn.peer, "receive failed: {}", std::io::Error::from_raw_os_error(-c.result));
-                        io.metrics.inc_error(recv_error::NETWORK); // OPS-METRICS
+                        io.stats.error(recv_error::NETWORK);
                     }
                 }
                 if c.tag & TAG_KIND_MASK == TAG_RECV_PIECE {
@@ -704,7 +634,7 @@ fn handle_completion(
                 TAG_RECV_BODY => on_control_body(io, cfg, conn, receiver, identity, c.result as usize)?,
                 _ => {
                     let id = identity.expect("identity known once streaming");
-                    on_piece(io, conn, receiver.as_mut().expect("receiver"), &id, actions, summary, now)
+                    on_piece(io, conn, receiver.as_mut().expect("receiver"), &id, actions, now)
                 }
             }
         }
@@ -714,26 +644,23 @@ fn handle_completion(
             let (segno, offset, len, issued) = io.writes.remove(&write_id).expect("completion of an unknown write");
             let path = io.segdir.as_ref().expect("segment dir").partial_path(segno);
             if c.result < 0 {
-                io.metrics.inc_error(recv_error::WRITE); // OPS-METRICS
+                io.stats.error(recv_error::WRITE);
                 let reason = std::io::Error::from_raw_os_error(-c.result).to_string();
                 return Err(RecvError::WriteFailed { path, offset, flushed: rx.flushed(), reason });
             }
             if c.result as usize != len {
-                io.metrics.inc_error(recv_error::WRITE); // OPS-METRICS
+                io.stats.error(recv_error::WRITE);
                 let reason = format!("short O_DIRECT write: {} of {len} bytes (disk full?)", c.result);
                 return Err(RecvError::WriteFailed { path, offset, flushed: rx.flushed(), reason });
             }
-            summary.writes += 1;
-            summary.bytes_written += len as u64;
-            record_us(&mut summary.write_latency_us, issued.elapsed());
-            io.metrics.bytes_written.inc_by(len as u64); // OPS-METRICS
+            io.stats.write_done(len as u64, issued.elapsed());
             rx.on_write_done(write_id, now, actions);
         }
         TAG_FSYNC => {
             let rx = receiver.as_mut().expect("fsync without receiver");
             let batch_id = c.tag & !TAG_KIND_MASK;
             if c.result < 0 {
-                io.metrics.inc_error(recv_error::FSYNC); // OPS-METRICS
+                io.stats.error(recv_error::FSYNC);
                 let flushed = rx.on_fsync_failed(batch_id);
                 return Err(RecvError::FsyncFailed {
                     path: cfg.dir.clone(),
@@ -741,19 +668,9 @@ fn handle_completion(
                     source: std::io::Error::from_raw_os_error(-c.result),
                 });
             }
-            summary.fsyncs += 1;
-            if let Some(t) = io.fsync_started.get(&batch_id) {
-                record_us(&mut summary.fsync_latency_us, t.elapsed());
-                io.metrics.observe_fsync(t.elapsed().as_secs_f64()); // OPS-METRICS
-            }
-            let flushed_before = rx.flushed(); // OPS-METRICS
+            let flushed_before = rx.flushed();
             rx.on_fsync_done(batch_id, actions);
-            if rx.flushed() > flushed_before {
-                io.metrics.observe_fsync_batch(rx.flushed() - flushed_before); // OPS-METRICS
-            }
-            if !rx.fsync_batch_pending(batch_id) {
-                io.fsync_started.remove(&batch_id);
-            }
+            io.stats.fsync_done(batch_id, rx.flushed() - flushed_before, rx.fsync_batch_pending(batch_id));
         }
         _ => unreachable!("unknown completion tag {:#x}", c.tag),
     }
@@ -794,10 +711,7 @@ fn on_header(
         Ok(HeaderStep::DataBody(phase)) => {
             let rx = receiver.as_mut().expect("streaming without receiver");
             conn.phase = phase;
-            if io.arrivals.len() == ARRIVALS_MAX {
-                io.arrivals.pop_front();
-            }
-            io.arrivals.push_back((Lsn(header.lsn + header.body_len as u64), Instant::now()));
+            io.stats.frame_arrived(Lsn(header.lsn + header.body_len as u64));
             if let Err(e) = rx.on_data_header(Lsn(header.lsn), header.body_len as u64, actions) {
                 let code = match e {
                     ReceiverError::NotContiguous { .. } => ErrorCode::Gap,
@@ -990,11 +904,11 @@ fn check_frame_pages(io: &Io, header: &FrameHeader, pieces: &[(Lsn, usize, usize
     Ok(())
 }
 
-fn on_piece(io: &mut Io, conn: &mut Conn, rx: &mut Receiver, id: &WalIdentity, actions: &mut Vec<Action>, summary: &mut RecvSummary, now: u64) {
+fn on_piece(io: &mut Io, conn: &mut Conn, rx: &mut Receiver, id: &WalIdentity, actions: &mut Vec<Action>, now: u64) {
     let ConnPhase::DataBody(header) = conn.phase else { unreachable!("piece outside a data frame") };
     if !rx.on_piece_received(actions) {
         if rx.frame_waiting() {
-            summary.frame_stalls += 1;
+            io.stats.frame_stalled();
         }
         return; // more pieces to come (the next one may already be in `actions`)
     }
@@ -1027,12 +941,11 @@ fn on_piece(io: &mut Io, conn: &mut Conn, rx: &mut Receiver, id: &WalIdentity, a
         send_error_and_close(io, conn, Some(rx), ErrorCode::Corrupt, msg);
         return;
     }
-    summary.bytes_received += header.body_len as u64;
     for (lsn, slot, off, len) in pieces {
         io.segment_crc.extend(lsn, &io.ring.pool().slot(slot)[off..off + len]);
     }
     io.segment_crc.mark();
-    io.metrics.on_frame(header.lsn + header.body_len as u64, header.body_len as u64); // OPS-METRICS
+    io.stats.frame_verified(Lsn(header.lsn + header.body_len as u64), header.body_len as u64);
     rx.on_frame_verified(now, actions);
     conn.phase = ConnPhase::AwaitHeader;
     post_header_recv(io, conn);
@@ -1043,7 +956,6 @@ fn execute(
     actions: &mut Vec<Action>,
     mut receiver: Option<&mut Receiver>,
     mut conn: Option<&mut Conn>,
-    summary: &mut RecvSummary,
 ) -> Result<(), RecvError> {
     // Actions may produce more actions (e.g. a piece posted after a prefill): loop until empty.
     while !actions.is_empty() {
@@ -1090,9 +1002,7 @@ fn execute(
                 }
                 Action::Fsync(req) => {
                     let tag = TAG_FSYNC | req.batch_id;
-                    if io.fsync_started.insert(req.batch_id, Instant::now()).is_none() {
-                        summary.fsync_batches += 1;
-                    }
+                    io.stats.fsync_issued(req.batch_id);
                     match req.target {
                         SyncTarget::Segment(segno) => {
                             let fd = io.files.get(&segno).expect("fsync of a closed segment").direct.as_raw_fd();
@@ -1112,16 +1022,11 @@ fn execute(
                     }
                 }
                 Action::Ack { written, flushed } => {
-                    summary.flushed = flushed;
                     // For `walship restore` (never hand out bytes past what is durable) and for
                     // recovery (never resume below what was acknowledged).
                     let crc = io.segment_crc.crc_at(flushed);
                     io.segdir.as_ref().expect("segment dir").publish_flushed(flushed, crc)?;
-                    io.metrics.set_acked(written.0, flushed.0); // OPS-METRICS
-                    while io.arrivals.front().is_some_and(|&(end, _)| end <= flushed) {
-                        let (_, arrived) = io.arrivals.pop_front().expect("front");
-                        record_us(&mut summary.frame_to_durable_us, arrived.elapsed());
-                    }
+                    io.stats.acked(written, flushed);
                     if let Some(c) = conn.as_deref_mut() {
                         c.ack_pending = Some((written, flushed));
                     }
