@@ -30,7 +30,7 @@ use crate::wire::{
 use flusher::{FlushPolicy, SyncTarget};
 use receiver::{Action, Receiver, ReceiverConfig, ReceiverError};
 use dir_lock::{DirLock, LockError};
-use segment_file::{recover_dir, DirError, FileAccess, SegmentDir, SegmentFile};
+use segment_file::{recover_dir, DirError, DirState, FileAccess, SegmentDir, SegmentFile};
 use session::{ConnPhase, HeaderStep, Refusal, StreamStart};
 use spares::{SpareError, SpareRefill, Spares};
 pub use stats::{RecvStats, RecvSummary};
@@ -264,6 +264,26 @@ struct Conn {
     auth_pending: Option<([u8; wire::AUTH_NONCE_LEN], Hello, Vec<u8>)>,
 }
 
+impl Conn {
+    /// A connection that waits for the sender's Hello.
+    fn new(stream: Link, peer: SocketAddr) -> Conn {
+        Conn {
+            stream,
+            peer,
+            phase: ConnPhase::AwaitHelloHeader,
+            recv_pending: false,
+            recv_len: 0,
+            send_pending: false,
+            send_queue: VecDeque::new(),
+            ack_pending: None,
+            last_heard: Instant::now(),
+            last_status: Instant::now(),
+            closing: false,
+            auth_pending: None,
+        }
+    }
+}
+
 struct Io {
     ring: Ring,
     segdir: Option<SegmentDir>,
@@ -287,6 +307,76 @@ pub fn run(cfg: &RecvConfig, shutdown: Arc<AtomicBool>) -> Result<RecvSummary, R
 
 /// [`run`], updating `metrics` (OPS-METRICS) as it goes.
 pub fn run_with_metrics(cfg: &RecvConfig, shutdown: Arc<AtomicBool>, metrics: Arc<RecvMetrics>) -> Result<RecvSummary, RecvError> {
+    let (listener, lock, state, spares) = start_up(cfg)?;
+    let mut io = new_io(cfg, &state, metrics, spares)?;
+    let mut st = LoopState::recovered(cfg, &mut io, &state)?;
+    let limits = Limits::new(cfg.frame_bytes_max).expect("validated: frame_bytes_max in range");
+    let mut completions: Vec<Completion> = Vec::new();
+    loop {
+        if shutdown.load(Ordering::Relaxed) && !st.stopping {
+            st.stopping = true;
+            info!("shutting down: finishing writes and flushing");
+            if let Some(c) = st.conn.as_mut() {
+                begin_close(&mut io, c, st.receiver.as_mut());
+            }
+        }
+        if !st.accept_posted && !st.stopping {
+            io.ring.accept(listener.as_raw_fd(), TAG_ACCEPT);
+            st.accept_posted = true;
+        }
+        on_timers(&mut io, cfg, &mut st);
+        execute(&mut io, &mut st.actions, st.receiver.as_mut(), st.conn.as_mut())?;
+        if let Some(c) = st.conn.as_mut() {
+            pump_sends(&mut io, c);
+        }
+        retire_closed_conn(&mut io, &mut st);
+        let drained = st.receiver.as_ref().is_none_or(|r| r.is_drained());
+        if st.stopping && st.conn.is_none() && drained {
+            break;
+        }
+        if let Some(spares) = io.spares.as_ref() {
+            // Spares are zeroed only while nothing received waits for a write or an fdatasync.
+            spares.set_busy(!drained);
+        }
+        io.ring.submit_and_wait(Some(Duration::from_millis(20)))?;
+        completions.clear();
+        io.ring.drain(&mut completions);
+        for &c in &completions {
+            handle_completion(&mut io, cfg, &limits, c, &listener, &mut st)?;
+            execute(&mut io, &mut st.actions, st.receiver.as_mut(), st.conn.as_mut())?;
+        }
+    }
+    Ok(finish(io, st.receiver.as_ref(), lock))
+}
+
+/// What the io loop keeps between completions.
+struct LoopState {
+    conn: Option<Conn>,
+    /// The state machine, once the directory's (or the first sender's) identity is known.
+    receiver: Option<Receiver>,
+    identity: Option<WalIdentity>,
+    /// Actions the state machine asked for, not yet carried out.
+    actions: Vec<Action>,
+    accept_posted: bool,
+    stopping: bool,
+}
+
+impl LoopState {
+    /// The loop's state over a recovered directory (its segment directory opened when it holds WAL).
+    fn recovered(cfg: &RecvConfig, io: &mut Io, state: &DirState) -> Result<LoopState, RecvError> {
+        let identity = state.identity;
+        let receiver = identity.map(|id| Receiver::new(receiver_config(cfg, id.seg_size), state.durable_end));
+        if let (Some(id), true) = (identity, state.durable_end > Lsn(0)) {
+            io.segdir = Some(open_segdir(cfg, id.tli, id.seg_size)?);
+        }
+        Ok(LoopState { conn: None, receiver, identity, actions: Vec::new(), accept_posted: false, stopping: false })
+    }
+}
+
+/// Checks the config, binds the port, then owns, prepares and recovers the directory and starts
+/// its spare pool (which removes a crashed run's half-zeroed spares, before anything is
+/// received); says what the directory holds and where it listens.
+fn start_up(cfg: &RecvConfig) -> Result<(TcpListener, DirLock, DirState, Option<Spares>), RecvError> {
     cfg.validate()?;
     // The port first: a receiver that cannot listen must not touch the directory.
     let listener = bind_listener(cfg.listen)?;
@@ -296,7 +386,6 @@ pub fn run_with_metrics(cfg: &RecvConfig, shutdown: Arc<AtomicBool>, metrics: Ar
     warn_if_not_durable_across_reboot(&cfg.dir);
     cfg.access.apply_to_dir(&cfg.dir)?;
     let state = recover_dir(&lock)?;
-    // Half-zeroed spares of a crashed run are removed here, before anything is received.
     let spares = Spares::start(&cfg.dir, cfg.spare_segments, cfg.spare_refill, (state.seg_size > 0).then_some(state.seg_size))?;
     let spares = (cfg.spare_segments > 0).then_some(spares);
     match &state.identity {
@@ -310,13 +399,18 @@ pub fn run_with_metrics(cfg: &RecvConfig, shutdown: Arc<AtomicBool>, metrics: Ar
         None => info!(dir = %cfg.dir.display(), "directory is empty; the first sender decides where it starts"),
     }
     info!(listen = %listener.local_addr().map_or(cfg.listen, |a| a), "listening");
+    Ok((listener, lock, state, spares))
+}
+
+/// The buffer pool and the ring, and everything the io loop owns besides its state.
+fn new_io(cfg: &RecvConfig, state: &DirState, metrics: Arc<RecvMetrics>, spares: Option<Spares>) -> Result<Io, RecvError> {
     let slots = (cfg.in_flight_bytes_max / cfg.chunk_bytes).max(4) as usize;
     let pool = BufferPool::new(slots, cfg.chunk_bytes as usize).map_err(|e| RingError::Io { op: "buffer pool", source: e })?;
     let ring = Ring::new(256, pool, 1, CONTROL_BUF_BYTES)?;
     if !ring.pool_registered() {
         warn!("could not register the buffer pool with io_uring (RLIMIT_MEMLOCK?); using unregistered writes");
     }
-    let mut io = Io {
+    Ok(Io {
         ring,
         segdir: None,
         files: HashMap::new(),
@@ -325,90 +419,57 @@ pub fn run_with_metrics(cfg: &RecvConfig, shutdown: Arc<AtomicBool>, metrics: Ar
         epoch: Instant::now(),
         stats: RecvStats::new(metrics, state.durable_end),
         spares,
-    };
-    let mut identity = state.identity;
-    let mut receiver: Option<Receiver> = identity.map(|id| Receiver::new(receiver_config(cfg, id.seg_size), state.durable_end));
-    if let (Some(id), true) = (identity, state.durable_end > Lsn(0)) {
-        io.segdir = Some(open_segdir(cfg, id.tli, id.seg_size)?);
-    }
-    let limits = Limits::new(cfg.frame_bytes_max).expect("validated: frame_bytes_max in range");
-    let mut conn: Option<Conn> = None;
-    let mut completions: Vec<Completion> = Vec::new();
-    let mut actions: Vec<Action> = Vec::new();
-    let mut accept_posted = false;
-    let mut stopping = false;
-    loop {
-        if shutdown.load(Ordering::Relaxed) && !stopping {
-            stopping = true;
-            info!("shutting down: finishing writes and flushing");
-            if let Some(c) = conn.as_mut() {
-                begin_close(&mut io, c, receiver.as_mut());
-            }
-        }
-        if !accept_posted && !stopping {
-            io.ring.accept(listener.as_raw_fd(), TAG_ACCEPT);
-            accept_posted = true;
-        }
-        // Timers: status acks, flush deadlines, silent peers.
-        if let Some(rx) = receiver.as_mut() {
-            let now = now_us(io.epoch);
-            if conn.as_ref().is_some_and(|c| c.closing) || stopping {
-                rx.force_flush(now, &mut actions);
-            } else {
-                rx.poll_flush(now, &mut actions);
-            }
-        }
-        if let Some(c) = conn.as_mut() {
-            if !c.closing && c.last_heard.elapsed() > cfg.peer_timeout {
-                warn!(peer = %c.peer, "sender silent for {:?}; dropping the connection", cfg.peer_timeout);
-                io.stats.error(recv_error::TIMEOUT);
-                begin_close(&mut io, c, receiver.as_mut());
-            } else if !c.closing && c.last_status.elapsed() > cfg.status_interval {
-                if let Some(Action::Ack { written, flushed }) = receiver.as_ref().map(|r| r.status()) {
-                    c.ack_pending = Some((written, flushed));
-                }
-                c.last_status = Instant::now();
-            }
-        }
-        execute(&mut io, &mut actions, receiver.as_mut(), conn.as_mut())?;
-        if let Some(c) = conn.as_mut() {
-            pump_sends(&mut io, c);
-        }
-        // A closed connection is gone once its socket operations completed and, so that the next
-        // sender resumes at an exact durable LSN, everything it sent is written and flushed.
-        if conn.as_ref().is_some_and(|c| c.closing && !c.recv_pending && !c.send_pending)
-            && receiver.as_ref().is_none_or(|r| r.is_drained())
-        {
-            let c = conn.take().expect("conn");
-            if let Some(rx) = receiver.as_ref() {
-                // Best effort: tell the sender the final durable position before closing.
-                let _ = blocking_send(&c.stream, &Message::Ack(ack_now(rx.written(), rx.flushed())));
-            }
-            io.stats.connection_closed(receiver.as_ref().map(|r| r.flushed()));
-            info!(peer = %c.peer, flushed = %io.stats.flushed(), "connection closed");
-        }
-        if stopping && conn.is_none() && receiver.as_ref().is_none_or(|r| r.is_drained()) {
-            break;
-        }
-        if let Some(spares) = io.spares.as_ref() {
-            // Spares are zeroed only while nothing received waits for a write or an fdatasync.
-            spares.set_busy(receiver.as_ref().is_some_and(|r| !r.is_drained()));
-        }
-        io.ring.submit_and_wait(Some(Duration::from_millis(20)))?;
-        completions.clear();
-        io.ring.drain(&mut completions);
-        for &c in &completions {
-            handle_completion(&mut io, cfg, &limits, c, &listener, &mut conn, &mut receiver, &mut identity, &mut actions, &mut accept_posted)?;
-            execute(&mut io, &mut actions, receiver.as_mut(), conn.as_mut())?;
+    })
+}
+
+/// Timers: flush deadlines (everything at once while closing or stopping), silent peers, status acks.
+fn on_timers(io: &mut Io, cfg: &RecvConfig, st: &mut LoopState) {
+    if let Some(rx) = st.receiver.as_mut() {
+        let now = now_us(io.epoch);
+        if st.conn.as_ref().is_some_and(|c| c.closing) || st.stopping {
+            rx.force_flush(now, &mut st.actions);
+        } else {
+            rx.poll_flush(now, &mut st.actions);
         }
     }
-    // Drop the ring (drains anything left) before the files it may reference.
-    let flushed = receiver.as_ref().map_or(io.stats.flushed(), |r| r.flushed());
+    let Some(c) = st.conn.as_mut() else { return };
+    if !c.closing && c.last_heard.elapsed() > cfg.peer_timeout {
+        warn!(peer = %c.peer, "sender silent for {:?}; dropping the connection", cfg.peer_timeout);
+        io.stats.error(recv_error::TIMEOUT);
+        begin_close(io, c, st.receiver.as_mut());
+    } else if !c.closing && c.last_status.elapsed() > cfg.status_interval {
+        if let Some(Action::Ack { written, flushed }) = st.receiver.as_ref().map(|r| r.status()) {
+            c.ack_pending = Some((written, flushed));
+        }
+        c.last_status = Instant::now();
+    }
+}
+
+/// A closed connection is gone once its socket operations completed and, so that the next
+/// sender resumes at an exact durable LSN, everything it sent is written and flushed.
+fn retire_closed_conn(io: &mut Io, st: &mut LoopState) {
+    let done = st.conn.as_ref().is_some_and(|c| c.closing && !c.recv_pending && !c.send_pending);
+    if !done || !st.receiver.as_ref().is_none_or(|r| r.is_drained()) {
+        return;
+    }
+    let c = st.conn.take().expect("conn");
+    if let Some(rx) = st.receiver.as_ref() {
+        // Best effort: tell the sender the final durable position before closing.
+        let _ = blocking_send(&c.stream, &Message::Ack(ack_now(rx.written(), rx.flushed())));
+    }
+    io.stats.connection_closed(st.receiver.as_ref().map(|r| r.flushed()));
+    info!(peer = %c.peer, flushed = %io.stats.flushed(), "connection closed");
+}
+
+/// The run's summary, logged; then the directory's lock is released and `io` dropped (its
+/// ring first: it drains anything left before the files it may reference).
+fn finish(mut io: Io, receiver: Option<&Receiver>, lock: DirLock) -> RecvSummary {
+    let flushed = receiver.map_or(io.stats.flushed(), |r| r.flushed());
     let spare_counts = io.spares.take().map(|spares| spares.counts()).unwrap_or_default();
     let summary = io.stats.summary(flushed, spare_counts);
     info!(flushed = %flushed, "receiver stopped; everything below {flushed} is durable; {}", summary.describe());
     drop(lock);
-    Ok(summary)
+    summary
 }
 
 fn open_segdir(cfg: &RecvConfig, tli: u32, seg_size: u64) -> Result<SegmentDir, DirError> {
@@ -529,151 +590,147 @@ fn send_error_and_close(io: &mut Io, conn: &mut Conn, receiver: Option<&mut Rece
     begin_close(io, conn, receiver);
 }
 
-#[allow(clippy::too_many_arguments)]
-fn handle_completion(
-    io: &mut Io,
-    cfg: &RecvConfig,
-    limits: &Limits,
-    c: Completion,
-    listener: &TcpListener,
-    conn_slot: &mut Option<Conn>,
-    receiver: &mut Option<Receiver>,
-    identity: &mut Option<WalIdentity>,
-    actions: &mut Vec<Action>,
-    accept_posted: &mut bool,
-) -> Result<(), RecvError> {
+fn handle_completion(io: &mut Io, cfg: &RecvConfig, limits: &Limits, c: Completion, listener: &TcpListener, st: &mut LoopState) -> Result<(), RecvError> {
     let now = now_us(io.epoch);
     match c.tag & TAG_KIND_MASK {
         TAG_ACCEPT => {
-            *accept_posted = false;
-            if c.result < 0 {
-                if c.result != -libc::ECANCELED {
-                    warn!("accept failed: {}", std::io::Error::from_raw_os_error(-c.result));
-                }
-                return Ok(());
-            }
-            let tcp = crate::uring::accepted_stream(&c);
-            let peer = tcp.peer_addr().unwrap_or_else(|_| listener.local_addr().expect("local addr"));
-            let _ = tcp.set_nodelay(true);
-            let stream = match &cfg.tls {
-                None => Link::Tcp(tcp),
-                Some(tls) => match crate::tls::accept(tcp, peer, tls, cfg.peer_timeout) {
-                    Ok(link) => link,
-                    Err(e) => {
-                        warn!(peer = %peer, "cannot start TLS for sender {peer}: {e}");
-                        return Ok(());
-                    }
-                },
-            };
-            if conn_slot.is_some() {
-                let _ = blocking_send(
-                    &stream,
-                    &Message::Error(ErrorFrame { code: ErrorCode::Other, message: "receiver is busy with another sender".into() }),
-                );
-                warn!(peer = %peer, "refused a second sender while one is connected");
-                io.stats.error(recv_error::BUSY);
-                return Ok(());
-            }
-            info!(peer = %peer, tls = stream.is_tls(), "sender connected");
-            io.stats.connection_opened();
-            let mut conn = Conn {
-                stream,
-                peer,
-                phase: ConnPhase::AwaitHelloHeader,
-                recv_pending: false,
-                recv_len: 0,
-                send_pending: false,
-                send_queue: VecDeque::new(),
-                ack_pending: None,
-                last_heard: Instant::now(),
-                last_status: Instant::now(),
-                closing: false,
-                auth_pending: None,
-            };
-            post_header_recv(io, &mut conn);
-            *conn_slot = Some(conn);
+            st.accept_posted = false;
+            on_accept(io, cfg, c, listener, &mut st.conn);
         }
         TAG_SEND => {
-            let Some(conn) = conn_slot.as_mut() else { return Ok(()) };
+            let Some(conn) = st.conn.as_mut() else { return Ok(()) };
             conn.send_pending = false;
             if c.result < 0 && !conn.closing {
                 warn!(peer = %conn.peer, "send failed: {}", std::io::Error::from_raw_os_error(-c.result));
                 io.stats.error(recv_error::NETWORK);
-                begin_close(io, conn, receiver.as_mut());
+                begin_close(io, conn, st.receiver.as_mut());
             }
         }
-        TAG_RECV_HEADER | TAG_RECV_BODY | TAG_RECV_PIECE => {
-            let Some(conn) = conn_slot.as_mut() else { return Ok(()) };
-            conn.recv_pending = false;
-            // MSG_WAITALL delivers everything asked for, unless the peer closed (or the socket
-            // failed) first: a short receive is a connection that ended mid-frame, never data.
-            let short = c.result > 0 && (c.result as usize) < conn.recv_len;
-            if conn.closing || short || c.result <= 0 {
-                // (When closing, the socket was shut down on purpose: nothing to report.)
-                if !conn.closing {
-                    if short {
-                        warn!(peer = %conn.peer, got = c.result, expected = conn.recv_len, "sender closed the connection in the middle of a frame; the partial frame is discarded");
-                    } else if c.result == 0 {
-                        info!(peer = %conn.peer, "sender closed the connection");
-                    } else {
-                        warn!(peer = %conn.peer, "receive failed: {}", std::io::Error::from_raw_os_error(-c.result));
-                        io.stats.error(recv_error::NETWORK);
-                    }
-                }
-                if c.tag & TAG_KIND_MASK == TAG_RECV_PIECE {
-                    if let Some(rx) = receiver.as_mut() {
-                        rx.abandon_frame();
-                    }
-                }
-                begin_close(io, conn, receiver.as_mut());
-                return Ok(());
-            }
-            conn.last_heard = Instant::now();
-            match c.tag & TAG_KIND_MASK {
-                TAG_RECV_HEADER => on_header(io, limits, conn, receiver, actions)?,
-                TAG_RECV_BODY => on_control_body(io, cfg, conn, receiver, identity, c.result as usize)?,
-                _ => {
-                    let id = identity.expect("identity known once streaming");
-                    on_piece(io, conn, receiver.as_mut().expect("receiver"), &id, actions, now)
-                }
-            }
-        }
-        TAG_WRITE => {
-            let rx = receiver.as_mut().expect("write without receiver");
-            let write_id = c.tag & !TAG_KIND_MASK;
-            let (segno, offset, len, issued) = io.writes.remove(&write_id).expect("completion of an unknown write");
-            let path = io.segdir.as_ref().expect("segment dir").partial_path(segno);
-            if c.result < 0 {
-                io.stats.error(recv_error::WRITE);
-                let reason = std::io::Error::from_raw_os_error(-c.result).to_string();
-                return Err(RecvError::WriteFailed { path, offset, flushed: rx.flushed(), reason });
-            }
-            if c.result as usize != len {
-                io.stats.error(recv_error::WRITE);
-                let reason = format!("short O_DIRECT write: {} of {len} bytes (disk full?)", c.result);
-                return Err(RecvError::WriteFailed { path, offset, flushed: rx.flushed(), reason });
-            }
-            io.stats.write_done(len as u64, issued.elapsed());
-            rx.on_write_done(write_id, now, actions);
-        }
-        TAG_FSYNC => {
-            let rx = receiver.as_mut().expect("fsync without receiver");
-            let batch_id = c.tag & !TAG_KIND_MASK;
-            if c.result < 0 {
-                io.stats.error(recv_error::FSYNC);
-                let flushed = rx.on_fsync_failed(batch_id);
-                return Err(RecvError::FsyncFailed {
-                    path: cfg.dir.clone(),
-                    flushed,
-                    source: std::io::Error::from_raw_os_error(-c.result),
-                });
-            }
-            let flushed_before = rx.flushed();
-            rx.on_fsync_done(batch_id, actions);
-            io.stats.fsync_done(batch_id, rx.flushed() - flushed_before, rx.fsync_batch_pending(batch_id));
-        }
+        TAG_RECV_HEADER | TAG_RECV_BODY | TAG_RECV_PIECE => on_received(io, cfg, limits, c, st, now)?,
+        TAG_WRITE => on_write_done(io, c, st.receiver.as_mut().expect("write without receiver"), &mut st.actions, now)?,
+        TAG_FSYNC => on_fsync_done(io, cfg, c, st.receiver.as_mut().expect("fsync without receiver"), &mut st.actions)?,
         _ => unreachable!("unknown completion tag {:#x}", c.tag),
     }
+    Ok(())
+}
+
+/// A sender connected: refused while another one is connected, else its connection starts with a
+/// Hello header receive (after the TLS handshake when the receiver runs TLS).
+fn on_accept(io: &mut Io, cfg: &RecvConfig, c: Completion, listener: &TcpListener, conn_slot: &mut Option<Conn>) {
+    if c.result < 0 {
+        if c.result != -libc::ECANCELED {
+            warn!("accept failed: {}", std::io::Error::from_raw_os_error(-c.result));
+        }
+        return;
+    }
+    let tcp = crate::uring::accepted_stream(&c);
+    let peer = tcp.peer_addr().unwrap_or_else(|_| listener.local_addr().expect("local addr"));
+    let _ = tcp.set_nodelay(true);
+    let stream = match &cfg.tls {
+        None => Link::Tcp(tcp),
+        Some(tls) => match crate::tls::accept(tcp, peer, tls, cfg.peer_timeout) {
+            Ok(link) => link,
+            Err(e) => {
+                warn!(peer = %peer, "cannot start TLS for sender {peer}: {e}");
+                return;
+            }
+        },
+    };
+    if conn_slot.is_some() {
+        let _ = blocking_send(
+            &stream,
+            &Message::Error(ErrorFrame { code: ErrorCode::Other, message: "receiver is busy with another sender".into() }),
+        );
+        warn!(peer = %peer, "refused a second sender while one is connected");
+        io.stats.error(recv_error::BUSY);
+        return;
+    }
+    info!(peer = %peer, tls = stream.is_tls(), "sender connected");
+    io.stats.connection_opened();
+    let mut conn = Conn::new(stream, peer);
+    post_header_recv(io, &mut conn);
+    *conn_slot = Some(conn);
+}
+
+/// A receive on the connection completed: a header, a control body or a piece of a data frame.
+fn on_received(io: &mut Io, cfg: &RecvConfig, limits: &Limits, c: Completion, st: &mut LoopState, now: u64) -> Result<(), RecvError> {
+    let Some(conn) = st.conn.as_mut() else { return Ok(()) };
+    conn.recv_pending = false;
+    if receive_ended(io, c, conn, st.receiver.as_mut()) {
+        return Ok(());
+    }
+    conn.last_heard = Instant::now();
+    match c.tag & TAG_KIND_MASK {
+        TAG_RECV_HEADER => on_header(io, limits, conn, &mut st.receiver, &mut st.actions)?,
+        TAG_RECV_BODY => on_control_body(io, cfg, conn, &mut st.receiver, &mut st.identity, c.result as usize)?,
+        _ => {
+            let id = st.identity.expect("identity known once streaming");
+            on_piece(io, conn, st.receiver.as_mut().expect("receiver"), &id, &mut st.actions, now)
+        }
+    }
+    Ok(())
+}
+
+/// MSG_WAITALL delivers everything asked for, unless the peer closed (or the socket failed)
+/// first: a short receive is a connection that ended mid-frame, never data. True (and the
+/// connection closing) when this receive ended it.
+fn receive_ended(io: &mut Io, c: Completion, conn: &mut Conn, mut receiver: Option<&mut Receiver>) -> bool {
+    let short = c.result > 0 && (c.result as usize) < conn.recv_len;
+    if !conn.closing && !short && c.result > 0 {
+        return false;
+    }
+    // (When closing, the socket was shut down on purpose: nothing to report.)
+    if !conn.closing {
+        if short {
+            warn!(peer = %conn.peer, got = c.result, expected = conn.recv_len, "sender closed the connection in the middle of a frame; the partial frame is discarded");
+        } else if c.result == 0 {
+            info!(peer = %conn.peer, "sender closed the connection");
+        } else {
+            warn!(peer = %conn.peer, "receive failed: {}", std::io::Error::from_raw_os_error(-c.result));
+            io.stats.error(recv_error::NETWORK);
+        }
+    }
+    if c.tag & TAG_KIND_MASK == TAG_RECV_PIECE {
+        if let Some(rx) = receiver.as_deref_mut() {
+            rx.abandon_frame();
+        }
+    }
+    begin_close(io, conn, receiver);
+    true
+}
+
+/// A write completed: a failed or short write is fatal (nothing past `flushed` was acknowledged).
+fn on_write_done(io: &mut Io, c: Completion, rx: &mut Receiver, actions: &mut Vec<Action>, now: u64) -> Result<(), RecvError> {
+    let write_id = c.tag & !TAG_KIND_MASK;
+    let (segno, offset, len, issued) = io.writes.remove(&write_id).expect("completion of an unknown write");
+    let path = io.segdir.as_ref().expect("segment dir").partial_path(segno);
+    if c.result < 0 {
+        io.stats.error(recv_error::WRITE);
+        let reason = std::io::Error::from_raw_os_error(-c.result).to_string();
+        return Err(RecvError::WriteFailed { path, offset, flushed: rx.flushed(), reason });
+    }
+    if c.result as usize != len {
+        io.stats.error(recv_error::WRITE);
+        let reason = format!("short O_DIRECT write: {} of {len} bytes (disk full?)", c.result);
+        return Err(RecvError::WriteFailed { path, offset, flushed: rx.flushed(), reason });
+    }
+    io.stats.write_done(len as u64, issued.elapsed());
+    rx.on_write_done(write_id, now, actions);
+    Ok(())
+}
+
+/// An fdatasync completed: a failure is fatal and poisons the flusher (no later fsync may
+/// advance `flushed`).
+fn on_fsync_done(io: &mut Io, cfg: &RecvConfig, c: Completion, rx: &mut Receiver, actions: &mut Vec<Action>) -> Result<(), RecvError> {
+    let batch_id = c.tag & !TAG_KIND_MASK;
+    if c.result < 0 {
+        io.stats.error(recv_error::FSYNC);
+        let flushed = rx.on_fsync_failed(batch_id);
+        return Err(RecvError::FsyncFailed { path: cfg.dir.clone(), flushed, source: std::io::Error::from_raw_os_error(-c.result) });
+    }
+    let flushed_before = rx.flushed();
+    rx.on_fsync_done(batch_id, actions);
+    io.stats.fsync_done(batch_id, rx.flushed() - flushed_before, rx.fsync_batch_pending(batch_id));
     Ok(())
 }
 
@@ -760,20 +817,7 @@ fn on_control_body(
     match msg {
         Message::Hello(hello) => match &cfg.auth {
             None => on_hello(io, cfg, conn, receiver, identity, hello)?,
-            Some(_) => {
-                // Nothing is decided, and nothing written, before the sender proves it knows the key.
-                let nonce_r = match crate::auth::nonce() {
-                    Ok(n) => n,
-                    Err(e) => {
-                        send_error_and_close(io, conn, receiver.as_mut(), ErrorCode::Io, e.to_string());
-                        return Ok(());
-                    }
-                };
-                conn.auth_pending = Some((nonce_r, hello, body));
-                queue_message(conn, &Message::Auth(wire::Auth { step: wire::AuthStep::Challenge, nonce: nonce_r, mac: [0; wire::AUTH_MAC_LEN] }));
-                conn.phase = ConnPhase::AwaitAuthHeader;
-                post_header_recv(io, conn);
-            }
+            Some(_) => challenge(io, conn, receiver.as_mut(), hello, body),
         },
         Message::Auth(a) if matches!(conn.phase, ConnPhase::AwaitAuthBody(_)) && a.step == wire::AuthStep::Response => {
             let key = cfg.auth.as_ref().expect("auth phase without a key");
@@ -806,6 +850,22 @@ fn on_control_body(
         }
     }
     Ok(())
+}
+
+/// A receiver with a key answers a Hello with a challenge: nothing is decided, and nothing
+/// written, before the sender proves it knows the key.
+fn challenge(io: &mut Io, conn: &mut Conn, receiver: Option<&mut Receiver>, hello: Hello, hello_body: Vec<u8>) {
+    let nonce_r = match crate::auth::nonce() {
+        Ok(n) => n,
+        Err(e) => {
+            send_error_and_close(io, conn, receiver, ErrorCode::Io, e.to_string());
+            return;
+        }
+    };
+    conn.auth_pending = Some((nonce_r, hello, hello_body));
+    queue_message(conn, &Message::Auth(wire::Auth { step: wire::AuthStep::Challenge, nonce: nonce_r, mac: [0; wire::AUTH_MAC_LEN] }));
+    conn.phase = ConnPhase::AwaitAuthHeader;
+    post_header_recv(io, conn);
 }
 
 /// Carries out the session's decision on a Hello (`session::on_hello`): a refusal ends the
@@ -951,86 +1011,78 @@ fn on_piece(io: &mut Io, conn: &mut Conn, rx: &mut Receiver, id: &WalIdentity, a
     post_header_recv(io, conn);
 }
 
-fn execute(
-    io: &mut Io,
-    actions: &mut Vec<Action>,
-    mut receiver: Option<&mut Receiver>,
-    mut conn: Option<&mut Conn>,
-) -> Result<(), RecvError> {
+fn execute(io: &mut Io, actions: &mut Vec<Action>, mut receiver: Option<&mut Receiver>, mut conn: Option<&mut Conn>) -> Result<(), RecvError> {
     // Actions may produce more actions (e.g. a piece posted after a prefill): loop until empty.
     while !actions.is_empty() {
         let batch: Vec<Action> = std::mem::take(actions);
         for action in batch {
-            let now = now_us(io.epoch);
-            match action {
-                Action::OpenSegment { segno } => {
-                    let segdir = io.segdir.as_ref().expect("segment dir");
-                    if let Some(spares) = io.spares.as_ref() {
-                        spares.set_seg_size(segdir.seg_size());
-                    }
-                    let (file, created) = segdir.open_segment(segno, io.spares.as_ref())?;
-                    io.files.insert(segno, file);
-                    if created {
-                        if let Some(rx) = receiver.as_deref_mut() {
-                            rx.on_directory_changed(now);
-                        }
-                    }
+            execute_one(io, action, receiver.as_deref_mut(), conn.as_deref_mut())?;
+        }
+    }
+    Ok(())
+}
+
+fn execute_one(io: &mut Io, action: Action, receiver: Option<&mut Receiver>, conn: Option<&mut Conn>) -> Result<(), RecvError> {
+    let now = now_us(io.epoch);
+    match action {
+        Action::OpenSegment { segno } => {
+            let segdir = io.segdir.as_ref().expect("segment dir");
+            if let Some(spares) = io.spares.as_ref() {
+                spares.set_seg_size(segdir.seg_size());
+            }
+            let (file, created) = segdir.open_segment(segno, io.spares.as_ref())?;
+            io.files.insert(segno, file);
+            if let (true, Some(rx)) = (created, receiver) {
+                rx.on_directory_changed(now);
+            }
+        }
+        Action::Prefill { segno, slot, slot_offset, file_offset, len } => {
+            let segdir = io.segdir.as_ref().expect("segment dir");
+            let file = io.files.get(&segno).expect("prefill of a closed segment");
+            let buf = &mut io.ring.pool_mut().slot_mut(slot)[slot_offset..slot_offset + len];
+            segdir.prefill(file, file_offset, buf)?;
+        }
+        Action::RecvPiece { slot, slot_offset, len } => {
+            let c = conn.expect("piece without connection");
+            if c.closing {
+                if let Some(rx) = receiver {
+                    rx.abandon_frame();
                 }
-                Action::Prefill { segno, slot, slot_offset, file_offset, len } => {
-                    let segdir = io.segdir.as_ref().expect("segment dir");
-                    let file = io.files.get(&segno).expect("prefill of a closed segment");
-                    let buf = &mut io.ring.pool_mut().slot_mut(slot)[slot_offset..slot_offset + len];
-                    segdir.prefill(file, file_offset, buf)?;
-                }
-                Action::RecvPiece { slot, slot_offset, len } => {
-                    let c = conn.as_deref_mut().expect("piece without connection");
-                    if c.closing {
-                        if let Some(rx) = receiver.as_deref_mut() {
-                            rx.abandon_frame();
-                        }
-                        continue;
-                    }
-                    io.ring.recv_slot(c.stream.as_raw_fd(), TAG_RECV_PIECE, slot, slot_offset, len);
-                    c.recv_pending = true;
-                    c.recv_len = len;
-                }
-                Action::Write { write_id, segno, slot, slot_offset, len, valid_len, file_offset } => {
-                    io.ring.pool_mut().slot_mut(slot)[slot_offset + valid_len..slot_offset + len].fill(0);
-                    let fd = io.files.get(&segno).expect("write to a closed segment").direct.as_raw_fd();
-                    io.writes.insert(write_id, (segno, file_offset, len, Instant::now()));
-                    io.ring.write_slot(fd, TAG_WRITE | write_id, slot, slot_offset, len, file_offset);
-                }
-                Action::Fsync(req) => {
-                    let tag = TAG_FSYNC | req.batch_id;
-                    io.stats.fsync_issued(req.batch_id);
-                    match req.target {
-                        SyncTarget::Segment(segno) => {
-                            let fd = io.files.get(&segno).expect("fsync of a closed segment").direct.as_raw_fd();
-                            io.ring.fsync(fd, tag, true);
-                        }
-                        SyncTarget::Directory => {
-                            let fd = io.segdir.as_ref().expect("segment dir").dir_file.as_raw_fd();
-                            io.ring.fsync(fd, tag, false);
-                        }
-                    }
-                }
-                Action::CompleteSegment { segno } => {
-                    io.segdir.as_ref().expect("segment dir").complete(segno)?;
-                    io.files.remove(&segno);
-                    if let Some(rx) = receiver.as_deref_mut() {
-                        rx.on_directory_changed(now);
-                    }
-                }
-                Action::Ack { written, flushed } => {
-                    // For `walship restore` (never hand out bytes past what is durable) and for
-                    // recovery (never resume below what was acknowledged).
-                    let crc = io.segment_crc.crc_at(flushed);
-                    io.segdir.as_ref().expect("segment dir").publish_flushed(flushed, crc)?;
-                    io.stats.acked(written, flushed);
-                    if let Some(c) = conn.as_deref_mut() {
-                        c.ack_pending = Some((written, flushed));
-                    }
-                }
+                return Ok(());
+            }
+            io.ring.recv_slot(c.stream.as_raw_fd(), TAG_RECV_PIECE, slot, slot_offset, len);
+            c.recv_pending = true;
+            c.recv_len = len;
+        }
+        Action::Write { write_id, segno, slot, slot_offset, len, valid_len, file_offset } => {
+            io.ring.pool_mut().slot_mut(slot)[slot_offset + valid_len..slot_offset + len].fill(0);
+            let fd = io.files.get(&segno).expect("write to a closed segment").direct.as_raw_fd();
+            io.writes.insert(write_id, (segno, file_offset, len, Instant::now()));
+            io.ring.write_slot(fd, TAG_WRITE | write_id, slot, slot_offset, len, file_offset);
+        }
+        Action::Fsync(req) => {
+            io.stats.fsync_issued(req.batch_id);
+            let (fd, data_only) = match req.target {
+                SyncTarget::Segment(segno) => (io.files.get(&segno).expect("fsync of a closed segment").direct.as_raw_fd(), true),
+                SyncTarget::Directory => (io.segdir.as_ref().expect("segment dir").dir_file.as_raw_fd(), false),
+            };
+            io.ring.fsync(fd, TAG_FSYNC | req.batch_id, data_only);
+        }
+        Action::CompleteSegment { segno } => {
+            io.segdir.as_ref().expect("segment dir").complete(segno)?;
+            io.files.remove(&segno);
+            if let Some(rx) = receiver {
+                rx.on_directory_changed(now);
+            }
+        }
+        Action::Ack { written, flushed } => {
+            // For `walship restore` (never hand out bytes past what is durable) and for
+            // recovery (never resume below what was acknowledged).
+            let crc = io.segment_crc.crc_at(flushed);
+            io.segdir.as_ref().expect("segment dir").publish_flushed(flushed, crc)?;
+            io.stats.acked(written, flushed);
+            if let Some(c) = conn {
+                c.ack_pending = Some((written, flushed));
             }
         }
     }
