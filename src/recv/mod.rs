@@ -822,12 +822,13 @@ fn on_control_body(
         Message::Auth(a) if matches!(conn.phase, ConnPhase::AwaitAuthBody(_)) && a.step == wire::AuthStep::Response => {
             let key = cfg.auth.as_ref().expect("auth phase without a key");
             let (nonce_r, hello, hello_body) = conn.auth_pending.take().expect("auth pending");
-            if !key.verify_sender(&nonce_r, &a.nonce, &hello_body, &a.mac) {
-                let msg = format!("sender {} failed authentication (it does not know this receiver's --auth-key-file key); refused before anything was written", conn.peer);
-                send_error_and_close(io, conn, receiver.as_mut(), ErrorCode::Auth, msg);
-                return Ok(());
-            }
-            let proof = key.receiver_mac(&a.nonce, &nonce_r);
+            let proof = match session::on_auth_response(key, &nonce_r, &hello_body, &a, &conn.peer.to_string()) {
+                Ok(proof) => proof,
+                Err(Refusal { code, message }) => {
+                    send_error_and_close(io, conn, receiver.as_mut(), code, message);
+                    return Ok(());
+                }
+            };
             queue_message(conn, &Message::Auth(wire::Auth { step: wire::AuthStep::Proof, nonce: [0; wire::AUTH_NONCE_LEN], mac: proof }));
             info!(peer = %conn.peer, "sender authenticated");
             on_hello(io, cfg, conn, receiver, identity, hello)?;
