@@ -36,7 +36,6 @@
 
 mod common;
 
-use common::json::Json;
 use common::*;
 use hdrhistogram::Histogram;
 use std::os::unix::fs::FileExt;
@@ -618,7 +617,7 @@ fn markdown(cfg: &Config, m: &Json, f: &Facts, met: bool, bound: f64) -> String 
         ));
     }
     md.push_str("\n\n");
-    if let Some(Json::Arr(notes)) = m.get("notes") {
+    if let Some(Json::Array(notes)) = m.get("notes") {
         for n in notes {
             if let Some(t) = n.as_str() {
                 md.push_str(&format!("- {t}\n"));
@@ -885,7 +884,7 @@ fn run_bench(cfg: &Config, bin: &Path, root: &Path) -> Result<Json, String> {
             cfg.sample_ms
         )));
     }
-    m.set("notes", Json::Arr(notes));
+    m.set("notes", Json::Array(notes));
     cluster.stop(STEP_TIMEOUT)?;
     Ok(m)
 }

@@ -52,7 +52,6 @@
 
 mod common;
 
-use common::json::{self, Json};
 use common::*;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -239,8 +238,8 @@ struct Source {
 
 fn parse_lsn(v: &Json) -> Option<u64> {
     match v {
-        Json::Num(_) => v.as_u64(),
-        Json::Str(s) => match s.split_once('/') {
+        Json::Number(_) => v.as_u64(),
+        Json::String(s) => match s.split_once('/') {
             Some((hi, lo)) => Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?),
             None => s
                 .parse()
@@ -264,7 +263,7 @@ fn make_source(cfg: &Config, root: &Path) -> Result<Source, String> {
     let command = cmd_line(&cmd);
     let gen = run(&mut cmd, root, "gen-wal", cfg.timeout);
     let failure = match &gen {
-        Ok(f) if f.ok() => match json::parse_lenient(&f.stdout) {
+        Ok(f) if f.ok() => match parse_json_lenient(&f.stdout) {
             Ok(report) => {
                 let files = list_files(&dir).map_err(|e| e.to_string())?;
                 // gen-wal's first_lsn is its first record, just past the long page header; the sender
@@ -289,7 +288,7 @@ fn make_source(cfg: &Config, root: &Path) -> Result<Source, String> {
                     Some(format!("gen-wal made no WAL (report: {})", tail(&f.stdout, 300)))
                 } else {
                     let mut gen_report = report.clone();
-                    if let Json::Obj(_) = gen_report {
+                    if let Json::Object(_) = gen_report {
                         gen_report
                             .set("command", command.clone())
                             .set("wall_s", f.wall.as_secs_f64());
@@ -439,7 +438,7 @@ fn bench_odirect_fio(cfg: &Config, root: &Path, dst: &Path, bytes: u64, rep: usi
     m.extra.set("process_wall_s", f.wall.as_secs_f64());
     m.extra
         .set("process_wall_gb_per_s", bytes as f64 / f.wall.as_secs_f64() / GB);
-    let report = match json::parse_lenient(&f.stdout) {
+    let report = match parse_json_lenient(&f.stdout) {
         Ok(r) => r,
         Err(e) => return m.failed(format!("fio printed no JSON report ({e})")),
     };
@@ -620,7 +619,7 @@ fn bench_walship(
     }
     match std::fs::read_to_string(&report_path) {
         Ok(text) => {
-            let report = Json::parse(text.trim()).unwrap_or(Json::Str(text));
+            let report = Json::parse(text.trim()).unwrap_or(Json::String(text));
             if let Some(b) = report.get("bytes").and_then(Json::as_u64) {
                 if b != src.wal_bytes {
                     m.extra.set("send_report_bytes_differs", b);
@@ -1305,7 +1304,7 @@ fn bench(cfg: &Config) -> Result<(), String> {
         ));
     }
     md.push_str(&format!("\n![fdatasync latency]({})\n", fname(&lat_path)));
-    if let Json::Arr(items) = &micro {
+    if let Json::Array(items) = &micro {
         if !items.is_empty() {
             md.push_str("\n### Micro benches (criterion, last `cargo bench --bench micro` in this target dir)\n\n| bench | GB/s (mean) |\n|---|---:|\n");
             for it in items {
@@ -1986,5 +1985,5 @@ fn read_criterion(dir: &Path) -> Json {
         }
     }
     items.sort_by(|a, b| format!("{:?}", a.get("id")).cmp(&format!("{:?}", b.get("id"))));
-    Json::Arr(items)
+    Json::Array(items)
 }

@@ -9,7 +9,8 @@
 //!    pg_waldump (end of the shutdown checkpoint record).
 //! 6. `walship recv` + `walship send --once` of the stopped primary's pg_wal; compare received files with
 //!    the primary's byte for byte (complete segments; the `.partial` up to end_lsn, zeros after).
-//! 7. A standby from the base backup with an EMPTY pg_wal, `restore_command = 'walship restore ...'`.
+//! 7. A standby from the base backup with an EMPTY pg_wal, `restore_command = 'walship restore ...'`
+//!    (`tests/common/replay.rs`'s `replay_and_verify`, as every real-PostgreSQL test ends).
 //! 8. Wait until it replayed to end_lsn exactly, compare checksums with the primary's.
 //! 9. Stop everything (guards stop servers with `-m immediate` and kill walship on any failure).
 //!
@@ -25,6 +26,8 @@
 
 mod common;
 
+use common::pg::*;
+use common::replay::{replay_and_verify, Replay};
 use common::*;
 use std::fmt::Write as _;
 use std::fs;
@@ -35,281 +38,13 @@ use std::time::{Duration, Instant};
 
 const PRIMARY_PORT: u16 = 5491;
 const STANDBY_PORT: u16 = 5492;
-const PG_USER: &str = "postgres";
-const REPLAY_TIMEOUT: Duration = Duration::from_secs(120);
 const SHIP_TIMEOUT: Duration = Duration::from_secs(180);
 /// Segments filled before the slot exists: later checkpoints recycle them into future segment names, so the
 /// stopped primary's pg_wal ends with files that hold stale pages past the end of valid WAL.
 const WARMUP_SWITCHES: usize = 24;
 
-type R<T> = Result<T, String>;
-
-// ---------------------------------------------------------------------------------------------------------
-// PostgreSQL plumbing
-
-/// Where PostgreSQL's programs are and whom to run them as.
-#[derive(Clone)]
-struct Pg {
-    bin: PathBuf,
-    /// Run server-side programs as the `postgres` OS user (we are root).
-    as_user: Option<(u32, u32)>,
-    /// cwd for every PostgreSQL command (must be accessible to the postgres user).
-    cwd: PathBuf,
-}
-
-impl Pg {
-    /// Newest `/usr/lib/postgresql/<major>/bin` with initdb in it (or `WALSHIP_PG_BIN`).
-    fn find_bin() -> Option<PathBuf> {
-        if let Some(p) = std::env::var_os("WALSHIP_PG_BIN") {
-            let p = PathBuf::from(p);
-            return p.join("initdb").exists().then_some(p);
-        }
-        let mut best: Option<(u32, PathBuf)> = None;
-        for e in fs::read_dir("/usr/lib/postgresql").ok()?.flatten() {
-            let Ok(major) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
-            let bin = e.path().join("bin");
-            if bin.join("initdb").exists() && bin.join("pg_ctl").exists() && best.as_ref().is_none_or(|b| major > b.0) {
-                best = Some((major, bin));
-            }
-        }
-        best.map(|b| b.1)
-    }
-
-    fn cmd(&self, prog: &str) -> Command {
-        let path = self.bin.join(prog);
-        let mut c = if self.as_user.is_some() {
-            let mut c = Command::new("runuser");
-            c.args(["-u", PG_USER, "--"]).arg(path);
-            c
-        } else {
-            Command::new(path)
-        };
-        c.current_dir(&self.cwd);
-        // Never let the caller's libpq environment redirect us to some other server.
-        for v in ["PGHOST", "PGPORT", "PGDATA", "PGUSER", "PGDATABASE", "PGSERVICE", "PGOPTIONS"] {
-            c.env_remove(v);
-        }
-        c
-    }
-
-    /// Give the postgres user ownership of `path` (recursively) when running as root.
-    fn chown(&self, path: &Path) -> R<()> {
-        if let Some((uid, gid)) = self.as_user {
-            chown_r(path, uid, gid).map_err(|e| format!("chown -R {PG_USER} {}: {e}", path.display()))?;
-        }
-        Ok(())
-    }
-}
-
-/// One PostgreSQL server; stopped with `pg_ctl -m immediate stop` on drop if still running.
-struct Server {
-    pg: Pg,
-    name: &'static str,
-    data: PathBuf,
-    log: PathBuf,
-    sock: PathBuf,
-    port: u16,
-    running: bool,
-}
-
-impl Server {
-    fn new(pg: &Pg, name: &'static str, data: PathBuf, log: PathBuf, sock: PathBuf, port: u16) -> Server {
-        Server { pg: pg.clone(), name, data, log, sock, port, running: false }
-    }
-
-    fn log_tail(&self, n: usize) -> String {
-        tail_file(&self.log, n)
-    }
-
-    fn err(&self, msg: impl std::fmt::Display) -> String {
-        format!("{msg}\n--- {} server log tail ({}) ---\n{}", self.name, self.log.display(), self.log_tail(40))
-    }
-
-    fn pg_ctl_start(&mut self, wait: bool) -> R<()> {
-        let mut c = self.pg.cmd("pg_ctl");
-        c.arg("-D").arg(&self.data).arg("-l").arg(&self.log);
-        if wait {
-            c.args(["-w", "-t", "120"]);
-        } else {
-            c.arg("-W");
-        }
-        c.arg("start");
-        // pg_ctl's postmaster inherits our stdout/stderr pipes unless redirected; -l sends the log to a file,
-        // but keep the pipes closed anyway so `output()` cannot hang on a daemon holding them.
-        c.stdout(Stdio::null()).stderr(Stdio::piped());
-        self.running = true; // from now on the guard tries to stop it
-        let out = run(&mut c)?;
-        if !out.status.success() {
-            return Err(self.err(describe_failure(&c, &out)));
-        }
-        Ok(())
-    }
-
-    fn stop(&mut self, mode: &str) -> R<()> {
-        let mut c = self.pg.cmd("pg_ctl");
-        c.arg("-D").arg(&self.data).args(["-m", mode, "-w", "-t", "120", "stop"]);
-        let out = run(&mut c)?;
-        if !out.status.success() {
-            return Err(self.err(describe_failure(&c, &out)));
-        }
-        self.running = false;
-        Ok(())
-    }
-
-    /// Is the postmaster alive? (`pg_ctl status` exits 0 when running, 3 when not.)
-    fn alive(&self) -> bool {
-        let mut c = self.pg.cmd("pg_ctl");
-        c.arg("-D").arg(&self.data).arg("status");
-        run(&mut c).map(|o| o.status.success()).unwrap_or(false)
-    }
-
-    fn psql_cmd(&self) -> Command {
-        let mut c = self.pg.cmd("psql");
-        c.arg("-h").arg(&self.sock).args(["-p", &self.port.to_string(), "-U", PG_USER, "-d", "postgres"]);
-        c.args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1"]);
-        c
-    }
-
-    /// Run SQL, return trimmed stdout. Errors include the server log tail.
-    fn sql(&self, sql: &str) -> R<String> {
-        let mut c = self.psql_cmd();
-        c.arg("-c").arg(sql);
-        let out = run(&mut c)?;
-        if !out.status.success() {
-            return Err(self.err(describe_failure(&c, &out)));
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-    }
-
-    /// Like `sql` but without the log tail (for polling).
-    fn sql_quiet(&self, sql: &str) -> Result<String, String> {
-        let mut c = self.psql_cmd();
-        c.arg("-c").arg(sql);
-        let out = run(&mut c)?;
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
-        }
-    }
-
-    fn controldata(&self) -> R<ControlData> {
-        let mut c = self.pg.cmd("pg_controldata");
-        c.arg("-D").arg(&self.data);
-        let out = run_ok(&mut c)?;
-        ControlData::parse(&String::from_utf8_lossy(&out.stdout))
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if self.running {
-            eprintln!("guard: stopping {} server (pg_ctl -m immediate stop)", self.name);
-            let mut c = self.pg.cmd("pg_ctl");
-            c.arg("-D").arg(&self.data).args(["-m", "immediate", "-w", "-t", "60", "stop"]);
-            let _ = run(&mut c);
-        }
-    }
-}
-
-#[derive(Debug)]
-struct ControlData {
-    state: String,
-    checkpoint: u64,
-    redo: u64,
-    sysid: u64,
-    seg_size: u64,
-    block_size: u64,
-    tli: u32,
-}
-
-impl ControlData {
-    fn parse(text: &str) -> R<ControlData> {
-        let field = |k: &str| -> R<String> {
-            text.lines()
-                .find_map(|l| l.strip_prefix(k).map(|v| v.trim_start_matches(':').trim().to_string()))
-                .ok_or_else(|| format!("pg_controldata: no `{k}` in:\n{text}"))
-        };
-        let num = |k: &str| -> R<u64> { field(k)?.parse().map_err(|e| format!("pg_controldata `{k}`: {e}")) };
-        let lsn = |k: &str| -> R<u64> { parse_lsn(&field(k)?).ok_or_else(|| format!("pg_controldata `{k}`: bad LSN")) };
-        Ok(ControlData {
-            state: field("Database cluster state")?,
-            checkpoint: lsn("Latest checkpoint location")?,
-            redo: lsn("Latest checkpoint's REDO location")?,
-            sysid: num("Database system identifier")?,
-            seg_size: num("Bytes per WAL segment")?,
-            block_size: num("WAL block size")?,
-            tli: num("Latest checkpoint's TimeLineID")? as u32,
-        })
-    }
-}
-
-/// (table, "count:...") checksums; identical on primary and replayed standby or the test fails.
-const CHECKSUM_QUERIES: &[(&str, &str)] = &[
-    (
-        "pgbench_accounts",
-        "SELECT count(*) || ' sum=' || coalesce(sum(abalance),0) || ' md5=' || \
-         coalesce(md5(string_agg(md5(t::text), '' ORDER BY aid)),'-') FROM pgbench_accounts t",
-    ),
-    (
-        "pgbench_branches",
-        "SELECT count(*) || ' sum=' || coalesce(sum(bbalance),0) || ' md5=' || \
-         coalesce(md5(string_agg(t::text, ',' ORDER BY bid)),'-') FROM pgbench_branches t",
-    ),
-    (
-        "pgbench_tellers",
-        "SELECT count(*) || ' sum=' || coalesce(sum(tbalance),0) || ' md5=' || \
-         coalesce(md5(string_agg(t::text, ',' ORDER BY tid)),'-') FROM pgbench_tellers t",
-    ),
-    (
-        "pgbench_history",
-        "SELECT count(*) || ' sum=' || coalesce(sum(delta),0) || ' md5=' || \
-         coalesce(md5(string_agg(t::text, ',' ORDER BY tid, bid, aid, delta, mtime, t::text)),'-') \
-         FROM pgbench_history t",
-    ),
-    ("warmup", "SELECT count(*) || ' md5=' || coalesce(md5(string_agg(md5(t::text), '' ORDER BY g)),'-') FROM warmup t"),
-];
-
-fn checksums(s: &Server) -> R<Vec<(String, String)>> {
-    CHECKSUM_QUERIES.iter().map(|(t, q)| Ok((t.to_string(), s.sql(q)?))).collect()
-}
-
-/// End of WAL after a clean shutdown = end (MAXALIGN'd, as `pg_last_wal_replay_lsn()` reports it) of the
-/// shutdown checkpoint record at `ckpt`, found independently of walship with pg_waldump.
-fn wal_end_after_checkpoint(pg: &Pg, pg_wal: &Path, ckpt: u64, block_size: u64) -> R<u64> {
-    let mut c = pg.cmd("pg_waldump");
-    c.arg("-p").arg(pg_wal).arg("-s").arg(fmt_lsn(ckpt));
-    let out = run(&mut c)?;
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    let recs: Vec<&str> = stdout.lines().filter(|l| l.starts_with("rmgr:")).collect();
-    let ctx = || format!("`{}`\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}", cmdline(&c));
-    if recs.len() != 1 || !recs[0].contains("CHECKPOINT_SHUTDOWN") {
-        return Err(format!("expected exactly one record (CHECKPOINT_SHUTDOWN) at the latest checkpoint: {}", ctx()));
-    }
-    // "rmgr: XLOG        len (rec/tot):    114/   114, tx:          0, lsn: 0/0A000028, prev 0/..."
-    let rec = recs[0];
-    let tot: u64 = rec
-        .split("len (rec/tot):")
-        .nth(1)
-        .and_then(|s| s.split(',').next())
-        .and_then(|s| s.split('/').nth(1))
-        .and_then(|s| s.trim().parse().ok())
-        .ok_or_else(|| format!("cannot parse record length: {}", ctx()))?;
-    let from_len = if (ckpt % block_size) + tot <= block_size { Some((ckpt + tot + 7) & !7) } else { None };
-    // "pg_waldump: error: error in WAL record at 0/A000028: invalid record length at 0/A0000A0: wanted 24, got 0"
-    let from_err = stderr
-        .split("invalid record length at ")
-        .nth(1)
-        .and_then(|s| s.split(':').next())
-        .and_then(parse_lsn);
-    match (from_len, from_err) {
-        (Some(a), Some(b)) if a != b => Err(format!("end of WAL: record length says {}, error says {}: {}", fmt_lsn(a), fmt_lsn(b), ctx())),
-        (Some(a), _) => Ok(a),
-        (None, Some(b)) => Ok(b),
-        (None, None) => Err(format!("cannot determine the end of WAL: {}", ctx())),
-    }
-}
+/// The tables whose checksums must be equal on the primary and the replayed standby.
+const CHECKSUM_TABLES: [&str; 5] = ["pgbench_accounts", "pgbench_branches", "pgbench_tellers", "pgbench_history", "warmup"];
 
 // ---------------------------------------------------------------------------------------------------------
 // The test
@@ -356,36 +91,15 @@ struct Env {
 
 #[test]
 fn pg_replay_end_to_end() {
-    let require = std::env::var("WALSHIP_REQUIRE_PG").as_deref() == Ok("1");
-    let Some(bin) = Pg::find_bin() else {
-        if require {
-            panic!("WALSHIP_REQUIRE_PG=1 but PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb)");
-        }
-        println!("SKIP: PostgreSQL not installed");
-        return;
-    };
-    let as_user = if is_root() {
-        match user_ids(PG_USER) {
-            Some(ids) => Some(ids),
-            None => {
-                if require {
-                    panic!("running as root but there is no `{PG_USER}` OS user to run PostgreSQL as");
-                }
-                println!("SKIP: running as root without a `{PG_USER}` user (initdb refuses root)");
-                return;
-            }
-        }
-    } else {
-        None
-    };
+    let tmp = TestDir::new("pg-replay");
+    let Some(pg) = Pg::for_test(tmp.path()) else { return };
     let copy_mode = std::env::var("WALSHIP_PG_SHIP").as_deref() == Ok("copy");
     if copy_mode {
         println!("!!! WALSHIP_PG_SHIP=copy: step 6 is a plain file copy; this run does NOT test walship !!!");
     }
-    let tmp = TestDir::new("pg-replay");
-    println!("PostgreSQL bin: {}  temp dir: {}  as_user: {:?}", bin.display(), tmp.path().display(), as_user);
+    println!("PostgreSQL bin: {}  temp dir: {}  as_user: {:?}", pg.bin.display(), tmp.path().display(), pg.as_user);
     let env = Env {
-        pg: Pg { bin, as_user, cwd: tmp.path().to_path_buf() },
+        pg,
         recv_log: tmp.join("walship-recv.log"),
         send_log: tmp.join("walship-send.log"),
         tmp,
@@ -413,31 +127,19 @@ fn run_test(env: &Env, t: &mut Timings) -> R<()> {
     let pg = &env.pg;
     let root = env.tmp.path();
     let pgdir = root.join("pg"); // everything the servers touch, owned by postgres
-    let sock = pgdir.join("sock");
     let recv_dir = root.join("recv");
-    fs::create_dir_all(&sock).map_err(|e| e.to_string())?;
-    fs::set_permissions(&sock, fs::Permissions::from_mode(0o700)).map_err(|e| e.to_string())?;
+    fs::create_dir_all(&pgdir).map_err(|e| e.to_string())?;
     pg.chown(&pgdir)?;
 
-    let mut primary = Server::new(pg, "primary", pgdir.join("primary"), pgdir.join("primary.log"), sock.clone(), PRIMARY_PORT);
-    let mut standby = Server::new(pg, "standby", pgdir.join("standby"), pgdir.join("standby.log"), sock.clone(), STANDBY_PORT);
+    let mut primary = pg.server(&pgdir, "primary", PRIMARY_PORT)?;
 
     // 1. initdb + start the primary -----------------------------------------------------------------------
     t.step("1 initdb + start primary", || {
-        let mut c = pg.cmd("initdb");
-        c.arg("-D").arg(&primary.data);
-        c.args(["-U", PG_USER, "--auth=trust", "--locale=C", "--encoding=UTF8", "--no-sync"]);
-        run_ok(&mut c)?;
-        append(
-            &primary.data.join("postgresql.conf"),
-            &format!(
-                "\n# walship pg_replay test\nport = {PRIMARY_PORT}\nlisten_addresses = ''\nunix_socket_directories = '{}'\n\
-                 wal_level = replica\nmax_wal_senders = 4\nmax_replication_slots = 4\nwal_keep_size = 0\n\
-                 max_wal_size = 1GB\nmin_wal_size = 80MB\nsynchronous_commit = off\nlog_checkpoints = on\n",
-                sock.display()
-            ),
+        primary.init(
+            "pg_replay test",
+            "wal_level = replica\nmax_wal_senders = 4\nmax_replication_slots = 4\nwal_keep_size = 0\n\
+             max_wal_size = 1GB\nmin_wal_size = 80MB\nsynchronous_commit = off\nlog_checkpoints = on",
         )?;
-        primary.pg_ctl_start(true)?;
         println!("   {}", primary.sql("SELECT version()")?);
         Ok(())
     })?;
@@ -455,17 +157,7 @@ fn run_test(env: &Env, t: &mut Timings) -> R<()> {
         for _ in 0..WARMUP_SWITCHES {
             primary.sql("INSERT INTO warmup SELECT -1, 'x'; DELETE FROM warmup WHERE g = -1; SELECT pg_switch_wal()")?;
         }
-        let mut c = pg.cmd("pg_basebackup");
-        c.arg("-h").arg(&sock).args(["-p", &PRIMARY_PORT.to_string(), "-U", PG_USER]);
-        c.arg("-D").arg(&base).args(["-c", "fast", "-X", "none", "--no-sync"]);
-        run_ok(&mut c).map_err(|e| primary.err(e))?;
-        let label = fs::read_to_string(base.join("backup_label")).map_err(|e| format!("read backup_label: {e}"))?;
-        let start = label
-            .lines()
-            .find_map(|l| l.strip_prefix("START WAL LOCATION: "))
-            .and_then(|s| s.split_whitespace().next())
-            .and_then(parse_lsn)
-            .ok_or_else(|| format!("no START WAL LOCATION in backup_label:\n{label}"))?;
+        let start = primary.base_backup(&base)?;
         // Release the warm-up WAL (only the backup's start onwards is needed): the next checkpoint recycles
         // those segments into future names, which then sit past the end of valid WAL.
         primary.sql(&format!("SELECT pg_replication_slot_advance('walship_pg_replay', '{}')", fmt_lsn(start)))?;
@@ -474,13 +166,7 @@ fn run_test(env: &Env, t: &mut Timings) -> R<()> {
     })?;
 
     // 3. pgbench ------------------------------------------------------------------------------------------
-    let pgbench = |args: &[&str]| -> R<String> {
-        let mut c = pg.cmd("pgbench");
-        c.arg("-h").arg(&sock).args(["-p", &PRIMARY_PORT.to_string(), "-U", PG_USER]);
-        c.args(args).arg("postgres");
-        let out = run_ok(&mut c).map_err(|e| primary.err(e))?;
-        Ok(String::from_utf8_lossy(&out.stdout).to_string())
-    };
+    let pgbench = |args: &[&str]| primary.pgbench(args);
     t.step("3 pgbench -i -s 10 + runs with CHECKPOINTs", || {
         pgbench(&["-i", "-s", "10", "-q"])?;
         primary.sql("CHECKPOINT")?;
@@ -503,7 +189,7 @@ fn run_test(env: &Env, t: &mut Timings) -> R<()> {
 
     // 4. checksums on the primary -----------------------------------------------------------------------------
     let sums = t.step("4 checksums on primary", || {
-        let s = checksums(&primary)?;
+        let s = checksums_of(&primary, CHECKSUM_TABLES)?;
         for (tbl, v) in &s {
             println!("   {tbl}: {v}");
         }
@@ -512,15 +198,7 @@ fn run_test(env: &Env, t: &mut Timings) -> R<()> {
 
     // 5. clean stop + control data + exact end of WAL ------------------------------------------------------------
     let (cd, expected_end) = t.step("5 stop primary + pg_controldata + pg_waldump end of WAL", || {
-        primary.stop("fast")?;
-        let cd = primary.controldata()?;
-        if cd.state != "shut down" {
-            return Err(format!("primary cluster state after stop is `{}`, want `shut down`", cd.state));
-        }
-        if cd.redo != cd.checkpoint {
-            return Err(format!("shutdown checkpoint REDO {} != location {}", fmt_lsn(cd.redo), fmt_lsn(cd.checkpoint)));
-        }
-        let end = wal_end_after_checkpoint(pg, &primary.data.join("pg_wal"), cd.checkpoint, cd.block_size)?;
+        let (cd, end) = primary.clean_stop()?;
         println!(
             "   system id {}  latest checkpoint {}  end of WAL {}  seg {} B  block {} B  tli {}",
             cd.sysid,
@@ -547,118 +225,32 @@ fn run_test(env: &Env, t: &mut Timings) -> R<()> {
         Ok(report)
     })?;
 
-    // 7. standby from the base backup, WAL only through walship restore -----------------------------------------
-    t.step("7 standby from base backup with restore_command", || {
-        let mut c = cmd("cp", ["-a"]);
-        c.arg(&base).arg(&standby.data);
-        run_ok(&mut c)?;
-        let wal = standby.data.join("pg_wal");
-        // Recovery silently falls back to pg_wal: it must be empty so every byte comes through restore_command.
-        for e in fs::read_dir(&wal).map_err(|e| e.to_string())?.flatten() {
-            let p = e.path();
-            let r = if p.is_dir() { fs::remove_dir_all(&p) } else { fs::remove_file(&p) };
-            r.map_err(|e| format!("empty {}: {e}", wal.display()))?;
+    // 7. a standby from the base backup, WAL only through restore_command, replays to end_lsn ---------------------
+    let standby = t.step("7 standby from base backup with restore_command, replays to end_lsn + checksums match", || {
+        if report.end_lsn <= cd.checkpoint {
+            return Err(format!(
+                "end_lsn {} not past the primary's latest checkpoint {}",
+                fmt_lsn(report.end_lsn),
+                fmt_lsn(cd.checkpoint)
+            ));
         }
-        fs::write(standby.data.join("standby.signal"), b"").map_err(|e| e.to_string())?;
-        let restore = if env.copy_mode {
-            format!("cp {0}/%f %p 2>/dev/null || cp {0}/%f.partial %p", recv_dir.display())
-        } else {
-            let exe = restore_exe(env)?;
-            format!("{} restore %f %p --dir {}", exe.display(), recv_dir.display())
+        // Every segment from the backup's start to the end, never a `.partial` name.
+        let want_restored = (backup_start / cd.seg_size..=(report.end_lsn - 1) / cd.seg_size).map(|s| seg_name(cd.tli, s, cd.seg_size)).collect();
+        let replay = Replay {
+            standby: pg.server(&pgdir, "standby", STANDBY_PORT)?,
+            base: &base,
+            restore_exe: restore_exe(env)?,
+            recv_dir: &recv_dir,
+            extra_conf: "log_min_messages = info",
+            target: report.end_lsn,
+            sums: &sums,
+            want_restored,
         };
-        append(
-            &standby.data.join("postgresql.auto.conf"),
-            &format!(
-                "\n# walship pg_replay test standby\nport = {STANDBY_PORT}\nrestore_command = '{restore}'\nhot_standby = on\n\
-                 wal_retrieve_retry_interval = '1s'\nlog_min_messages = info\n"
-            ),
-        )?;
-        pg.chown(&standby.data)?;
-        chmod_a_rx(&recv_dir).map_err(|e| format!("chmod -R a+rX {}: {e}", recv_dir.display()))?;
-        println!("   restore_command = '{restore}'");
-        standby.pg_ctl_start(false)
+        replay_and_verify(replay, &|m| println!("   {m}"))
     })?;
 
-    // 8. replay to end_lsn, compare -------------------------------------------------------------------------------
-    t.step("8 standby replays to end_lsn + checksums match", || {
-        let target = report.end_lsn;
-        let mut last = String::new();
-        let t0 = Instant::now();
-        let reached = poll_until(REPLAY_TIMEOUT, Duration::from_millis(250), || {
-            match standby.sql_quiet("SELECT pg_last_wal_replay_lsn()") {
-                Ok(s) => {
-                    last = s.clone();
-                    parse_lsn(&s).filter(|&l| l >= target).map(Ok)
-                }
-                Err(e) => {
-                    last = e;
-                    // Starting up (not yet consistent) is expected; a dead postmaster is not.
-                    if t0.elapsed() > Duration::from_secs(3) && !standby.alive() {
-                        Some(Err(standby.err(format!("standby postmaster died during recovery (last psql: {last})"))))
-                    } else {
-                        None
-                    }
-                }
-            }
-        })
-        .ok_or_else(|| {
-            standby.err(format!(
-                "standby did not replay to {} within {REPLAY_TIMEOUT:?}; last pg_last_wal_replay_lsn() / error: {last}",
-                fmt_lsn(target)
-            ))
-        })??;
-        println!("   replayed to {} after {:.1} s", fmt_lsn(reached), t0.elapsed().as_secs_f64());
-        if reached != target {
-            return Err(standby.err(format!(
-                "pg_last_wal_replay_lsn() = {} != end_lsn {} (walship report)",
-                fmt_lsn(reached),
-                fmt_lsn(target)
-            )));
-        }
-        if reached <= cd.checkpoint {
-            return Err(format!("replayed LSN {} not past the primary's latest checkpoint {}", fmt_lsn(reached), fmt_lsn(cd.checkpoint)));
-        }
-        if standby.sql("SELECT pg_is_in_recovery()")? != "t" {
-            return Err(standby.err("standby is not in recovery (it should stay a standby)"));
-        }
-        let got = checksums(&standby)?;
-        let mut bad = String::new();
-        for ((tbl, want), (_, have)) in sums.iter().zip(&got) {
-            if want != have {
-                let _ = writeln!(bad, "  {tbl}: primary {want}\n  {tbl}: standby {have}");
-            }
-        }
-        if !bad.is_empty() {
-            return Err(standby.err(format!("checksums differ after replay:\n{bad}")));
-        }
-        println!("   all {} table checksums equal", got.len());
-        // What recovery asked for: every segment from the backup's start to the end, never a `.partial`.
-        let log = fs::read_to_string(&standby.log).unwrap_or_default();
-        let restored: Vec<&str> = log
-            .lines()
-            .filter_map(|l| l.split("restored log file \"").nth(1).and_then(|s| s.split('"').next()))
-            .collect();
-        let first = backup_start / cd.seg_size;
-        let last_seg = (report.end_lsn - 1) / cd.seg_size;
-        let want: Vec<String> = (first..=last_seg).map(|s| seg_name(cd.tli, s, cd.seg_size)).collect();
-        let missing: Vec<&String> = want.iter().filter(|n| !restored.contains(&n.as_str())).collect();
-        if !missing.is_empty() {
-            return Err(standby.err(format!("standby log shows no `restored log file` for {missing:?}")));
-        }
-        // walship restore's stderr lands in the server log: a failed request names the file it was asked for.
-        if let Some(l) = log.lines().find(|l| l.contains(".partial is not in")) {
-            return Err(standby.err(format!("recovery asked restore_command for a .partial name: {l}")));
-        }
-        if restored.iter().any(|n| n.contains("partial")) {
-            return Err(standby.err(format!("recovery restored a .partial name: {restored:?}")));
-        }
-        println!("   standby restored {} files via restore_command ({} .. {})", restored.len(), want[0], want[want.len() - 1]);
-        Ok(())
-    })?;
-
-    // 9. clean stop -------------------------------------------------------------------------------------------
-    t.step("9 stop standby", || {
-        standby.stop("fast")?;
+    // 8. the standby (stopped by the step above) is a copy of the same cluster ------------------------------------------
+    t.step("8 standby system id", || {
         let scd = standby.controldata()?;
         if scd.sysid != cd.sysid {
             return Err(format!("standby system id {} != primary {}", scd.sysid, cd.sysid));
@@ -668,22 +260,18 @@ fn run_test(env: &Env, t: &mut Timings) -> R<()> {
     Ok(())
 }
 
-fn append(path: &Path, text: &str) -> R<()> {
-    use std::io::Write;
-    let mut f = fs::OpenOptions::new().append(true).open(path).map_err(|e| format!("open {}: {e}", path.display()))?;
-    f.write_all(text.as_bytes()).map_err(|e| format!("append to {}: {e}", path.display()))
-}
-
-/// The walship binary as the postgres user can execute it: in place if every parent dir is traversable,
-/// else a copy in the temp dir.
+/// What the standby's restore_command runs, called as `EXE restore %f %p --dir DIR`: walship, or
+/// with `WALSHIP_PG_SHIP=copy` a script that copies the file (or its `.partial`) instead.
 fn restore_exe(env: &Env) -> R<PathBuf> {
-    if env.pg.as_user.is_none() || others_can_reach(&env.walship) {
-        return Ok(env.walship.clone());
+    if !env.copy_mode {
+        return env.pg.restore_exe(env.tmp.path());
     }
     let dir = env.tmp.join("bin");
     fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    let exe = dir.join("walship");
-    fs::copy(&env.walship, &exe).map_err(|e| format!("copy {}: {e}", env.walship.display()))?;
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())?;
+    let exe = dir.join("copy-restore");
+    fs::write(&exe, "#!/bin/sh\n# restore %f %p --dir DIR\ncp \"$5/$2\" \"$3\" 2>/dev/null || cp \"$5/$2.partial\" \"$3\"\n")
+        .map_err(|e| format!("write {}: {e}", exe.display()))?;
     fs::set_permissions(&exe, fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())?;
     Ok(exe)
 }
@@ -887,8 +475,4 @@ fn check_received(pg_wal: &Path, recv: &Path, cd: &ControlData, r: &ShipReport, 
         bytes as f64 / 1048576.0
     );
     Ok(())
-}
-
-fn indent(s: &str) -> String {
-    s.lines().map(|l| format!("     | {l}")).collect::<Vec<_>>().join("\n")
 }

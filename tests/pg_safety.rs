@@ -25,7 +25,6 @@ mod common;
 use common::pg::*;
 use common::*;
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::sync::Mutex;
@@ -51,31 +50,11 @@ struct Ctx {
 
 /// `None` = skip (no PostgreSQL, and not required).
 fn setup(name: &str) -> Option<Ctx> {
-    let require = std::env::var("WALSHIP_REQUIRE_PG").as_deref() == Ok("1");
-    let Some(bin) = Pg::find_bin() else {
-        if require {
-            panic!("WALSHIP_REQUIRE_PG=1 but PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb)");
-        }
-        println!("SKIP: PostgreSQL not installed");
-        return None;
-    };
-    let as_user = if is_root() {
-        match user_ids(PG_USER) {
-            Some(ids) => Some(ids),
-            None if require => panic!("running as root but there is no `{PG_USER}` OS user to run PostgreSQL as"),
-            None => {
-                println!("SKIP: running as root without a `{PG_USER}` user (initdb refuses root)");
-                return None;
-            }
-        }
-    } else {
-        None
-    };
     let tmp = TestDir::new(name);
     let root = tmp.path().to_path_buf();
+    let pg = Pg::for_test(&root)?;
     let pgdir = root.join("pg");
     fs::create_dir_all(&pgdir).expect("mkdir pg");
-    let pg = Pg { bin, as_user, cwd: root.clone() };
     pg.chown(&pgdir).expect("chown pgdir");
     println!("[{name}] PostgreSQL bin: {}  temp dir: {}", pg.bin.display(), root.display());
     Some(Ctx {
@@ -96,42 +75,12 @@ impl Ctx {
     }
 
     fn server(&self, name: &'static str, port: u16) -> Server {
-        let sock = self.pgdir.join(format!("sock-{name}"));
-        fs::create_dir_all(&sock).expect("mkdir sock");
-        fs::set_permissions(&sock, fs::Permissions::from_mode(0o700)).expect("chmod sock");
-        self.pg.chown(&sock).expect("chown sock");
-        Server {
-            pg: self.pg.clone(),
-            name,
-            data: self.pgdir.join(name),
-            log: self.pgdir.join(format!("{name}.log")),
-            sock,
-            port,
-            running: false,
-        }
+        self.pg.server(&self.pgdir, name, port).expect("server socket dir")
     }
 
     /// initdb + `conf` appended + start.
     fn init(&self, s: &mut Server, conf: &str) -> R<()> {
-        let mut c = self.pg.cmd("initdb");
-        c.arg("-D").arg(&s.data);
-        c.args(["-U", PG_USER, "--auth=trust", "--locale=C", "--encoding=UTF8", "--no-sync"]);
-        run_ok(&mut c)?;
-        append(
-            &s.data.join("postgresql.conf"),
-            &format!(
-                "\n# walship pg_safety test\nport = {}\nlisten_addresses = ''\nunix_socket_directories = '{}'\n\
-                 log_checkpoints = on\n{conf}\n",
-                s.port,
-                s.sock.display()
-            ),
-        )?;
-        s.pg_ctl_start(true)?;
-        Ok(())
-    }
-
-    fn conninfo(s: &Server) -> String {
-        format!("host={} port={} user={PG_USER} dbname=postgres", s.sock.display(), s.port)
+        s.init("pg_safety test", &format!("log_checkpoints = on\n{conf}"))
     }
 
     fn log_path(&self, what: &str) -> PathBuf {
@@ -216,55 +165,18 @@ impl Ctx {
         Err(format!("{} never held a parsable LSN", p.display()))
     }
 
-    fn pgbench(&self, s: &Server, args: &[&str]) -> R<String> {
-        let mut c = self.pg.cmd("pgbench");
-        c.arg("-h").arg(&s.sock).args(["-p", &s.port.to_string(), "-U", PG_USER]);
-        c.args(args).arg("postgres");
-        let out = run_ok(&mut c).map_err(|e| s.err(e))?;
-        Ok(String::from_utf8_lossy(&out.stdout).to_string())
-    }
-
     fn base_backup(&self, s: &Server) -> R<(PathBuf, u64)> {
         let base = self.pgdir.join("base");
-        let mut c = self.pg.cmd("pg_basebackup");
-        c.arg("-h").arg(&s.sock).args(["-p", &s.port.to_string(), "-U", PG_USER]);
-        c.arg("-D").arg(&base).args(["-c", "fast", "-X", "none", "--no-sync"]);
-        run_ok(&mut c).map_err(|e| s.err(e))?;
-        let label = fs::read_to_string(base.join("backup_label")).map_err(|e| format!("read backup_label: {e}"))?;
-        let start = label
-            .lines()
-            .find_map(|l| l.strip_prefix("START WAL LOCATION: "))
-            .and_then(|s| s.split_whitespace().next())
-            .and_then(parse_lsn)
-            .ok_or_else(|| format!("no START WAL LOCATION in backup_label:\n{label}"))?;
+        let start = s.base_backup(&base)?;
         self.say(format!("base backup of {}: START WAL LOCATION {}", s.name, fmt_lsn(start)));
         Ok((base, start))
     }
 
     /// Stop `s` cleanly; (control data, end of WAL per pg_waldump).
     fn clean_stop(&self, s: &mut Server) -> R<(ControlData, u64)> {
-        s.stop("fast")?;
-        let cd = s.controldata()?;
-        if cd.state != "shut down" || cd.redo != cd.checkpoint {
-            return Err(format!("{} after a clean stop: state `{}`, redo {} checkpoint {}", s.name, cd.state, fmt_lsn(cd.redo), fmt_lsn(cd.checkpoint)));
-        }
-        let end = wal_end_after_checkpoint(&self.pg, &s.data.join("pg_wal"), cd.tli, cd.checkpoint, cd.block_size)?;
+        let (cd, end) = s.clean_stop()?;
         self.say(format!("{} stopped cleanly: timeline {}, shutdown checkpoint {}, end of WAL {}", s.name, cd.tli, fmt_lsn(cd.checkpoint), fmt_lsn(end)));
         Ok((cd, end))
-    }
-
-    fn restore_exe(&self) -> R<PathBuf> {
-        let w = walship_bin();
-        if self.pg.as_user.is_none() || others_can_reach(&w) {
-            return Ok(w);
-        }
-        let dir = self.tmp.join("bin");
-        fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-        let exe = dir.join("walship");
-        fs::copy(&w, &exe).map_err(|e| format!("copy {}: {e}", w.display()))?;
-        fs::set_permissions(&exe, fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())?;
-        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())?;
-        Ok(exe)
     }
 
     /// A standby from `base` (EMPTY pg_wal) restoring only through `walship restore` from the
@@ -275,7 +187,7 @@ impl Ctx {
         let replay = common::replay::Replay {
             standby: self.server("replay", port),
             base,
-            restore_exe: self.restore_exe()?,
+            restore_exe: self.pg.restore_exe(self.tmp.path())?,
             recv_dir: &self.recv_dir,
             // A backup of a standby carries its primary_conninfo: this one restores only.
             extra_conf: "primary_conninfo = ''",
@@ -327,7 +239,7 @@ fn new_slot(ctx: &mut Ctx) -> R<()> {
     // wal_keep_size holds WAL older than the redo, as in the report (pg_wal from 0/05000000,
     // the new slot at 0/0F77C5D0).
     ctx.init(&mut primary, "wal_level = replica\nmax_wal_senders = 4\nmax_replication_slots = 4\nwal_keep_size = 1GB\nmax_wal_size = 256MB\nmin_wal_size = 64MB")?;
-    ctx.pgbench(&primary, &["-i", "-s", "4", "-q"])?;
+    primary.pgbench(&["-i", "-s", "4", "-q"])?;
     primary.sql("SELECT pg_switch_wal()")?;
     primary.sql("CHECKPOINT")?;
     let pg_wal = primary.data.join("pg_wal");
@@ -338,7 +250,7 @@ fn new_slot(ctx: &mut Ctx) -> R<()> {
     // The receiver is stalled (SIGSTOP) before the sender connects: its handshake waits.
     ctx.start_recv()?;
     ctx.signal("recv", libc::SIGSTOP)?;
-    let conninfo = Ctx::conninfo(&primary);
+    let conninfo = primary.conninfo();
     let pg_wal_s = pg_wal.to_str().ok_or("path")?.to_string();
     ctx.start_send(&["--pg-wal", &pg_wal_s, "--conninfo", &conninfo, "--slot", "fill", "--insecure-no-auth"])?;
     let following = ctx.wait_log("send", "following a live", Duration::from_secs(30))?;
@@ -364,7 +276,7 @@ fn new_slot(ctx: &mut Ctx) -> R<()> {
     ctx.wait_log("send", "streaming from", Duration::from_secs(30))?;
 
     let (base, backup_start) = ctx.base_backup(&primary)?;
-    ctx.pgbench(&primary, &["-c", "2", "-j", "2", "-T", "3", "-n"])?;
+    primary.pgbench(&["-c", "2", "-j", "2", "-T", "3", "-n"])?;
     ctx.check_alive()?;
     let sums = checksums(&primary)?;
     let (cd, end) = ctx.clean_stop(&mut primary)?;
@@ -436,7 +348,7 @@ fn wrong_cluster(ctx: &mut Ctx) -> R<()> {
     ctx.say(format!("cluster a: system {id_a}; cluster b: system {id_b}"));
     for (wal_of, conn_to) in [(&a, &b), (&b, &a)] {
         let pg_wal = wal_of.data.join("pg_wal");
-        ctx.start_send(&["--pg-wal", p(&pg_wal), "--conninfo", &Ctx::conninfo(conn_to), "--slot", "wrong", "--insecure-no-auth"])?;
+        ctx.start_send(&["--pg-wal", p(&pg_wal), "--conninfo", &conn_to.conninfo(), "--slot", "wrong", "--insecure-no-auth"])?;
         let st = ctx.wait_exit("send", Duration::from_secs(30))?;
         let log = ctx.log_text("send");
         let err = log.lines().find(|l| l.contains("different clusters")).unwrap_or("").to_string();
@@ -489,7 +401,7 @@ fn server_errors(ctx: &mut Ctx) -> R<()> {
         return Err(format!("the password shows in the log:\n{log}"));
     }
 
-    ctx.start_send(&["--pg-wal", p(&b.data.join("pg_wal")), "--conninfo", &Ctx::conninfo(&b), "--slot", "s", "--insecure-no-auth"])?;
+    ctx.start_send(&["--pg-wal", p(&b.data.join("pg_wal")), "--conninfo", &b.conninfo(), "--slot", "s", "--insecure-no-auth"])?;
     let st = ctx.wait_exit("send", Duration::from_secs(30))?;
     let log = ctx.log_text("send");
     let err = log.lines().find(|l| l.contains("error")).unwrap_or("").to_string();
@@ -525,14 +437,14 @@ fn promoted_standby(ctx: &mut Ctx, a_port: u16) -> R<Server> {
     // wal_keep_size: b keeps its switch segment (the copy of timeline 1's last segment) through the
     // base backup's checkpoint, as a cluster promoted and stopped soon after does.
     ctx.init(&mut a, "wal_level = replica\nmax_wal_senders = 4\nmax_replication_slots = 4\nhot_standby = on\nwal_keep_size = 1GB")?;
-    ctx.pgbench(&a, &["-i", "-s", "2", "-q"])?;
+    a.pgbench(&["-i", "-s", "2", "-q"])?;
     let mut c = ctx.pg.cmd("pg_basebackup");
     c.arg("-h").arg(&a.sock).args(["-p", &a.port.to_string(), "-U", PG_USER]);
     c.arg("-D").arg(&b.data).args(["-R", "-X", "stream", "-c", "fast", "--no-sync"]);
     run_ok(&mut c).map_err(|e| a.err(e))?;
     append(&b.data.join("postgresql.conf"), &format!("\n# standby b\nport = {}\nunix_socket_directories = '{}'\n", b.port, b.sock.display()))?;
     b.pg_ctl_start(true)?;
-    ctx.pgbench(&a, &["-c", "2", "-j", "2", "-t", "300", "-n"])?;
+    a.pgbench(&["-c", "2", "-j", "2", "-t", "300", "-n"])?;
     let a_lsn = a.lsn("SELECT pg_current_wal_lsn()")?;
     poll_until(Duration::from_secs(60), Duration::from_millis(200), || {
         b.sql_quiet("SELECT pg_last_wal_replay_lsn()").ok().and_then(|s| parse_lsn(&s)).filter(|&l| l >= a_lsn)
@@ -549,7 +461,7 @@ fn promoted_standby(ctx: &mut Ctx, a_port: u16) -> R<Server> {
 fn promoted(ctx: &mut Ctx) -> R<()> {
     let mut b = promoted_standby(ctx, 56131)?;
     let (base, backup_start) = ctx.base_backup(&b)?;
-    ctx.pgbench(&b, &["-c", "2", "-j", "2", "-t", "300", "-n"])?;
+    b.pgbench(&["-c", "2", "-j", "2", "-t", "300", "-n"])?;
     let sums = checksums(&b)?;
     let (cd, end) = ctx.clean_stop(&mut b)?;
     if cd.tli != 2 {
@@ -600,7 +512,7 @@ fn promoted_follow(ctx: &mut Ctx) -> R<()> {
     b.sql("CHECKPOINT")?;
     ctx.start_recv()?;
     let b_wal = b.data.join("pg_wal");
-    ctx.start_send(&["--pg-wal", p(&b_wal), "--conninfo", &Ctx::conninfo(&b), "--slot", "s", "--insecure-no-auth"])?;
+    ctx.start_send(&["--pg-wal", p(&b_wal), "--conninfo", &b.conninfo(), "--slot", "s", "--insecure-no-auth"])?;
     let l = ctx.wait_log("send", "following a live", Duration::from_secs(30))?;
     ctx.say(format!("sender: {}", l.trim()));
     if !l.contains("timeline=2") {
@@ -613,7 +525,7 @@ fn promoted_follow(ctx: &mut Ctx) -> R<()> {
         return Err(format!("the source's identity should be timeline 2: {opened}"));
     }
     let (base, backup_start) = ctx.base_backup(&b)?;
-    ctx.pgbench(&b, &["-c", "2", "-j", "2", "-t", "300", "-n"])?;
+    b.pgbench(&["-c", "2", "-j", "2", "-t", "300", "-n"])?;
     ctx.check_alive()?;
     let sums = checksums(&b)?;
     let (cd, end) = ctx.clean_stop(&mut b)?;

@@ -3,7 +3,6 @@
 
 #![allow(dead_code)]
 
-pub mod json;
 pub mod pg;
 pub mod svg;
 
@@ -17,6 +16,108 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
+
+/// A JSON value: the reports the benches read (`walship gen-wal`, `walship send/recv --report-json`,
+/// `fio --output-format=json`, criterion) and the results they write. serde_json's value; the
+/// dev-dependency turns on `preserve_order`, so objects are written in the order they were built.
+pub type Json = serde_json::Value;
+
+/// How the benches build and read [`Json`].
+pub trait JsonExt {
+    /// An empty object.
+    fn obj() -> Json;
+    /// Parses `text` (one JSON value).
+    fn parse(text: &str) -> Result<Json, String>;
+    /// Builder: sets `key` of an object (panics on a non-object: a bench bug).
+    fn set(&mut self, key: &str, value: impl ToJson) -> &mut Json;
+    /// Follows a path of object keys and array indexes ("jobs", "0", "write", "bw_bytes").
+    fn path(&self, keys: &[&str]) -> Option<&Json>;
+    /// Pretty-printed with two-space indentation and a final newline.
+    fn pretty(&self) -> String;
+}
+
+impl JsonExt for Json {
+    fn obj() -> Json {
+        Json::Object(serde_json::Map::new())
+    }
+
+    fn parse(text: &str) -> Result<Json, String> {
+        serde_json::from_str(text).map_err(|e| e.to_string())
+    }
+
+    fn set(&mut self, key: &str, value: impl ToJson) -> &mut Json {
+        match self {
+            Json::Object(fields) => {
+                fields.insert(key.to_string(), value.to_json());
+            }
+            other => panic!("Json::set on a non-object: {other:?}"),
+        }
+        self
+    }
+
+    fn path(&self, keys: &[&str]) -> Option<&Json> {
+        let mut cur = self;
+        for key in keys {
+            cur = match cur {
+                Json::Object(fields) => fields.get(*key)?,
+                Json::Array(items) => items.get(key.parse::<usize>().ok()?)?,
+                _ => return None,
+            };
+        }
+        Some(cur)
+    }
+
+    fn pretty(&self) -> String {
+        let mut text = serde_json::to_string_pretty(self).expect("a Value always serializes");
+        text.push('\n');
+        text
+    }
+}
+
+/// fio prints notes before its JSON on some versions ("note: both iodepth >= 1 and synchronous I/O
+/// engine..."): parse from the first '{' to the last '}'.
+pub fn parse_json_lenient(text: &str) -> Result<Json, String> {
+    let start = text.find('{').ok_or("no JSON object in output")?;
+    let end = text.rfind('}').ok_or("no JSON object in output")?;
+    Json::parse(&text[start..=end])
+}
+
+/// What [`JsonExt::set`] accepts. Measured floats are rounded to 6 decimals (enough for GB/s and
+/// seconds; trims float noise) and written without a fraction when whole; non-finite ones are null.
+pub trait ToJson {
+    fn to_json(self) -> Json;
+}
+
+impl ToJson for f64 {
+    fn to_json(self) -> Json {
+        if !self.is_finite() {
+            return Json::Null;
+        }
+        let v = (self * 1e6).round() / 1e6;
+        if v.fract() == 0.0 && v.abs() < 9.0e15 {
+            Json::from(v as i64)
+        } else {
+            Json::from(v)
+        }
+    }
+}
+
+impl<T: ToJson> ToJson for Option<T> {
+    fn to_json(self) -> Json {
+        self.map_or(Json::Null, ToJson::to_json)
+    }
+}
+
+macro_rules! to_json_via_from {
+    ($($t:ty),*) => {$(
+        impl ToJson for $t {
+            fn to_json(self) -> Json {
+                Json::from(self)
+            }
+        }
+    )*};
+}
+to_json_via_from!(Json, &str, String, bool, u64, u32, usize, i64, i32, Vec<Json>);
 
 pub const KIB: u64 = 1024;
 pub const MIB: u64 = 1024 * KIB;
@@ -499,8 +600,7 @@ pub fn num_before(text: &str, pat: &str) -> Option<u64> {
 
 /// `walship recv --report-json FILE` (written when the receiver exits) as the flat object the
 /// reports use (`p50_us` etc. are fdatasync's); `Null` when the file is missing or unreadable.
-pub fn read_recv_report(path: &Path) -> json::Json {
-    use json::Json;
+pub fn read_recv_report(path: &Path) -> Json {
     let Ok(text) = std::fs::read_to_string(path) else { return Json::Null };
     let Ok(r) = Json::parse(text.trim()) else { return Json::Null };
     let mut o = Json::obj();

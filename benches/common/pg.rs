@@ -220,7 +220,7 @@ pub struct RealWal {
     /// A segment boundary: `pg_switch_wal()` after the load, then the flush LSN.
     pub end_lsn: u64,
     pub segment_names: Vec<String>,
-    pub report: json::Json,
+    pub report: Json,
 }
 
 impl RealWal {
@@ -276,7 +276,7 @@ pub fn build_real_wal(root: &Path, target_bytes: u64, slots: usize, timeout: Dur
     let segment_names: Vec<String> = (first_segno..end_lsn / seg_size)
         .map(|s| segment_name(tli, s, seg_size))
         .collect();
-    let mut report = json::Json::obj();
+    let mut report = Json::obj();
     report
         .set("postgres_bin", bin.display().to_string())
         .set("server_version", cluster.sql("SHOW server_version").ok())

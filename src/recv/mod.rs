@@ -7,6 +7,7 @@ pub mod receiver;
 pub mod segment_file;
 pub mod session;
 pub mod spares;
+pub mod stats;
 
 use std::collections::{HashMap, VecDeque};
 use std::io::Write;
@@ -19,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{error, info, warn};
 
-use crate::metrics::{recv_error, RecvMetrics}; // OPS-METRICS
+use crate::metrics::{recv_error, RecvMetrics};
 use crate::tls::{Link, TlsServer};
 use crate::uring::{BufferPool, Completion, Ring, RingError};
 use crate::wal::{Lsn, WalIdentity};
@@ -29,9 +30,10 @@ use crate::wire::{
 use flusher::{FlushPolicy, SyncTarget};
 use receiver::{Action, Receiver, ReceiverConfig, ReceiverError};
 use dir_lock::{DirLock, LockError};
-use segment_file::{recover_dir, DirError, FileAccess, SegmentDir, SegmentFile};
+use segment_file::{recover_dir, DirError, DirState, FileAccess, SegmentDir, SegmentFile};
 use session::{ConnPhase, HeaderStep, Refusal, StreamStart};
-use spares::{SpareCounts, SpareError, SpareRefill, Spares};
+use spares::{SpareError, SpareRefill, Spares};
+pub use stats::{RecvStats, RecvSummary};
 
 /// Everything `walship recv` needs, validated.
 #[derive(Debug, Clone)]
@@ -165,56 +167,6 @@ pub enum RecvError {
     CreateDir { path: PathBuf, source: std::io::Error },
 }
 
-/// What the receiver did, for the final log line and tests.
-#[derive(Debug, Clone, Default)]
-pub struct RecvSummary {
-    pub flushed: Lsn,
-    pub bytes_received: u64,
-    pub connections: u64,
-    pub writes: u64,
-    pub bytes_written: u64,
-    pub fsyncs: u64,
-    pub fsync_batches: u64,
-    /// fdatasync latency, microseconds.
-    pub fsync_latency_us: Option<hdrhistogram::Histogram<u64>>,
-    /// O_DIRECT write latency (submission to completion), microseconds.
-    pub write_latency_us: Option<hdrhistogram::Histogram<u64>>,
-    /// From a data frame's header arriving to the ack that covers it (its bytes durable),
-    /// microseconds: the receiver's share of the sender's flush-to-durable-ack latency.
-    pub frame_to_durable_us: Option<hdrhistogram::Histogram<u64>>,
-    /// Frames that had to wait for a free buffer slot or a chunk write.
-    pub frame_stalls: u64,
-    /// Pre-zeroed spare segments: created, used for a new segment, or missing when one was needed.
-    pub spares: SpareCounts,
-}
-
-impl RecvSummary {
-    /// One line for the log: what was written and how the group commit went.
-    pub fn describe(&self) -> String {
-        let pcts = |h: &Option<hdrhistogram::Histogram<u64>>| {
-            h.as_ref().map_or((0, 0, 0), |h| (h.value_at_quantile(0.5), h.value_at_quantile(0.99), h.max()))
-        };
-        let (p50, p99, max) = pcts(&self.fsync_latency_us);
-        let (w50, w99, _) = pcts(&self.write_latency_us);
-        let (d50, d99, _) = pcts(&self.frame_to_durable_us);
-        let per_batch = self.bytes_written.checked_div(self.fsync_batches).unwrap_or(0);
-        format!(
-            "{} bytes received, {} writes ({} bytes), {} fdatasyncs in {} batches ({} bytes/batch), fdatasync p50 {} us p99 {} us max {} us, {} frame stalls, spare segments {} created {} used {} missed, write p50 {w50} us p99 {w99} us, frame-to-durable p50 {d50} us p99 {d99} us",
-            self.bytes_received, self.writes, self.bytes_written, self.fsyncs, self.fsync_batches, per_batch, p50, p99, max, self.frame_stalls,
-            self.spares.created, self.spares.used, self.spares.missed
-        )
-    }
-}
-
-/// Records `d` (at least 1 us) into a microsecond histogram, made on first use.
-fn record_us(h: &mut Option<hdrhistogram::Histogram<u64>>, d: Duration) {
-    let h = h.get_or_insert_with(|| hdrhistogram::Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds"));
-    let _ = h.record((d.as_micros() as u64).max(1));
-}
-
-/// Data frames whose acks are awaited: (frame end, when its header arrived), oldest first.
-const ARRIVALS_MAX: usize = 1 << 16;
-
 /// CRC-32C of the bytes of the segment being received, from its start to each frame end, so the
 /// durable LSN can be published with the CRC of everything before it in its segment. Recovery
 /// trusts a published LSN inside a `.partial` only when the file's bytes still match that CRC.
@@ -312,6 +264,26 @@ struct Conn {
     auth_pending: Option<([u8; wire::AUTH_NONCE_LEN], Hello, Vec<u8>)>,
 }
 
+impl Conn {
+    /// A connection that waits for the sender's Hello.
+    fn new(stream: Link, peer: SocketAddr) -> Conn {
+        Conn {
+            stream,
+            peer,
+            phase: ConnPhase::AwaitHelloHeader,
+            recv_pending: false,
+            recv_len: 0,
+            send_pending: false,
+            send_queue: VecDeque::new(),
+            ack_pending: None,
+            last_heard: Instant::now(),
+            last_status: Instant::now(),
+            closing: false,
+            auth_pending: None,
+        }
+    }
+}
+
 struct Io {
     ring: Ring,
     segdir: Option<SegmentDir>,
@@ -319,15 +291,11 @@ struct Io {
     /// Writes in flight: id -> (segment, file offset, length, issue time), to name them in errors,
     /// detect short writes and time them.
     writes: HashMap<u64, (u64, u64, usize, Instant)>,
-    /// Data frames not yet covered by an ack: (frame end, header arrival), in LSN order.
-    arrivals: VecDeque<(Lsn, Instant)>,
     /// Running CRC of the current segment's received bytes, to publish with `flushed`.
     segment_crc: SegmentCrc,
-    /// fsync batches in flight: id -> issue time.
-    fsync_started: HashMap<u64, Instant>,
     epoch: Instant,
-    /// OPS-METRICS: Prometheus counters/gauges (atomics; unregistered unless --metrics-listen).
-    metrics: Arc<RecvMetrics>,
+    /// Every figure of the run: feeds the Prometheus metrics and makes the summary.
+    stats: RecvStats,
     /// Pre-zeroed spare segment files (None: disabled).
     spares: Option<Spares>,
 }
@@ -339,6 +307,76 @@ pub fn run(cfg: &RecvConfig, shutdown: Arc<AtomicBool>) -> Result<RecvSummary, R
 
 /// [`run`], updating `metrics` (OPS-METRICS) as it goes.
 pub fn run_with_metrics(cfg: &RecvConfig, shutdown: Arc<AtomicBool>, metrics: Arc<RecvMetrics>) -> Result<RecvSummary, RecvError> {
+    let (listener, lock, state, spares) = start_up(cfg)?;
+    let mut io = new_io(cfg, &state, metrics, spares)?;
+    let mut st = LoopState::recovered(cfg, &mut io, &state)?;
+    let limits = Limits::new(cfg.frame_bytes_max).expect("validated: frame_bytes_max in range");
+    let mut completions: Vec<Completion> = Vec::new();
+    loop {
+        if shutdown.load(Ordering::Relaxed) && !st.stopping {
+            st.stopping = true;
+            info!("shutting down: finishing writes and flushing");
+            if let Some(c) = st.conn.as_mut() {
+                begin_close(&mut io, c, st.receiver.as_mut());
+            }
+        }
+        if !st.accept_posted && !st.stopping {
+            io.ring.accept(listener.as_raw_fd(), TAG_ACCEPT);
+            st.accept_posted = true;
+        }
+        on_timers(&mut io, cfg, &mut st);
+        execute(&mut io, &mut st.actions, st.receiver.as_mut(), st.conn.as_mut())?;
+        if let Some(c) = st.conn.as_mut() {
+            pump_sends(&mut io, c);
+        }
+        retire_closed_conn(&mut io, &mut st);
+        let drained = st.receiver.as_ref().is_none_or(|r| r.is_drained());
+        if st.stopping && st.conn.is_none() && drained {
+            break;
+        }
+        if let Some(spares) = io.spares.as_ref() {
+            // Spares are zeroed only while nothing received waits for a write or an fdatasync.
+            spares.set_busy(!drained);
+        }
+        io.ring.submit_and_wait(Some(Duration::from_millis(20)))?;
+        completions.clear();
+        io.ring.drain(&mut completions);
+        for &c in &completions {
+            handle_completion(&mut io, cfg, &limits, c, &listener, &mut st)?;
+            execute(&mut io, &mut st.actions, st.receiver.as_mut(), st.conn.as_mut())?;
+        }
+    }
+    Ok(finish(io, st.receiver.as_ref(), lock))
+}
+
+/// What the io loop keeps between completions.
+struct LoopState {
+    conn: Option<Conn>,
+    /// The state machine, once the directory's (or the first sender's) identity is known.
+    receiver: Option<Receiver>,
+    identity: Option<WalIdentity>,
+    /// Actions the state machine asked for, not yet carried out.
+    actions: Vec<Action>,
+    accept_posted: bool,
+    stopping: bool,
+}
+
+impl LoopState {
+    /// The loop's state over a recovered directory (its segment directory opened when it holds WAL).
+    fn recovered(cfg: &RecvConfig, io: &mut Io, state: &DirState) -> Result<LoopState, RecvError> {
+        let identity = state.identity;
+        let receiver = identity.map(|id| Receiver::new(receiver_config(cfg, id.seg_size), state.durable_end));
+        if let (Some(id), true) = (identity, state.durable_end > Lsn(0)) {
+            io.segdir = Some(open_segdir(cfg, id.tli, id.seg_size)?);
+        }
+        Ok(LoopState { conn: None, receiver, identity, actions: Vec::new(), accept_posted: false, stopping: false })
+    }
+}
+
+/// Checks the config, binds the port, then owns, prepares and recovers the directory and starts
+/// its spare pool (which removes a crashed run's half-zeroed spares, before anything is
+/// received); says what the directory holds and where it listens.
+fn start_up(cfg: &RecvConfig) -> Result<(TcpListener, DirLock, DirState, Option<Spares>), RecvError> {
     cfg.validate()?;
     // The port first: a receiver that cannot listen must not touch the directory.
     let listener = bind_listener(cfg.listen)?;
@@ -348,10 +386,8 @@ pub fn run_with_metrics(cfg: &RecvConfig, shutdown: Arc<AtomicBool>, metrics: Ar
     warn_if_not_durable_across_reboot(&cfg.dir);
     cfg.access.apply_to_dir(&cfg.dir)?;
     let state = recover_dir(&lock)?;
-    // Half-zeroed spares of a crashed run are removed here, before anything is received.
     let spares = Spares::start(&cfg.dir, cfg.spare_segments, cfg.spare_refill, (state.seg_size > 0).then_some(state.seg_size))?;
     let spares = (cfg.spare_segments > 0).then_some(spares);
-    metrics.set_acked(state.durable_end.0, state.durable_end.0); // OPS-METRICS
     match &state.identity {
         Some(id) => info!(
             dir = %cfg.dir.display(),
@@ -363,111 +399,77 @@ pub fn run_with_metrics(cfg: &RecvConfig, shutdown: Arc<AtomicBool>, metrics: Ar
         None => info!(dir = %cfg.dir.display(), "directory is empty; the first sender decides where it starts"),
     }
     info!(listen = %listener.local_addr().map_or(cfg.listen, |a| a), "listening");
+    Ok((listener, lock, state, spares))
+}
+
+/// The buffer pool and the ring, and everything the io loop owns besides its state.
+fn new_io(cfg: &RecvConfig, state: &DirState, metrics: Arc<RecvMetrics>, spares: Option<Spares>) -> Result<Io, RecvError> {
     let slots = (cfg.in_flight_bytes_max / cfg.chunk_bytes).max(4) as usize;
     let pool = BufferPool::new(slots, cfg.chunk_bytes as usize).map_err(|e| RingError::Io { op: "buffer pool", source: e })?;
     let ring = Ring::new(256, pool, 1, CONTROL_BUF_BYTES)?;
     if !ring.pool_registered() {
         warn!("could not register the buffer pool with io_uring (RLIMIT_MEMLOCK?); using unregistered writes");
     }
-    let mut io = Io {
+    Ok(Io {
         ring,
         segdir: None,
         files: HashMap::new(),
         writes: HashMap::new(),
-        fsync_started: HashMap::new(),
-        arrivals: VecDeque::new(),
         segment_crc: SegmentCrc::new(state.seg_size, state.durable_end, state.durable_crc),
         epoch: Instant::now(),
-        metrics,
+        stats: RecvStats::new(metrics, state.durable_end),
         spares,
-    };
-    let mut identity = state.identity;
-    let mut receiver: Option<Receiver> = identity.map(|id| Receiver::new(receiver_config(cfg, id.seg_size), state.durable_end));
-    if let (Some(id), true) = (identity, state.durable_end > Lsn(0)) {
-        io.segdir = Some(open_segdir(cfg, id.tli, id.seg_size)?);
-    }
-    let limits = Limits::new(cfg.frame_bytes_max).expect("validated: frame_bytes_max in range");
-    let mut conn: Option<Conn> = None;
-    let mut summary = RecvSummary { flushed: state.durable_end, ..Default::default() };
-    let mut completions: Vec<Completion> = Vec::new();
-    let mut actions: Vec<Action> = Vec::new();
-    let mut accept_posted = false;
-    let mut stopping = false;
-    loop {
-        if shutdown.load(Ordering::Relaxed) && !stopping {
-            stopping = true;
-            info!("shutting down: finishing writes and flushing");
-            if let Some(c) = conn.as_mut() {
-                begin_close(&mut io, c, receiver.as_mut());
-            }
-        }
-        if !accept_posted && !stopping {
-            io.ring.accept(listener.as_raw_fd(), TAG_ACCEPT);
-            accept_posted = true;
-        }
-        // Timers: status acks, flush deadlines, silent peers.
-        if let Some(rx) = receiver.as_mut() {
-            let now = now_us(io.epoch);
-            if conn.as_ref().is_some_and(|c| c.closing) || stopping {
-                rx.force_flush(now, &mut actions);
-            } else {
-                rx.poll_flush(now, &mut actions);
-            }
-        }
-        if let Some(c) = conn.as_mut() {
-            if !c.closing && c.last_heard.elapsed() > cfg.peer_timeout {
-                warn!(peer = %c.peer, "sender silent for {:?}; dropping the connection", cfg.peer_timeout);
-                io.metrics.inc_error(recv_error::TIMEOUT); // OPS-METRICS
-                begin_close(&mut io, c, receiver.as_mut());
-            } else if !c.closing && c.last_status.elapsed() > cfg.status_interval {
-                if let Some(Action::Ack { written, flushed }) = receiver.as_ref().map(|r| r.status()) {
-                    c.ack_pending = Some((written, flushed));
-                }
-                c.last_status = Instant::now();
-            }
-        }
-        execute(&mut io, &mut actions, receiver.as_mut(), conn.as_mut(), &mut summary)?;
-        if let Some(c) = conn.as_mut() {
-            pump_sends(&mut io, c);
-        }
-        // A closed connection is gone once its socket operations completed and, so that the next
-        // sender resumes at an exact durable LSN, everything it sent is written and flushed.
-        if conn.as_ref().is_some_and(|c| c.closing && !c.recv_pending && !c.send_pending)
-            && receiver.as_ref().is_none_or(|r| r.is_drained())
-        {
-            let c = conn.take().expect("conn");
-            if let Some(rx) = receiver.as_ref() {
-                // Best effort: tell the sender the final durable position before closing.
-                let _ = blocking_send(&c.stream, &Message::Ack(ack_now(rx.written(), rx.flushed())));
-                summary.flushed = rx.flushed();
-            }
-            info!(peer = %c.peer, flushed = %summary.flushed, "connection closed");
-            io.metrics.connected.set(0); // OPS-METRICS
-        }
-        if stopping && conn.is_none() && receiver.as_ref().is_none_or(|r| r.is_drained()) {
-            break;
-        }
-        if let Some(spares) = io.spares.as_ref() {
-            // Spares are zeroed only while nothing received waits for a write or an fdatasync.
-            spares.set_busy(receiver.as_ref().is_some_and(|r| !r.is_drained()));
-        }
-        io.ring.submit_and_wait(Some(Duration::from_millis(20)))?;
-        completions.clear();
-        io.ring.drain(&mut completions);
-        for &c in &completions {
-            handle_completion(&mut io, cfg, &limits, c, &listener, &mut conn, &mut receiver, &mut identity, &mut actions, &mut summary, &mut accept_posted)?;
-            execute(&mut io, &mut actions, receiver.as_mut(), conn.as_mut(), &mut summary)?;
+    })
+}
+
+/// Timers: flush deadlines (everything at once while closing or stopping), silent peers, status acks.
+fn on_timers(io: &mut Io, cfg: &RecvConfig, st: &mut LoopState) {
+    if let Some(rx) = st.receiver.as_mut() {
+        let now = now_us(io.epoch);
+        if st.conn.as_ref().is_some_and(|c| c.closing) || st.stopping {
+            rx.force_flush(now, &mut st.actions);
+        } else {
+            rx.poll_flush(now, &mut st.actions);
         }
     }
-    // Drop the ring (drains anything left) before the files it may reference.
-    let flushed = receiver.as_ref().map_or(summary.flushed, |r| r.flushed());
-    summary.flushed = flushed;
-    if let Some(spares) = io.spares.take() {
-        summary.spares = spares.counts();
+    let Some(c) = st.conn.as_mut() else { return };
+    if !c.closing && c.last_heard.elapsed() > cfg.peer_timeout {
+        warn!(peer = %c.peer, "sender silent for {:?}; dropping the connection", cfg.peer_timeout);
+        io.stats.error(recv_error::TIMEOUT);
+        begin_close(io, c, st.receiver.as_mut());
+    } else if !c.closing && c.last_status.elapsed() > cfg.status_interval {
+        if let Some(Action::Ack { written, flushed }) = st.receiver.as_ref().map(|r| r.status()) {
+            c.ack_pending = Some((written, flushed));
+        }
+        c.last_status = Instant::now();
     }
+}
+
+/// A closed connection is gone once its socket operations completed and, so that the next
+/// sender resumes at an exact durable LSN, everything it sent is written and flushed.
+fn retire_closed_conn(io: &mut Io, st: &mut LoopState) {
+    let done = st.conn.as_ref().is_some_and(|c| c.closing && !c.recv_pending && !c.send_pending);
+    if !done || !st.receiver.as_ref().is_none_or(|r| r.is_drained()) {
+        return;
+    }
+    let c = st.conn.take().expect("conn");
+    if let Some(rx) = st.receiver.as_ref() {
+        // Best effort: tell the sender the final durable position before closing.
+        let _ = blocking_send(&c.stream, &Message::Ack(ack_now(rx.written(), rx.flushed())));
+    }
+    io.stats.connection_closed(st.receiver.as_ref().map(|r| r.flushed()));
+    info!(peer = %c.peer, flushed = %io.stats.flushed(), "connection closed");
+}
+
+/// The run's summary, logged; then the directory's lock is released and `io` dropped (its
+/// ring first: it drains anything left before the files it may reference).
+fn finish(mut io: Io, receiver: Option<&Receiver>, lock: DirLock) -> RecvSummary {
+    let flushed = receiver.map_or(io.stats.flushed(), |r| r.flushed());
+    let spare_counts = io.spares.take().map(|spares| spares.counts()).unwrap_or_default();
+    let summary = io.stats.summary(flushed, spare_counts);
     info!(flushed = %flushed, "receiver stopped; everything below {flushed} is durable; {}", summary.describe());
     drop(lock);
-    Ok(summary)
+    summary
 }
 
 fn open_segdir(cfg: &RecvConfig, tli: u32, seg_size: u64) -> Result<SegmentDir, DirError> {
@@ -563,8 +565,7 @@ fn begin_close(io: &mut Io, conn: &mut Conn, receiver: Option<&mut Receiver>) {
     }
     conn.closing = true;
     conn.stream.shutdown();
-    // Frames of this connection that were not acknowledged are sent again by the next one.
-    io.arrivals.clear();
+    io.stats.connection_closing();
     if conn.recv_pending || conn.send_pending {
         io.ring.cancel_fd(conn.stream.as_raw_fd());
     }
@@ -584,179 +585,152 @@ fn post_header_recv(io: &mut Io, conn: &mut Conn) {
 
 fn send_error_and_close(io: &mut Io, conn: &mut Conn, receiver: Option<&mut Receiver>, code: ErrorCode, message: String) {
     error!(peer = %conn.peer, "{message}");
-    // OPS-METRICS
-    io.metrics.inc_error(match code {
-        ErrorCode::Protocol => recv_error::PROTOCOL,
-        ErrorCode::Identity => recv_error::IDENTITY,
-        ErrorCode::Gap => recv_error::GAP,
-        ErrorCode::Corrupt => recv_error::CRC,
-        _ => recv_error::OTHER,
-    });
+    io.stats.refused(code);
     let _ = blocking_send(&conn.stream, &Message::Error(ErrorFrame { code, message }));
     begin_close(io, conn, receiver);
 }
 
-#[allow(clippy::too_many_arguments)]
-fn handle_completion(
-    io: &mut Io,
-    cfg: &RecvConfig,
-    limits: &Limits,
-    c: Completion,
-    listener: &TcpListener,
-    conn_slot: &mut Option<Conn>,
-    receiver: &mut Option<Receiver>,
-    identity: &mut Option<WalIdentity>,
-    actions: &mut Vec<Action>,
-    summary: &mut RecvSummary,
-    accept_posted: &mut bool,
-) -> Result<(), RecvError> {
+fn handle_completion(io: &mut Io, cfg: &RecvConfig, limits: &Limits, c: Completion, listener: &TcpListener, st: &mut LoopState) -> Result<(), RecvError> {
     let now = now_us(io.epoch);
     match c.tag & TAG_KIND_MASK {
         TAG_ACCEPT => {
-            *accept_posted = false;
-            if c.result < 0 {
-                if c.result != -libc::ECANCELED {
-                    warn!("accept failed: {}", std::io::Error::from_raw_os_error(-c.result));
-                }
-                return Ok(());
-            }
-            let tcp = crate::uring::accepted_stream(&c);
-            let peer = tcp.peer_addr().unwrap_or_else(|_| listener.local_addr().expect("local addr"));
-            let _ = tcp.set_nodelay(true);
-            let stream = match &cfg.tls {
-                None => Link::Tcp(tcp),
-                Some(tls) => match crate::tls::accept(tcp, peer, tls, cfg.peer_timeout) {
-                    Ok(link) => link,
-                    Err(e) => {
-                        warn!(peer = %peer, "cannot start TLS for sender {peer}: {e}");
-                        return Ok(());
-                    }
-                },
-            };
-            if conn_slot.is_some() {
-                let _ = blocking_send(
-                    &stream,
-                    &Message::Error(ErrorFrame { code: ErrorCode::Other, message: "receiver is busy with another sender".into() }),
-                );
-                warn!(peer = %peer, "refused a second sender while one is connected");
-                io.metrics.inc_error(recv_error::BUSY); // OPS-METRICS
-                return Ok(());
-            }
-            info!(peer = %peer, tls = stream.is_tls(), "sender connected");
-            summary.connections += 1;
-            io.metrics.connections.inc(); // OPS-METRICS
-            io.metrics.connected.set(1); // OPS-METRICS
-            let mut conn = Conn {
-                stream,
-                peer,
-                phase: ConnPhase::AwaitHelloHeader,
-                recv_pending: false,
-                recv_len: 0,
-                send_pending: false,
-                send_queue: VecDeque::new(),
-                ack_pending: None,
-                last_heard: Instant::now(),
-                last_status: Instant::now(),
-                closing: false,
-                auth_pending: None,
-            };
-            post_header_recv(io, &mut conn);
-            *conn_slot = Some(conn);
+            st.accept_posted = false;
+            on_accept(io, cfg, c, listener, &mut st.conn);
         }
         TAG_SEND => {
-            let Some(conn) = conn_slot.as_mut() else { return Ok(()) };
+            let Some(conn) = st.conn.as_mut() else { return Ok(()) };
             conn.send_pending = false;
             if c.result < 0 && !conn.closing {
                 warn!(peer = %conn.peer, "send failed: {}", std::io::Error::from_raw_os_error(-c.result));
-                io.metrics.inc_error(recv_error::NETWORK); // OPS-METRICS
-                begin_close(io, conn, receiver.as_mut());
+                io.stats.error(recv_error::NETWORK);
+                begin_close(io, conn, st.receiver.as_mut());
             }
         }
-        TAG_RECV_HEADER | TAG_RECV_BODY | TAG_RECV_PIECE => {
-            let Some(conn) = conn_slot.as_mut() else { return Ok(()) };
-            conn.recv_pending = false;
-            // MSG_WAITALL delivers everything asked for, unless the peer closed (or the socket
-            // failed) first: a short receive is a connection that ended mid-frame, never data.
-            let short = c.result > 0 && (c.result as usize) < conn.recv_len;
-            if conn.closing || short || c.result <= 0 {
-                // (When closing, the socket was shut down on purpose: nothing to report.)
-                if !conn.closing {
-                    if short {
-                        warn!(peer = %conn.peer, got = c.result, expected = conn.recv_len, "sender closed the connection in the middle of a frame; the partial frame is discarded");
-                    } else if c.result == 0 {
-                        info!(peer = %conn.peer, "sender closed the connection");
-                    } else {
-                        warn!(peer = %conn.peer, "receive failed: {}", std::io::Error::from_raw_os_error(-c.result));
-                        io.metrics.inc_error(recv_error::NETWORK); // OPS-METRICS
-                    }
-                }
-                if c.tag & TAG_KIND_MASK == TAG_RECV_PIECE {
-                    if let Some(rx) = receiver.as_mut() {
-                        rx.abandon_frame();
-                    }
-                }
-                begin_close(io, conn, receiver.as_mut());
-                return Ok(());
-            }
-            conn.last_heard = Instant::now();
-            match c.tag & TAG_KIND_MASK {
-                TAG_RECV_HEADER => on_header(io, limits, conn, receiver, actions)?,
-                TAG_RECV_BODY => on_control_body(io, cfg, conn, receiver, identity, c.result as usize)?,
-                _ => {
-                    let id = identity.expect("identity known once streaming");
-                    on_piece(io, conn, receiver.as_mut().expect("receiver"), &id, actions, summary, now)
-                }
-            }
-        }
-        TAG_WRITE => {
-            let rx = receiver.as_mut().expect("write without receiver");
-            let write_id = c.tag & !TAG_KIND_MASK;
-            let (segno, offset, len, issued) = io.writes.remove(&write_id).expect("completion of an unknown write");
-            let path = io.segdir.as_ref().expect("segment dir").partial_path(segno);
-            if c.result < 0 {
-                io.metrics.inc_error(recv_error::WRITE); // OPS-METRICS
-                let reason = std::io::Error::from_raw_os_error(-c.result).to_string();
-                return Err(RecvError::WriteFailed { path, offset, flushed: rx.flushed(), reason });
-            }
-            if c.result as usize != len {
-                io.metrics.inc_error(recv_error::WRITE); // OPS-METRICS
-                let reason = format!("short O_DIRECT write: {} of {len} bytes (disk full?)", c.result);
-                return Err(RecvError::WriteFailed { path, offset, flushed: rx.flushed(), reason });
-            }
-            summary.writes += 1;
-            summary.bytes_written += len as u64;
-            record_us(&mut summary.write_latency_us, issued.elapsed());
-            io.metrics.bytes_written.inc_by(len as u64); // OPS-METRICS
-            rx.on_write_done(write_id, now, actions);
-        }
-        TAG_FSYNC => {
-            let rx = receiver.as_mut().expect("fsync without receiver");
-            let batch_id = c.tag & !TAG_KIND_MASK;
-            if c.result < 0 {
-                io.metrics.inc_error(recv_error::FSYNC); // OPS-METRICS
-                let flushed = rx.on_fsync_failed(batch_id);
-                return Err(RecvError::FsyncFailed {
-                    path: cfg.dir.clone(),
-                    flushed,
-                    source: std::io::Error::from_raw_os_error(-c.result),
-                });
-            }
-            summary.fsyncs += 1;
-            if let Some(t) = io.fsync_started.get(&batch_id) {
-                record_us(&mut summary.fsync_latency_us, t.elapsed());
-                io.metrics.observe_fsync(t.elapsed().as_secs_f64()); // OPS-METRICS
-            }
-            let flushed_before = rx.flushed(); // OPS-METRICS
-            rx.on_fsync_done(batch_id, actions);
-            if rx.flushed() > flushed_before {
-                io.metrics.observe_fsync_batch(rx.flushed() - flushed_before); // OPS-METRICS
-            }
-            if !rx.fsync_batch_pending(batch_id) {
-                io.fsync_started.remove(&batch_id);
-            }
-        }
+        TAG_RECV_HEADER | TAG_RECV_BODY | TAG_RECV_PIECE => on_received(io, cfg, limits, c, st, now)?,
+        TAG_WRITE => on_write_done(io, c, st.receiver.as_mut().expect("write without receiver"), &mut st.actions, now)?,
+        TAG_FSYNC => on_fsync_done(io, cfg, c, st.receiver.as_mut().expect("fsync without receiver"), &mut st.actions)?,
         _ => unreachable!("unknown completion tag {:#x}", c.tag),
     }
+    Ok(())
+}
+
+/// A sender connected: refused while another one is connected, else its connection starts with a
+/// Hello header receive (after the TLS handshake when the receiver runs TLS).
+fn on_accept(io: &mut Io, cfg: &RecvConfig, c: Completion, listener: &TcpListener, conn_slot: &mut Option<Conn>) {
+    if c.result < 0 {
+        if c.result != -libc::ECANCELED {
+            warn!("accept failed: {}", std::io::Error::from_raw_os_error(-c.result));
+        }
+        return;
+    }
+    let tcp = crate::uring::accepted_stream(&c);
+    let peer = tcp.peer_addr().unwrap_or_else(|_| listener.local_addr().expect("local addr"));
+    let _ = tcp.set_nodelay(true);
+    let stream = match &cfg.tls {
+        None => Link::Tcp(tcp),
+        Some(tls) => match crate::tls::accept(tcp, peer, tls, cfg.peer_timeout) {
+            Ok(link) => link,
+            Err(e) => {
+                warn!(peer = %peer, "cannot start TLS for sender {peer}: {e}");
+                return;
+            }
+        },
+    };
+    if conn_slot.is_some() {
+        let _ = blocking_send(
+            &stream,
+            &Message::Error(ErrorFrame { code: ErrorCode::Other, message: "receiver is busy with another sender".into() }),
+        );
+        warn!(peer = %peer, "refused a second sender while one is connected");
+        io.stats.error(recv_error::BUSY);
+        return;
+    }
+    info!(peer = %peer, tls = stream.is_tls(), "sender connected");
+    io.stats.connection_opened();
+    let mut conn = Conn::new(stream, peer);
+    post_header_recv(io, &mut conn);
+    *conn_slot = Some(conn);
+}
+
+/// A receive on the connection completed: a header, a control body or a piece of a data frame.
+fn on_received(io: &mut Io, cfg: &RecvConfig, limits: &Limits, c: Completion, st: &mut LoopState, now: u64) -> Result<(), RecvError> {
+    let Some(conn) = st.conn.as_mut() else { return Ok(()) };
+    conn.recv_pending = false;
+    if receive_ended(io, c, conn, st.receiver.as_mut()) {
+        return Ok(());
+    }
+    conn.last_heard = Instant::now();
+    match c.tag & TAG_KIND_MASK {
+        TAG_RECV_HEADER => on_header(io, limits, conn, &mut st.receiver, &mut st.actions)?,
+        TAG_RECV_BODY => on_control_body(io, cfg, conn, &mut st.receiver, &mut st.identity, c.result as usize)?,
+        _ => {
+            let id = st.identity.expect("identity known once streaming");
+            on_piece(io, conn, st.receiver.as_mut().expect("receiver"), &id, &mut st.actions, now)
+        }
+    }
+    Ok(())
+}
+
+/// MSG_WAITALL delivers everything asked for, unless the peer closed (or the socket failed)
+/// first: a short receive is a connection that ended mid-frame, never data. True (and the
+/// connection closing) when this receive ended it.
+fn receive_ended(io: &mut Io, c: Completion, conn: &mut Conn, mut receiver: Option<&mut Receiver>) -> bool {
+    let short = c.result > 0 && (c.result as usize) < conn.recv_len;
+    if !conn.closing && !short && c.result > 0 {
+        return false;
+    }
+    // (When closing, the socket was shut down on purpose: nothing to report.)
+    if !conn.closing {
+        if short {
+            warn!(peer = %conn.peer, got = c.result, expected = conn.recv_len, "sender closed the connection in the middle of a frame; the partial frame is discarded");
+        } else if c.result == 0 {
+            info!(peer = %conn.peer, "sender closed the connection");
+        } else {
+            warn!(peer = %conn.peer, "receive failed: {}", std::io::Error::from_raw_os_error(-c.result));
+            io.stats.error(recv_error::NETWORK);
+        }
+    }
+    if c.tag & TAG_KIND_MASK == TAG_RECV_PIECE {
+        if let Some(rx) = receiver.as_deref_mut() {
+            rx.abandon_frame();
+        }
+    }
+    begin_close(io, conn, receiver);
+    true
+}
+
+/// A write completed: a failed or short write is fatal (nothing past `flushed` was acknowledged).
+fn on_write_done(io: &mut Io, c: Completion, rx: &mut Receiver, actions: &mut Vec<Action>, now: u64) -> Result<(), RecvError> {
+    let write_id = c.tag & !TAG_KIND_MASK;
+    let (segno, offset, len, issued) = io.writes.remove(&write_id).expect("completion of an unknown write");
+    let path = io.segdir.as_ref().expect("segment dir").partial_path(segno);
+    if c.result < 0 {
+        io.stats.error(recv_error::WRITE);
+        let reason = std::io::Error::from_raw_os_error(-c.result).to_string();
+        return Err(RecvError::WriteFailed { path, offset, flushed: rx.flushed(), reason });
+    }
+    if c.result as usize != len {
+        io.stats.error(recv_error::WRITE);
+        let reason = format!("short O_DIRECT write: {} of {len} bytes (disk full?)", c.result);
+        return Err(RecvError::WriteFailed { path, offset, flushed: rx.flushed(), reason });
+    }
+    io.stats.write_done(len as u64, issued.elapsed());
+    rx.on_write_done(write_id, now, actions);
+    Ok(())
+}
+
+/// An fdatasync completed: a failure is fatal and poisons the flusher (no later fsync may
+/// advance `flushed`).
+fn on_fsync_done(io: &mut Io, cfg: &RecvConfig, c: Completion, rx: &mut Receiver, actions: &mut Vec<Action>) -> Result<(), RecvError> {
+    let batch_id = c.tag & !TAG_KIND_MASK;
+    if c.result < 0 {
+        io.stats.error(recv_error::FSYNC);
+        let flushed = rx.on_fsync_failed(batch_id);
+        return Err(RecvError::FsyncFailed { path: cfg.dir.clone(), flushed, source: std::io::Error::from_raw_os_error(-c.result) });
+    }
+    let flushed_before = rx.flushed();
+    rx.on_fsync_done(batch_id, actions);
+    io.stats.fsync_done(batch_id, rx.flushed() - flushed_before, rx.fsync_batch_pending(batch_id));
     Ok(())
 }
 
@@ -794,10 +768,7 @@ fn on_header(
         Ok(HeaderStep::DataBody(phase)) => {
             let rx = receiver.as_mut().expect("streaming without receiver");
             conn.phase = phase;
-            if io.arrivals.len() == ARRIVALS_MAX {
-                io.arrivals.pop_front();
-            }
-            io.arrivals.push_back((Lsn(header.lsn + header.body_len as u64), Instant::now()));
+            io.stats.frame_arrived(Lsn(header.lsn + header.body_len as u64));
             if let Err(e) = rx.on_data_header(Lsn(header.lsn), header.body_len as u64, actions) {
                 let code = match e {
                     ReceiverError::NotContiguous { .. } => ErrorCode::Gap,
@@ -846,30 +817,18 @@ fn on_control_body(
     match msg {
         Message::Hello(hello) => match &cfg.auth {
             None => on_hello(io, cfg, conn, receiver, identity, hello)?,
-            Some(_) => {
-                // Nothing is decided, and nothing written, before the sender proves it knows the key.
-                let nonce_r = match crate::auth::nonce() {
-                    Ok(n) => n,
-                    Err(e) => {
-                        send_error_and_close(io, conn, receiver.as_mut(), ErrorCode::Io, e.to_string());
-                        return Ok(());
-                    }
-                };
-                conn.auth_pending = Some((nonce_r, hello, body));
-                queue_message(conn, &Message::Auth(wire::Auth { step: wire::AuthStep::Challenge, nonce: nonce_r, mac: [0; wire::AUTH_MAC_LEN] }));
-                conn.phase = ConnPhase::AwaitAuthHeader;
-                post_header_recv(io, conn);
-            }
+            Some(_) => challenge(io, conn, receiver.as_mut(), hello, body),
         },
         Message::Auth(a) if matches!(conn.phase, ConnPhase::AwaitAuthBody(_)) && a.step == wire::AuthStep::Response => {
             let key = cfg.auth.as_ref().expect("auth phase without a key");
             let (nonce_r, hello, hello_body) = conn.auth_pending.take().expect("auth pending");
-            if !key.verify_sender(&nonce_r, &a.nonce, &hello_body, &a.mac) {
-                let msg = format!("sender {} failed authentication (it does not know this receiver's --auth-key-file key); refused before anything was written", conn.peer);
-                send_error_and_close(io, conn, receiver.as_mut(), ErrorCode::Auth, msg);
-                return Ok(());
-            }
-            let proof = key.receiver_mac(&a.nonce, &nonce_r);
+            let proof = match session::on_auth_response(key, &nonce_r, &hello_body, &a, &conn.peer.to_string()) {
+                Ok(proof) => proof,
+                Err(Refusal { code, message }) => {
+                    send_error_and_close(io, conn, receiver.as_mut(), code, message);
+                    return Ok(());
+                }
+            };
             queue_message(conn, &Message::Auth(wire::Auth { step: wire::AuthStep::Proof, nonce: [0; wire::AUTH_NONCE_LEN], mac: proof }));
             info!(peer = %conn.peer, "sender authenticated");
             on_hello(io, cfg, conn, receiver, identity, hello)?;
@@ -892,6 +851,22 @@ fn on_control_body(
         }
     }
     Ok(())
+}
+
+/// A receiver with a key answers a Hello with a challenge: nothing is decided, and nothing
+/// written, before the sender proves it knows the key.
+fn challenge(io: &mut Io, conn: &mut Conn, receiver: Option<&mut Receiver>, hello: Hello, hello_body: Vec<u8>) {
+    let nonce_r = match crate::auth::nonce() {
+        Ok(n) => n,
+        Err(e) => {
+            send_error_and_close(io, conn, receiver, ErrorCode::Io, e.to_string());
+            return;
+        }
+    };
+    conn.auth_pending = Some((nonce_r, hello, hello_body));
+    queue_message(conn, &Message::Auth(wire::Auth { step: wire::AuthStep::Challenge, nonce: nonce_r, mac: [0; wire::AUTH_MAC_LEN] }));
+    conn.phase = ConnPhase::AwaitAuthHeader;
+    post_header_recv(io, conn);
 }
 
 /// Carries out the session's decision on a Hello (`session::on_hello`): a refusal ends the
@@ -990,11 +965,11 @@ fn check_frame_pages(io: &Io, header: &FrameHeader, pieces: &[(Lsn, usize, usize
     Ok(())
 }
 
-fn on_piece(io: &mut Io, conn: &mut Conn, rx: &mut Receiver, id: &WalIdentity, actions: &mut Vec<Action>, summary: &mut RecvSummary, now: u64) {
+fn on_piece(io: &mut Io, conn: &mut Conn, rx: &mut Receiver, id: &WalIdentity, actions: &mut Vec<Action>, now: u64) {
     let ConnPhase::DataBody(header) = conn.phase else { unreachable!("piece outside a data frame") };
     if !rx.on_piece_received(actions) {
         if rx.frame_waiting() {
-            summary.frame_stalls += 1;
+            io.stats.frame_stalled();
         }
         return; // more pieces to come (the next one may already be in `actions`)
     }
@@ -1027,105 +1002,88 @@ fn on_piece(io: &mut Io, conn: &mut Conn, rx: &mut Receiver, id: &WalIdentity, a
         send_error_and_close(io, conn, Some(rx), ErrorCode::Corrupt, msg);
         return;
     }
-    summary.bytes_received += header.body_len as u64;
     for (lsn, slot, off, len) in pieces {
         io.segment_crc.extend(lsn, &io.ring.pool().slot(slot)[off..off + len]);
     }
     io.segment_crc.mark();
-    io.metrics.on_frame(header.lsn + header.body_len as u64, header.body_len as u64); // OPS-METRICS
+    io.stats.frame_verified(Lsn(header.lsn + header.body_len as u64), header.body_len as u64);
     rx.on_frame_verified(now, actions);
     conn.phase = ConnPhase::AwaitHeader;
     post_header_recv(io, conn);
 }
 
-fn execute(
-    io: &mut Io,
-    actions: &mut Vec<Action>,
-    mut receiver: Option<&mut Receiver>,
-    mut conn: Option<&mut Conn>,
-    summary: &mut RecvSummary,
-) -> Result<(), RecvError> {
+fn execute(io: &mut Io, actions: &mut Vec<Action>, mut receiver: Option<&mut Receiver>, mut conn: Option<&mut Conn>) -> Result<(), RecvError> {
     // Actions may produce more actions (e.g. a piece posted after a prefill): loop until empty.
     while !actions.is_empty() {
         let batch: Vec<Action> = std::mem::take(actions);
         for action in batch {
-            let now = now_us(io.epoch);
-            match action {
-                Action::OpenSegment { segno } => {
-                    let segdir = io.segdir.as_ref().expect("segment dir");
-                    if let Some(spares) = io.spares.as_ref() {
-                        spares.set_seg_size(segdir.seg_size());
-                    }
-                    let (file, created) = segdir.open_segment(segno, io.spares.as_ref())?;
-                    io.files.insert(segno, file);
-                    if created {
-                        if let Some(rx) = receiver.as_deref_mut() {
-                            rx.on_directory_changed(now);
-                        }
-                    }
+            execute_one(io, action, receiver.as_deref_mut(), conn.as_deref_mut())?;
+        }
+    }
+    Ok(())
+}
+
+fn execute_one(io: &mut Io, action: Action, receiver: Option<&mut Receiver>, conn: Option<&mut Conn>) -> Result<(), RecvError> {
+    let now = now_us(io.epoch);
+    match action {
+        Action::OpenSegment { segno } => {
+            let segdir = io.segdir.as_ref().expect("segment dir");
+            if let Some(spares) = io.spares.as_ref() {
+                spares.set_seg_size(segdir.seg_size());
+            }
+            let (file, created) = segdir.open_segment(segno, io.spares.as_ref())?;
+            io.files.insert(segno, file);
+            if let (true, Some(rx)) = (created, receiver) {
+                rx.on_directory_changed(now);
+            }
+        }
+        Action::Prefill { segno, slot, slot_offset, file_offset, len } => {
+            let segdir = io.segdir.as_ref().expect("segment dir");
+            let file = io.files.get(&segno).expect("prefill of a closed segment");
+            let buf = &mut io.ring.pool_mut().slot_mut(slot)[slot_offset..slot_offset + len];
+            segdir.prefill(file, file_offset, buf)?;
+        }
+        Action::RecvPiece { slot, slot_offset, len } => {
+            let c = conn.expect("piece without connection");
+            if c.closing {
+                if let Some(rx) = receiver {
+                    rx.abandon_frame();
                 }
-                Action::Prefill { segno, slot, slot_offset, file_offset, len } => {
-                    let segdir = io.segdir.as_ref().expect("segment dir");
-                    let file = io.files.get(&segno).expect("prefill of a closed segment");
-                    let buf = &mut io.ring.pool_mut().slot_mut(slot)[slot_offset..slot_offset + len];
-                    segdir.prefill(file, file_offset, buf)?;
-                }
-                Action::RecvPiece { slot, slot_offset, len } => {
-                    let c = conn.as_deref_mut().expect("piece without connection");
-                    if c.closing {
-                        if let Some(rx) = receiver.as_deref_mut() {
-                            rx.abandon_frame();
-                        }
-                        continue;
-                    }
-                    io.ring.recv_slot(c.stream.as_raw_fd(), TAG_RECV_PIECE, slot, slot_offset, len);
-                    c.recv_pending = true;
-                    c.recv_len = len;
-                }
-                Action::Write { write_id, segno, slot, slot_offset, len, valid_len, file_offset } => {
-                    io.ring.pool_mut().slot_mut(slot)[slot_offset + valid_len..slot_offset + len].fill(0);
-                    let fd = io.files.get(&segno).expect("write to a closed segment").direct.as_raw_fd();
-                    io.writes.insert(write_id, (segno, file_offset, len, Instant::now()));
-                    io.ring.write_slot(fd, TAG_WRITE | write_id, slot, slot_offset, len, file_offset);
-                }
-                Action::Fsync(req) => {
-                    let tag = TAG_FSYNC | req.batch_id;
-                    if io.fsync_started.insert(req.batch_id, Instant::now()).is_none() {
-                        summary.fsync_batches += 1;
-                    }
-                    match req.target {
-                        SyncTarget::Segment(segno) => {
-                            let fd = io.files.get(&segno).expect("fsync of a closed segment").direct.as_raw_fd();
-                            io.ring.fsync(fd, tag, true);
-                        }
-                        SyncTarget::Directory => {
-                            let fd = io.segdir.as_ref().expect("segment dir").dir_file.as_raw_fd();
-                            io.ring.fsync(fd, tag, false);
-                        }
-                    }
-                }
-                Action::CompleteSegment { segno } => {
-                    io.segdir.as_ref().expect("segment dir").complete(segno)?;
-                    io.files.remove(&segno);
-                    if let Some(rx) = receiver.as_deref_mut() {
-                        rx.on_directory_changed(now);
-                    }
-                }
-                Action::Ack { written, flushed } => {
-                    summary.flushed = flushed;
-                    // For `walship restore` (never hand out bytes past what is durable) and for
-                    // recovery (never resume below what was acknowledged).
-                    let crc = io.segment_crc.crc_at(flushed);
-                    io.segdir.as_ref().expect("segment dir").publish_flushed(flushed, crc)?;
-                    io.metrics.set_acked(written.0, flushed.0); // OPS-METRICS
-                    while io.arrivals.front().is_some_and(|&(end, _)| end <= flushed) {
-                        let (_, arrived) = io.arrivals.pop_front().expect("front");
-                        record_us(&mut summary.frame_to_durable_us, arrived.elapsed());
-                    }
-                    if let Some(c) = conn.as_deref_mut() {
-                        c.ack_pending = Some((written, flushed));
-                    }
-                }
+                return Ok(());
+            }
+            io.ring.recv_slot(c.stream.as_raw_fd(), TAG_RECV_PIECE, slot, slot_offset, len);
+            c.recv_pending = true;
+            c.recv_len = len;
+        }
+        Action::Write { write_id, segno, slot, slot_offset, len, valid_len, file_offset } => {
+            io.ring.pool_mut().slot_mut(slot)[slot_offset + valid_len..slot_offset + len].fill(0);
+            let fd = io.files.get(&segno).expect("write to a closed segment").direct.as_raw_fd();
+            io.writes.insert(write_id, (segno, file_offset, len, Instant::now()));
+            io.ring.write_slot(fd, TAG_WRITE | write_id, slot, slot_offset, len, file_offset);
+        }
+        Action::Fsync(req) => {
+            io.stats.fsync_issued(req.batch_id);
+            let (fd, data_only) = match req.target {
+                SyncTarget::Segment(segno) => (io.files.get(&segno).expect("fsync of a closed segment").direct.as_raw_fd(), true),
+                SyncTarget::Directory => (io.segdir.as_ref().expect("segment dir").dir_file.as_raw_fd(), false),
+            };
+            io.ring.fsync(fd, TAG_FSYNC | req.batch_id, data_only);
+        }
+        Action::CompleteSegment { segno } => {
+            io.segdir.as_ref().expect("segment dir").complete(segno)?;
+            io.files.remove(&segno);
+            if let Some(rx) = receiver {
+                rx.on_directory_changed(now);
+            }
+        }
+        Action::Ack { written, flushed } => {
+            // For `walship restore` (never hand out bytes past what is durable) and for
+            // recovery (never resume below what was acknowledged).
+            let crc = io.segment_crc.crc_at(flushed);
+            io.segdir.as_ref().expect("segment dir").publish_flushed(flushed, crc)?;
+            io.stats.acked(written, flushed);
+            if let Some(c) = conn {
+                c.ack_pending = Some((written, flushed));
             }
         }
     }

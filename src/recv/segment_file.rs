@@ -292,6 +292,36 @@ impl SegmentDir {
 pub fn recover_dir(lock: &super::dir_lock::DirLock) -> Result<DirState, DirError> {
     let dir = lock.path().parent().expect("the lock file lives in the directory");
     let published = published::read(dir)?.map(|p| (p.lsn, p.crc));
+    let candidates = wal_file_names(dir)?;
+    let Some(first) = candidates.first() else {
+        return Ok(DirState { identity: None, durable_end: Lsn(0), seg_size: 0, durable_crc: 0 });
+    };
+    let identity = read_identity(&dir.join(first))?;
+    let seg_size = identity.seg_size;
+    let (tli, complete, partial) = newest_timeline_files(&candidates, seg_size);
+    let identity = WalIdentity { tli, ..identity };
+    let segdir = SegmentDir::open(dir, tli, seg_size)?;
+    let complete_end = complete.last().map(|&s| Lsn((s + 1) * seg_size));
+    let partial_above: Vec<u64> = partial.into_iter().filter(|&s| complete_end.is_none_or(|end| s * seg_size >= end.0)).collect();
+    let mut walk = PartialWalk {
+        segdir: &segdir,
+        identity,
+        published,
+        walker: None,
+        durable_end: complete_end.unwrap_or(Lsn(0)),
+        durable_crc: 0,
+        stopped: false,
+    };
+    for segno in partial_above {
+        walk.recover_partial(segno)?;
+    }
+    let (durable_end, durable_crc) = (walk.durable_end, walk.durable_crc);
+    warn_if_acknowledged_tail_lost(dir, published, durable_end);
+    Ok(DirState { identity: Some(identity), durable_end, seg_size, durable_crc })
+}
+
+/// Names in `dir` shaped like a segment or a `.partial`, sorted.
+fn wal_file_names(dir: &Path) -> Result<Vec<String>, DirError> {
     let mut candidates: Vec<String> = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
         let entry = entry.map_err(io_err(dir))?;
@@ -302,66 +332,66 @@ pub fn recover_dir(lock: &super::dir_lock::DirLock) -> Result<DirState, DirError
         }
     }
     candidates.sort();
-    let Some(first) = candidates.first() else {
-        return Ok(DirState { identity: None, durable_end: Lsn(0), seg_size: 0, durable_crc: 0 });
-    };
-    let identity = read_identity(&dir.join(first))?;
-    let seg_size = identity.seg_size;
+    Ok(candidates)
+}
+
+/// The newest timeline among `names` (the one the stream continues on; older timelines' files
+/// stay as they are, history for a standby that restores across a switch) and its complete and
+/// `.partial` segment numbers, sorted; a partial whose complete twin exists is a leftover (the
+/// complete file wins) and is left out.
+fn newest_timeline_files(names: &[String], seg_size: u64) -> (u32, Vec<u64>, Vec<u64>) {
     let mut complete: Vec<(u32, u64)> = Vec::new();
     let mut partial: Vec<(u32, u64)> = Vec::new();
-    for name in &candidates {
+    for name in names {
         match WalFileName::parse(name, seg_size) {
             Some(WalFileName::Segment { tli, segno }) => complete.push((tli, segno)),
             Some(WalFileName::Partial { tli, segno }) => partial.push((tli, segno)),
             _ => {}
         }
     }
-    // The newest timeline is the one the stream continues on; older timelines' files stay as
-    // they are (history for a standby that restores across a switch).
     let tli = complete.iter().chain(partial.iter()).map(|&(t, _)| t).max().expect("a segment file");
-    complete.retain(|&(t, _)| t == tli);
-    partial.retain(|&(t, _)| t == tli);
-    let identity = WalIdentity { tli, ..identity };
-    let segdir = SegmentDir::open(dir, tli, seg_size)?;
-    complete.sort();
-    partial.sort();
-    // A partial whose complete twin exists is a leftover: the complete file wins.
-    partial.retain(|p| !complete.contains(p));
-    let complete_end = complete.last().map(|&(_, s)| Lsn((s + 1) * seg_size));
-    let mut durable_end = complete_end.unwrap_or(Lsn(0));
-    let partial_above: Vec<u64> = partial
-        .iter()
-        .map(|&(_, s)| s)
-        .filter(|&s| complete_end.is_none_or(|end| s * seg_size >= end.0))
-        .collect();
-    let mut walker: Option<RecordWalker> = None;
-    let mut durable_crc = 0u32;
-    let mut stopped = false;
-    for segno in partial_above {
-        let path = segdir.partial_path(segno);
+    let of_tli = |files: Vec<(u32, u64)>| {
+        let mut segnos: Vec<u64> = files.into_iter().filter(|&(t, _)| t == tli).map(|(_, s)| s).collect();
+        segnos.sort();
+        segnos
+    };
+    let complete = of_tli(complete);
+    let mut partial = of_tli(partial);
+    partial.retain(|s| !complete.contains(s));
+    (tli, complete, partial)
+}
+
+/// The walk over the newest timeline's `.partial` files above its complete segments, in order.
+struct PartialWalk<'a> {
+    segdir: &'a SegmentDir,
+    identity: WalIdentity,
+    /// The published acknowledged LSN and the CRC of its segment's bytes before it.
+    published: Option<(Lsn, Option<u32>)>,
+    walker: Option<RecordWalker>,
+    durable_end: Lsn,
+    durable_crc: u32,
+    /// The walk ended inside an earlier partial: later ones hold nothing acknowledged.
+    stopped: bool,
+}
+
+impl PartialWalk<'_> {
+    fn recover_partial(&mut self, segno: u64) -> Result<(), DirError> {
+        let seg_size = self.identity.seg_size;
+        let path = self.segdir.partial_path(segno);
         let seg_start = Lsn(segno * seg_size);
-        if stopped {
+        if self.stopped {
             // The previous segment is not complete, so nothing here was ever acknowledged.
-            std::fs::remove_file(&path).map_err(io_err(&path))?;
-            continue;
+            return std::fs::remove_file(&path).map_err(io_err(&path));
         }
-        if durable_end != Lsn(0) && seg_start != durable_end {
+        if self.durable_end != Lsn(0) && seg_start != self.durable_end {
             return Err(DirError::BadSegment {
                 path,
-                why: format!("it starts at {seg_start} but the directory's WAL ends at {durable_end}: a segment is missing"),
+                why: format!("it starts at {seg_start} but the directory's WAL ends at {}: a segment is missing", self.durable_end),
             });
         }
-        let mut bytes = std::fs::read(&path).map_err(io_err(&path))?;
-        if bytes.len() as u64 > seg_size {
-            return Err(DirError::BadSegment { path, why: format!("{} bytes, more than a segment ({seg_size})", bytes.len()) });
-        }
-        if (bytes.len() as u64) < seg_size {
-            // Created but not yet sized (a crash right after creation), or cut short: what is
-            // missing reads as zeros, and the walk finds where valid WAL ends.
-            warn!(path = %path.display(), len = bytes.len(), "partial segment shorter than a segment; padding it with zeros");
-            bytes.resize(seg_size as usize, 0);
-        }
-        let w = walker.get_or_insert_with(|| RecordWalker::new(identity, seg_start));
+        let bytes = read_partial(&path, seg_size)?;
+        let identity = self.identity;
+        let w = self.walker.get_or_insert_with(|| RecordWalker::new(identity, seg_start));
         let walk = w
             .walk_segment(seg_start, &bytes)
             .map_err(|e| DirError::BadSegment { path: path.clone(), why: e.to_string() })?;
@@ -370,26 +400,45 @@ pub fn recover_dir(lock: &super::dir_lock::DirLock) -> Result<DirState, DirError
                 // Every byte of this segment is valid WAL: it was complete, only not renamed.
                 let file = File::open(&path).map_err(io_err(&path))?;
                 file.sync_all().map_err(io_err(&path))?;
-                segdir.complete(segno)?;
-                segdir.dir_file.sync_all().map_err(io_err(dir))?;
-                durable_end = Lsn((segno + 1) * seg_size);
+                self.segdir.complete(segno)?;
+                self.segdir.dir_file.sync_all().map_err(io_err(&self.segdir.dir))?;
+                self.durable_end = Lsn((segno + 1) * seg_size);
             }
             SegmentWalk::Ended { valid_end, .. } => {
-                let mut end = valid_end.max(seg_start).max(durable_end);
+                let mut end = valid_end.max(seg_start).max(self.durable_end);
                 // The receiver acknowledges frame ends, usually inside a record: the published
                 // durable LSN (with the CRC of the bytes before it) keeps that acknowledged tail.
-                if let Some((acked, crc)) = published.filter(|&(acked, _)| acked > end) {
-                    end = keep_acknowledged_tail(dir, &path, &bytes, seg_start, seg_size, acked, crc, end)?;
+                if let Some((acked, crc)) = self.published.filter(|&(acked, _)| acked > end) {
+                    end = keep_acknowledged_tail(&self.segdir.dir, &path, &bytes, seg_start, seg_size, acked, crc, end)?;
                 }
                 cut_tail(&path, end.0 - seg_start.0, seg_size)?;
-                durable_crc = crc32c::crc32c(&bytes[..(end - seg_start) as usize]);
-                durable_end = end;
-                stopped = true;
+                self.durable_crc = crc32c::crc32c(&bytes[..(end - seg_start) as usize]);
+                self.durable_end = end;
+                self.stopped = true;
             }
         }
+        Ok(())
     }
+}
+
+/// A `.partial`'s bytes, padded with zeros to a whole segment when it is shorter.
+fn read_partial(path: &Path, seg_size: u64) -> Result<Vec<u8>, DirError> {
+    let mut bytes = std::fs::read(path).map_err(io_err(path))?;
+    if bytes.len() as u64 > seg_size {
+        return Err(DirError::BadSegment { path: path.to_path_buf(), why: format!("{} bytes, more than a segment ({seg_size})", bytes.len()) });
+    }
+    if (bytes.len() as u64) < seg_size {
+        // Created but not yet sized (a crash right after creation), or cut short: what is
+        // missing reads as zeros, and the walk finds where valid WAL ends.
+        warn!(path = %path.display(), len = bytes.len(), "partial segment shorter than a segment; padding it with zeros");
+        bytes.resize(seg_size as usize, 0);
+    }
+    Ok(bytes)
+}
+
+/// Nothing to cut or keep when the files holding the acknowledged tail are gone: say so.
+fn warn_if_acknowledged_tail_lost(dir: &Path, published: Option<(Lsn, Option<u32>)>, durable_end: Lsn) {
     if let Some((acked, _)) = published.filter(|&(acked, _)| acked > durable_end) {
-        // Nothing here to cut or keep: the files holding the acknowledged tail are gone.
         warn!(
             dir = %dir.display(),
             published = %acked,
@@ -399,7 +448,6 @@ pub fn recover_dir(lock: &super::dir_lock::DirLock) -> Result<DirState, DirError
              only if it still has it"
         );
     }
-    Ok(DirState { identity: Some(identity), durable_end, seg_size, durable_crc })
 }
 
 /// The published acknowledged LSN `acked` lies past the last valid record (`valid_end`) of the

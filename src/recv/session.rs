@@ -5,8 +5,9 @@
 //! receive loop in `recv/mod.rs` carries the decisions out, and unit tests and the seeded
 //! simulation drive these rules directly.
 
+use crate::auth::AuthKey;
 use crate::wal::{Lsn, WalIdentity};
-use crate::wire::{ErrorCode, FrameHeader, FrameKind, Hello};
+use crate::wire::{Auth, ErrorCode, FrameHeader, FrameKind, Hello, AUTH_MAC_LEN, AUTH_NONCE_LEN};
 
 /// Where a connection is in its life: what the next frame may be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +60,19 @@ pub fn on_header(phase: ConnPhase, header: FrameHeader, peer: &str) -> Result<He
         }
         (_, kind) => Err(Refusal::new(ErrorCode::Protocol, format!("unexpected {kind} frame from {peer}"))),
     }
+}
+
+/// The sender's answer to our challenge `nonce_r`: it must prove it knows `key`, bound to its
+/// Hello (`hello_body`). Nothing is decided, and nothing written, before it did; on success, our
+/// proof for the sender.
+pub fn on_auth_response(key: &AuthKey, nonce_r: &[u8; AUTH_NONCE_LEN], hello_body: &[u8], response: &Auth, peer: &str) -> Result<[u8; AUTH_MAC_LEN], Refusal> {
+    if !key.verify_sender(nonce_r, &response.nonce, hello_body, &response.mac) {
+        return Err(Refusal::new(
+            ErrorCode::Auth,
+            format!("sender {peer} failed authentication (it does not know this receiver's --auth-key-file key); refused before anything was written"),
+        ));
+    }
+    Ok(key.receiver_mac(&response.nonce, nonce_r))
 }
 
 /// Where the accepted stream starts.
@@ -321,11 +335,41 @@ mod tests {
         h
     }
 
-    /// Seeded simulation over sessions: the directory only changes on an accepted Hello, and then
-    /// its identity (system, geometry, magic) never changes, its timeline never goes back, the
-    /// resume point is never below what it holds durably (acks never move backwards) except onto a
-    /// newer timeline at a switch point it holds, and a fresh start is always a segment start of an
-    /// empty directory.
+    /// The receiver's key in the simulation, and the key of a sender that does not know it.
+    const KEY: &[u8] = b"walship simulation key: the receiver's";
+    const OTHER_KEY: &[u8] = b"walship simulation key: somebody else's";
+
+    /// A random sender's handshake with a receiver that has a key, through the phase table and
+    /// the challenge: it sends Hello, then either answers the challenge (with the receiver's key
+    /// when `knows_key`) or sends `other` (a frame that is not an answer) in the middle of it.
+    fn authenticate(rng: &mut rand::rngs::StdRng, h: &Hello, knows_key: bool, other: Option<FrameKind>) -> Result<(), Refusal> {
+        use rand::Rng;
+        let header = |kind| FrameHeader { kind, flags: 0, lsn: 0, body_len: 8, body_crc: 0 };
+        let step = on_header(ConnPhase::AwaitHelloHeader, header(FrameKind::Hello), "sim")?;
+        assert!(matches!(step, HeaderStep::ControlBody(ConnPhase::AwaitHelloBody(_))));
+        if let Some(kind) = other {
+            let r = on_header(ConnPhase::AwaitAuthHeader, header(kind), "sim");
+            assert!(r.is_err(), "a {kind} frame was taken in the middle of authentication");
+            return r.map(|_| ());
+        }
+        let step = on_header(ConnPhase::AwaitAuthHeader, header(FrameKind::Auth), "sim")?;
+        assert!(matches!(step, HeaderStep::ControlBody(ConnPhase::AwaitAuthBody(_))));
+        let hello_body = format!("{h:?}").into_bytes();
+        let (nonce_r, nonce_s): ([u8; AUTH_NONCE_LEN], [u8; AUTH_NONCE_LEN]) = (rng.random(), rng.random());
+        let senders_key = AuthKey::from_bytes(if knows_key { KEY } else { OTHER_KEY });
+        let mac = senders_key.sender_mac(&nonce_r, &nonce_s, &hello_body);
+        let response = Auth { step: crate::wire::AuthStep::Response, nonce: nonce_s, mac };
+        on_auth_response(&AuthKey::from_bytes(KEY), &nonce_r, &hello_body, &response, "sim").map(|_| ())
+    }
+
+    /// Seeded simulation over sessions: the directory only changes on an accepted Hello of a
+    /// sender that authenticated (one without the key, or one that sends another frame in the
+    /// middle of authenticating, is refused with the Auth code); then the sender's identity
+    /// (system, geometry, magic) is the directory's, its timeline never goes back, a timeline switch
+    /// follows a history that branches off the directory's timeline at a point it holds, the resume
+    /// point is never below what it holds durably (acks never move backwards) except onto a newer
+    /// timeline at that switch point, the sender has the WAL from the resume point on (no gap),
+    /// and a fresh start is always a segment start of an empty directory.
     #[test]
     fn a_seeded_simulation_of_many_senders_keeps_the_session_invariants() {
         use rand::{Rng, SeedableRng};
@@ -334,32 +378,20 @@ mod tests {
             let mut dir = Dir { identity: None, durable: Lsn(0) };
             for step in 0..200 {
                 let h = random_hello(&mut rng, &dir);
+                let knows_key = rng.random_range(0..8) != 0;
+                let other = (rng.random_range(0..10) == 0).then(|| [FrameKind::Data, FrameKind::Keepalive, FrameKind::Hello][rng.random_range(0..3)]);
                 let before = dir;
-                match on_hello(&h, dir.identity, dir.durable, "sim") {
+                match authenticate(&mut rng, &h, knows_key, other).and_then(|()| on_hello(&h, dir.identity, dir.durable, "sim")) {
                     Err(r) => {
                         assert_ne!(r.code, ErrorCode::Other, "seed {seed} step {step}: refusals carry a specific code");
                         assert!(!r.message.is_empty());
+                        if !knows_key || other.is_some() {
+                            assert_eq!(r.code, ErrorCode::Auth, "seed {seed} step {step}: {}", r.message);
+                        }
                     }
                     Ok(a) => {
-                        if let Some(ours) = before.identity {
-                            assert_eq!((a.identity.system_id, a.identity.seg_size, a.identity.magic), (ours.system_id, ours.seg_size, ours.magic));
-                            assert!(a.identity.tli >= ours.tli, "seed {seed} step {step}: timeline went back");
-                            assert!(h.timeline >= ours.tli, "seed {seed} step {step}: accepted a sender of an older timeline");
-                            assert_eq!(a.identity.tli, h.timeline, "seed {seed} step {step}: the stream continues on the sender's timeline");
-                        }
-                        match (a.switch, a.start) {
-                            (None, StreamStart::Resume(l)) => assert_eq!(l, before.durable, "seed {seed} step {step}"),
-                            (None, StreamStart::Fresh(l)) => {
-                                assert_eq!(before.durable, Lsn(0));
-                                assert_eq!(l.0 % SEG, 0);
-                            }
-                            (Some(sw), start) => {
-                                assert!(before.durable >= sw.switch, "seed {seed} step {step}: switched without holding the switch point");
-                                assert_eq!(start, StreamStart::Resume(sw.start));
-                                assert!(sw.start <= sw.switch && sw.switch.0 - sw.start.0 < SEG);
-                            }
-                        }
-                        assert!(a.start.lsn() >= Lsn(h.first_lsn) || a.start == StreamStart::Fresh(Lsn(h.first_lsn)), "the sender has the WAL from the start on");
+                        assert!(knows_key && other.is_none(), "seed {seed} step {step}: accepted a sender that did not authenticate");
+                        check_accepted(&h, &a, before, seed, step);
                         // The sender streams a while; what becomes durable moves forward from the start.
                         let streamed = rng.random_range(0..3 * SEG);
                         dir = Dir { identity: Some(a.identity), durable: a.start.lsn() + streamed };
@@ -367,6 +399,45 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The session invariants of one accepted Hello `h` against the directory `before` it.
+    fn check_accepted(h: &Hello, a: &Accepted, before: Dir, seed: u64, step: usize) {
+        if let Some(ours) = before.identity {
+            let theirs = hello_identity(h);
+            let shape = |i: &WalIdentity| (i.system_id, i.seg_size, i.block_size, i.magic);
+            assert_eq!(shape(&theirs), shape(&ours), "seed {seed} step {step}: accepted a sender of another system or geometry");
+            assert_eq!(shape(&a.identity), shape(&ours), "seed {seed} step {step}: the directory's identity changed");
+            assert!(a.identity.tli >= ours.tli, "seed {seed} step {step}: timeline went back");
+            assert!(h.timeline >= ours.tli, "seed {seed} step {step}: accepted a sender of an older timeline");
+            assert_eq!(a.identity.tli, h.timeline, "seed {seed} step {step}: the stream continues on the sender's timeline");
+        }
+        match (a.switch, a.start) {
+            (None, StreamStart::Resume(l)) => assert_eq!(l, before.durable, "seed {seed} step {step}"),
+            (None, StreamStart::Fresh(l)) => {
+                assert_eq!(before.durable, Lsn(0));
+                assert_eq!(l.0 % SEG, 0);
+            }
+            (Some(sw), start) => {
+                let ours = before.identity.expect("a switch off a timeline the directory holds");
+                let history = crate::wal::history::parse_history(&h.history).expect("a switch follows a parsable history");
+                assert_eq!(
+                    crate::wal::history::switch_point(&history, ours.tli),
+                    Some(sw.switch),
+                    "seed {seed} step {step}: switched on a history that does not branch off timeline {}",
+                    ours.tli
+                );
+                assert!(before.durable >= sw.switch, "seed {seed} step {step}: switched without holding the switch point");
+                assert_eq!(start, StreamStart::Resume(sw.start));
+                assert!(sw.start <= sw.switch && sw.switch.0 - sw.start.0 < SEG);
+            }
+        }
+        assert!(
+            a.start.lsn() >= Lsn(h.first_lsn) || a.start == StreamStart::Fresh(Lsn(h.first_lsn)),
+            "seed {seed} step {step}: a gap: the sender starts at {} past the resume point {}",
+            Lsn(h.first_lsn),
+            a.start.lsn()
+        );
     }
 
     #[test]

@@ -1,11 +1,13 @@
-//! PostgreSQL plumbing shared by the real-server tests (pg_follow, pg_timeline): find Debian's
-//! binaries, run them as the `postgres` OS user when we are root, start/stop servers with a guard
-//! that stops them on drop, read pg_control through pg_controldata, checksum the pgbench tables,
-//! and find the end of WAL after a clean shutdown with pg_waldump.
+//! PostgreSQL plumbing shared by the real-server tests (pg_replay, pg_follow, pg_timeline,
+//! pg_safety): find Debian's binaries (or skip), run them as the `postgres` OS user when we are
+//! root, initdb and start/stop servers with a guard that stops them on drop, base backups without
+//! WAL, read pg_control through pg_controldata, checksum the pgbench tables, find the end of WAL
+//! after a clean shutdown with pg_waldump, and the walship binary as the postgres user can run it.
 #![allow(dead_code)]
 
 use super::*;
 use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -22,6 +24,59 @@ pub struct Pg {
 }
 
 impl Pg {
+    /// PostgreSQL for a test whose commands run in `cwd`: `None` (after printing why) to skip when
+    /// it is not installed, or we are root without a `postgres` user to run it as; with
+    /// `WALSHIP_REQUIRE_PG=1` those panic instead.
+    pub fn for_test(cwd: &Path) -> Option<Pg> {
+        let require = std::env::var("WALSHIP_REQUIRE_PG").as_deref() == Ok("1");
+        let Some(bin) = Pg::find_bin() else {
+            if require {
+                panic!("WALSHIP_REQUIRE_PG=1 but PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb)");
+            }
+            println!("SKIP: PostgreSQL not installed");
+            return None;
+        };
+        let as_user = if is_root() {
+            match user_ids(PG_USER) {
+                Some(ids) => Some(ids),
+                None if require => panic!("running as root but there is no `{PG_USER}` OS user to run PostgreSQL as"),
+                None => {
+                    println!("SKIP: running as root without a `{PG_USER}` user (initdb refuses root)");
+                    return None;
+                }
+            }
+        } else {
+            None
+        };
+        Some(Pg { bin, as_user, cwd: cwd.to_path_buf() })
+    }
+
+    /// A server `name` under `pgdir` (data `pgdir/name`, log `pgdir/name.log`) with a private
+    /// socket directory `pgdir/sock-name` (0700, owned by the postgres user). Not created yet.
+    pub fn server(&self, pgdir: &Path, name: &'static str, port: u16) -> R<Server> {
+        let sock = pgdir.join(format!("sock-{name}"));
+        fs::create_dir_all(&sock).map_err(|e| format!("mkdir {}: {e}", sock.display()))?;
+        fs::set_permissions(&sock, fs::Permissions::from_mode(0o700)).map_err(|e| format!("chmod {}: {e}", sock.display()))?;
+        self.chown(&sock)?;
+        Ok(Server::new(self, name, pgdir.join(name), pgdir.join(format!("{name}.log")), sock, port))
+    }
+
+    /// The walship binary as the postgres user can execute it: in place when every parent
+    /// directory is traversable (or we are not root), else a copy in `tmp/bin`.
+    pub fn restore_exe(&self, tmp: &Path) -> R<PathBuf> {
+        let w = walship_bin();
+        if self.as_user.is_none() || others_can_reach(&w) {
+            return Ok(w);
+        }
+        let dir = tmp.join("bin");
+        fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let exe = dir.join("walship");
+        fs::copy(&w, &exe).map_err(|e| format!("copy {}: {e}", w.display()))?;
+        fs::set_permissions(&exe, fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())?;
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())?;
+        Ok(exe)
+    }
+
     pub fn find_bin() -> Option<PathBuf> {
         if let Some(p) = std::env::var_os("WALSHIP_PG_BIN") {
             let p = PathBuf::from(p);
@@ -73,6 +128,75 @@ pub struct Server {
 }
 
 impl Server {
+    pub fn new(pg: &Pg, name: &'static str, data: PathBuf, log: PathBuf, sock: PathBuf, port: u16) -> Server {
+        Server { pg: pg.clone(), name, data, log, sock, port, running: false }
+    }
+
+    /// initdb (trust, C locale, UTF8), the server's port and socket plus `conf` appended to
+    /// postgresql.conf under a `# walship {test}` line, then start and wait.
+    pub fn init(&mut self, test: &str, conf: &str) -> R<()> {
+        let mut c = self.pg.cmd("initdb");
+        c.arg("-D").arg(&self.data);
+        c.args(["-U", PG_USER, "--auth=trust", "--locale=C", "--encoding=UTF8", "--no-sync"]);
+        run_ok(&mut c)?;
+        append(
+            &self.data.join("postgresql.conf"),
+            &format!(
+                "\n# walship {test}\nport = {}\nlisten_addresses = ''\nunix_socket_directories = '{}'\n{conf}\n",
+                self.port,
+                self.sock.display()
+            ),
+        )?;
+        self.pg_ctl_start(true)
+    }
+
+    /// A libpq connection string for this server over its unix socket.
+    pub fn conninfo(&self) -> String {
+        format!("host={} port={} user={PG_USER} dbname=postgres", self.sock.display(), self.port)
+    }
+
+    /// `pgbench ARGS postgres` against this server; its stdout.
+    pub fn pgbench(&self, args: &[&str]) -> R<String> {
+        let mut c = self.pg.cmd("pgbench");
+        c.arg("-h").arg(&self.sock).args(["-p", &self.port.to_string(), "-U", PG_USER]);
+        c.args(args).arg("postgres");
+        let out = run_ok(&mut c).map_err(|e| self.err(e))?;
+        Ok(String::from_utf8_lossy(&out.stdout).to_string())
+    }
+
+    /// `pg_basebackup -X none` (no WAL in it) into `dest`; the backup's START WAL LOCATION.
+    pub fn base_backup(&self, dest: &Path) -> R<u64> {
+        let mut c = self.pg.cmd("pg_basebackup");
+        c.arg("-h").arg(&self.sock).args(["-p", &self.port.to_string(), "-U", PG_USER]);
+        c.arg("-D").arg(dest).args(["-c", "fast", "-X", "none", "--no-sync"]);
+        run_ok(&mut c).map_err(|e| self.err(e))?;
+        let label = fs::read_to_string(dest.join("backup_label")).map_err(|e| format!("read backup_label: {e}"))?;
+        label
+            .lines()
+            .find_map(|l| l.strip_prefix("START WAL LOCATION: "))
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(parse_lsn)
+            .ok_or_else(|| format!("no START WAL LOCATION in backup_label:\n{label}"))
+    }
+
+    /// Stops the server cleanly (`-m fast`); its control data (a shutdown checkpoint, REDO at
+    /// it) and the end of WAL after it (pg_waldump).
+    pub fn clean_stop(&mut self) -> R<(ControlData, u64)> {
+        self.stop("fast")?;
+        let cd = self.controldata()?;
+        if cd.state != "shut down" || cd.redo != cd.checkpoint {
+            return Err(format!(
+                "{} after a clean stop: state `{}` (want `shut down`), redo {} checkpoint {}",
+                self.name,
+                cd.state,
+                fmt_lsn(cd.redo),
+                fmt_lsn(cd.checkpoint)
+            ));
+        }
+        let end = wal_end_after_checkpoint(&self.pg, &self.data.join("pg_wal"), cd.tli, cd.checkpoint, cd.block_size)?;
+        Ok((cd, end))
+    }
+
     pub fn err(&self, msg: impl std::fmt::Display) -> String {
         format!("{msg}\n--- {} server log tail ({}) ---\n{}", self.name, self.log.display(), tail_file(&self.log, 40))
     }
@@ -169,6 +293,7 @@ pub struct ControlData {
     pub state: String,
     pub checkpoint: u64,
     pub redo: u64,
+    pub sysid: u64,
     pub seg_size: u64,
     pub block_size: u64,
     pub tli: u32,
@@ -187,6 +312,7 @@ impl ControlData {
             state: field("Database cluster state")?,
             checkpoint: lsn("Latest checkpoint location")?,
             redo: lsn("Latest checkpoint's REDO location")?,
+            sysid: num("Database system identifier")?,
             seg_size: num("Bytes per WAL segment")?,
             block_size: num("WAL block size")?,
             tli: num("Latest checkpoint's TimeLineID")? as u32,
@@ -218,8 +344,28 @@ pub const CHECKSUM_QUERIES: &[(&str, &str)] = &[
     ),
 ];
 
+/// Checksums of tables other tests create (pg_replay's `warmup`), looked up by
+/// [`checksums_of`] when a test's sums name them.
+pub const EXTRA_CHECKSUM_QUERIES: &[(&str, &str)] =
+    &[("warmup", "SELECT count(*) || ' md5=' || coalesce(md5(string_agg(md5(t::text), '' ORDER BY g)),'-') FROM warmup t")];
+
 pub fn checksums(s: &Server) -> R<Vec<(String, String)>> {
     CHECKSUM_QUERIES.iter().map(|(t, q)| Ok((t.to_string(), s.sql(q)?))).collect()
+}
+
+/// Checksums of `tables` (names from [`CHECKSUM_QUERIES`] or [`EXTRA_CHECKSUM_QUERIES`]).
+pub fn checksums_of<'a>(s: &Server, tables: impl IntoIterator<Item = &'a str>) -> R<Vec<(String, String)>> {
+    tables
+        .into_iter()
+        .map(|t| {
+            let (_, q) = CHECKSUM_QUERIES
+                .iter()
+                .chain(EXTRA_CHECKSUM_QUERIES)
+                .find(|(name, _)| *name == t)
+                .ok_or_else(|| format!("no checksum query for table {t}"))?;
+            Ok((t.to_string(), s.sql(q)?))
+        })
+        .collect()
 }
 
 /// End of WAL after a clean shutdown: end (MAXALIGN'd) of the shutdown checkpoint record, via pg_waldump

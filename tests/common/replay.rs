@@ -94,7 +94,7 @@ fn wait_for_replay(standby: &Server, target: u64) -> R<u64> {
 }
 
 fn compare_checksums(standby: &Server, sums: &[(String, String)]) -> R<()> {
-    let got = checksums(standby)?;
+    let got = checksums_of(standby, sums.iter().map(|(t, _)| t.as_str()))?;
     let mut bad = String::new();
     for ((tbl, want), (_, have)) in sums.iter().zip(&got) {
         if want != have {
@@ -122,6 +122,9 @@ fn check_restored(standby: &Server, want: &[String], say: &dyn Fn(String)) -> R<
     }
     if let Some(l) = log.lines().find(|l| l.contains(".partial is not in")) {
         return Err(standby.err(format!("recovery asked restore_command for a .partial name: {l}")));
+    }
+    if restored.iter().any(|n| n.contains("partial")) {
+        return Err(standby.err(format!("recovery restored a .partial name: {restored:?}")));
     }
     say(format!("{} restored {} files via walship restore", standby.name, restored.len()));
     Ok(())

@@ -84,6 +84,9 @@ fn simulate(seed: u64, stream_len: usize, frame_max: usize, slots: usize) -> usi
     simulate_with(seed, stream_len, frame_max, slots, Faults::default())
 }
 
+// Longer than ~70 lines on purpose: one seeded loop over a dozen pieces of shared state (fake disk,
+// pending completions, the sender, the fault flags), with the io layer's action handling and every
+// invariant check inline where the event happens, so a failing seed reads top to bottom.
 fn simulate_with(seed: u64, stream_len: usize, frame_max: usize, slots: usize, faults: Faults) -> usize {
     let mut rng = StdRng::seed_from_u64(seed);
     let start = Lsn(SEG); // segment 1
