@@ -503,164 +503,180 @@ fn shutdown_flag() -> Result<Arc<AtomicBool>> {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Send(a) => {
-            let send_batch_bytes_max = a.send_batch_bytes_max.unwrap_or((8 << 20).max(a.frame_bytes));
-            let live = a.conninfo.map(|conninfo| walship::send::source::LiveConfig {
-                pg_wal: a.pg_wal.clone(),
-                conninfo,
-                slot: a.slot,
-                poll_interval: a.horizon_poll_interval,
-                slot_advance_interval: a.slot_advance_interval,
-            });
-            let tls_client = match &a.tls_ca {
-                None => None,
-                Some(ca) => {
-                    let name = a.tls_server_name.clone().unwrap_or_else(|| walship::tls::host_of(&a.to).to_string());
-                    Some(walship::tls::TlsClient::load(ca, &name)?)
-                }
-            };
-            let default_retry = if a.once { Duration::from_secs(30) } else { Duration::from_secs(86_400) };
-            let mut cfg = SendConfig {
-                pg_wal: a.pg_wal,
-                to: a.to,
-                once: a.once,
-                retry_for: a.retry_for.unwrap_or(default_retry),
-                live,
-                shutdown_timeout: a.shutdown_timeout,
-                auth: None,
-                tls: tls_client,
-                zero_copy: a.zero_copy,
-                frame_bytes: a.frame_bytes,
-                in_flight_bytes_max: a.in_flight_bytes_max,
-                send_batch_bytes_max,
-                zero_copy_bytes_min: a.zero_copy_bytes_min,
-                peer_timeout: a.peer_timeout,
-                connect_timeout: Duration::from_secs(5),
-                name: a.name.unwrap_or_else(host_name),
-            };
-            // Limits first: a bad value is the one error reported, before any warning about the key.
-            cfg.validate()?;
-            cfg.auth = a.auth.key("send")?;
-            let metrics = Arc::new(walship::metrics::Metrics::sender());
-            serve_metrics(a.metrics_listen, &metrics)?;
-            let sender_metrics = metrics.send.clone().expect("sender metrics");
-            let progress_interval = a.progress_interval;
-            let progress_done = Arc::new(AtomicBool::new(false));
-            let progress = cfg.once.then(|| {
-                let end = first_segment_size(&cfg.pg_wal).and_then(|seg| walship::send::source::estimate_end(&cfg.pg_wal, seg));
-                walship::progress::spawn(Arc::clone(&sender_metrics), end, Arc::clone(&progress_done), progress_interval)
-            });
-            let result = walship::send::run_with_metrics(&cfg, shutdown_flag()?, sender_metrics);
-            progress_done.store(true, std::sync::atomic::Ordering::Relaxed);
-            if let Some(p) = progress {
-                let _ = p.join();
-            }
-            let summary = result?;
-            let line = format!(
-                "shipped {} bytes ({} segments) {}..{} in {:.3} s: {:.1} MB/s durable at the receiver",
-                summary.bytes,
-                summary.segments,
-                summary.start_lsn,
-                summary.end_lsn,
-                summary.seconds,
-                summary.mb_per_s()
-            );
-            println!("{line}");
-            let latency = summary.ack_latency_percentiles_us();
-            if let Some((p50, p99, p999, max)) = latency {
-                println!("flush-to-durable-ack latency: p50 {p50} us, p99 {p99} us, p99.9 {p999} us, max {max} us");
-            }
-            if let Some(path) = a.report_json {
-                walship::report::write(&path, &walship::report::SendReport::from(&summary))
-                    .with_context(|| format!("writing the report {}", path.display()))?;
-            }
-            Ok(())
-        }
-        Command::Recv(a) => {
-            let mut cfg = RecvConfig {
-                listen: a.listen,
-                dir: a.dir,
-                chunk_bytes: a.chunk_bytes,
-                in_flight_bytes_max: a.in_flight_bytes_max,
-                fsync_batch_bytes: a.fsync_batch_bytes,
-                fsync_interval_us: a.fsync_interval_us,
-                fsync_batches_in_flight_max: a.fsync_batches_in_flight_max,
-                frame_bytes_max: u32::try_from(a.frame_bytes_max).context("--frame-bytes-max too large")?,
-                peer_timeout: a.peer_timeout,
-                status_interval: a.status_interval,
-                auth: None,
-                tls: match (&a.tls_cert, &a.tls_key) {
-                    (Some(cert), Some(key)) => Some(walship::tls::TlsServer::load(cert, key)?),
-                    _ => None,
-                },
-                write_buffered: a.write_mode == WriteMode::Buffered,
-                spare_segments: a.spare_segments,
-                spare_refill: a.spare_refill,
-                access: walship::recv::segment_file::FileAccess {
-                    file_mode: a.file_mode,
-                    gid: a.group.as_deref().map(resolve_group).transpose()?,
-                },
-            };
-            // Limits first: a bad value is the one error reported, before any warning about the key.
-            cfg.validate()?;
-            cfg.auth = a.auth.key("recv")?;
-            let metrics = Arc::new(walship::metrics::Metrics::receiver());
-            serve_metrics(a.metrics_listen, &metrics)?;
-            let recv_metrics = metrics.recv.clone().expect("receiver metrics");
-            let summary = walship::recv::run_with_metrics(&cfg, shutdown_flag()?, recv_metrics)?;
-            if let Some(path) = a.report_json {
-                walship::report::write(&path, &walship::report::RecvReport::from(&summary))
-                    .with_context(|| format!("writing the report {}", path.display()))?;
-            }
-            Ok(())
-        }
-        Command::Restore(a) => {
-            match walship::restore::restore(&a.dir, &a.wal_file, &a.target) {
-                Ok(outcome) => {
-                    eprintln!("walship restore: {outcome}");
-                    Ok(())
-                }
-                // "Not (yet) there" is one plain line and exit 1; anything else stops recovery
-                // (exit above 125) instead of letting it promote on a partial archive.
-                Err(e) => {
-                    let code = e.exit_code();
-                    if code == walship::restore::EXIT_NOT_FOUND {
-                        eprintln!("walship restore: {e}");
-                        std::process::exit(i32::from(code));
-                    }
-                    Err(anyhow::Error::new(e).context(Exit(code)))
-                }
-            }
-        }
-        Command::GenWal(a) => {
-            let opts = GenOptions {
-                dir: a.dir,
-                system_id: a.system_id,
-                tli: a.timeline,
-                seg_size: a.seg_size,
-                block_size: a.block_size,
-                wal_bytes: a.wal_bytes,
-                seed: a.seed,
-                recycled_segments: a.recycled_segments,
-                record_bytes_max: a.record_bytes_max,
-                switch_every_segments: a.switch_every_segments,
-                ..GenOptions::default()
-            };
-            std::fs::create_dir_all(&opts.dir).with_context(|| format!("creating {}", opts.dir.display()))?;
-            let report = walship::wal::gen::generate(&opts).context("generating WAL")?;
-            println!(
-                "{{\"first_lsn\":\"{}\",\"end_lsn\":\"{}\",\"segments\":{},\"records\":{},\"bytes\":{}}}",
-                report.first_lsn,
-                report.end_lsn,
-                report.segment_files.len(),
-                report.records,
-                report.end_lsn - report.first_lsn
-            );
-            Ok(())
-        }
+        Command::Send(a) => run_send(a),
+        Command::Recv(a) => run_recv(a),
+        Command::Restore(a) => run_restore(a),
+        Command::GenWal(a) => run_gen_wal(a),
         Command::Demo(a) => Ok(walship::demo::run(&a.dir, a.wal_bytes, a.port, a.keep)?),
         Command::Status(a) => walship::status::run(&a.url, a.sample, a.json, a.timeout),
     }
+}
+
+/// `walship send`: flags -> SendConfig -> the library, then the summary line and report.
+fn run_send(a: SendArgs) -> Result<()> {
+    let cfg = send_config(&a)?;
+    let metrics = Arc::new(walship::metrics::Metrics::sender());
+    serve_metrics(a.metrics_listen, &metrics)?;
+    let sender_metrics = metrics.send.clone().expect("sender metrics");
+    let progress_interval = a.progress_interval;
+    let progress_done = Arc::new(AtomicBool::new(false));
+    let progress = cfg.once.then(|| {
+        let end = first_segment_size(&cfg.pg_wal).and_then(|seg| walship::send::source::estimate_end(&cfg.pg_wal, seg));
+        walship::progress::spawn(Arc::clone(&sender_metrics), end, Arc::clone(&progress_done), progress_interval)
+    });
+    let result = walship::send::run_with_metrics(&cfg, shutdown_flag()?, sender_metrics);
+    progress_done.store(true, std::sync::atomic::Ordering::Relaxed);
+    if let Some(p) = progress {
+        let _ = p.join();
+    }
+    let summary = result?;
+    println!(
+        "shipped {} bytes ({} segments) {}..{} in {:.3} s: {:.1} MB/s durable at the receiver",
+        summary.bytes,
+        summary.segments,
+        summary.start_lsn,
+        summary.end_lsn,
+        summary.seconds,
+        summary.mb_per_s()
+    );
+    if let Some((p50, p99, p999, max)) = summary.ack_latency_percentiles_us() {
+        println!("flush-to-durable-ack latency: p50 {p50} us, p99 {p99} us, p99.9 {p999} us, max {max} us");
+    }
+    if let Some(path) = &a.report_json {
+        walship::report::write(path, &walship::report::SendReport::from(&summary))
+            .with_context(|| format!("writing the report {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// The flags as a validated SendConfig, with the key loaded last.
+fn send_config(a: &SendArgs) -> Result<SendConfig> {
+    let send_batch_bytes_max = a.send_batch_bytes_max.unwrap_or((8 << 20).max(a.frame_bytes));
+    let live = a.conninfo.clone().map(|conninfo| walship::send::source::LiveConfig {
+        pg_wal: a.pg_wal.clone(),
+        conninfo,
+        slot: a.slot.clone(),
+        poll_interval: a.horizon_poll_interval,
+        slot_advance_interval: a.slot_advance_interval,
+    });
+    let tls_client = match &a.tls_ca {
+        None => None,
+        Some(ca) => {
+            let name = a.tls_server_name.clone().unwrap_or_else(|| walship::tls::host_of(&a.to).to_string());
+            Some(walship::tls::TlsClient::load(ca, &name)?)
+        }
+    };
+    let default_retry = if a.once { Duration::from_secs(30) } else { Duration::from_secs(86_400) };
+    let mut cfg = SendConfig {
+        pg_wal: a.pg_wal.clone(),
+        to: a.to.clone(),
+        once: a.once,
+        retry_for: a.retry_for.unwrap_or(default_retry),
+        live,
+        shutdown_timeout: a.shutdown_timeout,
+        auth: None,
+        tls: tls_client,
+        zero_copy: a.zero_copy,
+        frame_bytes: a.frame_bytes,
+        in_flight_bytes_max: a.in_flight_bytes_max,
+        send_batch_bytes_max,
+        zero_copy_bytes_min: a.zero_copy_bytes_min,
+        peer_timeout: a.peer_timeout,
+        connect_timeout: Duration::from_secs(5),
+        name: a.name.clone().unwrap_or_else(host_name),
+    };
+    // Limits first: a bad value is the one error reported, before any warning about the key.
+    cfg.validate()?;
+    cfg.auth = a.auth.key("send")?;
+    Ok(cfg)
+}
+
+/// `walship recv`: flags -> RecvConfig -> the library, then the report.
+fn run_recv(a: RecvArgs) -> Result<()> {
+    let mut cfg = RecvConfig {
+        listen: a.listen,
+        dir: a.dir,
+        chunk_bytes: a.chunk_bytes,
+        in_flight_bytes_max: a.in_flight_bytes_max,
+        fsync_batch_bytes: a.fsync_batch_bytes,
+        fsync_interval_us: a.fsync_interval_us,
+        fsync_batches_in_flight_max: a.fsync_batches_in_flight_max,
+        frame_bytes_max: u32::try_from(a.frame_bytes_max).context("--frame-bytes-max too large")?,
+        peer_timeout: a.peer_timeout,
+        status_interval: a.status_interval,
+        auth: None,
+        tls: match (&a.tls_cert, &a.tls_key) {
+            (Some(cert), Some(key)) => Some(walship::tls::TlsServer::load(cert, key)?),
+            _ => None,
+        },
+        write_buffered: a.write_mode == WriteMode::Buffered,
+        spare_segments: a.spare_segments,
+        spare_refill: a.spare_refill,
+        access: walship::recv::segment_file::FileAccess {
+            file_mode: a.file_mode,
+            gid: a.group.as_deref().map(resolve_group).transpose()?,
+        },
+    };
+    // Limits first: a bad value is the one error reported, before any warning about the key.
+    cfg.validate()?;
+    cfg.auth = a.auth.key("recv")?;
+    let metrics = Arc::new(walship::metrics::Metrics::receiver());
+    serve_metrics(a.metrics_listen, &metrics)?;
+    let recv_metrics = metrics.recv.clone().expect("receiver metrics");
+    let summary = walship::recv::run_with_metrics(&cfg, shutdown_flag()?, recv_metrics)?;
+    if let Some(path) = a.report_json {
+        walship::report::write(&path, &walship::report::RecvReport::from(&summary))
+            .with_context(|| format!("writing the report {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// `walship restore`: exit 1 for "not (yet) there", above 125 for anything that must stop recovery.
+fn run_restore(a: RestoreArgs) -> Result<()> {
+    match walship::restore::restore(&a.dir, &a.wal_file, &a.target) {
+        Ok(outcome) => {
+            eprintln!("walship restore: {outcome}");
+            Ok(())
+        }
+        // "Not (yet) there" is one plain line and exit 1; anything else stops recovery
+        // (exit above 125) instead of letting it promote on a partial archive.
+        Err(e) => {
+            let code = e.exit_code();
+            if code == walship::restore::EXIT_NOT_FOUND {
+                eprintln!("walship restore: {e}");
+                std::process::exit(i32::from(code));
+            }
+            Err(anyhow::Error::new(e).context(Exit(code)))
+        }
+    }
+}
+
+/// `walship gen-wal`: synthetic valid WAL, and one JSON line describing it.
+fn run_gen_wal(a: GenArgs) -> Result<()> {
+    let opts = GenOptions {
+        dir: a.dir,
+        system_id: a.system_id,
+        tli: a.timeline,
+        seg_size: a.seg_size,
+        block_size: a.block_size,
+        wal_bytes: a.wal_bytes,
+        seed: a.seed,
+        recycled_segments: a.recycled_segments,
+        record_bytes_max: a.record_bytes_max,
+        switch_every_segments: a.switch_every_segments,
+        ..GenOptions::default()
+    };
+    std::fs::create_dir_all(&opts.dir).with_context(|| format!("creating {}", opts.dir.display()))?;
+    let report = walship::wal::gen::generate(&opts).context("generating WAL")?;
+    println!(
+        "{{\"first_lsn\":\"{}\",\"end_lsn\":\"{}\",\"segments\":{},\"records\":{},\"bytes\":{}}}",
+        report.first_lsn,
+        report.end_lsn,
+        report.segment_files.len(),
+        report.records,
+        report.end_lsn - report.first_lsn
+    );
+    Ok(())
 }
 
 /// The segment size of the WAL in `dir`, from the size of its first segment-named file.
