@@ -61,35 +61,13 @@ struct Secure {
 
 /// `None` = skip (no PostgreSQL, and not required).
 fn setup(name: &str, port: u16) -> Option<Ctx> {
-    let require = std::env::var("WALSHIP_REQUIRE_PG").as_deref() == Ok("1");
-    let Some(bin) = Pg::find_bin() else {
-        if require {
-            panic!("WALSHIP_REQUIRE_PG=1 but PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb)");
-        }
-        println!("SKIP: PostgreSQL not installed");
-        return None;
-    };
-    let as_user = if is_root() {
-        match user_ids(PG_USER) {
-            Some(ids) => Some(ids),
-            None => {
-                if require {
-                    panic!("running as root but there is no `{PG_USER}` OS user to run PostgreSQL as");
-                }
-                println!("SKIP: running as root without a `{PG_USER}` user (initdb refuses root)");
-                return None;
-            }
-        }
-    } else {
-        None
-    };
     let tmp = TestDir::new(name);
     let root = tmp.path().to_path_buf();
+    let pg = Pg::for_test(&root)?;
     let pgdir = root.join("pg");
     let sock = pgdir.join("sock");
     fs::create_dir_all(&sock).expect("mkdir sock");
     fs::set_permissions(&sock, fs::Permissions::from_mode(0o700)).expect("chmod sock");
-    let pg = Pg { bin, as_user, cwd: root.clone() };
     pg.chown(&pgdir).expect("chown pgdir");
     println!("[{name}] PostgreSQL bin: {}  temp dir: {}", pg.bin.display(), root.display());
     let primary = Server {
