@@ -2,13 +2,15 @@
 # A/B of two walship binaries on the same catch-up ship (synthetic WAL, loopback, O_DIRECT +
 # group commit as deployed), interleaved A B A B ... so both see the same machine noise.
 # Reports durable MB/s and sender/receiver CPU seconds per GiB for each run, and the medians.
-# Usage: tools/ab.sh BIN_A BIN_B [LABEL_A LABEL_B]   (env: BYTES=1GiB REPS=5 OUT=results/ab-....md)
+# Usage: tools/ab.sh BIN_A BIN_B [LABEL_A LABEL_B]
+#   env: BYTES=1GiB REPS=5 OUT=results/ab-....md RECV_EXTRA="--write-mode buffered" (takes the disk out)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 A=$(realpath "$1"); B=$(realpath "$2")
 LA=${3:-A}; LB=${4:-B}
 BYTES=${BYTES:-1GiB}
 REPS=${REPS:-5}
+RECV_EXTRA=${RECV_EXTRA:-}
 S=${S:-$PWD/target/ab-scratch}
 OUT=${OUT:-results/ab-$(date -u +%Y%m%dT%H%M%SZ).md}
 export WALSHIP_INSECURE_NO_AUTH=true NO_COLOR=1
@@ -22,7 +24,7 @@ one() { # bin label rep
   # A port nobody listens on (never ship into somebody else's receiver).
   port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
   rm -rf "$dst"; mkdir -p "$dst"; sync
-  /usr/bin/time -f "%U %S" -o "$S/recv.time" "$bin" recv --listen 127.0.0.1:$port --dir "$dst" >"$S/recv.log" 2>&1 &
+  /usr/bin/time -f "%U %S" -o "$S/recv.time" "$bin" recv --listen 127.0.0.1:$port --dir "$dst" $RECV_EXTRA >"$S/recv.log" 2>&1 &
   local rp=$!
   for _ in $(seq 1 500); do grep -q listening "$S/recv.log" && break; sleep 0.01; done
   grep -q listening "$S/recv.log" || { echo "receiver did not start ($label rep $rep):"; tail "$S/recv.log"; exit 1; }
@@ -39,7 +41,7 @@ one() { # bin label rep
 {
   echo "# A/B: $LA vs $LB"
   echo
-  echo "- command: \`tools/ab.sh $* \` (BYTES=$BYTES REPS=$REPS), interleaved; catch-up ship of synthetic WAL over loopback, receiver O_DIRECT + group commit"
+  echo "- command: \`tools/ab.sh $* \` (BYTES=$BYTES REPS=$REPS RECV_EXTRA=\"$RECV_EXTRA\"), interleaved; catch-up ship of synthetic WAL over loopback, receiver group commit (O_DIRECT unless RECV_EXTRA says buffered)"
   echo "- $LA: \`$A\`"
   echo "- $LB: \`$B\`"
   echo "- commit $(git rev-parse --short HEAD), kernel $(uname -r), $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), load before: $(cut -d' ' -f1-3 /proc/loadavg), date $(date -u +%FT%TZ)"
