@@ -1,11 +1,13 @@
-//! Tests of the receiver state machine, driven by the sender state machine: a seeded simulation
-//! with a fake disk that completes
-//! writes and fsyncs in random order, checking on every step that nothing is acknowledged before
-//! the fake disk made it durable, that acks never move backwards, and that the final bytes match.
+//! Tests of the receiver state machine, driven by the sender state machine (whose connection-end
+//! rules also decide when a run ends): a seeded simulation with a fake disk that completes writes
+//! and fsyncs in random order, checking on every step that nothing is acknowledged before the fake
+//! disk made it durable, that acks never move backwards, and that the bytes match up to wherever
+//! the sender ended (the stream's end, a drain, a timeline switch or damage).
 
 use super::*;
 use crate::recv::flusher::{FlushPolicy, SyncTarget};
-use crate::send::sender::{Sender, SenderLimits};
+use crate::send::sender::{ConnEndRule, EndRules, Sender, SenderLimits, SourceFacts};
+use std::time::Instant;
 use std::collections::BTreeMap;
 use proptest::prelude::*;
 use rand::rngs::StdRng;
@@ -77,6 +79,18 @@ struct Faults {
     reset_per_mille: u32,
     /// Per fsync completion: it fails with EIO.
     fsync_eio_per_mille: u32,
+    /// The sender's connection-end rules decide when the run ends: a live source drained by a
+    /// SIGTERM at a random step, a directory at rest sometimes interrupted, and valid WAL that
+    /// may stop early at a timeline switch or at damage. Off: the stream is shipped to its end.
+    endings: bool,
+}
+
+/// Where the simulated source's valid WAL stops, short of the stream's end.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Cut {
+    None,
+    Switch(Lsn),
+    Corrupt(Lsn),
 }
 
 /// Runs one seeded simulation. Returns the number of steps taken.
@@ -101,8 +115,13 @@ fn simulate_with(seed: u64, stream_len: usize, frame_max: usize, slots: usize, f
         if max.is_power_of_two() { max } else { max.next_power_of_two() / 2 }
     };
     let limits = SenderLimits { frame_bytes, in_flight_bytes_max: frame_bytes * rng.random_range(1..=16u64), seg_size: SEG };
-    let mut sender = Sender::new(limits, start);
     let end = start + stream_len as u64;
+    let (rules, cut, shutdown_at_step) = if faults.endings { sender_endings(&mut rng, start, end) } else { (EndRules::PATIENT, Cut::None, None) };
+    let valid_end = match cut {
+        Cut::None => end,
+        Cut::Switch(at) | Cut::Corrupt(at) => at,
+    };
+    let mut sender = Sender::with_end_rules(limits, start, rules, Instant::now());
     let mut horizon = start;
     let mut pool: Vec<Vec<u8>> = vec![vec![0xEE; CHUNK as usize]; slots];
     let mut disk = FakeDisk::default();
@@ -178,7 +197,11 @@ fn simulate_with(seed: u64, stream_len: usize, frame_max: usize, slots: usize, f
         }
         if reconnecting && pending.is_empty() && rx.is_drained() {
             reconnecting = false;
-            sender = Sender::new(limits, rx.resume_point());
+            let draining = sender.is_draining();
+            sender = Sender::with_end_rules(limits, rx.resume_point(), rules, Instant::now());
+            if draining {
+                sender.begin_drain(Instant::now());
+            }
         }
         if !reconnecting && !fsync_failed && faults.reset_per_mille > 0 && rng.random_range(0..1000) < faults.reset_per_mille {
             piece_pending = None;
@@ -186,13 +209,27 @@ fn simulate_with(seed: u64, stream_len: usize, frame_max: usize, slots: usize, f
             reconnecting = true;
             continue;
         }
-        if sender.sent() == end && piece_pending.is_none() && pending.is_empty() && rx.is_drained() {
-            break;
+        if shutdown_at_step.is_some_and(|at| steps >= at) {
+            sender.begin_drain(Instant::now());
+        }
+        if !reconnecting && !fsync_failed {
+            let facts = SourceFacts {
+                horizon,
+                is_final: !rules.live && cut == Cut::None && horizon == end,
+                switch_point: matches!(cut, Cut::Switch(at) if horizon == at).then_some(valid_end),
+                corrupt_end: matches!(cut, Cut::Corrupt(at) if horizon == at).then_some(valid_end),
+            };
+            if let Some(rule) = sender.connection_end(&facts, Instant::now()) {
+                check_end(rule, &sender, &facts, disk.durable_prefix(start, &stream), seed);
+                return steps;
+            }
         }
         // Pick an event: a new frame header, a piece arriving, a completion, or a timer tick.
+        // The horizon grows like a live primary's flush LSN, up to where valid WAL stops; a
+        // shutdown freezes it (the drain ships what was there).
         let choice = rng.random_range(0..4);
-        if horizon < end && rng.random_range(0..4) == 0 {
-            horizon = (horizon + rng.random_range(1..=2 * frame_bytes)).min(end);
+        if horizon < valid_end && !sender.is_draining() && rng.random_range(0..4) == 0 {
+            horizon = (horizon + rng.random_range(1..=2 * frame_bytes)).min(valid_end);
         }
         if choice == 0 && !rx.frame_in_progress() && sender.sent() < horizon && !reconnecting && !fsync_failed {
             let mut plans = Vec::new();
@@ -236,16 +273,44 @@ fn simulate_with(seed: u64, stream_len: usize, frame_max: usize, slots: usize, f
                 }
             }
         } else if choice == 3 {
-            if reconnecting || fsync_failed || (sender.sent() == end && !rx.frame_in_progress()) {
+            if reconnecting || fsync_failed || ((sender.sent() == horizon || sender.is_draining()) && !rx.frame_in_progress()) {
                 rx.force_flush(now, &mut actions);
             } else {
                 rx.poll_flush(now, &mut actions);
             }
         }
     }
-    assert_eq!(rx.flushed(), start + stream.len() as u64);
-    assert_eq!(disk.durable_prefix(start, &stream), start + stream.len() as u64, "final bytes differ (seed {seed})");
-    steps
+}
+
+/// A run's end rules: live or at rest, where valid WAL stops, and when a SIGTERM comes.
+fn sender_endings(rng: &mut StdRng, start: Lsn, end: Lsn) -> (EndRules, Cut, Option<usize>) {
+    let live = rng.random_bool(0.5);
+    let rules = EndRules { live, ..EndRules::PATIENT };
+    let at = start + rng.random_range(0..=(end - start));
+    let cut = match rng.random_range(0..4) {
+        0 => Cut::Switch(at),
+        1 => Cut::Corrupt(at),
+        _ => Cut::None,
+    };
+    // A live source is followed until a SIGTERM; a directory at rest is sometimes interrupted.
+    let shutdown = (live || rng.random_bool(0.5)).then(|| rng.random_range(0..800));
+    (rules, cut, shutdown)
+}
+
+/// The sender ended the connection by `rule`: whatever it believes durable must be durable on
+/// the fake disk, with the stream's bytes.
+fn check_end(rule: ConnEndRule, sender: &Sender, facts: &SourceFacts, durable: Lsn, seed: u64) {
+    let must_hold = match rule {
+        ConnEndRule::Done => facts.horizon,
+        ConnEndRule::Interrupted { drained: true } => sender.sent(),
+        ConnEndRule::TimelineSwitch { switch: at } | ConnEndRule::CorruptEnd { valid_end: at } => {
+            assert!(sender.sent() <= at, "sent {} past the end of valid WAL {at} (seed {seed})", sender.sent());
+            at
+        }
+        other => panic!("{other:?} without a timeout (seed {seed})"),
+    };
+    assert!(sender.flushed() >= must_hold, "{rule:?} with only {} acknowledged (seed {seed})", sender.flushed());
+    assert!(durable >= must_hold, "{rule:?}: {must_hold} acknowledged but only {durable} durable with the right bytes (seed {seed})");
 }
 
 /// The LSN a pending piece lands at: derived from the frame's pieces and the chunk layout.
@@ -277,7 +342,7 @@ proptest! {
 
     #[test]
     fn any_seed_with_faults_keeps_the_invariants(seed in any::<u64>(), reset in 0u32..30, eio in 0u32..50) {
-        simulate_with(seed, 300_000, 40_000, 6, Faults { reset_per_mille: reset, fsync_eio_per_mille: eio });
+        simulate_with(seed, 300_000, 40_000, 6, Faults { reset_per_mille: reset, fsync_eio_per_mille: eio, endings: false });
     }
 }
 
@@ -291,7 +356,17 @@ fn connection_resets_resume_at_the_durable_lsn() {
 #[test]
 fn fsync_eio_is_fatal_and_nothing_after_it_is_acknowledged() {
     for seed in 0..300 {
-        simulate_with(9000 + seed, 600_000, 50_000, 6, Faults { fsync_eio_per_mille: 100, reset_per_mille: 5 });
+        simulate_with(9000 + seed, 600_000, 50_000, 6, Faults { fsync_eio_per_mille: 100, reset_per_mille: 5, endings: false });
+    }
+}
+
+/// The sender's connection-end rules (SIGTERM drain, timeline switch, corrupt end, done) against
+/// the real receiver machine and the fake disk, with connection resets and fsync EIO on top:
+/// however a connection ends, nothing the sender counts as durable is missing from the disk.
+#[test]
+fn connection_ends_never_count_undurable_bytes() {
+    for seed in 0..400 {
+        simulate_with(20_000 + seed, 500_000, 60_000, 6, Faults { reset_per_mille: 5, fsync_eio_per_mille: 2, endings: true });
     }
 }
 
