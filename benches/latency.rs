@@ -18,6 +18,13 @@
 //!    walsender sampled every 20 ms (PostgreSQL: time from flushing WAL locally to the standby's report
 //!    that it flushed it). Sequential, not concurrent, so neither follower loads the other's disk and CPU.
 //!
+//! Headline, the same for both followers and from the instant the user feels it start (issue #15): a
+//! commit probe beside each load commits one row (`synchronous_commit = on`: it returns once the
+//! primary flushed it), reads `pg_current_wal_flush_lsn()`, and reads the follower's durable position
+//! back to back until it passes that LSN (walship: the receiver's `walship_recv_flushed_lsn` on its
+//! /metrics; pg_receivewal: `pg_stat_replication.flush_lsn`); one read's own time is reported as the
+//! resolution.
+//!
 //! Outputs: `results/latency-<date>.json` and a section appended to `results/LATENCY.md` with the table,
 //! the target's verdict (against the probe during the load; also shown against the receiver's own
 //! fdatasync p99 and the quiet probe) and what bounds it.
@@ -27,6 +34,7 @@
 //!   `WALSHIP_LAT_SCALE` pgbench -i -s (default 10); `WALSHIP_LAT_QUIET_SECONDS` quiet probe (default 10)
 //! - `WALSHIP_LAT_PROBE_INTERVAL_MS` probe pacing, start to start (default 10; 0 = back to back)
 //! - `WALSHIP_LAT_PEER=0` no pg_receivewal; `WALSHIP_LAT_SAMPLE_MS` flush_lag sampling period (default 20)
+//! - `WALSHIP_LAT_COMMIT_PROBE_INTERVAL_MS` commit probe pacing (default 20)
 //! - `WALSHIP_BENCH_DIR` scratch parent (default `<target dir>/bench-scratch`; never tmpfs)
 //! - `WALSHIP_BENCH_RESULTS` where `latency-<date>.json` and `LATENCY.md` go (default `<crate>/results`)
 //! - `WALSHIP_BIN` walship binary (default: the one cargo built); `WALSHIP_BENCH_KEEP=1` keep the scratch
@@ -59,6 +67,7 @@ struct Config {
     probe_interval: Duration,
     peer: bool,
     sample_ms: u64,
+    commit_probe_interval_ms: u64,
     scratch_parent: PathBuf,
     results_dir: PathBuf,
     walship_bin: PathBuf,
@@ -89,6 +98,7 @@ impl Config {
             probe_interval: Duration::from_millis(env_num("WALSHIP_LAT_PROBE_INTERVAL_MS", 10u64)?),
             peer: env_flag("WALSHIP_LAT_PEER").unwrap_or(true),
             sample_ms: env_num("WALSHIP_LAT_SAMPLE_MS", 20u64)?.max(1),
+            commit_probe_interval_ms: env_num("WALSHIP_LAT_COMMIT_PROBE_INTERVAL_MS", 20u64)?.max(1),
             scratch_parent: std::env::var_os("WALSHIP_BENCH_DIR")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| target_dir().join("bench-scratch")),
@@ -228,6 +238,124 @@ fn fsync_probe(
     drop(f);
     let _ = std::fs::remove_file(&path);
     Ok((h, secs))
+}
+
+/// Where a follower's durable position is read, the same way and as often for every follower.
+#[derive(Clone)]
+enum Durable {
+    /// walship: the receiver's `walship_recv_flushed_lsn` on its /metrics.
+    Metrics { port: u16 },
+    /// A PostgreSQL follower: `pg_stat_replication.flush_lsn` of the walsender named `app`.
+    Replication { conninfo: String, app: String },
+}
+
+/// Reads a [`Durable`] position.
+enum DurableReader {
+    Metrics(u16),
+    Replication(postgres::Client, postgres::Statement, String),
+}
+
+impl DurableReader {
+    fn open(d: &Durable) -> Result<DurableReader, String> {
+        match d {
+            Durable::Metrics { port } => Ok(DurableReader::Metrics(*port)),
+            Durable::Replication { conninfo, app } => {
+                let mut c = postgres::Client::connect(conninfo, postgres::NoTls).map_err(|e| format!("durable reader connect: {e}"))?;
+                let q = c
+                    .prepare("SELECT (flush_lsn - '0/0')::float8 FROM pg_stat_replication WHERE application_name = $1")
+                    .map_err(|e| format!("durable reader prepare: {e}"))?;
+                Ok(DurableReader::Replication(c, q, app.clone()))
+            }
+        }
+    }
+
+    fn read(&mut self) -> Result<u64, String> {
+        match self {
+            DurableReader::Metrics(port) => {
+                use std::io::{Read, Write};
+                let mut s = std::net::TcpStream::connect(("127.0.0.1", *port)).map_err(|e| format!("/metrics: {e}"))?;
+                s.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").map_err(|e| format!("/metrics: {e}"))?;
+                let mut body = String::new();
+                s.read_to_string(&mut body).map_err(|e| format!("/metrics: {e}"))?;
+                body.lines()
+                    .find_map(|l| l.strip_prefix("walship_recv_flushed_lsn "))
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+                    .map(|v| v as u64)
+                    .ok_or_else(|| "no walship_recv_flushed_lsn in /metrics".to_string())
+            }
+            DurableReader::Replication(c, q, app) => {
+                let rows = c.query(&*q, &[&*app]).map_err(|e| format!("durable reader query: {e}"))?;
+                Ok(rows.first().and_then(|r| r.get::<_, Option<f64>>(0)).map_or(0, |v| v as u64))
+            }
+        }
+    }
+}
+
+/// What the commit probe measured.
+struct CommitProbe {
+    /// From the probe's commit returning (the primary flushed it) to the follower's durable
+    /// position passing the flush LSN read right after, microseconds.
+    latency: Histogram<u64>,
+    /// How long one read of the durable position took (the measurement's resolution).
+    read_us: Histogram<u64>,
+    /// Probes whose LSN the follower did not make durable within 10 s.
+    timeouts: u64,
+}
+
+/// The latency the user of a synchronous follower feels, the same way for every follower: a probe
+/// session commits one row (`synchronous_commit = on`: the commit returns once the primary flushed
+/// it), notes the instant, reads `pg_current_wal_flush_lsn()` (at or past its commit record), and
+/// reads the follower's durable position back to back until it passes that LSN. One probe every
+/// `interval`, beside the load.
+fn commit_probe(conninfo: &str, durable: &Durable, stop: &AtomicBool, delay: Duration, interval: Duration) -> Result<CommitProbe, String> {
+    let mut c = postgres::Client::connect(conninfo, postgres::NoTls).map_err(|e| format!("commit probe connect: {e}"))?;
+    let insert = c.prepare("INSERT INTO walship_commit_probe (t) VALUES (clock_timestamp())").map_err(|e| format!("commit probe: {e}"))?;
+    let flush = c.prepare("SELECT (pg_current_wal_flush_lsn() - '0/0')::float8").map_err(|e| format!("commit probe: {e}"))?;
+    let mut reader = DurableReader::open(durable)?;
+    let t_wait = Instant::now();
+    while t_wait.elapsed() < delay && !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut out = CommitProbe { latency: new_hist(), read_us: new_hist(), timeouts: 0 };
+    let mut next = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        if let Some(d) = next.checked_duration_since(Instant::now()) {
+            std::thread::sleep(d);
+        }
+        next = Instant::now() + interval;
+        c.execute(&insert, &[]).map_err(|e| format!("commit probe insert: {e}"))?;
+        let t0 = Instant::now();
+        let target = c.query_one(&flush, &[]).map_err(|e| format!("commit probe flush lsn: {e}"))?.get::<_, f64>(0) as u64;
+        loop {
+            let t = Instant::now();
+            let pos = reader.read()?;
+            let _ = out.read_us.record((t.elapsed().as_micros() as u64).max(1));
+            if pos >= target {
+                let _ = out.latency.record((t0.elapsed().as_micros() as u64).max(1));
+                break;
+            }
+            if t0.elapsed() > Duration::from_secs(10) {
+                out.timeouts += 1;
+                break;
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn commit_probe_json(p: &Result<CommitProbe, String>) -> Json {
+    match p {
+        Ok(p) => {
+            let mut o = hist_json(&p.latency);
+            o.set("timeouts", p.timeouts).set("read_us", hist_json(&p.read_us));
+            o
+        }
+        Err(e) => {
+            let mut o = Json::obj();
+            o.set("error", e.clone());
+            o
+        }
+    }
 }
 
 /// Sample `flush_lag` / `write_lag` of the walsender(s) whose application_name is `app` every `period`.
@@ -529,7 +657,21 @@ fn markdown(cfg: &Config, m: &Json, f: &Facts, met: bool, bound: f64) -> String 
         }
     ));
     md.push_str("| latency, us | n | p50 | p90 | p99 | p99.9 | max |\n|---|---:|---:|---:|---:|---:|---:|\n");
-    md.push_str(&row("**walship flush-to-durable-ack** (sender's histogram, one value per new flush LSN seen)", ack));
+    md.push_str(&row(
+        "**walship: primary's commit flushed -> durable at the receiver** (commit probe; the receiver's /metrics read back to back)",
+        at("commit_to_durable_us"),
+    ));
+    if let Some(c) = peer.get("commit_to_durable_us") {
+        md.push_str(&row(
+            "**pg_receivewal --synchronous: primary's commit flushed -> durable** (commit probe; pg_stat_replication.flush_lsn read back to back), its own load run",
+            c,
+        ));
+    }
+    md.push_str(&row("commit probe resolution: one read of walship's durable position", at("commit_to_durable_us").get("read_us").unwrap_or(&null)));
+    if let Some(c) = peer.get("commit_to_durable_us") {
+        md.push_str(&row("commit probe resolution: one read of pg_receivewal's durable position", c.get("read_us").unwrap_or(&null)));
+    }
+    md.push_str(&row("walship flush-to-durable-ack as the sender sees it (from its poll seeing a new flush LSN; one value per LSN seen)", ack));
     md.push_str(&row(
         "walship recv: data frame arrival to the ack covering it (the receiver's share of the ack latency)",
         at("recv_frame_to_durable_us"),
@@ -640,6 +782,7 @@ fn run_bench(cfg: &Config, bin: &Path, root: &Path) -> Result<Json, String> {
         Ok(cluster.sql("SHOW synchronous_commit")? == "on")
     })?;
     m.set("server_version", cluster.sql("SHOW server_version").ok());
+    cluster.sql("CREATE TABLE walship_commit_probe (id bigserial PRIMARY KEY, t timestamptz)")?;
     let pg_log = root.join("pg");
     let mut init = Command::new(bin.join("pgbench"));
     init.args(cluster.conn_args())
@@ -666,6 +809,7 @@ fn run_bench(cfg: &Config, bin: &Path, root: &Path) -> Result<Json, String> {
     std::fs::write(&key, "walship-bench-shared-key-0123456789\n").map_err(|e| format!("write {}: {e}", key.display()))?;
     let port = free_port().map_err(|e| format!("no free port: {e}"))?;
     let addr = format!("127.0.0.1:{port}");
+    let metrics_port = free_port().map_err(|e| format!("no free port: {e}"))?;
     let report_path = root.join("send-report.json");
     let recv_report_path = root.join("recv-report.json");
     let mut recv_cmd = Command::new(&cfg.walship_bin);
@@ -676,6 +820,7 @@ fn run_bench(cfg: &Config, bin: &Path, root: &Path) -> Result<Json, String> {
         .arg(&recv_report_path)
         .arg("--auth-key-file")
         .arg(&key)
+        .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
         .args(&cfg.recv_extra)
         .env("NO_COLOR", "1");
     let mut send_cmd = Command::new(&cfg.walship_bin);
@@ -736,10 +881,11 @@ fn run_bench(cfg: &Config, bin: &Path, root: &Path) -> Result<Json, String> {
     m.set("probe_quiet_seconds", quiet_s);
 
     // ---- phase 1: the load with walship following, and the probe beside it
-    let p1 = load_phase(cfg, &cluster, &probe_dir, "walship", &pg_log, None)?;
+    let p1 = load_phase(cfg, &cluster, &probe_dir, "walship", &pg_log, None, (&conninfo, Durable::Metrics { port: metrics_port }))?;
     m.set("pgbench", p1.pgbench.clone())
         .set("pgbench_command", p1.command.clone())
         .set("probe_during_load_us", hist_json(&p1.probe))
+        .set("commit_to_durable_us", commit_probe_json(&p1.commit))
         .set("probe_during_load_seconds", p1.probe_s)
         .set("wal_bytes_during_load", p1.wal_bytes)
         .set("flush_lsn_after_load", pg::fmt_lsn(p1.lsn_after));
@@ -812,6 +958,16 @@ fn run_bench(cfg: &Config, bin: &Path, root: &Path) -> Result<Json, String> {
         lat.get("max").and_then(Json::as_u64).unwrap_or(0),
     );
     notes.push(Json::from(format!(
+        "Commit probe (the headline rows): one session commits a row every {} ms beside the load; the clock starts when \
+         its commit returns (with synchronous_commit = on the primary has flushed it; starting there rather than at the \
+         flush itself leaves out one loopback round trip, the same for both followers), it reads \
+         pg_current_wal_flush_lsn() (at or past its commit record; under load often past it, again the same for both) \
+         and then reads the follower's durable position back to back until it passes that LSN. walship's position is \
+         read from the receiver's /metrics, pg_receivewal's from pg_stat_replication.flush_lsn (what it reported as \
+         flushed); the 'resolution' rows give one read's own time.",
+        cfg.commit_probe_interval_ms
+    )));
+    notes.push(Json::from(format!(
         "Probe: pg_test_fsync's fdatasync test (8 KiB buffered write at offset 0 of a written 16 MiB file, then \
          fdatasync; the pair timed), one every {} ms, in a thread of the bench, on the receiver's filesystem. It is \
          paced so that it samples the disk's latency under the load without adding much to it.",
@@ -849,7 +1005,8 @@ fn run_bench(cfg: &Config, bin: &Path, root: &Path) -> Result<Json, String> {
             Ok(cluster.sql("SELECT state FROM pg_stat_replication WHERE application_name = 'pg_receivewal'")? == "streaming")
         })?;
         eprintln!("latency bench: pg_receivewal --synchronous streams (slot {SLOT_PEER})");
-        let p2 = load_phase(cfg, &cluster, &probe_dir, "pg_receivewal", &pg_log, Some(&conninfo))?;
+        let durable = Durable::Replication { conninfo: conninfo.clone(), app: "pg_receivewal".into() };
+        let p2 = load_phase(cfg, &cluster, &probe_dir, "pg_receivewal", &pg_log, Some(&conninfo), (&conninfo, durable))?;
         if g.get().exited() {
             return Err(format!(
                 "pg_receivewal died during the load: {}",
@@ -860,6 +1017,7 @@ fn run_bench(cfg: &Config, bin: &Path, root: &Path) -> Result<Json, String> {
         let mut peer = Json::obj();
         peer.set("pgbench", p2.pgbench)
             .set("probe_during_load_us", hist_json(&p2.probe))
+            .set("commit_to_durable_us", commit_probe_json(&p2.commit))
             .set("probe_during_load_seconds", p2.probe_s)
             .set("wal_bytes_during_load", p2.wal_bytes)
             .set("exit_code", f.exit_code.map(|c| c as u64))
@@ -905,6 +1063,7 @@ struct Phase {
     wal_bytes: u64,
     lsn_after: u64,
     sampled: Option<Sampled>,
+    commit: Result<CommitProbe, String>,
 }
 
 /// `pgbench -T`, with the paced fdatasync probe (and, given a conninfo, the flush_lag sampler) beside it.
@@ -915,6 +1074,7 @@ fn load_phase(
     name: &str,
     log_dir: &Path,
     sampler: Option<&str>,
+    (probe_conninfo, durable): (&str, Durable),
 ) -> Result<Phase, String> {
     let lsn = |c: &pg::Cluster| -> Result<u64, String> {
         let s = c.sql("SELECT pg_current_wal_flush_lsn()")?;
@@ -929,6 +1089,11 @@ fn load_phase(
         let max = Duration::from_secs(cfg.seconds.saturating_sub(1).max(1));
         let interval = cfg.probe_interval;
         std::thread::spawn(move || fsync_probe(&dir, &file, &stop, Duration::from_millis(500), max, interval))
+    };
+    let commit_thread = {
+        let (stop, ci) = (stop.clone(), probe_conninfo.to_string());
+        let interval = Duration::from_millis(cfg.commit_probe_interval_ms);
+        std::thread::spawn(move || commit_probe(&ci, &durable, &stop, Duration::from_millis(500), interval))
     };
     let sampler_thread = sampler.map(|ci| {
         let (stop, ci) = (stop.clone(), ci.to_string());
@@ -951,6 +1116,18 @@ fn load_phase(
     stop.store(true, Ordering::Relaxed);
     let probe = probe_thread.join().map_err(|_| "probe thread panicked".to_string())?;
     let sampled = sampler_thread.map(|t| t.join().unwrap_or_else(|_| Err("sampler thread panicked".into())));
+    let commit = commit_thread.join().unwrap_or_else(|_| Err("commit probe thread panicked".into()));
+    if let Ok(c) = &commit {
+        eprintln!(
+            "latency bench: [{name}] commit to durable: {} probes, p50 {} us p99 {} us max {} us ({} timeouts; one read of the durable position p50 {} us)",
+            c.latency.len(),
+            c.latency.value_at_quantile(0.5),
+            c.latency.value_at_quantile(0.99),
+            c.latency.max(),
+            c.timeouts,
+            c.read_us.value_at_quantile(0.5)
+        );
+    }
     let load_f = load_f?;
     let lsn_after = lsn(cluster)?;
     let (probe, probe_s) = probe?;
@@ -977,6 +1154,7 @@ fn load_phase(
         wal_bytes: lsn_after.saturating_sub(lsn_before),
         lsn_after,
         sampled,
+        commit,
     })
 }
 
