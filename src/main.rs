@@ -299,6 +299,61 @@ struct RecvArgs {
     /// On exit, write a JSON report (durable position, writes, fdatasyncs, latencies) to this file.
     #[arg(long, env = "WALSHIP_RECV_REPORT_JSON", value_name = "FILE")]
     report_json: Option<PathBuf>,
+    #[command(flatten)]
+    archive: ArchiveArgs,
+}
+
+/// The object-store archive (`--archive-to s3://BUCKET/PREFIX`); the standard AWS variables set the rest.
+#[derive(clap::Args)]
+struct ArchiveArgs {
+    /// Upload every complete segment and history file to this S3-compatible location, create-only,
+    /// with a SHA-256 in each object's metadata, e.g. s3://wal-archive/prod.
+    #[arg(long, env = "WALSHIP_ARCHIVE_TO", value_name = "s3://BUCKET/PREFIX")]
+    archive_to: Option<String>,
+    /// S3 endpoint of a store other than AWS (path-style addressing), e.g. http://127.0.0.1:8333.
+    #[arg(long, env = "AWS_ENDPOINT_URL", value_name = "URL", requires = "archive_to")]
+    archive_endpoint: Option<String>,
+    /// S3 region.
+    #[arg(long, env = "AWS_REGION", default_value = walship::archive::settings::DEFAULT_REGION)]
+    archive_region: String,
+    /// S3 access key id.
+    #[arg(long, env = "AWS_ACCESS_KEY_ID", value_name = "ID")]
+    archive_access_key_id: Option<String>,
+    /// S3 secret access key (better from the environment or the config file than on the command line).
+    #[arg(long, env = "AWS_SECRET_ACCESS_KEY", value_name = "SECRET", hide_env_values = true, hide_default_value = true)]
+    archive_secret_access_key: Option<String>,
+    /// S3 session token (temporary credentials).
+    #[arg(long, env = "AWS_SESSION_TOKEN", value_name = "TOKEN", hide_env_values = true, hide_default_value = true)]
+    archive_session_token: Option<String>,
+    /// Allow a plain http:// endpoint that is not a loopback address.
+    #[arg(long, env = "AWS_ALLOW_HTTP")]
+    archive_allow_http: bool,
+    /// Uploads in flight at once (1..=64); each holds one segment in memory.
+    #[arg(long, env = "WALSHIP_ARCHIVE_PARALLEL", default_value_t = 4)]
+    archive_parallel: usize,
+    /// How often the directory is looked at for newly completed segments.
+    #[arg(long, env = "WALSHIP_ARCHIVE_SCAN_INTERVAL", default_value = "1s", value_parser = parse_duration_nonzero)]
+    archive_scan_interval: Duration,
+}
+
+impl ArchiveArgs {
+    /// The archive configuration, validated; None without --archive-to.
+    fn config(&self) -> Result<Option<walship::archive::ArchiveConfig>> {
+        let Some(url) = &self.archive_to else { return Ok(None) };
+        let mut s = walship::archive::ArchiveSettings::new(url)?;
+        let non_empty = |v: &Option<String>| v.as_ref().map(|s| s.trim().to_string()).filter(|s| !s.is_empty());
+        s.endpoint = non_empty(&self.archive_endpoint);
+        s.region = self.archive_region.trim().to_string();
+        s.access_key_id = non_empty(&self.archive_access_key_id);
+        s.secret_access_key = non_empty(&self.archive_secret_access_key).map(walship::archive::Secret::new);
+        s.session_token = non_empty(&self.archive_session_token).map(walship::archive::Secret::new);
+        s.allow_http = self.archive_allow_http;
+        let mut cfg = walship::archive::ArchiveConfig::new(s);
+        cfg.parallel = self.archive_parallel;
+        cfg.scan_interval = self.archive_scan_interval;
+        cfg.validate()?;
+        Ok(Some(cfg))
+    }
 }
 
 #[derive(clap::Args)]
@@ -600,11 +655,16 @@ fn run(cli: Cli) -> Result<()> {
                     file_mode: a.file_mode,
                     gid: a.group.as_deref().map(resolve_group).transpose()?,
                 },
+                archive: a.archive.config()?,
             };
             // Limits first: a bad value is the one error reported, before any warning about the key.
             cfg.validate()?;
             cfg.auth = a.auth.key("recv")?;
-            let metrics = Arc::new(walship::metrics::Metrics::receiver());
+            let mut metrics = walship::metrics::Metrics::receiver();
+            if let Some(archive) = &cfg.archive {
+                archive.metrics.register(metrics.registry_mut());
+            }
+            let metrics = Arc::new(metrics);
             serve_metrics(a.metrics_listen, &metrics)?;
             let recv_metrics = metrics.recv.clone().expect("receiver metrics");
             let summary = walship::recv::run_with_metrics(&cfg, shutdown_flag()?, recv_metrics)?;

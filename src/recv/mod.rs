@@ -63,6 +63,8 @@ pub struct RecvConfig {
     pub spare_refill: SpareRefill,
     /// Mode and group of the files the receiver creates.
     pub access: FileAccess,
+    /// `--archive-to`: upload complete segments and history files (None: no archive).
+    pub archive: Option<crate::archive::ArchiveConfig>,
 }
 
 /// A [`RecvConfig`] that cannot work, named by the flag that sets it.
@@ -163,6 +165,8 @@ pub enum RecvError {
     Lock(#[from] LockError),
     #[error("cannot create the receiver directory {path}: {source}")]
     CreateDir { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Archive(#[from] crate::archive::ArchiveError),
 }
 
 /// What the receiver did, for the final log line and tests.
@@ -351,6 +355,8 @@ pub fn run_with_metrics(cfg: &RecvConfig, shutdown: Arc<AtomicBool>, metrics: Ar
     // Half-zeroed spares of a crashed run are removed here, before anything is received.
     let spares = Spares::start(&cfg.dir, cfg.spare_segments, cfg.spare_refill, (state.seg_size > 0).then_some(state.seg_size))?;
     let spares = (cfg.spare_segments > 0).then_some(spares);
+    // The archiver reads the recovered directory on a thread of its own; dropped (stopped) on return.
+    let _archiver = cfg.archive.as_ref().map(|a| crate::archive::Archiver::start(a, &cfg.dir)).transpose()?;
     metrics.set_acked(state.durable_end.0, state.durable_end.0); // OPS-METRICS
     match &state.identity {
         Some(id) => info!(
@@ -1154,6 +1160,7 @@ mod config_tests {
             spare_segments: 2,
             spare_refill: SpareRefill::Idle,
             access: FileAccess::default(),
+            archive: None,
         }
     }
 

@@ -1,0 +1,400 @@
+//! The object-store archive (`walship recv --archive-to s3://...`) against real S3 servers started
+//! here on loopback ports: SeaweedFS (`weed mini`) and moto's server, each test once per server.
+//! The real `walship` binary ships synthetic WAL (`gen-wal`) into a receiver that archives it; the
+//! bucket is then read back and every object checked against the local file and its SHA-256.
+mod common;
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::s3::{self, Kind, S3Server, BUCKET, SECRET_ACCESS_KEY};
+use common::*;
+use sha2::Digest;
+use walship::archive::BlockingStore;
+
+const SEG: u64 = 1 << 20;
+/// gen-wal's default system identifier.
+const SYSTEM_ID: u64 = 7_000_000_000_000_000_001;
+const PREFIX: &str = "it/wal";
+
+struct Ctx {
+    dir: TestDir,
+    logs: RefCell<Vec<(String, PathBuf)>>,
+}
+
+impl Ctx {
+    fn new(name: &str) -> Ctx {
+        Ctx { dir: TestDir::new(name), logs: RefCell::new(Vec::new()) }
+    }
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.join(p)
+    }
+    fn log(&self, name: &str) -> PathBuf {
+        let n = self.logs.borrow().len();
+        let p = self.dir.join(format!("log-{n:02}-{name}.txt"));
+        self.logs.borrow_mut().push((name.to_string(), p.clone()));
+        p
+    }
+    fn watch(&self, name: &str, p: &Path) {
+        self.logs.borrow_mut().push((name.to_string(), p.to_path_buf()));
+    }
+}
+
+impl Drop for Ctx {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("===== test failed; process logs (temp dir {}) =====", self.dir.path().display());
+            for (name, p) in self.logs.borrow().iter() {
+                eprintln!("----- {name}: {} -----\n{}", p.display(), tail_file(p, 40));
+            }
+        }
+    }
+}
+
+fn gen_wal(ctx: &Ctx, wal_bytes: &str, seg: u64) -> PathBuf {
+    gen_wal_in(ctx, "src", wal_bytes, seg)
+}
+
+fn gen_wal_in(ctx: &Ctx, dir: &str, wal_bytes: &str, seg: u64) -> PathBuf {
+    let d = ctx.path(dir);
+    let seg = seg.to_string();
+    run_ok(&mut walship(&["gen-wal", "--dir", p(&d), "--wal-bytes", wal_bytes, "--seg-size", &seg])).unwrap_or_else(|e| panic!("{e}"));
+    d
+}
+
+struct Recv {
+    guard: ChildGuard,
+    log: PathBuf,
+    metrics: u16,
+}
+
+fn start_recv(ctx: &Ctx, server: &S3Server, dst: &Path, port: u16, extra: &[&str]) -> Recv {
+    let listen = format!("127.0.0.1:{port}");
+    let metrics = free_port();
+    let metrics_listen = format!("127.0.0.1:{metrics}");
+    let archive = format!("s3://{BUCKET}/{PREFIX}");
+    let mut args = vec!["recv", "--listen", &listen, "--dir", p(dst), "--archive-to", &archive, "--archive-scan-interval", "200ms"];
+    args.extend_from_slice(&["--metrics-listen", &metrics_listen]);
+    args.extend_from_slice(extra);
+    let mut cmd = walship(&args);
+    server.env(&mut cmd);
+    let log = ctx.log("recv");
+    let mut guard = spawn_logged("recv", cmd, &log);
+    let ready = poll_until(Duration::from_secs(20), Duration::from_millis(10), || {
+        if fs::read_to_string(&log).unwrap_or_default().contains("listening") {
+            return Some(true);
+        }
+        matches!(guard.try_wait(), Ok(Some(_))).then_some(false)
+    });
+    assert_eq!(ready, Some(true), "receiver did not start:\n{}", tail_file(&log, 30));
+    Recv { guard, log, metrics }
+}
+
+impl Recv {
+    fn stop(mut self) {
+        self.guard.signal(libc::SIGTERM).unwrap();
+        let st = self.guard.wait_timeout(Duration::from_secs(30)).unwrap().expect("receiver exits after SIGTERM");
+        assert_eq!(st.code(), Some(0), "receiver exit: {st}\n{}", tail_file(&self.log, 30));
+    }
+    fn kill9(mut self) {
+        self.guard.signal(libc::SIGKILL).unwrap();
+        let _ = self.guard.wait_timeout(Duration::from_secs(10)).unwrap().expect("receiver killed");
+    }
+    fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+    /// `walship status --json` of this receiver.
+    fn status(&self) -> serde_json::Value {
+        let url = format!("http://127.0.0.1:{}/metrics", self.metrics);
+        let out = run_ok(&mut walship(&["status", "--url", &url, "--json", "--sample", "0"])).unwrap_or_else(|e| panic!("{e}"));
+        serde_json::from_slice(&out.stdout).expect("status json")
+    }
+}
+
+fn send_args(src: &Path, port: u16, extra: &[&str]) -> Command {
+    let to = format!("127.0.0.1:{port}");
+    let mut args = vec!["send", "--pg-wal", p(src), "--to", &to, "--once", "--retry-for", "30s"];
+    args.extend_from_slice(extra);
+    walship(&args)
+}
+
+fn send(ctx: &Ctx, src: &Path, port: u16) {
+    let log = ctx.log("send");
+    let mut g = spawn_logged("send", send_args(src, port, &[]), &log);
+    let st = g.wait_timeout(Duration::from_secs(120)).unwrap().expect("sender exits");
+    assert_eq!(st.code(), Some(0), "sender failed:\n{}", tail_file(&log, 30));
+}
+
+/// Complete segment files of `dir`, by name.
+fn complete_segments(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let n = e.file_name().into_string().ok()?;
+            is_seg_name(&n).then(|| (n.clone(), fs::read(e.path()).unwrap()))
+        })
+        .collect()
+}
+
+fn key_of(name: &str) -> String {
+    format!("{PREFIX}/{SYSTEM_ID}/{}/{name}", &name[..8])
+}
+
+fn sha256_hex(b: &[u8]) -> String {
+    format!("{:x}", sha2::Sha256::digest(b))
+}
+
+/// Object names in the timeline-1 folder.
+fn bucket_names(store: &BlockingStore) -> Vec<String> {
+    let mut v: Vec<String> = store
+        .list(&format!("{PREFIX}/{SYSTEM_ID}/00000001/"))
+        .unwrap_or_default()
+        .into_iter()
+        .map(|o| o.key.rsplit('/').next().unwrap().to_string())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Wait until every name of `want` is in the bucket.
+fn wait_archived(store: &BlockingStore, want: &[String], timeout: Duration, recv: &Recv) {
+    let done = poll_until(timeout, Duration::from_millis(200), || {
+        let have = bucket_names(store);
+        want.iter().all(|n| have.contains(n)).then_some(())
+    });
+    assert!(
+        done.is_some(),
+        "not archived within {timeout:?}: want {want:?}, bucket has {:?}\n{}",
+        bucket_names(store),
+        tail_file(&recv.log, 30)
+    );
+}
+
+/// Every object of `local` is in the bucket with the same bytes and the SHA-256 of those bytes in its
+/// metadata (read back by the verifying GET, and by a HEAD).
+fn assert_objects_match(store: &BlockingStore, local: &BTreeMap<String, Vec<u8>>) {
+    for (name, bytes) in local {
+        let key = key_of(name);
+        let got = store.get_verified(&key).unwrap_or_else(|e| panic!("{key}: {e}")).unwrap_or_else(|| panic!("{key} missing"));
+        assert!(got.as_ref() == bytes.as_slice(), "{key}: content differs from the local {name}");
+        assert_eq!(store.head_checksum(&key).unwrap(), Some(sha256_hex(bytes)), "{key}: checksum metadata");
+    }
+    // Nothing but complete segments (no .partial) in the timeline folder.
+    for n in bucket_names(store) {
+        assert!(is_seg_name(&n), "unexpected object {n} in the bucket");
+    }
+}
+
+fn no_secret_in(log: &str) {
+    assert!(!log.contains(SECRET_ACCESS_KEY), "the secret access key appears in the receiver's log");
+}
+
+// ---------------------------------------------------------------------------------------------------------
+
+fn backlog_is_archived(kind: Kind) {
+    let ctx = Ctx::new(&format!("archive-backlog-{}", kind.name()));
+    let Some(server) = s3::start_or_skip(kind, ctx.dir.path()) else { return };
+    ctx.watch(kind.name(), &server.log);
+    let store = BlockingStore::new(&server.settings("")).unwrap();
+    let src = gen_wal(&ctx, "12MiB", SEG);
+    let dst = ctx.path("dst");
+    let port = free_port();
+    let recv = start_recv(&ctx, &server, &dst, port, &[]);
+    send(&ctx, &src, port);
+    let local = complete_segments(&dst);
+    assert!(local.len() >= 11, "expected at least 11 complete segments, got {}", local.len());
+    let names: Vec<String> = local.keys().cloned().collect();
+    wait_archived(&store, &names, Duration::from_secs(60), &recv);
+    assert_objects_match(&store, &local);
+    // `archived` = the end of the last complete segment, in the status output and the log.
+    let last = names.last().unwrap();
+    let end = (u64::from_str_radix(&last[16..24], 16).unwrap() + 1) * SEG;
+    let st = poll_until(Duration::from_secs(10), Duration::from_millis(100), || {
+        let st = recv.status();
+        (st["positions_u64"]["archived"].as_u64() == Some(end)).then_some(st)
+    })
+    .unwrap_or_else(|| panic!("status never showed archived = {end:#x}: {}", recv.status()));
+    assert_eq!(st["archive"]["pending_files"], 0, "{st}");
+    assert_eq!(st["archive"]["stopped"], false, "{st}");
+    let text = recv.log_text();
+    assert!(text.contains(&format!("every byte below {}", fmt_lsn(end))), "no archived log line for {}:\n{text}", fmt_lsn(end));
+    no_secret_in(&text);
+    recv.stop();
+}
+
+#[test]
+fn backlog_is_archived_seaweedfs() {
+    backlog_is_archived(Kind::Seaweed);
+}
+
+#[test]
+fn backlog_is_archived_moto() {
+    backlog_is_archived(Kind::Moto);
+}
+
+fn store_stopped_mid_way_and_restarted(kind: Kind) {
+    let ctx = Ctx::new(&format!("archive-restart-{}", kind.name()));
+    let Some(mut server) = s3::start_or_skip(kind, ctx.dir.path()) else { return };
+    ctx.watch(kind.name(), &server.log);
+    let store = BlockingStore::new(&server.settings("")).unwrap();
+    // gen-wal is deterministic: the 24 MiB backlog continues the 8 MiB one byte for byte.
+    let first = gen_wal_in(&ctx, "first", "8MiB", SEG);
+    let second = gen_wal_in(&ctx, "second", "24MiB", SEG);
+    let dst = ctx.path("dst");
+    let port = free_port();
+    let recv = start_recv(&ctx, &server, &dst, port, &[]);
+    send(&ctx, &first, port);
+    let before: Vec<String> = complete_segments(&dst).into_keys().collect();
+    wait_archived(&store, &before, Duration::from_secs(60), &recv);
+    // The store goes away (SIGKILL); the rest of the WAL arrives meanwhile.
+    server.stop();
+    send(&ctx, &second, port);
+    let failing = poll_until(Duration::from_secs(30), Duration::from_millis(100), || {
+        (recv.status()["archive"]["failures"].as_u64() > Some(0)).then_some(())
+    });
+    assert!(failing.is_some(), "no failed upload while the store was down: {}", recv.status());
+    let st = recv.status();
+    assert!(st["archive"]["pending_files"].as_u64() > Some(0), "{st}");
+    let archived_while_down = st["positions_u64"]["archived"].as_u64().unwrap();
+    server.restart();
+    ctx.watch(kind.name(), &server.log);
+    let store = BlockingStore::new(&server.settings("")).unwrap();
+    let local = complete_segments(&dst);
+    assert!(local.len() >= before.len() + 10, "{} vs {}", local.len(), before.len());
+    let names: Vec<String> = if kind.persistent() {
+        local.keys().cloned().collect()
+    } else {
+        // moto keeps objects in memory: what was archived before it stopped is gone from it; the
+        // files that completed while it was down must be there now.
+        local.keys().filter(|n| !before.contains(n)).cloned().collect()
+    };
+    // Backoff is at most 30 s between tries.
+    wait_archived(&store, &names, Duration::from_secs(90), &recv);
+    let expected: BTreeMap<String, Vec<u8>> = local.iter().filter(|(n, _)| names.contains(n)).map(|(n, b)| (n.clone(), b.clone())).collect();
+    assert_objects_match(&store, &expected);
+    let last = local.keys().last().unwrap();
+    let end = (u64::from_str_radix(&last[16..24], 16).unwrap() + 1) * SEG;
+    let caught_up = poll_until(Duration::from_secs(10), Duration::from_millis(100), || {
+        (recv.status()["positions_u64"]["archived"].as_u64() == Some(end)).then_some(())
+    });
+    assert!(caught_up.is_some(), "archived did not reach {end:#x} (was {archived_while_down:#x} while down): {}", recv.status());
+    assert!(archived_while_down < end);
+    let text = recv.log_text();
+    assert!(text.contains("will retry"), "no retry logged");
+    no_secret_in(&text);
+    recv.stop();
+}
+
+#[test]
+fn store_stopped_mid_way_and_restarted_seaweedfs() {
+    store_stopped_mid_way_and_restarted(Kind::Seaweed);
+}
+
+#[test]
+fn store_stopped_mid_way_and_restarted_moto() {
+    store_stopped_mid_way_and_restarted(Kind::Moto);
+}
+
+fn conflicting_object_stops_archiving(kind: Kind) {
+    let ctx = Ctx::new(&format!("archive-conflict-{}", kind.name()));
+    let Some(server) = s3::start_or_skip(kind, ctx.dir.path()) else { return };
+    ctx.watch(kind.name(), &server.log);
+    let store = BlockingStore::new(&server.settings("")).unwrap();
+    let src = gen_wal(&ctx, "6MiB", SEG);
+    let src_segs = complete_segments(&src);
+    let names: Vec<String> = src_segs.keys().cloned().collect();
+    // The first segment is there already with the same bytes (counts as done); the third with other
+    // bytes, as another primary would have written it.
+    let same = &names[0];
+    store.put_create(&key_of(same), src_segs[same].clone(), "test").unwrap();
+    let other = &names[2];
+    let mut foreign = src_segs[other].clone();
+    foreign[100] ^= 0xff;
+    store.put_create(&key_of(other), foreign.clone(), "test").unwrap();
+    let dst = ctx.path("dst");
+    let port = free_port();
+    let recv = start_recv(&ctx, &server, &dst, port, &[]);
+    send(&ctx, &src, port);
+    let local = complete_segments(&dst);
+    let stopped = poll_until(Duration::from_secs(60), Duration::from_millis(100), || {
+        (recv.status()["archive"]["stopped"] == true).then_some(())
+    });
+    assert!(stopped.is_some(), "archiving did not stop on the conflict: {}\n{}", recv.status(), tail_file(&recv.log, 20));
+    let text = recv.log_text();
+    let object = format!("s3://{BUCKET}/{}", key_of(other));
+    let line = text.lines().find(|l| l.contains("CONFLICT")).unwrap_or_else(|| panic!("no CONFLICT line:\n{text}"));
+    assert!(line.contains(&object), "the conflict line does not name {object}: {line}");
+    assert!(line.contains(&sha256_hex(&local[other])) && line.contains(&sha256_hex(&foreign)), "both checksums: {line}");
+    assert!(text.contains("archiving STOPPED"), "{text}");
+    // Never overwritten; the receiver still runs and holds every segment.
+    let got = store.get_verified(&key_of(other)).unwrap().unwrap();
+    assert!(got.as_ref() == foreign.as_slice(), "the conflicting object was overwritten");
+    assert!(recv.status()["archive"]["pending_files"].as_u64() > Some(0));
+    assert!(local.len() >= names.len());
+    recv.stop();
+}
+
+#[test]
+fn conflicting_object_stops_archiving_seaweedfs() {
+    conflicting_object_stops_archiving(Kind::Seaweed);
+}
+
+#[test]
+fn conflicting_object_stops_archiving_moto() {
+    conflicting_object_stops_archiving(Kind::Moto);
+}
+
+fn receiver_killed_mid_upload_resumes(kind: Kind) {
+    let ctx = Ctx::new(&format!("archive-kill-{}", kind.name()));
+    let Some(server) = s3::start_or_skip(kind, ctx.dir.path()) else { return };
+    ctx.watch(kind.name(), &server.log);
+    let store = BlockingStore::new(&server.settings("")).unwrap();
+    let seg = 4 << 20;
+    let src = gen_wal(&ctx, "64MiB", seg);
+    let dst = ctx.path("dst");
+    let port = free_port();
+    // Ship it all first without an archive, so the receiver restarted with one finds a backlog.
+    let plain_log = ctx.log("recv-plain");
+    let listen = format!("127.0.0.1:{port}");
+    let mut plain = spawn_logged("recv-plain", walship(&["recv", "--listen", &listen, "--dir", p(&dst)]), &plain_log);
+    poll_until(Duration::from_secs(20), Duration::from_millis(10), || fs::read_to_string(&plain_log).unwrap_or_default().contains("listening").then_some(()))
+        .expect("plain receiver listening");
+    send(&ctx, &src, port);
+    plain.signal(libc::SIGTERM).unwrap();
+    plain.wait_timeout(Duration::from_secs(20)).unwrap().expect("plain receiver exits");
+    let local = complete_segments(&dst);
+    let names: Vec<String> = local.keys().cloned().collect();
+    assert!(names.len() >= 15, "{names:?}");
+    // One upload at a time, back to back: kill -9 while they run.
+    let recv = start_recv(&ctx, &server, &dst, port, &["--archive-parallel", "1"]);
+    let mid = poll_until(Duration::from_secs(60), Duration::from_millis(5), || (bucket_names(&store).len() >= 3).then_some(()));
+    assert!(mid.is_some(), "uploads did not start:\n{}", tail_file(&recv.log, 20));
+    recv.kill9();
+    let after_kill = bucket_names(&store);
+    assert!(after_kill.len() < names.len(), "everything was archived before the kill; the test proves nothing");
+    // No half object: every object there verifies and equals the local file.
+    let there: BTreeMap<String, Vec<u8>> = local.iter().filter(|(n, _)| after_kill.contains(n)).map(|(n, b)| (n.clone(), b.clone())).collect();
+    assert_objects_match(&store, &there);
+    let recv = start_recv(&ctx, &server, &dst, port, &["--archive-parallel", "1"]);
+    wait_archived(&store, &names, Duration::from_secs(120), &recv);
+    assert_objects_match(&store, &local);
+    let text = recv.log_text();
+    let listed = text.lines().find(|l| l.contains("listed the archive")).unwrap_or_else(|| panic!("no listing line:\n{text}"));
+    assert!(listed.contains(&format!("{} local files are there already", after_kill.len())), "{listed}");
+    recv.stop();
+}
+
+#[test]
+fn receiver_killed_mid_upload_resumes_seaweedfs() {
+    receiver_killed_mid_upload_resumes(Kind::Seaweed);
+}
+
+#[test]
+fn receiver_killed_mid_upload_resumes_moto() {
+    receiver_killed_mid_upload_resumes(Kind::Moto);
+}
