@@ -107,6 +107,20 @@ enum Command {
     Demo(DemoArgs),
     /// Show a running sender's or receiver's state, positions, lag and throughput from its /metrics.
     Status(StatusArgs),
+    /// Check the WAL of a receiver directory or an archive (s3://BUCKET/PREFIX, reached with the AWS_*
+    /// variables): no missing segment per timeline, valid page headers, history files; exit 1 naming the
+    /// first problem.
+    Verify(VerifyArgs),
+}
+
+#[derive(clap::Args)]
+struct VerifyArgs {
+    /// A receiver directory, or s3://BUCKET/PREFIX (endpoint and credentials from AWS_ENDPOINT_URL,
+    /// AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_ALLOW_HTTP).
+    target: String,
+    /// Print one JSON object instead of the human view.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -720,6 +734,42 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Demo(a) => Ok(walship::demo::run(&a.dir, a.wal_bytes, a.port, a.keep)?),
         Command::Status(a) => walship::status::run(&a.url, a.sample, a.json, a.timeout),
+        Command::Verify(a) => {
+            use walship::archive::verify;
+            let report = if a.target.starts_with("s3://") {
+                verify::verify_store(&walship::archive::ArchiveSettings::from_env(&a.target)?)?
+            } else {
+                verify::verify_dir(std::path::Path::new(&a.target))?
+            };
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                for t in &report.timelines {
+                    println!(
+                        "system {} timeline {}: {} segments {}..{}{}",
+                        t.system_id,
+                        t.timeline,
+                        t.segments,
+                        t.first.as_deref().unwrap_or("-"),
+                        t.last.as_deref().unwrap_or("-"),
+                        if t.history { ", history file" } else { "" }
+                    );
+                }
+                println!(
+                    "{}: {} files, {} bytes checked ({} .partial files not checked)",
+                    report.target, report.files_checked, report.bytes_checked, report.partial_files
+                );
+            }
+            match &report.problem {
+                None => {
+                    if !a.json {
+                        println!("OK");
+                    }
+                    Ok(())
+                }
+                Some(p) => bail!("verify: {p}"),
+            }
+        }
     }
 }
 

@@ -222,7 +222,8 @@ fn backlog_is_archived(kind: Kind) {
     assert_eq!(st["archive"]["pending_files"], 0, "{st}");
     assert_eq!(st["archive"]["stopped"], false, "{st}");
     let text = recv.log_text();
-    assert!(text.contains(&format!("every byte below {}", fmt_lsn(end))), "no archived log line for {}:\n{text}", fmt_lsn(end));
+    let shown = walship::wal::Lsn(end).to_string();
+    assert!(text.contains(&format!("every byte below {shown}")), "no archived log line for {shown}:\n{text}");
     no_secret_in(&text);
     recv.stop();
 }
@@ -335,7 +336,7 @@ fn conflicting_object_stops_archiving(kind: Kind) {
     let got = store.get_verified(&key_of(other)).unwrap().unwrap();
     assert!(got.as_ref() == foreign.as_slice(), "the conflicting object was overwritten");
     assert!(recv.status()["archive"]["pending_files"].as_u64() > Some(0));
-    assert!(local.len() >= names.len());
+    assert!(names[..names.len() - 1].iter().all(|n| local.contains_key(n)), "the receiver lacks a segment");
     recv.stop();
 }
 
@@ -386,6 +387,12 @@ fn receiver_killed_mid_upload_resumes(kind: Kind) {
     let text = recv.log_text();
     let listed = text.lines().find(|l| l.contains("listed the archive")).unwrap_or_else(|| panic!("no listing line:\n{text}"));
     assert!(listed.contains(&format!("{} local files are there already", after_kill.len())), "{listed}");
+    // Those were confirmed by checksum, not uploaded again.
+    let want = (names.len() - after_kill.len()) as u64;
+    let counted = poll_until(Duration::from_secs(10), Duration::from_millis(100), || {
+        (recv.status()["archive"]["uploaded_objects"].as_u64() == Some(want)).then_some(())
+    });
+    assert!(counted.is_some(), "uploaded_objects after the restart should be {want}: {}", recv.status());
     recv.stop();
 }
 
@@ -397,4 +404,163 @@ fn receiver_killed_mid_upload_resumes_seaweedfs() {
 #[test]
 fn receiver_killed_mid_upload_resumes_moto() {
     receiver_killed_mid_upload_resumes(Kind::Moto);
+}
+
+/// The store client itself: create-only, same bytes = done, other bytes = conflict naming the object
+/// and both checksums, and every read verified against the checksum in the metadata.
+fn store_client_rules(kind: Kind) {
+    let ctx = Ctx::new(&format!("archive-client-{}", kind.name()));
+    let Some(server) = s3::start_or_skip(kind, ctx.dir.path()) else { return };
+    ctx.watch(kind.name(), &server.log);
+    let store = BlockingStore::new(&server.settings("")).unwrap();
+    let key = "client/x";
+    let a = b"first content".to_vec();
+    let b = b"other content".to_vec();
+    assert_eq!(store.put_create(key, a.clone(), "a").unwrap(), walship::archive::PutOutcome::Uploaded);
+    assert_eq!(store.put_create(key, a.clone(), "a").unwrap(), walship::archive::PutOutcome::AlreadyThere);
+    let e = store.put_create(key, b.clone(), "/local/b").unwrap_err().to_string();
+    for want in [format!("s3://{BUCKET}/{key}"), sha256_hex(&a), sha256_hex(&b), "/local/b".to_string()] {
+        assert!(e.contains(&want), "conflict message lacks {want}: {e}");
+    }
+    assert_eq!(store.get_verified(key).unwrap().unwrap().as_ref(), a.as_slice());
+    assert_eq!(store.get_verified("client/none").unwrap(), None);
+    // Objects written behind walship's back: damaged content, and no checksum at all.
+    use object_store::ObjectStore;
+    let (raw, rt) = raw_client(&server);
+    let mut attrs = object_store::Attributes::new();
+    attrs.insert(object_store::Attribute::Metadata("walship-sha256".into()), sha256_hex(&a).into());
+    let opts = object_store::PutOptions { attributes: attrs, ..Default::default() };
+    rt.block_on(raw.put_opts(&"client/damaged".into(), b.clone().into(), opts)).unwrap();
+    let e = store.get_verified("client/damaged").unwrap_err().to_string();
+    assert!(e.contains("damaged") && e.contains(&sha256_hex(&b)) && e.contains(&sha256_hex(&a)), "{e}");
+    rt.block_on(raw.put(&"client/bare".into(), b.clone().into())).unwrap();
+    let e = store.get_verified("client/bare").unwrap_err().to_string();
+    assert!(e.contains("no walship-sha256"), "{e}");
+    // Wrong credentials: refused with the store's reason (moto accepts any key, SeaweedFS does not).
+    if kind == Kind::Seaweed {
+        let mut bad = server.settings("");
+        bad.secret_access_key = Some(walship::archive::Secret::new("wrong-secret"));
+        let e = BlockingStore::new(&bad).unwrap().put_create("client/y", a.clone(), "a").unwrap_err().to_string();
+        assert!(!e.contains("wrong-secret"), "{e}");
+        assert!(e.contains("client/y"), "{e}");
+    }
+}
+
+#[test]
+fn store_client_rules_seaweedfs() {
+    store_client_rules(Kind::Seaweed);
+}
+
+#[test]
+fn store_client_rules_moto() {
+    store_client_rules(Kind::Moto);
+}
+
+/// A plain object_store client and runtime, to change the bucket behind walship's back.
+fn raw_client(server: &S3Server) -> (object_store::aws::AmazonS3, tokio::runtime::Runtime) {
+    let raw = object_store::aws::AmazonS3Builder::new()
+        .with_bucket_name(BUCKET)
+        .with_region("us-east-1")
+        .with_endpoint(server.endpoint())
+        .with_allow_http(true)
+        .with_access_key_id(s3::ACCESS_KEY_ID)
+        .with_secret_access_key(SECRET_ACCESS_KEY)
+        .build()
+        .unwrap();
+    (raw, tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap())
+}
+
+/// `walship verify TARGET --json`: (exit code, report, stderr).
+fn verify(server: &S3Server, target: &str) -> (i32, serde_json::Value, String) {
+    let mut cmd = walship(&["verify", target, "--json"]);
+    server.env(&mut cmd);
+    let out = run(&mut cmd).unwrap();
+    let report = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+    (out.status.code().unwrap_or(-1), report, String::from_utf8_lossy(&out.stderr).to_string())
+}
+
+/// `walship verify` passes on a directory and on its archive, and names the first problem after one
+/// object is deleted, after one byte of another is changed, and after a page header is damaged.
+fn verify_finds_the_first_problem(kind: Kind) {
+    use object_store::ObjectStore;
+    let ctx = Ctx::new(&format!("archive-verify-{}", kind.name()));
+    let Some(server) = s3::start_or_skip(kind, ctx.dir.path()) else { return };
+    ctx.watch(kind.name(), &server.log);
+    let store = BlockingStore::new(&server.settings("")).unwrap();
+    let src = gen_wal(&ctx, "10MiB", SEG);
+    let dst = ctx.path("dst");
+    let port = free_port();
+    let recv = start_recv(&ctx, &server, &dst, port, &[]);
+    send(&ctx, &src, port);
+    let local = complete_segments(&dst);
+    let names: Vec<String> = local.keys().cloned().collect();
+    wait_archived(&store, &names, Duration::from_secs(60), &recv);
+    recv.stop();
+    let url = format!("s3://{BUCKET}/{PREFIX}");
+    let (code, r, err) = verify(&server, p(&dst));
+    assert_eq!(code, 0, "verify DIR: {r} {err}");
+    assert_eq!(r["timelines"][0]["segments"], names.len(), "{r}");
+    assert_eq!(r["partial_files"], 1, "{r}");
+    let (code, r, err) = verify(&server, &url);
+    assert_eq!(code, 0, "verify s3: {r} {err}");
+    assert_eq!(r["files_checked"], names.len(), "{r}");
+    assert_eq!(r["timelines"][0]["last"], names.last().unwrap().as_str(), "{r}");
+    // One object deleted: named as missing, with its LSN.
+    let gone = &names[5];
+    let path = object_store::path::Path::from(key_of(gone));
+    rt_block(&raw_client(&server), |raw| Box::pin(async move { raw.delete(&path).await })).unwrap();
+    let (code, r, err) = verify(&server, &url);
+    assert_eq!(code, 1, "{r}");
+    assert_eq!(r["problem"]["file"], gone.as_str(), "{r}");
+    assert!(r["problem"]["what"].as_str().unwrap().contains("missing"), "{r}");
+    let lsn = walship::wal::Lsn(u64::from_str_radix(&gone[16..24], 16).unwrap() * SEG).to_string();
+    assert_eq!(r["problem"]["lsn"], lsn.as_str(), "{r}");
+    assert!(err.contains(gone.as_str()), "{err}");
+    store.put_create(&key_of(gone), local[gone].clone(), "back").unwrap();
+    // One byte of another object changed (its checksum metadata kept): named as damaged.
+    let changed = &names[3];
+    let mut bytes = local[changed].clone();
+    bytes[5000] ^= 1;
+    let mut attrs = object_store::Attributes::new();
+    attrs.insert(object_store::Attribute::Metadata("walship-sha256".into()), sha256_hex(&local[changed]).into());
+    let opts = object_store::PutOptions { attributes: attrs, ..Default::default() };
+    let path = object_store::path::Path::from(key_of(changed));
+    rt_block(&raw_client(&server), |raw| Box::pin(async move { raw.put_opts(&path, bytes.into(), opts).await.map(|_| ()) })).unwrap();
+    let (code, r, _) = verify(&server, &url);
+    assert_eq!(code, 1, "{r}");
+    assert_eq!(r["problem"]["file"], format!("s3://{BUCKET}/{}", key_of(changed)), "{r}");
+    assert!(r["problem"]["what"].as_str().unwrap().contains("damaged"), "{r}");
+    // A page header damaged in a copy of the directory: file, offset and LSN named.
+    let copy = ctx.path("copy");
+    fs::create_dir_all(&copy).unwrap();
+    for (n, b) in &local {
+        fs::write(copy.join(n), b).unwrap();
+    }
+    let bad = &names[4];
+    let mut b = local[bad].clone();
+    let page = 2 * 8192;
+    b[page + 8] ^= 0x40; // xlp_pageaddr
+    fs::write(copy.join(bad), &b).unwrap();
+    let (code, r, _) = verify(&server, p(&copy));
+    assert_eq!(code, 1, "{r}");
+    assert_eq!(r["problem"]["file"], p(&copy.join(bad)), "{r}");
+    assert_eq!(r["problem"]["offset"], page, "{r}");
+    let lsn = walship::wal::Lsn(u64::from_str_radix(&bad[16..24], 16).unwrap() * SEG + page as u64).to_string();
+    assert_eq!(r["problem"]["lsn"], lsn.as_str(), "{r}");
+}
+
+type RawFut<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = object_store::Result<()>> + 'a>>;
+
+fn rt_block(client: &(object_store::aws::AmazonS3, tokio::runtime::Runtime), f: impl for<'a> FnOnce(&'a object_store::aws::AmazonS3) -> RawFut<'a>) -> object_store::Result<()> {
+    client.1.block_on(f(&client.0))
+}
+
+#[test]
+fn verify_finds_the_first_problem_seaweedfs() {
+    verify_finds_the_first_problem(Kind::Seaweed);
+}
+
+#[test]
+fn verify_finds_the_first_problem_moto() {
+    verify_finds_the_first_problem(Kind::Moto);
 }

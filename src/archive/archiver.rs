@@ -5,10 +5,12 @@
 //! It reads the directory, never the receiver's state: a segment gets its final name only after all
 //! its bytes are durable, and a history file only after it was fsynced, so what it sees named is
 //! complete and durable. It runs on a thread of its own with a current-thread tokio runtime; file
-//! reads go to tokio's blocking pool. After a restart it starts again from the directory and one
-//! listing of the bucket per timeline: an object of the expected size is taken as archived (it was
-//! created by a whole-object PUT, which is atomic, and checked when it was made); anything else is
-//! uploaded create-only, and an existing object with another checksum stops archiving.
+//! reads go to tokio's blocking pool. After a restart it starts again from the directory alone:
+//! every complete file is read, hashed and looked up (HEAD) once per process; an object with the same
+//! SHA-256 counts as archived, a missing one is uploaded create-only, and an existing object with
+//! another checksum stops archiving. (A listing by size cannot tell: every segment has the same
+//! size.) One listing per timeline is logged, for the operator. Whole-object PUTs are atomic: a
+//! receiver killed mid-upload leaves no half object.
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -78,7 +80,7 @@ pub struct ArchiveMetrics {
     pub archived_lsn: LsnGauge,
     pub uploaded_objects: Counter,
     pub uploaded_bytes: Counter,
-    /// Objects found in the store already (listing, or same checksum on upload).
+    /// Objects found in the store already with the same checksum.
     pub present_objects: Counter,
     /// Complete local files not in the store yet.
     pub pending: Gauge,
@@ -167,7 +169,6 @@ enum Phase {
 struct Entry {
     file: WalFileName,
     key: String,
-    size: u64,
     phase: Phase,
     seen: bool,
 }
@@ -183,7 +184,7 @@ struct State {
     identity: Option<(u64, u64)>,
     /// By file name.
     files: BTreeMap<String, Entry>,
-    /// Per timeline: the objects the store held when first listed (key -> size).
+    /// Per timeline: the objects the store held when first listed (key -> size); for the log only.
     listed: HashMap<u32, HashMap<String, u64>>,
     archived: Lsn,
     last_log: Option<Instant>,
@@ -273,7 +274,6 @@ impl State {
             let entry = self.files.entry(name).or_insert(Entry {
                 file,
                 key,
-                size,
                 phase: Phase::Waiting { not_before: Instant::now(), attempts: 0 },
                 seen: true,
             });
@@ -284,7 +284,7 @@ impl State {
         self.update_position();
     }
 
-    /// List each timeline's folder once; what is there with the right size is archived already.
+    /// List each timeline's folder once, to tell the operator what is there already.
     async fn list_new_timelines(&mut self) {
         let Some((sysid, _)) = self.identity else { return };
         let mut tlis: Vec<u32> = self.files.values().map(|e| tli_of(e.file)).filter(|t| !self.listed.contains_key(t)).collect();
@@ -295,21 +295,19 @@ impl State {
             match self.store.list(&folder).await {
                 Ok(objects) => {
                     let map: HashMap<String, u64> = objects.into_iter().map(|o| (o.key, o.size)).collect();
-                    let mut present = 0u64;
-                    for e in self.files.values_mut() {
-                        if tli_of(e.file) == tli && e.phase != Phase::Done && map.get(&e.key) == Some(&e.size) {
-                            e.phase = Phase::Done;
-                            present += 1;
-                        }
-                    }
-                    self.metrics.present_objects.inc_by(present);
-                    info!(folder = %self.store.describe(&folder), objects = map.len(), "listed the archive: {present} local files are there already");
+                    let present = self.files.values().filter(|e| tli_of(e.file) == tli && map.contains_key(&e.key)).count();
+                    info!(
+                        folder = %self.store.describe(&folder),
+                        objects = map.len(),
+                        "listed the archive: {present} local files are there already (each counts once its SHA-256 matches)"
+                    );
                     self.listed.insert(tli, map);
                 }
                 Err(e) => {
-                    self.metrics.failures.inc();
+                    // Listing is only for the log (a policy may allow PUT and GET but not LIST);
+                    // uploads check each key by itself.
                     if self.last_list_warn.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
-                        warn!("archive not reachable, will retry: {e}");
+                        warn!("cannot list the archive (will try again; uploads go on regardless): {e}");
                         self.last_list_warn = Some(Instant::now());
                     }
                 }
@@ -323,7 +321,6 @@ impl State {
         let mut ready: Vec<(&String, &Entry)> = self
             .files
             .iter()
-            .filter(|(_, e)| self.listed.contains_key(&tli_of(e.file)))
             .filter(|(_, e)| matches!(e.phase, Phase::Waiting { not_before, .. } if not_before <= now))
             .collect();
         ready.sort_by_key(|(_, e)| order_of(e.file));

@@ -12,6 +12,7 @@ pub mod archiver;
 pub mod keys;
 pub mod settings;
 pub mod store;
+pub mod verify;
 
 pub use archiver::{ArchiveConfig, ArchiveMetrics, Archiver};
 pub use settings::{ArchiveSettings, ArchiveUrl, Secret};

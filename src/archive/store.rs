@@ -166,6 +166,14 @@ impl Store {
         let r = self.s3.list_with_delimiter(Some(&p)).await.map_err(store_err("LIST", folder))?;
         Ok(r.objects.into_iter().map(|o| ObjectInfo { key: o.location.to_string(), size: o.size }).collect())
     }
+
+    /// The sub-folders directly under `folder` (each ending in `/`).
+    pub async fn list_folders(&self, folder: &str) -> Result<Vec<String>, ArchiveError> {
+        let trimmed = folder.trim_end_matches('/');
+        let p = if trimmed.is_empty() { None } else { Some(ObjPath::from(trimmed)) };
+        let r = self.s3.list_with_delimiter(p.as_ref()).await.map_err(store_err("LIST", folder))?;
+        Ok(r.common_prefixes.into_iter().map(|p| format!("{p}/")).collect())
+    }
 }
 
 fn checksum_of(attributes: &Attributes, object: &str) -> Result<String, ArchiveError> {
@@ -200,5 +208,8 @@ impl BlockingStore {
     }
     pub fn list(&self, folder: &str) -> Result<Vec<ObjectInfo>, ArchiveError> {
         self.rt.block_on(self.store.list(folder))
+    }
+    pub fn list_folders(&self, folder: &str) -> Result<Vec<String>, ArchiveError> {
+        self.rt.block_on(self.store.list_folders(folder))
     }
 }
