@@ -73,11 +73,14 @@ struct Recv {
 }
 
 fn start_recv(ctx: &Ctx, server: &S3Server, dst: &Path, port: u16, extra: &[&str]) -> Recv {
+    start_recv_to(ctx, server, &format!("s3://{BUCKET}/{PREFIX}"), dst, port, extra)
+}
+
+fn start_recv_to(ctx: &Ctx, server: &S3Server, archive: &str, dst: &Path, port: u16, extra: &[&str]) -> Recv {
     let listen = format!("127.0.0.1:{port}");
     let metrics = free_port();
     let metrics_listen = format!("127.0.0.1:{metrics}");
-    let archive = format!("s3://{BUCKET}/{PREFIX}");
-    let mut args = vec!["recv", "--listen", &listen, "--dir", p(dst), "--archive-to", &archive, "--archive-scan-interval", "200ms"];
+    let mut args = vec!["recv", "--listen", &listen, "--dir", p(dst), "--archive-to", archive, "--archive-scan-interval", "200ms"];
     args.extend_from_slice(&["--metrics-listen", &metrics_listen]);
     args.extend_from_slice(extra);
     let mut cmd = walship(&args);
@@ -563,4 +566,47 @@ fn verify_finds_the_first_problem_seaweedfs() {
 #[test]
 fn verify_finds_the_first_problem_moto() {
     verify_finds_the_first_problem(Kind::Moto);
+}
+
+/// A store refusing writes (the bucket does not exist yet): nothing is lost, failures are counted and
+/// retried, and once the bucket exists archiving completes by itself.
+fn missing_bucket_then_created(kind: Kind) {
+    let ctx = Ctx::new(&format!("archive-nobucket-{}", kind.name()));
+    if s3::find_tool(kind).is_none() {
+        s3::start_or_skip(kind, ctx.dir.path());
+        return;
+    }
+    // SeaweedFS would create a missing bucket on the first upload of its admin identity.
+    let server = S3Server::start_with(kind, ctx.dir.path(), &["-s3.autoCreateBucket=false"]);
+    ctx.watch(kind.name(), &server.log);
+    let late = "walship-late";
+    let src = gen_wal(&ctx, "6MiB", SEG);
+    let dst = ctx.path("dst");
+    let port = free_port();
+    let recv = start_recv_to(&ctx, &server, &format!("s3://{late}/{PREFIX}"), &dst, port, &[]);
+    send(&ctx, &src, port);
+    let failing = poll_until(Duration::from_secs(30), Duration::from_millis(100), || {
+        (recv.status()["archive"]["failures"].as_u64() >= Some(2)).then_some(())
+    });
+    assert!(failing.is_some(), "no failures with the bucket missing: {}", recv.status());
+    assert_eq!(recv.status()["positions_u64"]["archived"], 1 << 20, "nothing can be archived yet: {}", recv.status());
+    server.create_bucket(late);
+    let mut settings = server.settings("");
+    settings.url.bucket = late.to_string();
+    let store = BlockingStore::new(&settings).unwrap();
+    let local = complete_segments(&dst);
+    let names: Vec<String> = local.keys().cloned().collect();
+    wait_archived(&store, &names, Duration::from_secs(90), &recv);
+    assert_objects_match(&store, &local);
+    recv.stop();
+}
+
+#[test]
+fn missing_bucket_then_created_seaweedfs() {
+    missing_bucket_then_created(Kind::Seaweed);
+}
+
+#[test]
+fn missing_bucket_then_created_moto() {
+    missing_bucket_then_created(Kind::Moto);
 }

@@ -75,15 +75,23 @@ pub struct S3Server {
     data: PathBuf,
     pub log: PathBuf,
     starts: u32,
+    /// Extra arguments of `weed mini`.
+    extra: Vec<String>,
     child: Option<ChildGuard>,
 }
 
 impl S3Server {
     pub fn start(kind: Kind, dir: &Path) -> S3Server {
+        S3Server::start_with(kind, dir, &[])
+    }
+
+    /// With extra `weed mini` arguments (ignored for moto).
+    pub fn start_with(kind: Kind, dir: &Path, extra: &[&str]) -> S3Server {
         let ports = (0..10).map(|_| free_port()).collect::<Vec<_>>();
         let data = dir.join(format!("{}-data", kind.name()));
         std::fs::create_dir_all(&data).unwrap();
-        let mut s = S3Server { kind, port: ports[0], ports, data, log: dir.join(format!("{}.log", kind.name())), starts: 0, child: None };
+        let extra = extra.iter().map(|a| a.to_string()).collect();
+        let mut s = S3Server { kind, port: ports[0], ports, data, log: dir.join(format!("{}.log", kind.name())), starts: 0, extra, child: None };
         s.run();
         s
     }
@@ -115,6 +123,7 @@ impl S3Server {
                     .arg(format!("-admin.port={}", p[8]))
                     .arg(format!("-admin.port.grpc={}", p[9]))
                     .args(["-s3.port.iceberg=0", "-s3.port.lance=0"])
+                    .args(&self.extra)
                     // `weed mini` makes these its admin identity.
                     .env("AWS_ACCESS_KEY_ID", ACCESS_KEY_ID)
                     .env("AWS_SECRET_ACCESS_KEY", SECRET_ACCESS_KEY);
@@ -168,6 +177,23 @@ impl S3Server {
     pub fn restart(&mut self) {
         self.stop();
         self.run();
+    }
+
+    /// Create bucket `name` (moto: an unsigned PUT; SeaweedFS: a signed one, by boto3 from the tools venv).
+    pub fn create_bucket(&self, name: &str) {
+        match self.kind {
+            Kind::Moto => assert_eq!(http_status(self.port, "PUT", &format!("/{name}")), Some(200), "moto: create bucket {name}"),
+            Kind::Seaweed => {
+                let python = find_tool(self.kind).unwrap().with_file_name("python3");
+                let script = format!(
+                    "import boto3\nboto3.client('s3', endpoint_url='{}', aws_access_key_id='{ACCESS_KEY_ID}', \
+                     aws_secret_access_key='{SECRET_ACCESS_KEY}', region_name='us-east-1').create_bucket(Bucket='{name}')\n",
+                    self.endpoint()
+                );
+                let out = Command::new(python).arg("-c").arg(script).output().expect("run python3 of the tools venv");
+                assert!(out.status.success(), "create bucket {name}: {}", String::from_utf8_lossy(&out.stderr));
+            }
+        }
     }
 
     /// Settings for `s3://BUCKET/PREFIX` on this server.
