@@ -325,7 +325,7 @@ struct ArchiveArgs {
     #[arg(long, env = "WALSHIP_ARCHIVE_TO", value_name = "s3://BUCKET/PREFIX")]
     archive_to: Option<String>,
     /// S3 endpoint of a store other than AWS (path-style addressing), e.g. http://127.0.0.1:8333.
-    #[arg(long, env = "AWS_ENDPOINT_URL", value_name = "URL", requires = "archive_to")]
+    #[arg(long, env = "AWS_ENDPOINT_URL", value_name = "URL")]
     archive_endpoint: Option<String>,
     /// S3 region.
     #[arg(long, env = "AWS_REGION", default_value = walship::archive::settings::DEFAULT_REGION)]

@@ -139,6 +139,8 @@ impl Archiver {
             archived: Lsn(0),
             last_log: None,
             last_list_warn: None,
+            last_fail_warn: None,
+            failures_unlogged: 0,
         };
         let stop2 = Arc::clone(&stop);
         let thread = std::thread::Builder::new()
@@ -189,6 +191,9 @@ struct State {
     archived: Lsn,
     last_log: Option<Instant>,
     last_list_warn: Option<Instant>,
+    last_fail_warn: Option<Instant>,
+    /// Failed tries since the last warning.
+    failures_unlogged: u64,
 }
 
 type Finished = (String, Result<(PutOutcome, u64), ArchiveError>);
@@ -369,7 +374,14 @@ impl State {
                 let attempts = attempts + 1;
                 let wait = backoff(attempts);
                 e.phase = Phase::Waiting { not_before: Instant::now() + wait, attempts };
-                warn!(file = name, attempts, retry_in = ?wait, "upload failed, will retry: {err}");
+                // One line per 10 s at most: a store that is down fails every file.
+                self.failures_unlogged += 1;
+                if self.last_fail_warn.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                    let others = self.failures_unlogged - 1;
+                    warn!(file = name, attempts, retry_in = ?wait, failed_tries_not_shown = others, "upload failed, will retry: {err}");
+                    self.last_fail_warn = Some(Instant::now());
+                    self.failures_unlogged = 0;
+                }
                 Ok(())
             }
         }
