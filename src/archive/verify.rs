@@ -1,9 +1,11 @@
 //! `walship verify DIR | s3://BUCKET/PREFIX`: per timeline, no segment missing between the first and
-//! the last, every page header valid (`xlp_magic`, `xlp_pageaddr`, timeline, long header of each
-//! segment), one system identifier and segment size, history files that parse and name only older
-//! timelines; the first problem named by file, offset and LSN. From the store every object is read
-//! through [`Store::get_verified`](super::Store::get_verified), so a changed byte is a problem too.
-//! Not checked yet: record CRCs across segment boundaries, `.partial` files (ignored), incremental runs.
+//! the last, and every record of every complete segment valid, walked across segment boundaries with
+//! the sender's record walk (`wal::RecordWalker`: page headers with `xlp_pageaddr` and timeline,
+//! continuation records, `xl_prev`, CRC-32C, switch padding); one system identifier and segment
+//! size; history files that parse and name only older timelines. The first problem is named by file,
+//! offset and LSN. From the store every object is read through
+//! [`Store::get_verified`](super::Store::get_verified), so a changed byte is a problem even where WAL
+//! checks could not see it. Not checked yet: `.partial` files (counted, not read), incremental runs.
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -11,7 +13,7 @@ use serde::Serialize;
 
 use super::{ArchiveError, ArchiveSettings, BlockingStore};
 use crate::wal::history::parse_history;
-use crate::wal::{validate_page, Lsn, WalFileName, WalIdentity};
+use crate::wal::{EndReason, Lsn, RecordWalker, SegmentWalk, WalFileName, WalIdentity};
 
 /// The first thing found wrong.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -225,6 +227,7 @@ fn run(src: &mut dyn Source, expect_sysid: Option<u64>, report: &mut VerifyRepor
             }
         }
     }
+    let mut walker: Option<RecordWalker> = None;
     for (&tli, by_segno) in &segs {
         let (first, last) = (*by_segno.keys().next().expect("non-empty"), *by_segno.keys().last().expect("non-empty"));
         report.timelines.push(TimelineReport {
@@ -261,17 +264,29 @@ fn run(src: &mut dyn Source, expect_sysid: Option<u64>, report: &mut VerifyRepor
                 report.problem = Some(problem(shown, None, None, format!("{} bytes, a segment has {}", bytes.len(), id.seg_size)));
                 return Ok(());
             }
-            let seg_id = WalIdentity { tli, ..id };
             let start = Lsn(segno * id.seg_size);
-            for (i, page) in bytes.chunks(id.block_size as usize).enumerate() {
-                let offset = i as u64 * id.block_size;
-                let lsn = Lsn(start.0 + offset);
-                if let Err(e) = validate_page(page, lsn, &seg_id) {
-                    report.problem = Some(problem(shown, Some(offset), Some(lsn), format!("page header: {e}")));
+            let walker = walker.get_or_insert_with(|| RecordWalker::new(WalIdentity { tli, ..id }, start));
+            // Every record of a complete segment must be valid (page headers, xl_prev, CRC, across
+            // segment boundaries): a receiver completes a segment only when WAL went on past it.
+            match walker.walk_segment(start, &bytes) {
+                Ok(SegmentWalk::Continues { .. }) => {}
+                Ok(SegmentWalk::Ended { stop_lsn, reason, .. }) => {
+                    let in_file = crate::wal::segment_file_name(tli, stop_lsn.segno(id.seg_size), id.seg_size);
+                    let file = if in_file == name_of(shown) { shown.clone() } else { in_file };
+                    let what = match reason {
+                        EndReason::BadPage(e) => format!("page header: {e}"),
+                        other => format!("WAL ends inside a complete segment: {other:?}"),
+                    };
+                    report.problem = Some(problem(&file, Some(stop_lsn.segment_offset(id.seg_size)), Some(stop_lsn), what));
+                    return Ok(());
+                }
+                Err(e) => {
+                    report.problem = Some(problem(shown, None, Some(start), e.to_string()));
                     return Ok(());
                 }
             }
         }
+        walker = None;
     }
     Ok(())
 }
