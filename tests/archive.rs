@@ -550,6 +550,16 @@ fn verify_finds_the_first_problem(kind: Kind) {
     assert_eq!(r["problem"]["offset"], page, "{r}");
     let lsn = walship::wal::Lsn(u64::from_str_radix(&bad[16..24], 16).unwrap() * SEG + page as u64).to_string();
     assert_eq!(r["problem"]["lsn"], lsn.as_str(), "{r}");
+    // One byte inside a record of an earlier segment (page headers intact): its CRC names it first.
+    let crc = &names[2];
+    let mut b = local[crc].clone();
+    b[3 * 8192 + 1000] ^= 0x01;
+    fs::write(copy.join(crc), &b).unwrap();
+    let (code, r, _) = verify(&server, p(&copy));
+    assert_eq!(code, 1, "{r}");
+    assert_eq!(r["problem"]["file"], p(&copy.join(crc)), "{r}");
+    assert!(r["problem"]["what"].as_str().unwrap().contains("BadCrc"), "{r}");
+    assert!(r["problem"]["offset"].as_u64().unwrap() <= 3 * 8192 + 1000, "{r}");
 }
 
 type RawFut<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = object_store::Result<()>> + 'a>>;
