@@ -706,3 +706,66 @@ fn real_postgres_wal_is_archived_and_verifies_seaweedfs() {
 fn real_postgres_wal_is_archived_and_verifies_moto() {
     real_postgres_wal_is_archived_and_verifies(Kind::Moto);
 }
+
+/// Bad archive settings are refused at start-up with the reason, before the directory is touched;
+/// the TOML file's `[recv]` table sets the archive like the flags (secret included, never logged).
+#[test]
+fn archive_settings_are_checked_and_toml_sets_them() {
+    let ctx = Ctx::new("archive-settings");
+    let dst = ctx.path("dst");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let base = ["recv", "--listen", listen.as_str(), "--dir", p(&dst)];
+    let refused = |extra: &[&str], env: &[(&str, &str)], want: &str| {
+        let mut args = base.to_vec();
+        args.extend_from_slice(extra);
+        let mut c = walship(&args);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let out = run(&mut c).unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(!out.status.success(), "accepted {extra:?} {env:?}");
+        assert!(err.contains(want), "{extra:?} {env:?}: no {want:?} in: {err}");
+        assert!(!dst.exists(), "the directory was created although the settings were refused");
+    };
+    // `.invalid` never resolves: no request could leave this machine even if the check were missing.
+    refused(&["--archive-to", "s3://walship-test/p", "--archive-endpoint", "http://store.invalid:9000"], &[], "AWS_ALLOW_HTTP");
+    refused(&["--archive-to", "http://walship-test/p"], &[], "must start with s3://");
+    refused(&["--archive-to", "s3://Bad_Bucket/p"], &[], "bucket name");
+    refused(&["--archive-to", "s3://walship-test/p"], &[("AWS_ACCESS_KEY_ID", "x")], "AWS_SECRET_ACCESS_KEY");
+    refused(&["--archive-to", "s3://walship-test/p", "--archive-parallel", "0"], &[], "--archive-parallel");
+
+    let Some(server) = s3::start_or_skip(Kind::Moto, ctx.dir.path()) else { return };
+    let toml = ctx.path("walship.toml");
+    fs::write(
+        &toml,
+        format!(
+            "[recv]\narchive_to = \"s3://{BUCKET}/toml\"\narchive_endpoint = \"{}\"\narchive_access_key_id = \"{}\"\n\
+             archive_secret_access_key = \"{SECRET_ACCESS_KEY}\"\narchive_scan_interval = \"200ms\"\n",
+            server.endpoint(),
+            s3::ACCESS_KEY_ID
+        ),
+    )
+    .unwrap();
+    let src = gen_wal(&ctx, "3MiB", SEG);
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let log = ctx.log("recv");
+    let mut c = walship(&["recv", "--config", p(&toml), "--listen", &listen, "--dir", p(&dst)]);
+    c.env_remove("AWS_SECRET_ACCESS_KEY").env_remove("AWS_ACCESS_KEY_ID").env_remove("AWS_ENDPOINT_URL");
+    let mut g = spawn_logged("recv", c, &log);
+    poll_until(Duration::from_secs(20), Duration::from_millis(10), || fs::read_to_string(&log).unwrap_or_default().contains("listening").then_some(()))
+        .expect("receiver listening");
+    send(&ctx, &src, port);
+    let local = complete_segments(&dst);
+    let store = BlockingStore::new(&server.settings("")).unwrap();
+    let folder = format!("toml/{SYSTEM_ID}/00000001/");
+    let done = poll_until(Duration::from_secs(60), Duration::from_millis(200), || {
+        let have: Vec<String> = store.list(&folder).ok()?.into_iter().map(|o| o.key.rsplit('/').next().unwrap().to_string()).collect();
+        (!local.is_empty() && local.keys().all(|n| have.contains(n))).then_some(())
+    });
+    assert!(done.is_some(), "nothing archived with the TOML settings:\n{}", tail_file(&log, 20));
+    g.signal(libc::SIGTERM).unwrap();
+    g.wait_timeout(Duration::from_secs(20)).unwrap().expect("receiver exits");
+    no_secret_in(&fs::read_to_string(&log).unwrap());
+}
