@@ -195,10 +195,12 @@ pub struct StatusView {
 }
 
 /// The receiver's archive: how far behind `flushed` it is, what waits, whether it stopped.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct ArchiveView {
     /// flushed - archived.
     pub lag_bytes: u64,
+    /// Age of the oldest complete local file not archived yet.
+    pub lag_seconds: f64,
     pub pending_files: u64,
     pub uploaded_objects: u64,
     pub failures: u64,
@@ -287,6 +289,7 @@ pub fn view(url: &str, last: &Scrape, first: Option<&Scrape>) -> StatusView {
     };
     let archive = last.get("walship_recv_archived_lsn").map(|a| ArchiveView {
         lag_bytes: last.u64("walship_recv_flushed_lsn").unwrap_or(0).saturating_sub(a.as_u64()),
+        lag_seconds: last.f64("walship_recv_archive_lag_seconds").unwrap_or(0.0),
         pending_files: last.u64("walship_recv_archive_pending_files").unwrap_or(0),
         uploaded_objects: last.u64("walship_recv_archive_uploaded_objects_total").unwrap_or(0),
         failures: last.u64("walship_recv_archive_failures_total").unwrap_or(0),
@@ -422,8 +425,9 @@ impl StatusView {
         if let Some(a) = &self.archive {
             let _ = writeln!(
                 s,
-                "  archive      lag {} (flushed - archived), {} files pending, {} uploaded, {} failed tries{}",
+                "  archive      lag {} (flushed - archived), {:.1} s, {} files pending, {} uploaded, {} failed tries{}",
                 fmt_bytes(a.lag_bytes as f64),
+                a.lag_seconds,
                 a.pending_files,
                 a.uploaded_objects,
                 a.failures,
@@ -534,13 +538,14 @@ mod tests {
         a.archived_lsn.set(0x4_0000_0000);
         a.pending.set(3);
         a.stopped.set(1);
+        a.lag_seconds.set(12.5);
         let last = Scrape { samples: parse_exposition(&m.encode()).unwrap(), at: Instant::now() };
         let v = view("u", &last, None);
         assert_eq!(v.positions.last(), Some(&("archived", 0x4_0000_0000)));
         let av = v.archive.clone().unwrap();
         assert_eq!((av.lag_bytes, av.pending_files, av.stopped), (0x1_0000_0000, 3, true));
         let r = v.render();
-        assert!(r.contains("archived_lsn 4/00000000") && r.contains("STOPPED"), "{r}");
+        assert!(r.contains("archived_lsn 4/00000000") && r.contains("STOPPED") && r.contains("12.5 s"), "{r}");
         assert_eq!(v.to_json()["archive"]["pending_files"], 3);
     }
 }

@@ -223,6 +223,7 @@ fn backlog_is_archived(kind: Kind) {
     })
     .unwrap_or_else(|| panic!("status never showed archived = {end:#x}: {}", recv.status()));
     assert_eq!(st["archive"]["pending_files"], 0, "{st}");
+    assert_eq!(st["archive"]["lag_seconds"], 0.0, "{st}");
     assert_eq!(st["archive"]["stopped"], false, "{st}");
     let text = recv.log_text();
     let shown = walship::wal::Lsn(end).to_string();
@@ -265,6 +266,7 @@ fn store_stopped_mid_way_and_restarted(kind: Kind) {
     let st = recv.status();
     assert!(st["archive"]["pending_files"].as_u64() > Some(0), "{st}");
     let archived_while_down = st["positions_u64"]["archived"].as_u64().unwrap();
+    assert!(st["archive"]["lag_seconds"].as_f64() > Some(0.0), "{st}");
     server.restart();
     ctx.watch(kind.name(), &server.log);
     let store = BlockingStore::new(&server.settings("")).unwrap();

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -88,6 +88,9 @@ pub struct ArchiveMetrics {
     pub failures: Counter,
     /// 1 once archiving stopped on a hard error (a conflicting object).
     pub stopped: Gauge,
+    /// Age of the oldest complete local file not in the store yet (from its modification time); 0
+    /// when nothing waits.
+    pub lag_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
 impl ArchiveMetrics {
@@ -100,6 +103,7 @@ impl ArchiveMetrics {
         registry.register("recv_archive_pending_files", "Complete local files not in the object store yet", self.pending.clone());
         registry.register("recv_archive_failures", "Failed upload tries (each is retried with backoff)", self.failures.clone());
         registry.register("recv_archive_stopped", "1 when archiving stopped on a hard error (see the log)", self.stopped.clone());
+        registry.register("recv_archive_lag_seconds", "Age of the oldest complete local file not in the object store yet", self.lag_seconds.clone());
     }
 }
 
@@ -173,6 +177,8 @@ struct Entry {
     key: String,
     phase: Phase,
     seen: bool,
+    /// When the file got its final name (its modification time), for the lag in seconds.
+    since: SystemTime,
 }
 
 struct State {
@@ -246,16 +252,16 @@ impl State {
                 return;
             }
         };
-        let mut names: Vec<(String, u64)> = Vec::new();
+        let mut names: Vec<(String, u64, SystemTime)> = Vec::new();
         for entry in entries.flatten() {
             let Ok(name) = entry.file_name().into_string() else { continue };
             let Ok(meta) = entry.metadata() else { continue };
             if meta.is_file() {
-                names.push((name, meta.len()));
+                names.push((name, meta.len(), meta.modified().unwrap_or_else(|_| SystemTime::now())));
             }
         }
         if self.identity.is_none() {
-            self.identity = names.iter().filter(|(n, _)| has_segment_name_shape(n)).find_map(|(n, _)| {
+            self.identity = names.iter().filter(|(n, _, _)| has_segment_name_shape(n)).find_map(|(n, _, _)| {
                 let head = read_segment_head(&self.dir.join(n)).ok()?;
                 let id = WalIdentity::from_first_page(&head).ok()?;
                 Some((id.system_id, id.seg_size))
@@ -268,7 +274,7 @@ impl State {
         for e in self.files.values_mut() {
             e.seen = false;
         }
-        for (name, size) in names {
+        for (name, size, since) in names {
             let Some(file) = WalFileName::parse(&name, seg_size) else { continue };
             if let WalFileName::Segment { .. } = file {
                 if size != seg_size {
@@ -281,6 +287,7 @@ impl State {
                 key,
                 phase: Phase::Waiting { not_before: Instant::now(), attempts: 0 },
                 seen: true,
+                since,
             });
             entry.seen = true;
         }
@@ -391,6 +398,9 @@ impl State {
         let Some((_, seg_size)) = self.identity else { return };
         let pending = self.files.values().filter(|e| e.phase != Phase::Done).count();
         self.metrics.pending.set(pending as i64);
+        let oldest = self.files.values().filter(|e| e.phase != Phase::Done).map(|e| e.since).min();
+        let lag = oldest.map_or(0.0, |t| SystemTime::now().duration_since(t).map_or(0.0, |d| d.as_secs_f64()));
+        self.metrics.lag_seconds.set(lag);
         let segs = self.files.values().filter_map(|e| match e.file {
             WalFileName::Segment { segno, tli } => Some(((segno, tli), e.phase == Phase::Done)),
             _ => None,
