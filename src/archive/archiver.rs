@@ -375,7 +375,9 @@ impl State {
                 }
                 Ok(())
             }
-            Err(err @ ArchiveError::Conflict { .. }) => Err(err),
+            // An object of another content, or one walship did not write (no checksum to compare):
+            // overwriting is never an option, and retrying cannot help.
+            Err(err @ (ArchiveError::Conflict { .. } | ArchiveError::NoChecksum { .. })) => Err(err),
             Err(err) => {
                 self.metrics.failures.inc();
                 let attempts = attempts + 1;
