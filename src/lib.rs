@@ -4,6 +4,7 @@
 //! nothing of the crate (`wire` is bytes on the wire, `wal` is PostgreSQL's formats), and `uring`
 //! holds all `unsafe`. `recv::session` and the state machines (`send::sender`, `recv::receiver`,
 //! `recv::flusher`) are pure: events in, decisions out.
+pub mod archive;
 pub mod auth;
 pub mod config_file;
 pub mod demo;

@@ -107,6 +107,20 @@ enum Command {
     Demo(DemoArgs),
     /// Show a running sender's or receiver's state, positions, lag and throughput from its /metrics.
     Status(StatusArgs),
+    /// Check the WAL of a receiver directory or an archive (s3://BUCKET/PREFIX, reached with the AWS_*
+    /// variables): no missing segment per timeline, valid page headers, history files; exit 1 naming the
+    /// first problem.
+    Verify(VerifyArgs),
+}
+
+#[derive(clap::Args)]
+struct VerifyArgs {
+    /// A receiver directory, or s3://BUCKET/PREFIX (endpoint and credentials from AWS_ENDPOINT_URL,
+    /// AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_ALLOW_HTTP).
+    target: String,
+    /// Print one JSON object instead of the human view.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -299,6 +313,61 @@ struct RecvArgs {
     /// On exit, write a JSON report (durable position, writes, fdatasyncs, latencies) to this file.
     #[arg(long, env = "WALSHIP_RECV_REPORT_JSON", value_name = "FILE")]
     report_json: Option<PathBuf>,
+    #[command(flatten)]
+    archive: ArchiveArgs,
+}
+
+/// The object-store archive (`--archive-to s3://BUCKET/PREFIX`); the standard AWS variables set the rest.
+#[derive(clap::Args)]
+struct ArchiveArgs {
+    /// Upload every complete segment and history file to this S3-compatible location, create-only,
+    /// with a SHA-256 in each object's metadata, e.g. s3://wal-archive/prod.
+    #[arg(long, env = "WALSHIP_ARCHIVE_TO", value_name = "s3://BUCKET/PREFIX")]
+    archive_to: Option<String>,
+    /// S3 endpoint of a store other than AWS (path-style addressing), e.g. http://127.0.0.1:8333.
+    #[arg(long, env = "AWS_ENDPOINT_URL", value_name = "URL")]
+    archive_endpoint: Option<String>,
+    /// S3 region.
+    #[arg(long, env = "AWS_REGION", default_value = walship::archive::settings::DEFAULT_REGION)]
+    archive_region: String,
+    /// S3 access key id.
+    #[arg(long, env = "AWS_ACCESS_KEY_ID", value_name = "ID")]
+    archive_access_key_id: Option<String>,
+    /// S3 secret access key (better from the environment or the config file than on the command line).
+    #[arg(long, env = "AWS_SECRET_ACCESS_KEY", value_name = "SECRET", hide_env_values = true, hide_default_value = true)]
+    archive_secret_access_key: Option<String>,
+    /// S3 session token (temporary credentials).
+    #[arg(long, env = "AWS_SESSION_TOKEN", value_name = "TOKEN", hide_env_values = true, hide_default_value = true)]
+    archive_session_token: Option<String>,
+    /// Allow a plain http:// endpoint that is not a loopback address.
+    #[arg(long, env = "AWS_ALLOW_HTTP")]
+    archive_allow_http: bool,
+    /// Uploads in flight at once (1..=64); each holds one segment in memory.
+    #[arg(long, env = "WALSHIP_ARCHIVE_PARALLEL", default_value_t = 4)]
+    archive_parallel: usize,
+    /// How often the directory is looked at for newly completed segments.
+    #[arg(long, env = "WALSHIP_ARCHIVE_SCAN_INTERVAL", default_value = "1s", value_parser = parse_duration_nonzero)]
+    archive_scan_interval: Duration,
+}
+
+impl ArchiveArgs {
+    /// The archive configuration, validated; None without --archive-to.
+    fn config(&self) -> Result<Option<walship::archive::ArchiveConfig>> {
+        let Some(url) = &self.archive_to else { return Ok(None) };
+        let mut s = walship::archive::ArchiveSettings::new(url)?;
+        let non_empty = |v: &Option<String>| v.as_ref().map(|s| s.trim().to_string()).filter(|s| !s.is_empty());
+        s.endpoint = non_empty(&self.archive_endpoint);
+        s.region = self.archive_region.trim().to_string();
+        s.access_key_id = non_empty(&self.archive_access_key_id);
+        s.secret_access_key = non_empty(&self.archive_secret_access_key).map(walship::archive::Secret::new);
+        s.session_token = non_empty(&self.archive_session_token).map(walship::archive::Secret::new);
+        s.allow_http = self.archive_allow_http;
+        let mut cfg = walship::archive::ArchiveConfig::new(s);
+        cfg.parallel = self.archive_parallel;
+        cfg.scan_interval = self.archive_scan_interval;
+        cfg.validate()?;
+        Ok(Some(cfg))
+    }
 }
 
 #[derive(clap::Args)]
@@ -509,6 +578,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::GenWal(a) => run_gen_wal(a),
         Command::Demo(a) => Ok(walship::demo::run(&a.dir, a.wal_bytes, a.port, a.keep)?),
         Command::Status(a) => walship::status::run(&a.url, a.sample, a.json, a.timeout),
+        Command::Verify(a) => run_verify(a),
     }
 }
 
@@ -616,11 +686,16 @@ fn run_recv(a: RecvArgs) -> Result<()> {
             file_mode: a.file_mode,
             gid: a.group.as_deref().map(resolve_group).transpose()?,
         },
+        archive: a.archive.config()?,
     };
     // Limits first: a bad value is the one error reported, before any warning about the key.
     cfg.validate()?;
     cfg.auth = a.auth.key("recv")?;
-    let metrics = Arc::new(walship::metrics::Metrics::receiver());
+    let mut metrics = walship::metrics::Metrics::receiver();
+    if let Some(archive) = &cfg.archive {
+        archive.metrics.register(metrics.registry_mut());
+    }
+    let metrics = Arc::new(metrics);
     serve_metrics(a.metrics_listen, &metrics)?;
     let recv_metrics = metrics.recv.clone().expect("receiver metrics");
     let summary = walship::recv::run_with_metrics(&cfg, shutdown_flag()?, recv_metrics)?;
@@ -677,6 +752,44 @@ fn run_gen_wal(a: GenArgs) -> Result<()> {
         report.end_lsn - report.first_lsn
     );
     Ok(())
+}
+
+/// `walship verify DIR | s3://...`: exit 0 when the WAL checks out, else 1 naming the first problem.
+fn run_verify(a: VerifyArgs) -> Result<()> {
+    use walship::archive::verify;
+    let report = if a.target.starts_with("s3://") {
+        verify::verify_store(&walship::archive::ArchiveSettings::from_env(&a.target)?)?
+    } else {
+        verify::verify_dir(std::path::Path::new(&a.target))?
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        for t in &report.timelines {
+            println!(
+                "system {} timeline {}: {} segments {}..{}{}",
+                t.system_id,
+                t.timeline,
+                t.segments,
+                t.first.as_deref().unwrap_or("-"),
+                t.last.as_deref().unwrap_or("-"),
+                if t.history { ", history file" } else { "" }
+            );
+        }
+        println!(
+            "{}: {} files, {} bytes checked ({} .partial files not checked)",
+            report.target, report.files_checked, report.bytes_checked, report.partial_files
+        );
+    }
+    match &report.problem {
+        None => {
+            if !a.json {
+                println!("OK");
+            }
+            Ok(())
+        }
+        Some(p) => bail!("verify: {p}"),
+    }
 }
 
 /// The segment size of the WAL in `dir`, from the size of its first segment-named file.

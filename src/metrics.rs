@@ -123,6 +123,11 @@ impl Metrics {
         }
     }
 
+    /// The registry, for metrics defined outside this module (the archiver's: `archive::ArchiveMetrics`).
+    pub fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
     /// The exposition text (OpenMetrics 1.0, ends with `# EOF`). Refreshes derived gauges first.
     pub fn encode(&self) -> String {
         if let Some(s) = &self.send {

@@ -190,6 +190,22 @@ pub struct StatusView {
     pub errors: BTreeMap<String, u64>,
     pub fsync_count: Option<u64>,
     pub fsync_mean_seconds: Option<f64>,
+    /// With `--archive-to`: the archive's state.
+    pub archive: Option<ArchiveView>,
+}
+
+/// The receiver's archive: how far behind `flushed` it is, what waits, whether it stopped.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ArchiveView {
+    /// flushed - archived.
+    pub lag_bytes: u64,
+    /// Age of the oldest complete local file not archived yet.
+    pub lag_seconds: f64,
+    pub pending_files: u64,
+    pub uploaded_objects: u64,
+    pub failures: u64,
+    /// Stopped on a hard error (a conflicting object): see the receiver's log.
+    pub stopped: bool,
 }
 
 fn unix_now_s() -> f64 {
@@ -252,11 +268,16 @@ pub fn view(url: &str, last: &Scrape, first: Option<&Scrape>) -> StatusView {
         } else {
             "waiting for a sender".to_string()
         };
-        positions = vec![
+        let mut p = vec![
             ("received", lsn("received_lsn")),
             ("written", lsn("written_lsn")),
             ("flushed", lsn("flushed_lsn")),
         ];
+        // With --archive-to: every byte below `archived` is in the object store.
+        if last.get("walship_recv_archived_lsn").is_some() {
+            p.push(("archived", lsn("archived_lsn")));
+        }
+        positions = p;
         lag_bytes = lsn("received_lsn").saturating_sub(lsn("flushed_lsn"));
         lag_seconds = None;
         reconnects = None;
@@ -266,7 +287,16 @@ pub fn view(url: &str, last: &Scrape, first: Option<&Scrape>) -> StatusView {
         (Some(n), Some(sum)) if n > 0 => Some(sum / n as f64),
         _ => None,
     };
+    let archive = last.get("walship_recv_archived_lsn").map(|a| ArchiveView {
+        lag_bytes: last.u64("walship_recv_flushed_lsn").unwrap_or(0).saturating_sub(a.as_u64()),
+        lag_seconds: last.f64("walship_recv_archive_lag_seconds").unwrap_or(0.0),
+        pending_files: last.u64("walship_recv_archive_pending_files").unwrap_or(0),
+        uploaded_objects: last.u64("walship_recv_archive_uploaded_objects_total").unwrap_or(0),
+        failures: last.u64("walship_recv_archive_failures_total").unwrap_or(0),
+        stopped: last.u64("walship_recv_archive_stopped").unwrap_or(0) > 0,
+    });
     StatusView {
+        archive,
         url: url.to_string(),
         role,
         version,
@@ -326,6 +356,7 @@ impl StatusView {
             "reconnects": self.reconnects,
             "errors": self.errors,
             "fsync": { "count": self.fsync_count, "mean_seconds": self.fsync_mean_seconds },
+            "archive": self.archive,
         })
     }
 
@@ -391,6 +422,18 @@ impl StatusView {
                 .collect::<Vec<_>>()
                 .join(" ")
         };
+        if let Some(a) = &self.archive {
+            let _ = writeln!(
+                s,
+                "  archive      lag {} (flushed - archived), {:.1} s, {} files pending, {} uploaded, {} failed tries{}",
+                fmt_bytes(a.lag_bytes as f64),
+                a.lag_seconds,
+                a.pending_files,
+                a.uploaded_objects,
+                a.failures,
+                if a.stopped { "; STOPPED on a hard error, see the receiver's log" } else { "" }
+            );
+        }
         let _ = writeln!(s, "  errors       {errors}");
         s
     }
@@ -481,5 +524,28 @@ mod tests {
         assert_eq!(j["positions"]["horizon"], "3/00000000");
         assert_eq!(j["positions_u64"]["sent"], 0x2_8000_0000u64);
         assert!(v.render().contains("flushed_lsn  1/00000000"), "{}", v.render());
+    }
+
+    #[test]
+    fn view_of_an_archiving_receiver() {
+        let mut m = Metrics::receiver();
+        let plain = Scrape { samples: parse_exposition(&m.encode()).unwrap(), at: Instant::now() };
+        let v = view("u", &plain, None);
+        assert!(v.archive.is_none() && v.positions.iter().all(|(n, _)| *n != "archived"));
+        let a = crate::archive::ArchiveMetrics::default();
+        a.register(m.registry_mut());
+        m.recv.as_ref().unwrap().set_acked(0x5_0000_0000, 0x5_0000_0000);
+        a.archived_lsn.set(0x4_0000_0000);
+        a.pending.set(3);
+        a.stopped.set(1);
+        a.lag_seconds.set(12.5);
+        let last = Scrape { samples: parse_exposition(&m.encode()).unwrap(), at: Instant::now() };
+        let v = view("u", &last, None);
+        assert_eq!(v.positions.last(), Some(&("archived", 0x4_0000_0000)));
+        let av = v.archive.clone().unwrap();
+        assert_eq!((av.lag_bytes, av.pending_files, av.stopped), (0x1_0000_0000, 3, true));
+        let r = v.render();
+        assert!(r.contains("archived_lsn 4/00000000") && r.contains("STOPPED") && r.contains("12.5 s"), "{r}");
+        assert_eq!(v.to_json()["archive"]["pending_files"], 3);
     }
 }

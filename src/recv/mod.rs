@@ -65,6 +65,8 @@ pub struct RecvConfig {
     pub spare_refill: SpareRefill,
     /// Mode and group of the files the receiver creates.
     pub access: FileAccess,
+    /// `--archive-to`: upload complete segments and history files (None: no archive).
+    pub archive: Option<crate::archive::ArchiveConfig>,
 }
 
 /// A [`RecvConfig`] that cannot work, named by the flag that sets it.
@@ -165,6 +167,8 @@ pub enum RecvError {
     Lock(#[from] LockError),
     #[error("cannot create the receiver directory {path}: {source}")]
     CreateDir { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Archive(#[from] crate::archive::ArchiveError),
 }
 
 /// CRC-32C of the bytes of the segment being received, from its start to each frame end, so the
@@ -308,6 +312,8 @@ pub fn run(cfg: &RecvConfig, shutdown: Arc<AtomicBool>) -> Result<RecvSummary, R
 /// [`run`], updating `metrics` (OPS-METRICS) as it goes.
 pub fn run_with_metrics(cfg: &RecvConfig, shutdown: Arc<AtomicBool>, metrics: Arc<RecvMetrics>) -> Result<RecvSummary, RecvError> {
     let (listener, lock, state, spares) = start_up(cfg)?;
+    // The archiver reads the recovered directory on a thread of its own; dropped (stopped) on return.
+    let _archiver = cfg.archive.as_ref().map(|a| crate::archive::Archiver::start(a, &cfg.dir)).transpose()?;
     let mut io = new_io(cfg, &state, metrics, spares)?;
     let mut st = LoopState::recovered(cfg, &mut io, &state)?;
     let limits = Limits::new(cfg.frame_bytes_max).expect("validated: frame_bytes_max in range");
@@ -1112,6 +1118,7 @@ mod config_tests {
             spare_segments: 2,
             spare_refill: SpareRefill::Idle,
             access: FileAccess::default(),
+            archive: None,
         }
     }
 

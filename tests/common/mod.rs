@@ -12,6 +12,7 @@
 
 pub mod pg;
 pub mod replay;
+pub mod s3;
 
 use std::ffi::OsStr;
 use std::fmt::Write as _;

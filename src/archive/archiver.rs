@@ -1,0 +1,501 @@
+//! The receiver's archiver: uploads every complete segment and every history file of the receiver's
+//! directory to the store, in parallel (bounded), retrying with backoff, and publishes `archived`:
+//! every byte below it, of the WAL the directory holds, is in the store.
+//!
+//! It reads the directory, never the receiver's state: a segment gets its final name only after all
+//! its bytes are durable, and a history file only after it was fsynced, so what it sees named is
+//! complete and durable. It runs on a thread of its own with a current-thread tokio runtime; file
+//! reads go to tokio's blocking pool. After a restart it starts again from the directory alone:
+//! every complete file is read, hashed and looked up (HEAD) once per process; an object with the same
+//! SHA-256 counts as archived, a missing one is uploaded create-only, and an existing object with
+//! another checksum stops archiving. (A listing by size cannot tell: every segment has the same
+//! size.) One listing per timeline is logged, for the operator. Whole-object PUTs are atomic: a
+//! receiver killed mid-upload leaves no half object.
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tracing::{debug, error, info, warn};
+
+use super::keys::{object_key, timeline_prefix};
+use super::settings::ArchiveSettings;
+use super::store::{PutOutcome, Store};
+use super::ArchiveError;
+use crate::metrics::LsnGauge;
+use crate::wal::{has_segment_name_shape, read_segment_head, Lsn, WalFileName, WalIdentity};
+
+/// Most uploads in flight at once (`--archive-parallel`).
+pub const PARALLEL_MAX: usize = 64;
+/// The longest wait between two tries of one upload.
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// `walship recv --archive-to ...`, validated.
+#[derive(Clone)]
+pub struct ArchiveConfig {
+    pub settings: ArchiveSettings,
+    /// Uploads in flight at once (1..=[`PARALLEL_MAX`]); each holds one file in memory.
+    pub parallel: usize,
+    /// How often the directory is looked at for new complete files.
+    pub scan_interval: Duration,
+    pub metrics: Arc<ArchiveMetrics>,
+}
+
+impl std::fmt::Debug for ArchiveConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ArchiveConfig")
+            .field("settings", &self.settings)
+            .field("parallel", &self.parallel)
+            .field("scan_interval", &self.scan_interval)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ArchiveConfig {
+    pub fn new(settings: ArchiveSettings) -> ArchiveConfig {
+        ArchiveConfig { settings, parallel: 4, scan_interval: Duration::from_secs(1), metrics: Arc::new(ArchiveMetrics::default()) }
+    }
+
+    pub fn validate(&self) -> Result<(), ArchiveError> {
+        self.settings.validate()?;
+        if !(1..=PARALLEL_MAX).contains(&self.parallel) {
+            return Err(ArchiveError::Option(format!("--archive-parallel {} must be 1..={PARALLEL_MAX}", self.parallel)));
+        }
+        if self.scan_interval.is_zero() || self.scan_interval > Duration::from_secs(3600) {
+            return Err(ArchiveError::Option("--archive-scan-interval must be above zero and at most 1h".into()));
+        }
+        Ok(())
+    }
+}
+
+/// The archiver's metrics (atomics; registered beside the receiver's).
+#[derive(Default, Debug)]
+pub struct ArchiveMetrics {
+    /// Every byte of the directory's WAL below this LSN is in the store (0: nothing yet).
+    pub archived_lsn: LsnGauge,
+    pub uploaded_objects: Counter,
+    pub uploaded_bytes: Counter,
+    /// Objects found in the store already with the same checksum.
+    pub present_objects: Counter,
+    /// Complete local files not in the store yet.
+    pub pending: Gauge,
+    /// Failed tries (each is retried).
+    pub failures: Counter,
+    /// 1 once archiving stopped on a hard error (a conflicting object).
+    pub stopped: Gauge,
+    /// Age of the oldest complete local file not in the store yet (from its modification time); 0
+    /// when nothing waits.
+    pub lag_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+}
+
+impl ArchiveMetrics {
+    /// Register as `walship_recv_archived_lsn`, `walship_recv_archive_*`.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register("recv_archived_lsn", "LSN below which every byte of the directory's WAL is in the object store", self.archived_lsn.clone());
+        registry.register("recv_archive_uploaded_objects", "Objects (segments, history files) uploaded", self.uploaded_objects.clone());
+        registry.register("recv_archive_uploaded_bytes", "Bytes uploaded to the object store", self.uploaded_bytes.clone());
+        registry.register("recv_archive_present_objects", "Objects found already in the store with the same content", self.present_objects.clone());
+        registry.register("recv_archive_pending_files", "Complete local files not in the object store yet", self.pending.clone());
+        registry.register("recv_archive_failures", "Failed upload tries (each is retried with backoff)", self.failures.clone());
+        registry.register("recv_archive_stopped", "1 when archiving stopped on a hard error (see the log)", self.stopped.clone());
+        registry.register("recv_archive_lag_seconds", "Age of the oldest complete local file not in the object store yet", self.lag_seconds.clone());
+    }
+}
+
+/// The running archiver; dropping it stops it (uploads in flight are abandoned: a PUT is atomic,
+/// they are made again at the next start).
+pub struct Archiver {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Archiver {
+    /// Start archiving `dir` per `cfg` on a thread of its own.
+    pub fn start(cfg: &ArchiveConfig, dir: &Path) -> Result<Archiver, ArchiveError> {
+        cfg.validate()?;
+        let store = Store::new(&cfg.settings)?;
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(ArchiveError::Runtime)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = &cfg.settings;
+        info!(
+            archive = %s.url,
+            endpoint = s.endpoint.as_deref().unwrap_or("(AWS)"),
+            region = %s.region,
+            access_key_id = s.access_key_id.as_deref().unwrap_or("(none)"),
+            parallel = cfg.parallel,
+            "archiving complete segments and history files to {}", s.url
+        );
+        let mut state = State {
+            dir: dir.to_path_buf(),
+            store,
+            prefix: s.url.prefix.clone(),
+            parallel: cfg.parallel,
+            scan_interval: cfg.scan_interval,
+            metrics: Arc::clone(&cfg.metrics),
+            identity: None,
+            files: BTreeMap::new(),
+            listed: HashMap::new(),
+            archived: Lsn(0),
+            last_log: None,
+            last_list_warn: None,
+            last_fail_warn: None,
+            failures_unlogged: 0,
+        };
+        let stop2 = Arc::clone(&stop);
+        let thread = std::thread::Builder::new()
+            .name("walship-archive".into())
+            .spawn(move || rt.block_on(state.run(&stop2)))
+            .map_err(ArchiveError::Runtime)?;
+        Ok(Archiver { stop, thread: Some(thread) })
+    }
+}
+
+impl Drop for Archiver {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Waiting { not_before: Instant, attempts: u32 },
+    InFlight { attempts: u32 },
+    Done,
+}
+
+#[derive(Debug)]
+struct Entry {
+    file: WalFileName,
+    key: String,
+    phase: Phase,
+    seen: bool,
+    /// When the file got its final name (its modification time), for the lag in seconds.
+    since: SystemTime,
+}
+
+struct State {
+    dir: PathBuf,
+    store: Store,
+    prefix: String,
+    parallel: usize,
+    scan_interval: Duration,
+    metrics: Arc<ArchiveMetrics>,
+    /// (system identifier, segment size), from the first segment's long page header.
+    identity: Option<(u64, u64)>,
+    /// By file name.
+    files: BTreeMap<String, Entry>,
+    /// Per timeline: the objects the store held when first listed (key -> size); for the log only.
+    listed: HashMap<u32, HashMap<String, u64>>,
+    archived: Lsn,
+    last_log: Option<Instant>,
+    last_list_warn: Option<Instant>,
+    last_fail_warn: Option<Instant>,
+    /// Failed tries since the last warning.
+    failures_unlogged: u64,
+}
+
+type Finished = (String, Result<(PutOutcome, u64), ArchiveError>);
+
+impl State {
+    async fn run(&mut self, stop: &AtomicBool) {
+        let mut tasks: tokio::task::JoinSet<Finished> = tokio::task::JoinSet::new();
+        let mut last_scan: Option<Instant> = None;
+        while !stop.load(Ordering::Relaxed) {
+            if last_scan.is_none_or(|t| t.elapsed() >= self.scan_interval) {
+                last_scan = Some(Instant::now());
+                self.scan();
+                self.list_new_timelines().await;
+            }
+            self.start_uploads(&mut tasks);
+            let finished = if tasks.is_empty() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                None
+            } else {
+                tokio::time::timeout(Duration::from_millis(100), tasks.join_next()).await.ok().flatten()
+            };
+            if let Some(Ok((name, result))) = finished {
+                if let Err(e) = self.finish(&name, result) {
+                    error!("{e}");
+                    error!(
+                        "archiving STOPPED: nothing more is uploaded until the conflict is resolved and the receiver restarted; \
+                         the receiver keeps receiving WAL into its directory"
+                    );
+                    self.metrics.stopped.set(1);
+                    tasks.abort_all();
+                    // Stay until the receiver stops, so the stop is visible in the metrics.
+                    while !stop.load(Ordering::Relaxed) {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    return;
+                }
+                self.update_position();
+            }
+        }
+        tasks.abort_all();
+        info!(archived = %self.archived, "archiver stopped; every byte of the directory's WAL below {} is in the store", self.archived);
+    }
+
+    /// Find the directory's identity and every complete segment and history file in it.
+    fn scan(&mut self) {
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(e) => e,
+            Err(e) => {
+                warn!(dir = %self.dir.display(), "archiver cannot read the directory: {e}");
+                return;
+            }
+        };
+        let mut names: Vec<(String, u64, SystemTime)> = Vec::new();
+        for entry in entries.flatten() {
+            let Ok(name) = entry.file_name().into_string() else { continue };
+            let Ok(meta) = entry.metadata() else { continue };
+            if meta.is_file() {
+                names.push((name, meta.len(), meta.modified().unwrap_or_else(|_| SystemTime::now())));
+            }
+        }
+        if self.identity.is_none() {
+            self.identity = names.iter().filter(|(n, _, _)| has_segment_name_shape(n)).find_map(|(n, _, _)| {
+                let head = read_segment_head(&self.dir.join(n)).ok()?;
+                let id = WalIdentity::from_first_page(&head).ok()?;
+                Some((id.system_id, id.seg_size))
+            });
+            if let Some((sysid, seg_size)) = self.identity {
+                info!(system_id = sysid, seg_size, "archive keys: {}TIMELINE/FILE", timeline_prefix(&self.prefix, sysid, 0).trim_end_matches("00000000/"));
+            }
+        }
+        let Some((sysid, seg_size)) = self.identity else { return };
+        for e in self.files.values_mut() {
+            e.seen = false;
+        }
+        for (name, size, since) in names {
+            let Some(file) = WalFileName::parse(&name, seg_size) else { continue };
+            if let WalFileName::Segment { .. } = file {
+                if size != seg_size {
+                    continue; // not a finished segment file (never written so by the receiver)
+                }
+            }
+            let Some(key) = object_key(&self.prefix, sysid, file, seg_size) else { continue };
+            let entry = self.files.entry(name).or_insert(Entry {
+                file,
+                key,
+                phase: Phase::Waiting { not_before: Instant::now(), attempts: 0 },
+                seen: true,
+                since,
+            });
+            entry.seen = true;
+        }
+        // A file that went away (removed by an operator) is not waited for.
+        self.files.retain(|_, e| e.seen || matches!(e.phase, Phase::InFlight { .. }));
+        self.update_position();
+    }
+
+    /// List each timeline's folder once, to tell the operator what is there already.
+    async fn list_new_timelines(&mut self) {
+        let Some((sysid, _)) = self.identity else { return };
+        let mut tlis: Vec<u32> = self.files.values().map(|e| tli_of(e.file)).filter(|t| !self.listed.contains_key(t)).collect();
+        tlis.sort_unstable();
+        tlis.dedup();
+        for tli in tlis {
+            let folder = timeline_prefix(&self.prefix, sysid, tli);
+            match self.store.list(&folder).await {
+                Ok(objects) => {
+                    let map: HashMap<String, u64> = objects.into_iter().map(|o| (o.key, o.size)).collect();
+                    let present = self.files.values().filter(|e| tli_of(e.file) == tli && map.contains_key(&e.key)).count();
+                    info!(
+                        folder = %self.store.describe(&folder),
+                        objects = map.len(),
+                        "listed the archive: {present} local files are there already (each counts once its SHA-256 matches)"
+                    );
+                    self.listed.insert(tli, map);
+                }
+                Err(e) => {
+                    // Listing is only for the log (a policy may allow PUT and GET but not LIST);
+                    // uploads check each key by itself.
+                    if self.last_list_warn.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                        warn!("cannot list the archive (will try again; uploads go on regardless): {e}");
+                        self.last_list_warn = Some(Instant::now());
+                    }
+                }
+            }
+        }
+    }
+
+    fn start_uploads(&mut self, tasks: &mut tokio::task::JoinSet<Finished>) {
+        let now = Instant::now();
+        // Oldest first: segments in LSN order, so `archived` moves as soon as possible.
+        let mut ready: Vec<(&String, &Entry)> = self
+            .files
+            .iter()
+            .filter(|(_, e)| matches!(e.phase, Phase::Waiting { not_before, .. } if not_before <= now))
+            .collect();
+        ready.sort_by_key(|(_, e)| order_of(e.file));
+        let room = self.parallel.saturating_sub(tasks.len());
+        let chosen: Vec<String> = ready.into_iter().take(room).map(|(n, _)| n.clone()).collect();
+        for name in chosen {
+            let e = self.files.get_mut(&name).expect("chosen from files");
+            let Phase::Waiting { attempts, .. } = e.phase else { continue };
+            e.phase = Phase::InFlight { attempts };
+            let store = self.store.clone();
+            let key = e.key.clone();
+            let path = self.dir.join(&name);
+            tasks.spawn(async move {
+                let result = upload(&store, &key, path).await;
+                (name, result)
+            });
+        }
+    }
+
+    /// Record one upload's result; Err only for a hard error (archiving must stop).
+    fn finish(&mut self, name: &str, result: Result<(PutOutcome, u64), ArchiveError>) -> Result<(), ArchiveError> {
+        let Some(e) = self.files.get_mut(name) else { return Ok(()) };
+        let attempts = match e.phase {
+            Phase::InFlight { attempts } => attempts,
+            _ => 0,
+        };
+        match result {
+            Ok((outcome, bytes)) => {
+                e.phase = Phase::Done;
+                match outcome {
+                    PutOutcome::Uploaded => {
+                        self.metrics.uploaded_objects.inc();
+                        self.metrics.uploaded_bytes.inc_by(bytes);
+                        debug!(key = %e.key, bytes, "uploaded {name}");
+                    }
+                    PutOutcome::AlreadyThere => {
+                        self.metrics.present_objects.inc();
+                        debug!(key = %e.key, "{name} was in the store already, same checksum");
+                    }
+                }
+                Ok(())
+            }
+            // An object of another content, or one walship did not write (no checksum to compare):
+            // overwriting is never an option, and retrying cannot help.
+            Err(err @ (ArchiveError::Conflict { .. } | ArchiveError::NoChecksum { .. })) => Err(err),
+            Err(err) => {
+                self.metrics.failures.inc();
+                let attempts = attempts + 1;
+                let wait = backoff(attempts);
+                e.phase = Phase::Waiting { not_before: Instant::now() + wait, attempts };
+                // One line per 10 s at most: a store that is down fails every file.
+                self.failures_unlogged += 1;
+                if self.last_fail_warn.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                    let others = self.failures_unlogged - 1;
+                    warn!(file = name, attempts, retry_in = ?wait, failed_tries_not_shown = others, "upload failed, will retry: {err}");
+                    self.last_fail_warn = Some(Instant::now());
+                    self.failures_unlogged = 0;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn update_position(&mut self) {
+        let Some((_, seg_size)) = self.identity else { return };
+        let pending = self.files.values().filter(|e| e.phase != Phase::Done).count();
+        self.metrics.pending.set(pending as i64);
+        let oldest = self.files.values().filter(|e| e.phase != Phase::Done).map(|e| e.since).min();
+        let lag = oldest.map_or(0.0, |t| SystemTime::now().duration_since(t).map_or(0.0, |d| d.as_secs_f64()));
+        self.metrics.lag_seconds.set(lag);
+        let segs = self.files.values().filter_map(|e| match e.file {
+            WalFileName::Segment { segno, tli } => Some(((segno, tli), e.phase == Phase::Done)),
+            _ => None,
+        });
+        let Some(lsn) = archived_lsn(segs, seg_size) else { return };
+        if lsn > self.archived {
+            self.archived = lsn;
+            self.metrics.archived_lsn.set(lsn.0);
+            let caught_up = pending == 0;
+            if caught_up || self.last_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
+                self.last_log = Some(Instant::now());
+                info!(archived = %lsn, pending_files = pending, "archived: every byte below {lsn} is in the store");
+            }
+        }
+    }
+}
+
+/// Read `path` and upload it create-only as `key`.
+async fn upload(store: &Store, key: &str, path: PathBuf) -> Result<(PutOutcome, u64), ArchiveError> {
+    let shown = path.display().to_string();
+    let data = tokio::task::spawn_blocking(move || std::fs::read(&path).map_err(|source| ArchiveError::Local { path, source }))
+        .await
+        .map_err(|e| ArchiveError::Client(format!("file reader task failed: {e}")))??;
+    let len = data.len() as u64;
+    let outcome = store.put_create(key, data.into(), &shown).await?;
+    Ok((outcome, len))
+}
+
+/// 1 s, 2 s, 4 s, ... up to [`BACKOFF_MAX`].
+fn backoff(attempts: u32) -> Duration {
+    Duration::from_secs(1u64 << attempts.saturating_sub(1).min(5)).min(BACKOFF_MAX)
+}
+
+fn tli_of(f: WalFileName) -> u32 {
+    match f {
+        WalFileName::Segment { tli, .. } | WalFileName::Partial { tli, .. } | WalFileName::History { tli } => tli,
+    }
+}
+
+/// History files first, then segments by (segno, timeline).
+fn order_of(f: WalFileName) -> (u8, u64, u32) {
+    match f {
+        WalFileName::History { tli } => (0, 0, tli),
+        WalFileName::Segment { tli, segno } | WalFileName::Partial { tli, segno } => (1, segno, tli),
+    }
+}
+
+/// The archived position of complete segments `((segno, tli), in the store)`: the start of the
+/// first one not in the store, else the end of the last; None without segments.
+pub fn archived_lsn(segments: impl Iterator<Item = ((u64, u32), bool)>, seg_size: u64) -> Option<Lsn> {
+    let mut segs: Vec<((u64, u32), bool)> = segments.collect();
+    segs.sort_unstable();
+    let first_missing = segs.iter().find(|(_, done)| !done);
+    match (first_missing, segs.last()) {
+        (Some(((segno, _), _)), _) => Some(Lsn(segno * seg_size)),
+        (None, Some(((segno, _), _))) => Some(Lsn((segno + 1) * seg_size)),
+        (None, None) => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn position_is_the_first_gap() {
+        let mib = 1 << 20;
+        assert_eq!(archived_lsn(std::iter::empty(), mib), None);
+        let s = |v: &[(u64, bool)]| archived_lsn(v.iter().map(|&(n, d)| ((n, 1), d)), mib);
+        assert_eq!(s(&[(3, true), (4, true)]), Some(Lsn(5 * mib)));
+        assert_eq!(s(&[(4, true), (3, false), (5, true)]), Some(Lsn(3 * mib)));
+        assert_eq!(s(&[(3, true), (4, false)]), Some(Lsn(4 * mib)));
+        // a timeline switch in segment 5: both files count
+        let v = [((4, 1), true), ((5, 2), false), ((5, 1), true)];
+        assert_eq!(archived_lsn(v.into_iter(), mib), Some(Lsn(5 * mib)));
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        assert_eq!(backoff(1), Duration::from_secs(1));
+        assert_eq!(backoff(3), Duration::from_secs(4));
+        assert_eq!(backoff(100), BACKOFF_MAX);
+    }
+
+    #[test]
+    fn config_limits() {
+        let mut c = ArchiveConfig::new(ArchiveSettings::new("s3://bkt/p").unwrap());
+        assert!(c.validate().is_ok());
+        c.parallel = 0;
+        assert!(c.validate().is_err());
+        c.parallel = 4;
+        c.scan_interval = Duration::ZERO;
+        assert!(c.validate().is_err());
+        assert!(!format!("{c:?}").contains("metrics"));
+    }
+}

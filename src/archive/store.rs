@@ -1,0 +1,215 @@
+//! The object store: `object_store`'s S3 client, create-only uploads that carry a SHA-256 of the
+//! content, and reads that verify it. [`Store`] is async (the archiver's runtime drives it);
+//! [`BlockingStore`] wraps it with a runtime of its own for callers outside any runtime.
+use std::sync::Arc;
+use std::time::Duration;
+
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::path::Path as ObjPath;
+use object_store::{
+    Attribute, AttributeValue, Attributes, BackoffConfig, ClientOptions, GetOptions, ObjectStore, PutMode, PutOptions,
+    PutPayload, RetryConfig,
+};
+use sha2::{Digest, Sha256};
+
+use super::settings::ArchiveSettings;
+use super::ArchiveError;
+
+/// The object metadata key (`x-amz-meta-walship-sha256`) holding the hex SHA-256 of the content.
+pub const CHECKSUM_META: &str = "walship-sha256";
+
+/// Hex SHA-256 of `data`.
+pub fn sha256_hex(data: &[u8]) -> String {
+    format!("{:x}", Sha256::digest(data))
+}
+
+/// What an upload found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutOutcome {
+    /// The object was created by this call.
+    Uploaded,
+    /// The key already held exactly these bytes (same checksum): nothing to do.
+    AlreadyThere,
+}
+
+/// One object of a listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    /// The key, relative to the bucket.
+    pub key: String,
+    pub size: u64,
+}
+
+/// One bucket of an S3-compatible store (cheap to clone).
+#[derive(Clone)]
+pub struct Store {
+    s3: Arc<AmazonS3>,
+    settings: Arc<ArchiveSettings>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("settings", &self.settings).finish_non_exhaustive()
+    }
+}
+
+fn store_err<'a>(op: &'static str, key: &'a str) -> impl FnOnce(object_store::Error) -> ArchiveError + 'a {
+    move |source| ArchiveError::Store { op, key: key.to_string(), source: Box::new(source) }
+}
+
+impl Store {
+    /// A client for `settings` (validated here too). Makes no request.
+    pub fn new(settings: &ArchiveSettings) -> Result<Store, ArchiveError> {
+        settings.validate()?;
+        // object_store retries a failed request a few times itself; the archiver retries a failed
+        // upload with a backoff of its own after that, forever, so a store that is down for a while is
+        // waited for without any request hanging for minutes.
+        let retry = RetryConfig {
+            backoff: BackoffConfig { init_backoff: Duration::from_millis(100), max_backoff: Duration::from_secs(2), base: 2.0 },
+            max_retries: 3,
+            retry_timeout: Duration::from_secs(20),
+        };
+        let client = ClientOptions::new()
+            .with_connect_timeout(Duration::from_secs(5))
+            .with_timeout(Duration::from_secs(120))
+            .with_allow_http(settings.endpoint.as_deref().is_some_and(|e| e.starts_with("http://")));
+        let mut b = AmazonS3Builder::new()
+            .with_bucket_name(&settings.url.bucket)
+            .with_region(&settings.region)
+            .with_virtual_hosted_style_request(false)
+            .with_retry(retry)
+            .with_client_options(client);
+        if let Some(endpoint) = &settings.endpoint {
+            // Custom endpoints are addressed path-style: ENDPOINT/BUCKET/KEY.
+            b = b.with_endpoint(endpoint.trim_end_matches('/'));
+        }
+        if let (Some(id), Some(secret)) = (&settings.access_key_id, &settings.secret_access_key) {
+            b = b.with_access_key_id(id).with_secret_access_key(secret.expose());
+        }
+        if let Some(token) = &settings.session_token {
+            b = b.with_token(token.expose());
+        }
+        let s3 = b.build().map_err(|e| ArchiveError::Client(e.to_string()))?;
+        Ok(Store { s3: Arc::new(s3), settings: Arc::new(settings.clone()) })
+    }
+
+    pub fn settings(&self) -> &ArchiveSettings {
+        &self.settings
+    }
+
+    /// `s3://BUCKET/KEY`, for messages.
+    pub fn describe(&self, key: &str) -> String {
+        format!("s3://{}/{key}", self.settings.url.bucket)
+    }
+
+    /// The checksum recorded with `key`, `None` if there is no such object.
+    pub async fn head_checksum(&self, key: &str) -> Result<Option<String>, ArchiveError> {
+        let opts = GetOptions { head: true, ..Default::default() };
+        match self.s3.get_opts(&ObjPath::from(key), opts).await {
+            Ok(r) => checksum_of(&r.attributes, &self.describe(key)).map(Some),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(store_err("HEAD", key)(e)),
+        }
+    }
+
+    /// Create `key` holding `data` unless it exists (`If-None-Match: *`). An existing object with the
+    /// same checksum counts as done; one with another checksum is [`ArchiveError::Conflict`]. The
+    /// store is asked first, so a store that ignored `If-None-Match` still never overwrites an
+    /// object this way (but two writers racing there could: S3, SeaweedFS and moto honour it).
+    pub async fn put_create(&self, key: &str, data: bytes::Bytes, local: &str) -> Result<PutOutcome, ArchiveError> {
+        let ours = sha256_hex(&data);
+        if let Some(theirs) = self.head_checksum(key).await? {
+            return self.same_or_conflict(key, local, ours, theirs);
+        }
+        let mut attributes = Attributes::new();
+        attributes.insert(Attribute::Metadata(CHECKSUM_META.into()), AttributeValue::from(ours.clone()));
+        attributes.insert(Attribute::ContentType, AttributeValue::from("application/octet-stream"));
+        let opts = PutOptions { mode: PutMode::Create, attributes, ..Default::default() };
+        match self.s3.put_opts(&ObjPath::from(key), PutPayload::from(data), opts).await {
+            Ok(_) => Ok(PutOutcome::Uploaded),
+            Err(object_store::Error::AlreadyExists { .. }) => match self.head_checksum(key).await? {
+                Some(theirs) => self.same_or_conflict(key, local, ours, theirs),
+                None => Err(ArchiveError::Vanished { object: self.describe(key) }),
+            },
+            Err(e) => Err(store_err("PUT", key)(e)),
+        }
+    }
+
+    fn same_or_conflict(&self, key: &str, local: &str, ours: String, theirs: String) -> Result<PutOutcome, ArchiveError> {
+        if ours == theirs {
+            Ok(PutOutcome::AlreadyThere)
+        } else {
+            Err(ArchiveError::Conflict { object: self.describe(key), local: local.to_string(), ours, theirs })
+        }
+    }
+
+    /// The content of `key`, verified against its recorded checksum. `None` if there is no such object.
+    pub async fn get_verified(&self, key: &str) -> Result<Option<bytes::Bytes>, ArchiveError> {
+        let r = match self.s3.get(&ObjPath::from(key)).await {
+            Ok(r) => r,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(store_err("GET", key)(e)),
+        };
+        let object = self.describe(key);
+        let expected = checksum_of(&r.attributes, &object)?;
+        let data = r.bytes().await.map_err(store_err("GET", key))?;
+        let actual = sha256_hex(&data);
+        if actual != expected {
+            return Err(ArchiveError::Corrupt { object, expected, actual });
+        }
+        Ok(Some(data))
+    }
+
+    /// Every object directly under `folder` (a key prefix ending in `/`).
+    pub async fn list(&self, folder: &str) -> Result<Vec<ObjectInfo>, ArchiveError> {
+        let p = ObjPath::from(folder.trim_end_matches('/'));
+        let r = self.s3.list_with_delimiter(Some(&p)).await.map_err(store_err("LIST", folder))?;
+        Ok(r.objects.into_iter().map(|o| ObjectInfo { key: o.location.to_string(), size: o.size }).collect())
+    }
+
+    /// The sub-folders directly under `folder` (each ending in `/`).
+    pub async fn list_folders(&self, folder: &str) -> Result<Vec<String>, ArchiveError> {
+        let trimmed = folder.trim_end_matches('/');
+        let p = if trimmed.is_empty() { None } else { Some(ObjPath::from(trimmed)) };
+        let r = self.s3.list_with_delimiter(p.as_ref()).await.map_err(store_err("LIST", folder))?;
+        Ok(r.common_prefixes.into_iter().map(|p| format!("{p}/")).collect())
+    }
+}
+
+fn checksum_of(attributes: &Attributes, object: &str) -> Result<String, ArchiveError> {
+    attributes
+        .get(&Attribute::Metadata(CHECKSUM_META.into()))
+        .map(|v| v.as_ref().to_string())
+        .ok_or_else(|| ArchiveError::NoChecksum { object: object.to_string() })
+}
+
+/// [`Store`] with a current-thread runtime of its own: for callers on plain threads (tests, tools).
+pub struct BlockingStore {
+    store: Store,
+    rt: tokio::runtime::Runtime,
+}
+
+impl BlockingStore {
+    pub fn new(settings: &ArchiveSettings) -> Result<BlockingStore, ArchiveError> {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(ArchiveError::Runtime)?;
+        Ok(BlockingStore { store: Store::new(settings)?, rt })
+    }
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+    pub fn head_checksum(&self, key: &str) -> Result<Option<String>, ArchiveError> {
+        self.rt.block_on(self.store.head_checksum(key))
+    }
+    pub fn put_create(&self, key: &str, data: Vec<u8>, local: &str) -> Result<PutOutcome, ArchiveError> {
+        self.rt.block_on(self.store.put_create(key, data.into(), local))
+    }
+    pub fn get_verified(&self, key: &str) -> Result<Option<bytes::Bytes>, ArchiveError> {
+        self.rt.block_on(self.store.get_verified(key))
+    }
+    pub fn list(&self, folder: &str) -> Result<Vec<ObjectInfo>, ArchiveError> {
+        self.rt.block_on(self.store.list(folder))
+    }
+    pub fn list_folders(&self, folder: &str) -> Result<Vec<String>, ArchiveError> {
+        self.rt.block_on(self.store.list_folders(folder))
+    }
+}
