@@ -4,7 +4,6 @@
 //! bucket is then read back and every object checked against the local file and its SHA-256.
 mod common;
 
-use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -21,39 +20,6 @@ const SEG: u64 = 1 << 20;
 const SYSTEM_ID: u64 = 7_000_000_000_000_000_001;
 const PREFIX: &str = "it/wal";
 
-struct Ctx {
-    dir: TestDir,
-    logs: RefCell<Vec<(String, PathBuf)>>,
-}
-
-impl Ctx {
-    fn new(name: &str) -> Ctx {
-        Ctx { dir: TestDir::new(name), logs: RefCell::new(Vec::new()) }
-    }
-    fn path(&self, p: &str) -> PathBuf {
-        self.dir.join(p)
-    }
-    fn log(&self, name: &str) -> PathBuf {
-        let n = self.logs.borrow().len();
-        let p = self.dir.join(format!("log-{n:02}-{name}.txt"));
-        self.logs.borrow_mut().push((name.to_string(), p.clone()));
-        p
-    }
-    fn watch(&self, name: &str, p: &Path) {
-        self.logs.borrow_mut().push((name.to_string(), p.to_path_buf()));
-    }
-}
-
-impl Drop for Ctx {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("===== test failed; process logs (temp dir {}) =====", self.dir.path().display());
-            for (name, p) in self.logs.borrow().iter() {
-                eprintln!("----- {name}: {} -----\n{}", p.display(), tail_file(p, 40));
-            }
-        }
-    }
-}
 
 fn gen_wal(ctx: &Ctx, wal_bytes: &str, seg: u64) -> PathBuf {
     gen_wal_in(ctx, "src", wal_bytes, seg)

@@ -381,17 +381,7 @@ impl Ctx {
     }
 
     fn restore_exe(&self) -> R<PathBuf> {
-        let w = walship_bin();
-        if self.pg.as_user.is_none() || others_can_reach(&w) {
-            return Ok(w);
-        }
-        let dir = self.tmp.join("bin");
-        fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-        let exe = dir.join("walship");
-        fs::copy(&w, &exe).map_err(|e| format!("copy {}: {e}", w.display()))?;
-        fs::set_permissions(&exe, fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())?;
-        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())?;
-        Ok(exe)
+        self.pg.restore_exe(self.tmp.path())
     }
 }
 

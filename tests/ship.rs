@@ -15,7 +15,6 @@
 mod common;
 
 use common::*;
-use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::fs::{self, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -33,40 +32,6 @@ const SYSTEM_A: u64 = 7_000_000_000_000_000_001; // gen-wal's default
 const SYSTEM_B: u64 = 7_123_456_789_012_345_678;
 
 // ---------------------------------------------------------------------------------------------------------
-// Test context: temp dir + the logs of every process started, printed when the test fails.
-
-struct Ctx {
-    dir: TestDir,
-    logs: RefCell<Vec<(String, PathBuf)>>,
-}
-
-impl Ctx {
-    fn new(name: &str) -> Ctx {
-        Ctx { dir: TestDir::new(name), logs: RefCell::new(Vec::new()) }
-    }
-    fn path(&self, p: &str) -> PathBuf {
-        self.dir.join(p)
-    }
-    /// A fresh log file path, registered for printing on failure.
-    fn log(&self, name: &str) -> PathBuf {
-        let n = self.logs.borrow().len();
-        let p = self.dir.join(format!("log-{n:02}-{name}.txt"));
-        self.logs.borrow_mut().push((name.to_string(), p.clone()));
-        p
-    }
-}
-
-impl Drop for Ctx {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("===== test failed; process logs (temp dir {}) =====", self.dir.path().display());
-            for (name, p) in self.logs.borrow().iter() {
-                eprintln!("----- {name}: {} -----\n{}", p.display(), tail_file(p, 60));
-            }
-            eprintln!("===== end of process logs =====");
-        }
-    }
-}
 
 
 

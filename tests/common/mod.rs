@@ -101,6 +101,46 @@ impl Drop for TestDir {
     }
 }
 
+/// A test's temp dir and the logs of every process it started, printed (their last lines) when
+/// the test fails.
+pub struct Ctx {
+    pub dir: TestDir,
+    logs: std::cell::RefCell<Vec<(String, PathBuf)>>,
+    tail_lines: usize,
+}
+
+impl Ctx {
+    pub fn new(name: &str) -> Ctx {
+        Ctx { dir: TestDir::new(name), logs: Default::default(), tail_lines: 60 }
+    }
+    pub fn path(&self, p: &str) -> PathBuf {
+        self.dir.join(p)
+    }
+    /// A fresh log file path, registered for printing on failure.
+    pub fn log(&self, name: &str) -> PathBuf {
+        let n = self.logs.borrow().len();
+        let p = self.dir.join(format!("log-{n:02}-{name}.txt"));
+        self.logs.borrow_mut().push((name.to_string(), p.clone()));
+        p
+    }
+    /// Prints `p` too on failure (a log some other code chose).
+    pub fn watch(&self, name: &str, p: &Path) {
+        self.logs.borrow_mut().push((name.to_string(), p.to_path_buf()));
+    }
+}
+
+impl Drop for Ctx {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("===== test failed; process logs (temp dir {}) =====", self.dir.path().display());
+            for (name, p) in self.logs.borrow().iter() {
+                eprintln!("----- {name}: {} -----\n{}", p.display(), tail_file(p, self.tail_lines));
+            }
+            eprintln!("===== end of process logs =====");
+        }
+    }
+}
+
 /// A TCP port on 127.0.0.1 that was free a moment ago (bind to :0, read, release).
 pub fn free_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
