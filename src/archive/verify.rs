@@ -158,6 +158,8 @@ fn run(src: &mut dyn Source, expect_sysid: Option<u64>, report: &mut VerifyRepor
     let mut id: Option<WalIdentity> = None;
     let mut segs: BTreeMap<u32, BTreeMap<u64, String>> = BTreeMap::new();
     let mut histories: BTreeMap<u32, String> = BTreeMap::new();
+    // The segment read for the identity, kept so it is not read (downloaded) twice.
+    let mut first_read: Option<(String, Vec<u8>)> = None;
     let mut sorted = names.clone();
     sorted.sort_by(|a, b| a.1.cmp(&b.1));
     for (shown, name) in &sorted {
@@ -174,7 +176,10 @@ fn run(src: &mut dyn Source, expect_sysid: Option<u64>, report: &mut VerifyRepor
                 }
             };
             match WalIdentity::from_first_page(&bytes) {
-                Ok(i) => id = Some(i),
+                Ok(i) => {
+                    id = Some(i);
+                    first_read = Some((shown.clone(), bytes));
+                }
                 Err(e) => {
                     report.problem = Some(problem(shown, Some(0), None, format!("first page: {e}")));
                     return Ok(());
@@ -183,7 +188,7 @@ fn run(src: &mut dyn Source, expect_sysid: Option<u64>, report: &mut VerifyRepor
         }
     }
     let Some(id) = id else {
-        return Ok(()); // no segment at all: nothing to check but history files, below
+        return Ok(()); // no segment at all: nothing checked (history files are checked only beside segments)
     };
     if let Some(want) = expect_sysid {
         if id.system_id != want {
@@ -204,15 +209,13 @@ fn run(src: &mut dyn Source, expect_sysid: Option<u64>, report: &mut VerifyRepor
     }
     // History files: they parse, and name only older timelines.
     for (&tli, shown) in &histories {
-        let bytes = match src.read(shown) {
+        let bytes = match read_checked(src, shown, None, report) {
             Ok(b) => b,
             Err(p) => {
                 report.problem = Some(p);
                 return Ok(());
             }
         };
-        report.files_checked += 1;
-        report.bytes_checked += bytes.len() as u64;
         let text = String::from_utf8_lossy(&bytes);
         match parse_history(&text) {
             Ok(entries) => {
@@ -251,15 +254,13 @@ fn run(src: &mut dyn Source, expect_sysid: Option<u64>, report: &mut VerifyRepor
                 report.problem = Some(problem(&missing, None, Some(lsn), format!("segment missing (timeline {tli} has {before} and later segments)")));
                 return Ok(());
             };
-            let bytes = match src.read(shown) {
+            let bytes = match read_checked(src, shown, first_read.take(), report) {
                 Ok(b) => b,
                 Err(p) => {
                     report.problem = Some(p);
                     return Ok(());
                 }
             };
-            report.files_checked += 1;
-            report.bytes_checked += bytes.len() as u64;
             if bytes.len() as u64 != id.seg_size {
                 report.problem = Some(problem(shown, None, None, format!("{} bytes, a segment has {}", bytes.len(), id.seg_size)));
                 return Ok(());
@@ -289,6 +290,17 @@ fn run(src: &mut dyn Source, expect_sysid: Option<u64>, report: &mut VerifyRepor
         walker = None;
     }
     Ok(())
+}
+
+/// Reads `shown` (or takes it from `cached` when that is the same file) and counts it as checked.
+fn read_checked(src: &mut dyn Source, shown: &str, cached: Option<(String, Vec<u8>)>, report: &mut VerifyReport) -> Result<Vec<u8>, Problem> {
+    let bytes = match cached {
+        Some((file, bytes)) if file == shown => bytes,
+        _ => src.read(shown)?,
+    };
+    report.files_checked += 1;
+    report.bytes_checked += bytes.len() as u64;
+    Ok(bytes)
 }
 
 fn name_of(shown: &str) -> String {
