@@ -812,7 +812,9 @@ impl<'a> Streaming<'a> {
 
     /// Takes in what completed; returns how the connection ends when a completion ends it.
     fn take_completions(&mut self, source: &mut Source, summary: &mut SendSummary, progress: &mut Progress, m: &SenderMetrics) -> Option<ConnEnd> {
-        for c in std::mem::take(&mut self.completions) {
+        // By index: the Vec keeps its capacity from one wait to the next (no allocation per turn).
+        for i in 0..self.completions.len() {
+            let c = self.completions[i];
             match (c.tag, c.kind) {
                 (TAG_SEND, CompletionKind::Done) => {
                     self.send_in_flight = false;
