@@ -177,14 +177,25 @@ struct SendArgs {
     #[arg(long, env = "WALSHIP_TLS_CA", value_name = "FILE")]
     tls_ca: Option<PathBuf>,
     /// Name the receiver's certificate must carry (DNS name or IP; default: the host of --to).
-    #[arg(long, env = "WALSHIP_TLS_SERVER_NAME", requires = "tls_ca")]
-    tls_server_name: Option<String>,
+    /// With several --to: give it once per --to, in the same order (or once, for one --to).
+    #[arg(long, env = "WALSHIP_TLS_SERVER_NAME", requires = "tls_ca", value_delimiter = ',')]
+    tls_server_name: Vec<String>,
     /// Directory holding WAL segment files (a stopped cluster's pg_wal, or an archive).
     #[arg(long, env = "WALSHIP_PG_WAL")]
     pg_wal: PathBuf,
-    /// Receiver address, host:port.
-    #[arg(long, env = "WALSHIP_TO", value_parser = parse_host_port)]
-    to: String,
+    /// Receiver address, host:port. Repeat it (or give a comma-separated list) to ship to several
+    /// receivers at once, each its own connection, all from one read of the WAL.
+    #[arg(long, env = "WALSHIP_TO", value_parser = parse_host_port, value_delimiter = ',', required = true)]
+    to: Vec<String>,
+    /// How many of the --to receivers must hold WAL durably before the sender counts it durable
+    /// (the slot still waits for every receiver within --max-lag-bytes). Default: all of them.
+    /// --once exits 3 when only K..N-1 hold the end of WAL after --retry-for.
+    #[arg(long, env = "WALSHIP_QUORUM")]
+    quorum: Option<usize>,
+    /// A receiver further than this behind the quorum stops holding the replication slot back
+    /// (loud warning and metric; like max_slot_wal_keep_size) (bytes).
+    #[arg(long, env = "WALSHIP_MAX_LAG_BYTES", default_value = "16GiB", value_parser = parse_bytes)]
+    max_lag_bytes: u64,
     /// Ship everything valid in the directory (a stopped cluster, an archive), wait until the
     /// receiver holds it durably, exit. Without it, follow the live server given by --conninfo.
     #[arg(long, env = "WALSHIP_ONCE", conflicts_with_all = ["conninfo", "slot"])]
@@ -465,8 +476,10 @@ impl std::error::Error for Exit {}
 /// contains (`{path}: {source}` formats) is not repeated.
 fn describe_error(e: &anyhow::Error) -> String {
     let mut out = String::new();
+    // An exit code given as context is not part of the message.
+    let exit = e.downcast_ref::<Exit>().map(|x| x.to_string());
     for cause in e.chain() {
-        if cause.downcast_ref::<Exit>().is_some() {
+        if cause.downcast_ref::<Exit>().is_some() || exit.as_deref() == Some(&cause.to_string()) {
             continue;
         }
         let text = cause.to_string();
@@ -599,7 +612,15 @@ fn run_send(a: SendArgs) -> Result<()> {
     if let Some(p) = progress {
         let _ = p.join();
     }
-    let summary = result?;
+    let summary = result.map_err(|e| {
+        let quorum_only = matches!(e, walship::send::SendError::QuorumOnly { .. });
+        let e = anyhow::Error::new(e);
+        if quorum_only {
+            e.context(Exit(walship::send::EXIT_QUORUM_ONLY))
+        } else {
+            e
+        }
+    })?;
     println!(
         "shipped {} bytes ({} segments) {}..{} in {:.3} s: {:.1} MB/s durable at the receiver",
         summary.bytes,
@@ -629,23 +650,18 @@ fn send_config(a: &SendArgs) -> Result<SendConfig> {
         poll_interval: a.horizon_poll_interval,
         slot_advance_interval: a.slot_advance_interval,
     });
-    let tls_client = match &a.tls_ca {
-        None => None,
-        Some(ca) => {
-            let name = a.tls_server_name.clone().unwrap_or_else(|| walship::tls::host_of(&a.to).to_string());
-            Some(walship::tls::TlsClient::load(ca, &name)?)
-        }
-    };
+    let destinations = destinations(a)?;
     let default_retry = if a.once { Duration::from_secs(30) } else { Duration::from_secs(86_400) };
     let mut cfg = SendConfig {
         pg_wal: a.pg_wal.clone(),
-        to: a.to.clone(),
+        quorum: a.quorum.unwrap_or(destinations.len()),
+        max_lag_bytes: a.max_lag_bytes,
+        destinations,
         once: a.once,
         retry_for: a.retry_for.unwrap_or(default_retry),
         live,
         shutdown_timeout: a.shutdown_timeout,
         auth: None,
-        tls: tls_client,
         zero_copy: a.zero_copy,
         frame_bytes: a.frame_bytes,
         in_flight_bytes_max: a.in_flight_bytes_max,
@@ -659,6 +675,28 @@ fn send_config(a: &SendArgs) -> Result<SendConfig> {
     cfg.validate()?;
     cfg.auth = a.auth.key("send")?;
     Ok(cfg)
+}
+
+/// Each --to with its TLS settings: the server name given for it (by position), else its host.
+fn destinations(a: &SendArgs) -> Result<Vec<walship::send::Destination>> {
+    let names = &a.tls_server_name;
+    if !names.is_empty() && names.len() != a.to.len() {
+        bail!("--tls-server-name is given {} times for {} --to: give it once per --to, in the same order", names.len(), a.to.len());
+    }
+    let ca = a.tls_ca.as_ref();
+    a.to.iter()
+        .enumerate()
+        .map(|(i, to)| {
+            let tls = match ca {
+                None => None,
+                Some(ca) => {
+                    let name = names.get(i).cloned().unwrap_or_else(|| walship::tls::host_of(to).to_string());
+                    Some(walship::tls::TlsClient::load(ca, &name)?)
+                }
+            };
+            Ok(walship::send::Destination { to: to.clone(), tls })
+        })
+        .collect()
 }
 
 /// `walship recv`: flags -> RecvConfig -> the library, then the report.

@@ -41,6 +41,12 @@
 //! | `walship_send_bytes_total` | WAL payload bytes handed to the kernel |
 //! | `walship_send_connections_total`, `walship_send_reconnects_total` | connections made / re-made after a loss |
 //! | `walship_send_errors_total{kind}` | errors by kind |
+//! | `walship_send_quorum_flushed_lsn` | the K-th highest acknowledged flushed LSN over the destinations (what the sender counts durable) |
+//! | `walship_send_destination_flushed_lsn{destination}` | each destination's acknowledged durable position |
+//! | `walship_send_destination_lag_bytes{destination}` | horizon - that destination's flushed LSN |
+//! | `walship_send_destination_connected{destination}` | 1 while that destination is connected |
+//! | `walship_send_destination_reconnects_total{destination}` | that destination's connections re-made after a loss |
+//! | `walship_send_destination_slot_released{destination}` | 1 while it is more than --max-lag-bytes behind the quorum and no longer holds the slot back |
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -379,9 +385,15 @@ pub struct SenderMetrics {
     reconnects: Counter,
     connected: Family<Vec<(&'static str, String)>, Gauge>,
     errors: Family<KindLabels, Counter>,
+    quorum_flushed_lsn: LsnGauge,
+    dest_flushed_lsn: Family<Vec<(&'static str, String)>, LsnGauge>,
+    dest_lag_bytes: Family<Vec<(&'static str, String)>, LsnGauge>,
+    dest_connected: Family<Vec<(&'static str, String)>, Gauge>,
+    dest_reconnects: Family<Vec<(&'static str, String)>, Counter>,
+    dest_slot_released: Family<Vec<(&'static str, String)>, Gauge>,
     /// Unix time (us) at which the flushed LSN last covered the horizon; start of the current lag.
     caught_up_unix_us: AtomicU64,
-    peer: Mutex<Option<String>>,
+    peer: Mutex<Vec<String>>,
 }
 
 /// A point-in-time copy of the sender's numbers (for `--once` progress lines).
@@ -420,8 +432,14 @@ impl SenderMetrics {
             reconnects: Counter::default(),
             connected: Family::default(),
             errors: Family::default(),
+            quorum_flushed_lsn: Gauge::default(),
+            dest_flushed_lsn: Family::default(),
+            dest_lag_bytes: Family::default(),
+            dest_connected: Family::default(),
+            dest_reconnects: Family::default(),
+            dest_slot_released: Family::default(),
             caught_up_unix_us: AtomicU64::new(unix_now_us()),
-            peer: Mutex::new(None),
+            peer: Mutex::new(Vec::new()),
         }
     }
 
@@ -480,24 +498,80 @@ impl SenderMetrics {
         );
         zero_kinds(&self.errors, &send_error::ALL);
         r.register("errors", "Errors by kind", self.errors.clone());
+        r.register(
+            "quorum_flushed_lsn",
+            "The K-th highest acknowledged flushed LSN over the destinations: durable on at least K of them (u64 LSN)",
+            self.quorum_flushed_lsn.clone(),
+        );
+        r.register("destination_flushed_lsn", "Each destination's acknowledged durable position (u64 LSN)", self.dest_flushed_lsn.clone());
+        r.register("destination_lag_bytes", "Horizon minus each destination's flushed LSN, in bytes", self.dest_lag_bytes.clone());
+        r.register("destination_connected", "1 while the destination is connected", self.dest_connected.clone());
+        r.register("destination_reconnects", "Connections to the destination re-made after a loss", self.dest_reconnects.clone());
+        r.register(
+            "destination_slot_released",
+            "1 while the destination is more than --max-lag-bytes behind the quorum and no longer holds the replication slot back",
+            self.dest_slot_released.clone(),
+        );
     }
 
-    /// The handshake with `peer` succeeded: it is now the connected receiver.
+    fn dest(to: &str) -> Vec<(&'static str, String)> {
+        vec![("destination", to.to_string())]
+    }
+
+    /// Destination `to` (connected as `peer`) finished its handshake and streams from `resume`.
+    pub fn on_destination_connected(&self, to: &str, peer: &str, resume: u64) {
+        self.on_connected(peer);
+        self.dest_connected.get_or_create(&Self::dest(to)).set(1);
+        self.dest_flushed_lsn.get_or_create(&Self::dest(to)).set(resume);
+    }
+
+    /// Destination `to`'s connection ended.
+    pub fn on_destination_disconnected(&self, to: &str, peer: &str) {
+        self.dest_connected.get_or_create(&Self::dest(to)).set(0);
+        self.on_disconnected(peer);
+    }
+
+    /// Destination `to` lost its receiver and connects again.
+    pub fn inc_destination_reconnects(&self, to: &str) {
+        self.dest_reconnects.get_or_create(&Self::dest(to)).inc();
+        self.inc_reconnects();
+    }
+
+    /// Destination `to` holds everything below `flushed` durably; the horizon is `horizon`.
+    pub fn set_destination_flushed(&self, to: &str, flushed: u64, horizon: u64) {
+        self.dest_flushed_lsn.get_or_create(&Self::dest(to)).set(flushed);
+        self.dest_lag_bytes.get_or_create(&Self::dest(to)).set(horizon.saturating_sub(flushed));
+    }
+
+    /// Whether destination `to` stopped holding the slot back (too far behind the quorum).
+    pub fn set_destination_dropped(&self, to: &str, dropped: bool) {
+        self.dest_slot_released.get_or_create(&Self::dest(to)).set(i64::from(dropped));
+    }
+
+    /// The quorum's durable position moved.
+    pub fn set_quorum_flushed(&self, lsn: u64) {
+        self.quorum_flushed_lsn.set(lsn);
+    }
+
+    /// An acknowledgement arrived (stamps its time).
+    pub fn on_ack_seen(&self) {
+        self.last_ack_time_seconds.set(unix_now_s());
+    }
+
+    /// The handshake with `peer` succeeded: it is connected (with several destinations, several
+    /// peers are).
     pub fn on_connected(&self, peer: &str) {
         let mut cur = self.peer.lock().expect("peer lock");
-        if let Some(old) = cur.take() {
-            self.connected.get_or_create(&vec![("peer", old)]).set(0);
-        }
         self.connected.get_or_create(&vec![("peer", peer.to_string())]).set(1);
-        *cur = Some(peer.to_string());
+        cur.push(peer.to_string());
         self.connections.inc();
     }
 
-    /// The connection ended (for whatever reason).
-    pub fn on_disconnected(&self) {
-        if let Some(old) = self.peer.lock().expect("peer lock").as_ref() {
-            self.connected.get_or_create(&vec![("peer", old.clone())]).set(0);
-        }
+    /// The connection to `peer` ended.
+    pub fn on_disconnected(&self, peer: &str) {
+        let mut cur = self.peer.lock().expect("peer lock");
+        cur.retain(|p| p != peer);
+        self.connected.get_or_create(&vec![("peer", peer.to_string())]).set(0);
     }
 
     /// Positions on the current connection: sent by us; written and flushed as last acknowledged.
@@ -675,6 +749,7 @@ mod tests {
         s.on_ack(1000, 1000, 1000);
         let snap = s.snapshot();
         assert_eq!((snap.lag_bytes, snap.lag_seconds), (0, 0.0));
+        s.on_disconnected("127.0.0.1:5499");
         s.on_connected("127.0.0.1:5500");
         let text = m.encode();
         assert!(

@@ -3,6 +3,8 @@
 //! one sendmsg (header + payload straight from the segment mmap, zero-copy when it pays) in
 //! flight per connection, acks received concurrently. With `--tls-ca` the same data path runs on
 //! the plaintext end of a TLS pump ([`crate::tls`]).
+mod fanout;
+pub mod fleet;
 pub mod pages;
 pub mod quorum;
 pub mod sender;
@@ -12,22 +14,21 @@ pub mod source;
 pub use source::live;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
-use crate::uring::{BufferPool, Completion, CompletionKind, Ring, RingError, SendBatch};
+use crate::uring::RingError;
 use crate::wal::Lsn;
-use crate::wire::{self, Decoder, ErrorCode, FrameHeader, Hello, Limits, Message, FRAME_HEADER_LEN};
+use crate::wire::{self, Decoder, ErrorCode, Hello, Limits, Message, FRAME_HEADER_LEN};
 use crate::metrics::{send_error, SenderMetrics};
 use crate::tls::{Link, TlsClient, TlsError};
-use pages::PageChecker;
-use sender::{ConnEndRule, EndRules, FramePlan, Sender, SenderLimits, SourceFacts};
-use source::{DirSource, LiveConfig, LiveSource, ServerState, Source, SourceError, WalSource};
+use sender::SourceFacts;
+use source::{DirSource, LiveConfig, LiveSource, Source, SourceError, WalSource};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ZeroCopy {
@@ -48,6 +49,30 @@ pub enum ConfigError {
     ZeroDuration { flag: &'static str },
     #[error("--to {0:?}: expected HOST:PORT with a port in 1..=65535 (IPv6 in brackets: [::1]:5499)")]
     To(String),
+    #[error("--to: between 1 and {max} destinations, got {got}")]
+    Destinations { got: usize, max: usize },
+    #[error("--to {0} is given twice: each destination is a different receiver")]
+    DuplicateTo(String),
+    #[error("--quorum {k} must be between 1 and the number of --to destinations ({n})")]
+    Quorum { k: usize, n: usize },
+    #[error("--max-lag-bytes ({value}) must be at least --in-flight-bytes-max ({in_flight})")]
+    MaxLag { value: u64, in_flight: u64 },
+}
+
+/// `walship send --once` exit code when the quorum holds the end of valid WAL but not every
+/// destination does (after `--retry-for`).
+pub const EXIT_QUORUM_ONLY: u8 = 3;
+
+/// Most destinations one sender feeds.
+pub const DESTINATIONS_MAX: usize = 16;
+
+/// One receiver the sender ships to.
+#[derive(Debug, Clone)]
+pub struct Destination {
+    /// HOST:PORT.
+    pub to: String,
+    /// TLS to this receiver (None: plain TCP).
+    pub tls: Option<TlsClient>,
 }
 
 /// `HOST:PORT` with a port 1..=65535 (`[::1]:5499` for IPv6): a typo must be refused at start-up,
@@ -84,7 +109,27 @@ impl SendConfig {
                 return Err(ConfigError::ZeroDuration { flag });
             }
         }
-        check_host_port(&self.to)
+        self.validate_destinations()
+    }
+
+    fn validate_destinations(&self) -> Result<(), ConfigError> {
+        let n = self.destinations.len();
+        if n == 0 || n > DESTINATIONS_MAX {
+            return Err(ConfigError::Destinations { got: n, max: DESTINATIONS_MAX });
+        }
+        for (i, d) in self.destinations.iter().enumerate() {
+            check_host_port(&d.to)?;
+            if self.destinations[..i].iter().any(|e| e.to == d.to) {
+                return Err(ConfigError::DuplicateTo(d.to.clone()));
+            }
+        }
+        if self.quorum == 0 || self.quorum > n {
+            return Err(ConfigError::Quorum { k: self.quorum, n });
+        }
+        if self.max_lag_bytes < self.in_flight_bytes_max {
+            return Err(ConfigError::MaxLag { value: self.max_lag_bytes, in_flight: self.in_flight_bytes_max });
+        }
+        Ok(())
     }
 }
 
@@ -92,7 +137,12 @@ impl SendConfig {
 #[derive(Debug, Clone)]
 pub struct SendConfig {
     pub pg_wal: PathBuf,
-    pub to: String,
+    /// The receivers, each its own connection.
+    pub destinations: Vec<Destination>,
+    /// How many destinations must hold WAL durably before the sender reports it durable (K of N).
+    pub quorum: usize,
+    /// A destination further than this behind the quorum stops holding the replication slot back.
+    pub max_lag_bytes: u64,
     pub once: bool,
     /// Keep reconnecting this long after losing the receiver.
     pub retry_for: Duration,
@@ -115,8 +165,6 @@ pub struct SendConfig {
     pub shutdown_timeout: Duration,
     /// Shared key for the mutual handshake authentication (None: `--insecure-no-auth`).
     pub auth: Option<crate::auth::AuthKey>,
-    /// TLS to the receiver (None: plain TCP).
-    pub tls: Option<TlsClient>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -144,6 +192,10 @@ pub enum SendError {
     SlotAhead { peer: String, receiver: Lsn, slot: String, slot_from: Lsn },
     #[error("interrupted; the receiver holds everything below {flushed} durably")]
     Interrupted { flushed: Lsn },
+    #[error(
+        "only part of the destinations hold the end of valid WAL ({end}) durably: the quorum ({k} of {n}) does, these do not: {lagging}"
+    )]
+    QuorumOnly { k: usize, n: usize, end: Lsn, lagging: String },
     #[error("cannot resolve {to}: {why}")]
     Resolve { to: String, why: String },
     #[error(transparent)]
@@ -183,29 +235,10 @@ impl SendSummary {
     }
 }
 
-/// Why one connection ended.
-enum ConnEnd {
-    /// Everything up to the final horizon is acknowledged durable.
-    Done,
-    /// The server moved to a newer timeline and the receiver holds ours up to the switch point.
-    TimelineSwitch,
-    /// Worth retrying (network trouble, receiver restart).
-    Transient(String),
-    Fatal(SendError),
-}
-
-const TAG_SEND: u64 = 1;
-const TAG_RECV: u64 = 2;
-/// The live source's poller signalled a new flush position (eventfd read into control buffer 1).
-const TAG_WAKE: u64 = 3;
-const CTL_ACKS: usize = 0;
-const CTL_WAKE: usize = 1;
-const ACK_BUF_BYTES: usize = 4096;
-
-/// Progress shared across connections of one run.
+/// Progress shared across connections of one run: the quorum's durable position.
 struct Progress {
     start_lsn: Option<Lsn>,
-    /// Highest flushed LSN the receiver acknowledged.
+    /// Highest quorum position (the K-th highest acknowledged flushed LSN).
     acked: Lsn,
     /// Horizons observed and not yet acknowledged: (lsn, when seen), for the ack latency.
     horizons_seen: std::collections::VecDeque<(Lsn, Instant)>,
@@ -256,41 +289,9 @@ pub fn run_with_metrics(cfg: &SendConfig, shutdown: Arc<AtomicBool>, m: Arc<Send
         horizons_seen: Default::default(),
         last_report: Instant::now(),
     };
-    let mut retry = Retry::new();
-    loop {
-        if shutdown.load(Ordering::Relaxed) && progress.start_lsn.is_none() {
-            return Err(SendError::Interrupted { flushed: progress.acked });
-        }
-        let acked_before = progress.acked;
-        let end = ship_once(cfg, &mut source, &shutdown, &mut summary, &mut progress, &m);
-        m.on_disconnected();
-        if progress.acked > acked_before {
-            // A connection that made progress resets the retry clock and the backoff.
-            retry = Retry::new();
-        }
-        match end {
-            ConnEnd::Done => break,
-            ConnEnd::TimelineSwitch => {
-                source.apply_switch()?;
-                // Positions on the new timeline start over at its first segment.
-                progress.acked = Lsn(0);
-                progress.horizons_seen.clear();
-                retry.lost_at = Instant::now();
-            }
-            ConnEnd::Fatal(e) => {
-                m.inc_error(error_kind(&e));
-                return Err(e);
-            }
-            ConnEnd::Transient(why) => {
-                m.inc_error(send_error::NETWORK);
-                if shutdown.load(Ordering::Relaxed) {
-                    return Err(SendError::Interrupted { flushed: progress.acked });
-                }
-                retry.wait(cfg.retry_for, why, &shutdown, &m)?;
-            }
-        }
-    }
+    let shipped = fanout::ship(cfg, &mut source, &shutdown, &mut summary, &mut progress, &m);
     summarize(&mut summary, &progress, source.first_lsn(), source.identity().seg_size, started);
+    shipped?;
     Ok(summary)
 }
 
@@ -327,30 +328,6 @@ fn error_kind(e: &SendError) -> &'static str {
     }
 }
 
-/// Reconnecting after a transient end: backoff doubling to 5 s, for at most `retry_for` since
-/// the last connection that made progress.
-struct Retry {
-    lost_at: Instant,
-    backoff: Duration,
-}
-
-impl Retry {
-    fn new() -> Retry {
-        Retry { lost_at: Instant::now(), backoff: Duration::from_millis(100) }
-    }
-
-    fn wait(&mut self, retry_for: Duration, why: String, shutdown: &AtomicBool, m: &SenderMetrics) -> Result<(), SendError> {
-        if self.lost_at.elapsed() > retry_for {
-            return Err(SendError::GaveUp { retry_for, last: why });
-        }
-        m.inc_reconnects();
-        warn!("{why}; retrying in {:?}", self.backoff);
-        sleep_unless(self.backoff, shutdown);
-        self.backoff = (self.backoff * 2).min(Duration::from_secs(5));
-        Ok(())
-    }
-}
-
 fn summarize(summary: &mut SendSummary, progress: &Progress, first: Lsn, seg_size: u64, started: Instant) {
     let start = progress.start_lsn.unwrap_or(first);
     summary.start_lsn = start;
@@ -360,99 +337,11 @@ fn summarize(summary: &mut SendSummary, progress: &Progress, first: Lsn, seg_siz
     summary.seconds = started.elapsed().as_secs_f64();
 }
 
-fn sleep_unless(d: Duration, shutdown: &AtomicBool) {
-    let until = Instant::now() + d;
-    while Instant::now() < until && !shutdown.load(Ordering::Relaxed) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn resolve(to: &str) -> Result<SocketAddr, SendError> {
     to.to_socket_addrs()
         .map_err(|e| SendError::Resolve { to: to.into(), why: e.to_string() })?
         .next()
         .ok_or_else(|| SendError::Resolve { to: to.into(), why: "no address".into() })
-}
-
-/// One connection: handshake, then stream until done or broken.
-fn ship_once(
-    cfg: &SendConfig,
-    source: &mut Source,
-    shutdown: &AtomicBool,
-    summary: &mut SendSummary,
-    progress: &mut Progress,
-    m: &SenderMetrics,
-) -> ConnEnd {
-    let (link, peer) = match connect(cfg) {
-        Ok(c) => c,
-        Err(end) => return end,
-    };
-    summary.connections += 1;
-    let resume = match greet(cfg, source, &link, &peer, progress) {
-        Ok(r) => r,
-        Err(end) => return end,
-    };
-    progress.start_lsn.get_or_insert(resume);
-    progress.acked = resume;
-    source.on_durable(resume);
-    info!(peer = %peer, resume = %resume, horizon = %source.horizon(), "streaming from {resume}");
-    m.on_connected(&peer);
-    m.set_positions(resume.0, resume.0, resume.0);
-    m.set_horizon(source.horizon().0);
-    match stream_data(cfg, source, &link, &peer, resume, shutdown, summary, progress, m) {
-        Ok(end) => end,
-        Err(e) => ConnEnd::Fatal(e),
-    }
-}
-
-/// TCP (and TLS) to the receiver; the link and the peer's address.
-fn connect(cfg: &SendConfig) -> Result<(Link, String), ConnEnd> {
-    let addr = resolve(&cfg.to).map_err(|e| ConnEnd::Transient(e.to_string()))?;
-    let stream = TcpStream::connect_timeout(&addr, cfg.connect_timeout)
-        .map_err(|e| ConnEnd::Transient(format!("cannot connect to receiver {addr}: {e}")))?;
-    let _ = stream.set_nodelay(true);
-    let link = match &cfg.tls {
-        None => Link::Tcp(stream),
-        Some(tls) => crate::tls::connect(stream, addr, tls, cfg.peer_timeout).map_err(|e| {
-            if e.is_transient() {
-                ConnEnd::Transient(e.to_string())
-            } else {
-                ConnEnd::Fatal(e.into())
-            }
-        })?,
-    };
-    Ok((link, addr.to_string()))
-}
-
-/// The handshake and the checks of where the receiver stands; returns where streaming resumes.
-fn greet(cfg: &SendConfig, source: &mut Source, link: &Link, peer: &str, progress: &Progress) -> Result<Lsn, ConnEnd> {
-    let welcome = match handshake(link, &hello(cfg, source), cfg.peer_timeout, cfg.auth.as_ref()) {
-        Ok(w) => w,
-        Err(HandshakeError::Refused(code, message)) => {
-            let message = if matches!(code, ErrorCode::Gap) { explain_gap_at_slot(source, message) } else { message };
-            return Err(if code.is_fatal() {
-                ConnEnd::Fatal(SendError::Refused { peer: peer.into(), message })
-            } else {
-                ConnEnd::Transient(format!("receiver {peer} refused: {message}"))
-            });
-        }
-        Err(HandshakeError::Io(e)) => return Err(ConnEnd::Transient(format!("handshake with {peer} failed: {e}"))),
-    };
-    let durable = Lsn(welcome.durable_lsn);
-    let resume = if durable == Lsn(0) { source.first_lsn() } else { durable };
-    if resume < progress.acked {
-        warn!(
-            peer = %peer,
-            "receiver acknowledged {} as durable earlier but now holds only {resume}: its storage lost acknowledged WAL; re-sending from {resume}",
-            progress.acked
-        );
-    }
-    slot_covers(source, peer, resume).map_err(ConnEnd::Fatal)?;
-    source.refresh(resume).map_err(|e| ConnEnd::Fatal(e.into()))?;
-    if source.is_final() && source.horizon() < resume {
-        return Err(ConnEnd::Fatal(SendError::ReceiverAhead { peer: peer.into(), receiver: resume, source_end: source.horizon() }));
-    }
-    Ok(resume)
 }
 
 fn hello(cfg: &SendConfig, source: &Source) -> Hello {
@@ -609,271 +498,6 @@ fn facts(source: &Source) -> SourceFacts {
     }
 }
 
-/// One streaming connection's io state: the ring, what is in flight on it, and the pure sender
-/// machine whose decisions it carries out. Dropping it drops the ring, which cancels whatever is
-/// still in flight (the poller's eventfd read too) and waits for the kernel to let go.
-struct Streaming<'a> {
-    cfg: &'a SendConfig,
-    link: &'a Link,
-    peer: &'a str,
-    core: Sender,
-    checker: PageChecker,
-    ring: Ring,
-    fd: std::os::fd::RawFd,
-    wake_fd: Option<std::os::fd::RawFd>,
-    zero_copy: bool,
-    decoder: Decoder,
-    send_in_flight: bool,
-    recv_in_flight: bool,
-    wake_in_flight: bool,
-    completions: Vec<Completion>,
-    plans: Vec<FramePlan>,
-    frames_per_batch: usize,
-    shutdown_logged: Option<Lsn>,
-}
-
-/// Streams from `resume` until the connection ends; the end is [`Sender::connection_end`]'s
-/// decision, a broken connection, or a receiver's error.
-#[allow(clippy::too_many_arguments)]
-fn stream_data(
-    cfg: &SendConfig,
-    source: &mut Source,
-    link: &Link,
-    peer: &str,
-    resume: Lsn,
-    shutdown: &AtomicBool,
-    summary: &mut SendSummary,
-    progress: &mut Progress,
-    m: &SenderMetrics,
-) -> Result<ConnEnd, SendError> {
-    let mut conn = Streaming::open(cfg, source, link, peer, resume)?;
-    let live = cfg.live.is_some();
-    loop {
-        if shutdown.load(Ordering::Relaxed) && conn.core.begin_drain(Instant::now()) {
-            conn.start_drain(source)?;
-        }
-        // Move the horizon: keep the directory walk a segment ahead; ask a live server.
-        if !conn.core.is_draining() && !source.is_final() {
-            source.refresh(conn.core.sent() + source.identity().seg_size)?;
-            m.set_horizon(source.horizon().0);
-            if live {
-                progress.observe_horizon(source.horizon());
-            }
-        }
-        if let Some(rule) = conn.core.connection_end(&facts(source), Instant::now()) {
-            return Ok(conn.end(rule, source));
-        }
-        conn.log_state(source, progress);
-        conn.arm_reads();
-        conn.send_next(source, summary, m)?;
-        conn.wait(source)?;
-        if let Some(end) = conn.take_completions(source, summary, progress, m) {
-            return Ok(end);
-        }
-    }
-}
-
-impl<'a> Streaming<'a> {
-    fn open(cfg: &'a SendConfig, source: &Source, link: &'a Link, peer: &'a str, resume: Lsn) -> Result<Streaming<'a>, SendError> {
-        link.set_timeouts(None);
-        let id = source.identity();
-        let frame_bytes = cfg.frame_bytes.min(id.seg_size);
-        let limits = SenderLimits { frame_bytes, in_flight_bytes_max: cfg.in_flight_bytes_max, seg_size: id.seg_size };
-        let rules = EndRules { live: cfg.live.is_some(), shutdown_timeout: cfg.shutdown_timeout, peer_timeout: cfg.peer_timeout };
-        let ring = Ring::new(64, BufferPool::new(1, 4096).map_err(|e| RingError::Io { op: "pool", source: e })?, 2, ACK_BUF_BYTES)?;
-        let zero_copy = zero_copy_on(cfg.zero_copy, link, ring.capabilities().sendmsg_zc);
-        Ok(Streaming {
-            cfg,
-            link,
-            peer,
-            core: Sender::with_end_rules(limits, resume, rules, Instant::now()),
-            checker: PageChecker::new(id),
-            ring,
-            fd: link.as_raw_fd(),
-            wake_fd: source.wake_fd(),
-            zero_copy,
-            decoder: Decoder::new(Limits::default()),
-            send_in_flight: false,
-            recv_in_flight: false,
-            wake_in_flight: false,
-            completions: Vec::new(),
-            plans: Vec::new(),
-            frames_per_batch: ((crate::uring::IOV_MAX / 2) as u64).min(cfg.send_batch_bytes_max / frame_bytes.max(1) + 2) as usize,
-            shutdown_logged: None,
-        })
-    }
-
-    /// A shutdown began: live, ship up to the horizon as it is now (walsender's rule), then go.
-    fn start_drain(&mut self, source: &mut Source) -> Result<(), SendError> {
-        if self.cfg.live.is_some() {
-            source.refresh(self.core.sent())?;
-            info!(horizon = %source.horizon(), "SIGTERM: shipping up to the current horizon {} and waiting for the ack", source.horizon());
-        } else {
-            info!("interrupted: waiting for the receiver to acknowledge what was sent");
-        }
-        Ok(())
-    }
-
-    /// Carries out the end the sender machine decided.
-    fn end(self, rule: ConnEndRule, source: &mut Source) -> ConnEnd {
-        let flushed = self.core.flushed();
-        match rule {
-            ConnEndRule::Done => {
-                self.link.shutdown();
-                ConnEnd::Done
-            }
-            ConnEndRule::Interrupted { drained } => {
-                if drained {
-                    self.link.shutdown();
-                }
-                ConnEnd::Fatal(SendError::Interrupted { flushed })
-            }
-            ConnEndRule::TimelineSwitch { switch } => {
-                info!(switch = %switch, "the receiver holds this timeline up to its switch point; reconnecting on the new timeline");
-                self.link.shutdown();
-                ConnEnd::TimelineSwitch
-            }
-            ConnEndRule::CorruptEnd { .. } => ConnEnd::Fatal(source.take_corruption().expect("corruption described").into()),
-            ConnEndRule::PeerSilent { unacked_bytes } => ConnEnd::Transient(format!(
-                "receiver {} acknowledged nothing for {:?} with {unacked_bytes} bytes outstanding",
-                self.peer, self.cfg.peer_timeout
-            )),
-        }
-    }
-
-    /// The periodic "following" line and the one line when the server's shutdown WAL is durable.
-    fn log_state(&mut self, source: &Source, progress: &mut Progress) {
-        let flushed = self.core.flushed();
-        if let Some(ServerState::ShutDown { checkpoint, end }) = source.server_state() {
-            if flushed >= end && self.shutdown_logged != Some(end) {
-                self.shutdown_logged = Some(end);
-                info!(
-                    checkpoint = %checkpoint,
-                    "the receiver holds the server's WAL durably through its shutdown checkpoint (up to {end}); waiting for the server to come back"
-                );
-            }
-        }
-        if self.cfg.live.is_some() && progress.last_report.elapsed() > Duration::from_secs(10) {
-            progress.last_report = Instant::now();
-            info!(
-                sent = %self.core.sent(),
-                written = %self.core.written(),
-                flushed = %flushed,
-                horizon = %source.horizon(),
-                lag_bytes = source.horizon() - flushed.min(source.horizon()),
-                "following"
-            );
-        }
-    }
-
-    /// Keeps one read of acks (and one of the poller's eventfd) in flight.
-    fn arm_reads(&mut self) {
-        if !self.recv_in_flight {
-            self.ring.recv_ctl(self.fd, TAG_RECV, CTL_ACKS, ACK_BUF_BYTES.min(self.decoder.room().max(1)), false);
-            self.recv_in_flight = true;
-        }
-        if let (Some(wake), false) = (self.wake_fd, self.wake_in_flight) {
-            self.ring.read_ctl(wake, TAG_WAKE, CTL_WAKE, 8);
-            self.wake_in_flight = true;
-        }
-    }
-
-    /// With no send in flight, plans the next frames up to the horizon and sends them.
-    fn send_next(&mut self, source: &mut Source, summary: &mut SendSummary, m: &SenderMetrics) -> Result<(), SendError> {
-        if self.send_in_flight {
-            return Ok(());
-        }
-        self.plans.clear();
-        self.core.plan(source.horizon(), self.cfg.send_batch_bytes_max, self.frames_per_batch, &mut self.plans);
-        if self.plans.is_empty() {
-            return Ok(());
-        }
-        let batch = build_batch(source, &mut self.checker, &self.plans)?;
-        let zc = self.zero_copy && batch.len_bytes() as u64 >= self.cfg.zero_copy_bytes_min;
-        if zc {
-            summary.zero_copy_sends += 1;
-        }
-        self.ring.send_batch(self.fd, TAG_SEND, batch, zc);
-        self.send_in_flight = true;
-        m.add_bytes_sent(self.plans.iter().map(|p| p.len).sum());
-        m.set_positions(self.core.sent().0, self.core.written().0, self.core.flushed().0);
-        source.release_below(self.core.flushed());
-        self.checker.forget_below(self.core.flushed().0 / source.identity().seg_size);
-        Ok(())
-    }
-
-    fn wait(&mut self, source: &Source) -> Result<(), SendError> {
-        let wait = if self.send_in_flight { Duration::from_millis(100) } else { source.wait_hint().min(Duration::from_millis(100)) };
-        self.ring.submit_and_wait(Some(wait))?;
-        self.completions.clear();
-        self.ring.drain(&mut self.completions);
-        Ok(())
-    }
-
-    /// Takes in what completed; returns how the connection ends when a completion ends it.
-    fn take_completions(&mut self, source: &mut Source, summary: &mut SendSummary, progress: &mut Progress, m: &SenderMetrics) -> Option<ConnEnd> {
-        // By index: the Vec keeps its capacity from one wait to the next (no allocation per turn).
-        for i in 0..self.completions.len() {
-            let c = self.completions[i];
-            match (c.tag, c.kind) {
-                (TAG_SEND, CompletionKind::Done) => {
-                    self.send_in_flight = false;
-                    if c.result < 0 {
-                        let e = std::io::Error::from_raw_os_error(-c.result);
-                        return Some(ConnEnd::Transient(format!("send to {} failed: {e}", self.peer)));
-                    }
-                }
-                (TAG_SEND, CompletionKind::ZeroCopyNotification { copied: true }) => summary.zero_copy_copied += 1,
-                // The loop's next turn takes in what the poller learned.
-                (TAG_WAKE, _) => self.wake_in_flight = false,
-                (TAG_RECV, _) => {
-                    self.recv_in_flight = false;
-                    if c.result <= 0 {
-                        let why = if c.result == 0 {
-                            "receiver closed the connection".to_string()
-                        } else {
-                            std::io::Error::from_raw_os_error(-c.result).to_string()
-                        };
-                        return Some(ConnEnd::Transient(format!("connection to {} lost: {why}", self.peer)));
-                    }
-                    self.decoder.feed(&self.ring.ctl(CTL_ACKS)[..c.result as usize]);
-                    if let Some(end) = self.take_messages(source, summary, progress, m) {
-                        return Some(end);
-                    }
-                }
-                _ => {}
-            }
-        }
-        None
-    }
-
-    /// Every whole message the receiver sent: acks move the machine; anything else ends the
-    /// connection.
-    fn take_messages(&mut self, source: &mut Source, summary: &mut SendSummary, progress: &mut Progress, m: &SenderMetrics) -> Option<ConnEnd> {
-        let refused = |message: String| Some(ConnEnd::Fatal(SendError::Refused { peer: self.peer.into(), message }));
-        loop {
-            match self.decoder.next_message() {
-                Ok(Some(Message::Ack(ack))) => match self.core.on_ack_at(Lsn(ack.written_lsn), Lsn(ack.flushed_lsn), Instant::now()) {
-                    Ok(advanced) => {
-                        m.on_ack(self.core.sent().0, self.core.written().0, self.core.flushed().0);
-                        if advanced {
-                            progress.on_acked(self.core.flushed(), summary);
-                            source.on_durable(self.core.flushed());
-                        }
-                    }
-                    Err(e) => return refused(format!("protocol violation: {e}")),
-                },
-                Ok(Some(Message::Keepalive(_))) => {}
-                Ok(Some(Message::Error(e))) if e.code.is_fatal() => return refused(e.message),
-                Ok(Some(Message::Error(e))) => return Some(ConnEnd::Transient(format!("receiver {} gave up: {}", self.peer, e.message))),
-                Ok(Some(other)) => return refused(format!("unexpected {} frame during streaming", other.kind())),
-                Ok(None) => return None,
-                Err(e) => return refused(format!("bad frame: {e}")),
-            }
-        }
-    }
-}
-
 /// Whether sends go zero-copy: never through TLS (every byte is encrypted into a new buffer) or
 /// without kernel support; `auto`: only to a peer off this host.
 fn zero_copy_on(setting: ZeroCopy, link: &Link, kernel_has_zc: bool) -> bool {
@@ -890,40 +514,10 @@ fn zero_copy_on(setting: ZeroCopy, link: &Link, kernel_has_zc: bool) -> bool {
     wanted && kernel_has_zc && !link.is_tls()
 }
 
-/// Frames as header + payload iovecs straight from the segment maps; each header carries the
-/// payload's CRC32C. Pages are re-checked first (a live server may have recycled the file).
-fn build_batch(source: &mut Source, checker: &mut PageChecker, plans: &[FramePlan]) -> Result<SendBatch, SendError> {
-    let seg_size = source.identity().seg_size;
-    let mut batch = SendBatch::new(plans.len() * FRAME_HEADER_LEN);
-    for plan in plans {
-        let map = source.map_for(plan.lsn)?;
-        let padding = match checker.check(&map, plan.lsn, plan.len) {
-            Ok(pages::PagesOk::AllValid) => false,
-            Ok(pages::PagesOk::SwitchPadding) => true,
-            Err((page, e)) => {
-                return Err(SendError::Source(SourceError::Recycled {
-                    path: source.segment_path(plan.lsn),
-                    lsn: page,
-                    why: format!("{e}; the file no longer holds the WAL written there (recycled by the server?)"),
-                }))
-            }
-        };
-        let offset = (plan.lsn.0 % seg_size) as usize;
-        let payload = &map.bytes()[offset..offset + plan.len as usize];
-        let mut header = FrameHeader::data(plan.lsn.0, payload);
-        if padding {
-            header.flags |= wire::DATA_FLAG_SWITCH_PADDING;
-        }
-        batch.push_small(&header.encode());
-        batch.push_map(&map, offset, plan.len as usize);
-    }
-    Ok(batch)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::TcpListener;
+    use std::net::{TcpListener, TcpStream};
 
     fn hello() -> Hello {
         Hello {
@@ -991,7 +585,9 @@ mod config_tests {
     fn good() -> SendConfig {
         SendConfig {
             pg_wal: PathBuf::from("/nonexistent"),
-            to: "archive.example:5499".into(),
+            destinations: vec![Destination { to: "archive.example:5499".into(), tls: None }],
+            quorum: 1,
+            max_lag_bytes: 16 << 30,
             once: true,
             retry_for: Duration::from_secs(30),
             zero_copy: ZeroCopy::Auto,
@@ -1005,7 +601,6 @@ mod config_tests {
             live: None,
             shutdown_timeout: Duration::from_secs(30),
             auth: None,
-            tls: None,
         }
     }
 
@@ -1020,11 +615,17 @@ mod config_tests {
             (|c| c.in_flight_bytes_max = 512 << 10, "--in-flight-bytes-max"),
             (|c| c.send_batch_bytes_max = 512 << 10, "--send-batch-bytes-max"),
             (|c| c.peer_timeout = Duration::ZERO, "--peer-timeout"),
-            (|c| c.to = "nonsense".into(), "--to"),
-            (|c| c.to = "host:99999".into(), "--to"),
-            (|c| c.to = "host:0".into(), "--to"),
-            (|c| c.to = ":5499".into(), "--to"),
-            (|c| c.to = "::1:5499".into(), "--to"),
+            (|c| c.destinations[0].to = "nonsense".into(), "--to"),
+            (|c| c.destinations[0].to = "host:99999".into(), "--to"),
+            (|c| c.destinations[0].to = "host:0".into(), "--to"),
+            (|c| c.destinations[0].to = ":5499".into(), "--to"),
+            (|c| c.destinations[0].to = "::1:5499".into(), "--to"),
+            (|c| c.destinations.clear(), "--to"),
+            (|c| c.destinations.push(c.destinations[0].clone()), "given twice"),
+            (|c| c.quorum = 0, "--quorum"),
+            (|c| c.quorum = 2, "--quorum"),
+            (|c| c.max_lag_bytes = 1 << 20, "--max-lag-bytes"),
+            (|c| c.destinations = (0..17).map(|p| Destination { to: format!("h:{}", p + 1), tls: None }).collect(), "--to"),
         ];
         for (breaks, flag) in cases {
             let mut c = good();

@@ -71,3 +71,71 @@ impl PageChecker {
         self.walked_to_end.retain(|&s| s >= segno);
     }
 }
+
+/// Frames whose pages were already checked in this run, so that every destination after the
+/// first sends them without checking again (several destinations, one check per page). Keyed by
+/// frame slot (`lsn / frame_bytes`): the range checked there and whether it held switch padding.
+///
+/// The caller uses an entry only while the WAL cannot have changed under the mapping since the
+/// check: the source is at rest, or the replication slot still protects the range.
+#[derive(Debug, Default)]
+pub struct CheckedFrames {
+    frame_bytes: u64,
+    frames: std::collections::BTreeMap<u64, (Lsn, Lsn, PagesOk)>,
+}
+
+impl CheckedFrames {
+    pub fn new(frame_bytes: u64) -> CheckedFrames {
+        assert!(frame_bytes.is_power_of_two());
+        CheckedFrames { frame_bytes, frames: Default::default() }
+    }
+
+    /// The outcome of an earlier check covering `[lsn, lsn + len)`, if there was one.
+    pub fn get(&self, lsn: Lsn, len: u64) -> Option<PagesOk> {
+        let &(start, end, ok) = self.frames.get(&(lsn.0 / self.frame_bytes))?;
+        (start <= lsn && lsn + len <= end).then_some(ok)
+    }
+
+    /// `[lsn, lsn + len)` (within one frame slot) was checked with outcome `ok`.
+    pub fn insert(&mut self, lsn: Lsn, len: u64, ok: PagesOk) {
+        let slot = lsn.0 / self.frame_bytes;
+        debug_assert_eq!((lsn.0 + len.max(1) - 1) / self.frame_bytes, slot, "a frame spans one slot");
+        let entry = self.frames.entry(slot).or_insert((lsn, lsn + len, ok));
+        // Keep the widest range; a range that merely overlaps replaces a narrower one.
+        if len >= entry.1 - entry.0 {
+            *entry = (lsn, lsn + len, ok);
+        }
+    }
+
+    /// Frames wholly below `lsn` will not be sent again (or will be checked again).
+    pub fn forget_below(&mut self, lsn: Lsn) {
+        let slot = lsn.0 / self.frame_bytes;
+        self.frames = self.frames.split_off(&slot);
+    }
+
+    pub fn clear(&mut self) {
+        self.frames.clear();
+    }
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_checked_range_answers_only_for_what_it_covers() {
+        let mut c = CheckedFrames::new(1 << 20);
+        let f = Lsn(5 << 20);
+        c.insert(f + 100, (1 << 20) - 100, PagesOk::AllValid);
+        assert_eq!(c.get(f + 100, 50), Some(PagesOk::AllValid));
+        assert_eq!(c.get(f + 8192, (1 << 20) - 8192), Some(PagesOk::AllValid));
+        assert_eq!(c.get(f, 50), None, "starts before the checked range");
+        c.insert(f, 1 << 20, PagesOk::SwitchPadding);
+        assert_eq!(c.get(f, 50), Some(PagesOk::SwitchPadding), "the wider check replaced the narrower");
+        c.insert(f + 4096, 10, PagesOk::AllValid);
+        assert_eq!(c.get(f, 1 << 20), Some(PagesOk::SwitchPadding), "a narrower check does not shrink it");
+        c.forget_below(f + (1 << 20));
+        assert_eq!(c.get(f, 50), None);
+    }
+}
