@@ -4,7 +4,7 @@
 //! `walship recv --fsync-batch-bytes 16MiB` is `WALSHIP_FSYNC_BATCH_BYTES=16MiB`. Top-level keys set
 //! global options (`log_format`, `log_level`); a table per subcommand (`[send]`, `[recv]`,
 //! `[restore]`, ...) sets that subcommand's options. Values are written as on the command line
-//! (strings, integers or booleans). Because file values are installed as clap *defaults*, the
+//! (strings, integers or booleans; a list for a repeatable option: `to = ["a:5499", "b:5499"]`). Because file values are installed as clap *defaults*, the
 //! precedence is: flag > environment variable > file > built-in default; `--help` shows the
 //! effective default. Unknown keys are errors (a typo must not silently fall back to a default).
 use std::ffi::OsString;
@@ -123,22 +123,31 @@ fn set_default(
             known,
         });
     }
-    let text = match value {
-        toml::Value::String(s) => s.clone(),
-        toml::Value::Integer(i) => i.to_string(),
-        toml::Value::Float(f) => f.to_string(),
-        toml::Value::Boolean(b) => b.to_string(),
-        _ => {
-            return Err(ConfigError::BadValue {
-                path: path.into(),
-                section: section.into(),
-                key: key.into(),
-            })
-        }
+    let bad = || ConfigError::BadValue { path: path.into(), section: section.into(), key: key.into() };
+    let texts = match value {
+        // A list (e.g. `to = ["a:5499", "b:5499"]`) gives a repeatable option several values.
+        toml::Value::Array(items) if !items.is_empty() && repeatable(&cmd, &id) => items.iter().map(scalar).collect::<Option<Vec<_>>>().ok_or_else(bad)?,
+        other => vec![scalar(other).ok_or_else(bad)?],
     };
     // A required option that the file supplies is no longer required (clap checks "required" before
     // it applies defaults).
-    Ok(cmd.mut_arg(id, |a| a.default_value(text).required(false)))
+    Ok(cmd.mut_arg(id, |a| a.default_values(texts).required(false)))
+}
+
+/// Whether option `id` of `cmd` takes several values (a repeatable flag).
+fn repeatable(cmd: &clap::Command, id: &str) -> bool {
+    cmd.get_arguments().any(|a| a.get_id() == id && matches!(a.get_action(), clap::ArgAction::Append))
+}
+
+/// A TOML value as it would be written on the command line (None: not a scalar).
+fn scalar(value: &toml::Value) -> Option<String> {
+    match value {
+        toml::Value::String(s) => Some(s.clone()),
+        toml::Value::Integer(i) => Some(i.to_string()),
+        toml::Value::Float(f) => Some(f.to_string()),
+        toml::Value::Boolean(b) => Some(b.to_string()),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -164,6 +173,7 @@ mod tests {
                             .default_value("16MiB"),
                     )
                     .arg(Arg::new("once").long("once").action(ArgAction::SetTrue))
+                    .arg(Arg::new("to").long("to").action(ArgAction::Append))
                     .arg(Arg::new("dir").long("dir")),
             )
             .subcommand(Command::new("gen-wal").arg(Arg::new("seed").long("seed")))
@@ -200,6 +210,16 @@ mod tests {
         std::env::remove_var("WALSHIP_TEST_CF_FBB");
         let m = cmd.try_get_matches_from(["w", "recv"]).unwrap();
         assert_eq!(get(&m, "recv", "fsync_batch_bytes"), "2MiB");
+    }
+
+    #[test]
+    fn a_list_gives_a_repeatable_option_its_values() {
+        let cmd = apply_str(cli(), Path::new("t.toml"), "[recv]\nto = [\"a:1\", \"b:2\"]\n").unwrap();
+        let m = cmd.clone().try_get_matches_from(["w", "recv"]).unwrap();
+        let to: Vec<&String> = m.subcommand_matches("recv").unwrap().get_many::<String>("to").unwrap().collect();
+        assert_eq!(to, ["a:1", "b:2"]);
+        let m = cmd.try_get_matches_from(["w", "recv", "--to", "c:3"]).unwrap();
+        assert_eq!(m.subcommand_matches("recv").unwrap().get_many::<String>("to").unwrap().count(), 1, "the command line wins");
     }
 
     #[test]
