@@ -50,6 +50,17 @@ struct Ctx {
     t0: Instant,
     /// As deployed: a shared key and TLS (else `--insecure-no-auth`, plain TCP).
     secure: Option<Secure>,
+    /// More receivers the sender also ships to (issue #12), and the quorum over all of them.
+    more: Vec<MoreRecv>,
+    quorum: Option<usize>,
+}
+
+/// A further receiver: its address, directory, log and process.
+struct MoreRecv {
+    addr: String,
+    dir: PathBuf,
+    log: PathBuf,
+    guard: Option<ChildGuard>,
 }
 
 /// Key file, receiver certificate and key (self-signed: it is also the sender's CA).
@@ -91,6 +102,8 @@ fn setup(name: &str, port: u16) -> Option<Ctx> {
         tmp,
         t0: Instant::now(),
         secure: None,
+        more: Vec::new(),
+        quorum: None,
     })
 }
 
@@ -196,6 +209,12 @@ impl Ctx {
         c.arg(self.primary.data.join("pg_wal")).args(["--to", &self.addr, "--conninfo", &self.conninfo()]);
         if let Some(s) = slot {
             c.args(["--slot", s]);
+        }
+        for m in &self.more {
+            c.args(["--to", &m.addr]);
+        }
+        if let Some(k) = self.quorum {
+            c.args(["--quorum", &k.to_string()]);
         }
         c.arg("--report-json").arg(self.report());
         self.security_args(&mut c, "send");
@@ -371,11 +390,16 @@ impl Ctx {
     /// A standby from `base` (empty pg_wal) restoring only through `walship restore`; it must replay to exactly
     /// `target` and show `sums`.
     fn replay(&self, base: &Path, target: u64, cd: &ControlData, backup_start: u64, sums: &[(String, String)], port: u16) -> R<()> {
+        self.replay_from(&self.recv_dir, "standby", base, target, cd, backup_start, sums, port)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn replay_from(&self, dir: &Path, name: &'static str, base: &Path, target: u64, cd: &ControlData, backup_start: u64, sums: &[(String, String)], port: u16) -> R<()> {
         let standby = Server {
             pg: self.pg.clone(),
-            name: "standby",
-            data: self.pgdir.join("standby"),
-            log: self.pgdir.join("standby.log"),
+            name,
+            data: self.pgdir.join(name),
+            log: self.pgdir.join(format!("{name}.log")),
             sock: self.sock.clone(),
             port,
             running: false,
@@ -385,7 +409,7 @@ impl Ctx {
             standby,
             base,
             restore_exe: self.restore_exe()?,
-            recv_dir: &self.recv_dir,
+            recv_dir: dir,
             extra_conf: "",
             target,
             sums,
@@ -624,6 +648,101 @@ fn slot_never_passes(ctx: &mut Ctx) -> R<()> {
         return Err(format!("walship recv exited with {st} after SIGTERM (want 0)"));
     }
     ctx.primary.stop("fast")
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// 4. three destinations, quorum 2 (issue #12): one killed and restarted mid-way; the slot never passes the
+//    lowest destination; a standby replays from each of the three directories
+
+#[test]
+fn three_destinations_one_killed_all_replay() {
+    let _l = lock();
+    let Some(mut ctx) = setup("follow-fanout", 5581) else { return };
+    if let Err(e) = three_destinations(&mut ctx) {
+        ctx.fail(e);
+    }
+}
+
+impl Ctx {
+    fn start_more(&mut self, i: usize) -> R<()> {
+        let m = &mut self.more[i];
+        let f = fs::OpenOptions::new().create(true).append(true).open(&m.log).map_err(|e| e.to_string())?;
+        let mut c = cmd(walship_bin(), ["recv", "--listen", &m.addr, "--insecure-no-auth", "--dir"]);
+        c.arg(&m.dir).env("NO_COLOR", "1").stdin(Stdio::null()).stdout(f.try_clone().map_err(|e| e.to_string())?).stderr(f);
+        m.guard = Some(ChildGuard::spawn("walship recv (more)", &mut c).map_err(|e| format!("spawn recv: {e}"))?);
+        Ok(())
+    }
+
+    fn more_flushed(&self, i: usize) -> u64 {
+        walship::recv::published::read(&self.more[i].dir).ok().flatten().map_or(0, |p| p.lsn.0)
+    }
+}
+
+fn three_destinations(ctx: &mut Ctx) -> R<()> {
+    ctx.init_primary()?;
+    for i in 0..2 {
+        let dir = ctx.tmp.join(format!("recv-more-{i}"));
+        fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let log = ctx.tmp.join(format!("recv-more-{i}.stderr"));
+        ctx.more.push(MoreRecv { addr: format!("127.0.0.1:{}", free_port()), dir, log, guard: None });
+        ctx.start_more(i)?;
+    }
+    ctx.quorum = Some(2);
+    ctx.start_walship()?;
+    let (base, backup_start) = ctx.base_backup()?;
+    ctx.pgbench(&["-i", "-s", "5", "-q"])?;
+    let mut c = ctx.pgbench_cmd(&["-c", "2", "-j", "2", "-T", "8", "-n"]);
+    c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    let mut bench = ChildGuard::spawn("pgbench", &mut c).map_err(|e| e.to_string())?;
+    let t0 = Instant::now();
+    let (mut killed, mut restarted, mut samples) = (false, false, 0);
+    while t0.elapsed() < Duration::from_secs(10) {
+        if !killed && t0.elapsed() > Duration::from_secs(2) {
+            let g = ctx.more[0].guard.as_mut().expect("running");
+            g.signal(libc::SIGKILL).map_err(|e| e.to_string())?;
+            let _ = g.wait_timeout(Duration::from_secs(10));
+            ctx.more[0].guard = None;
+            ctx.say(format!("kill -9 the receiver at {} (held {})", ctx.more[0].addr, fmt_lsn(ctx.more_flushed(0))));
+            killed = true;
+        }
+        if killed && !restarted && t0.elapsed() > Duration::from_secs(5) {
+            ctx.start_more(0)?;
+            ctx.say(format!("restarted the receiver at {}", ctx.more[0].addr));
+            restarted = true;
+        }
+        // Slot first, then every destination's published durable position (they only grow): the slot
+        // may never be past the lowest, the killed one included (a destination that is down loses nothing).
+        let slot = ctx.slot_restart()?;
+        let lowest = [ctx.recv_flushed()?, ctx.more_flushed(0), ctx.more_flushed(1)].into_iter().min().unwrap_or(0);
+        if lowest > 0 && slot > lowest {
+            return Err(format!("slot restart_lsn {} is past the lowest destination's durable LSN {}", fmt_lsn(slot), fmt_lsn(lowest)));
+        }
+        samples += 1;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = bench.wait_timeout(Duration::from_secs(30));
+    ctx.say(format!("{samples} samples: the slot never passed the lowest destination"));
+    ctx.check_alive()?;
+    let sums = checksums(&ctx.primary)?;
+    let (cd, end) = ctx.clean_stop()?;
+    ctx.wait_shutdown_shipped()?;
+    let all = poll_until(Duration::from_secs(60), Duration::from_millis(100), || {
+        (ctx.recv_flushed().ok() == Some(end) && ctx.more_flushed(0) == end && ctx.more_flushed(1) == end).then_some(())
+    });
+    if all.is_none() {
+        return Err(format!("not every destination reached the end of WAL {}: {} {} {}", fmt_lsn(end), fmt_lsn(ctx.recv_flushed()?), fmt_lsn(ctx.more_flushed(0)), fmt_lsn(ctx.more_flushed(1))));
+    }
+    let log = fs::read_to_string(ctx.send_err()).unwrap_or_default();
+    if !log.contains(&format!("destination={}", ctx.more[0].addr)) {
+        return Err("the sender's log does not name the destination it lost".into());
+    }
+    ctx.stop_walship()?;
+    ctx.replay_from(&ctx.recv_dir.clone(), "standby", &base, end, &cd, backup_start, &sums, 5582)?;
+    for (i, (name, port)) in [("standby-more-0", 5583), ("standby-more-1", 5584)].into_iter().enumerate() {
+        let dir = ctx.more[i].dir.clone();
+        ctx.replay_from(&dir, name, &base, end, &cd, backup_start, &sums, port)?;
+    }
+    Ok(())
 }
 
 fn fmt_samples(s: &[(u64, u64, u64)]) -> String {
