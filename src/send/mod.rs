@@ -4,6 +4,8 @@
 //! flight per connection, acks received concurrently. With `--tls-ca` the same data path runs on
 //! the plaintext end of a TLS pump ([`crate::tls`]).
 mod fanout;
+#[cfg(test)]
+mod fanout_sim;
 pub mod fleet;
 pub mod pages;
 pub mod quorum;
