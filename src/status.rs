@@ -192,6 +192,36 @@ pub struct StatusView {
     pub fsync_mean_seconds: Option<f64>,
     /// With `--archive-to`: the archive's state.
     pub archive: Option<ArchiveView>,
+    /// A sender's destinations (one per `--to`).
+    pub destinations: Vec<DestinationView>,
+}
+
+/// One of a sender's destinations.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct DestinationView {
+    pub to: String,
+    pub connected: bool,
+    pub flushed: String,
+    pub lag_bytes: u64,
+    pub reconnects: u64,
+    /// More than --max-lag-bytes behind the quorum: no longer holds the replication slot back.
+    pub slot_released: bool,
+}
+
+/// Every `walship_send_destination_*{destination}` series of a scrape, by destination.
+fn destinations(last: &Scrape) -> Vec<DestinationView> {
+    let per = |name: &str, to: &str| last.all(name).find(|s| s.label("destination") == Some(to)).map_or(0, |s| s.as_u64());
+    last.all("walship_send_destination_flushed_lsn")
+        .filter_map(|s| s.label("destination"))
+        .map(|to| DestinationView {
+            to: to.to_string(),
+            connected: per("walship_send_destination_connected", to) > 0,
+            flushed: Lsn(per("walship_send_destination_flushed_lsn", to)).to_string(),
+            lag_bytes: per("walship_send_destination_lag_bytes", to),
+            reconnects: per("walship_send_destination_reconnects_total", to),
+            slot_released: per("walship_send_destination_slot_released", to) > 0,
+        })
+        .collect()
 }
 
 /// The receiver's archive: how far behind `flushed` it is, what waits, whether it stopped.
@@ -253,12 +283,16 @@ pub fn view(url: &str, last: &Scrape, first: Option<&Scrape>) -> StatusView {
             (Some(_), 0) => "streaming (caught up)".to_string(),
             (Some(_), _) => "streaming (catching up)".to_string(),
         };
-        positions = vec![
+        let mut p = vec![
             ("sent", lsn("sent_lsn")),
             ("written", lsn("written_lsn")),
             ("flushed", lsn("flushed_lsn")),
             ("horizon", lsn("horizon_lsn")),
         ];
+        if last.get("walship_send_quorum_flushed_lsn").is_some() {
+            p.push(("quorum_flushed", lsn("quorum_flushed_lsn")));
+        }
+        positions = p;
         reconnects = last.u64("walship_send_reconnects_total");
     } else {
         peer = None;
@@ -297,6 +331,7 @@ pub fn view(url: &str, last: &Scrape, first: Option<&Scrape>) -> StatusView {
     });
     StatusView {
         archive,
+        destinations: destinations(last),
         url: url.to_string(),
         role,
         version,
@@ -357,6 +392,7 @@ impl StatusView {
             "errors": self.errors,
             "fsync": { "count": self.fsync_count, "mean_seconds": self.fsync_mean_seconds },
             "archive": self.archive,
+            "destinations": self.destinations,
         })
     }
 
@@ -432,6 +468,18 @@ impl StatusView {
                 a.uploaded_objects,
                 a.failures,
                 if a.stopped { "; STOPPED on a hard error, see the receiver's log" } else { "" }
+            );
+        }
+        for d in &self.destinations {
+            let _ = writeln!(
+                s,
+                "  destination  {} {} flushed {} lag {} reconnects {}{}",
+                d.to,
+                if d.connected { "connected" } else { "DISCONNECTED" },
+                d.flushed,
+                fmt_bytes(d.lag_bytes as f64),
+                d.reconnects,
+                if d.slot_released { "; more than --max-lag-bytes behind: no longer holds the slot" } else { "" }
             );
         }
         let _ = writeln!(s, "  errors       {errors}");
@@ -524,6 +572,30 @@ mod tests {
         assert_eq!(j["positions"]["horizon"], "3/00000000");
         assert_eq!(j["positions_u64"]["sent"], 0x2_8000_0000u64);
         assert!(v.render().contains("flushed_lsn  1/00000000"), "{}", v.render());
+    }
+
+    #[test]
+    fn view_of_a_sender_with_destinations() {
+        let m = Metrics::sender();
+        let s = m.send.as_ref().unwrap();
+        s.set_horizon(0x3000);
+        s.on_destination_connected("a:5499", "10.0.0.2:5499", 0x1000);
+        s.on_destination_connected("b:5499", "10.0.0.3:5499", 0x1000);
+        s.set_destination_flushed("a:5499", 0x2000, 0x3000);
+        s.on_destination_disconnected("b:5499", "10.0.0.3:5499");
+        s.inc_destination_reconnects("b:5499");
+        s.set_destination_dropped("b:5499", true);
+        s.set_quorum_flushed(0x1000);
+        let last = Scrape { samples: parse_exposition(&m.encode()).unwrap(), at: Instant::now() };
+        let v = view("u", &last, None);
+        assert_eq!(v.positions.last(), Some(&("quorum_flushed", 0x1000)));
+        let a = v.destinations.iter().find(|d| d.to == "a:5499").expect("a");
+        assert!(a.connected && !a.slot_released);
+        assert_eq!((a.flushed.as_str(), a.lag_bytes), ("0/00002000", 0x1000));
+        let b = v.destinations.iter().find(|d| d.to == "b:5499").expect("b");
+        assert!(!b.connected && b.slot_released && b.reconnects == 1);
+        let text = v.render();
+        assert!(text.contains("destination  b:5499 DISCONNECTED") && text.contains("no longer holds the slot"), "{text}");
     }
 
     #[test]
