@@ -14,10 +14,14 @@
 //! bytes every row moves (pgBackRest reads them in the stopped cluster's pg_wal with `.ready` files,
 //! as PostgreSQL's archiver leaves them; the others read a copy; all of it hot in the page cache).
 //!
+//! Before the first row, one untimed upload of the whole backlog warms the store up (SeaweedFS grows
+//! its volumes on the first writes). Each row also notes the CPU SeaweedFS spent during it (`store
+//! CPU s`, from /proc/<pid>/stat): on a small machine the store is often the bottleneck.
+//!
 //! Upload rows (wall time from the first process start to the last segment in the store):
 //! - `ceiling_put_{4,8,16}`: the bench itself (object_store, 2 tokio workers) PUTs each file with that
-//!   many requests in flight, no checksum metadata, no conditional header: the best of them is the
-//!   ceiling. CPU: this process's getrusage delta.
+//!   many requests in flight (files read on tokio's blocking pool), no checksum metadata, no
+//!   conditional header: the best of them is the ceiling. CPU: this process's getrusage delta.
 //! - `walship_p{4,8}`: `walship recv --archive-to s3://B/walship --archive-parallel N` started on a
 //!   directory that already holds the backlog (a receiver restarted with a backlog: it hashes each
 //!   file, HEADs it, PUTs it create-only with its SHA-256). Done when `walship_recv_archived_lsn`
@@ -133,6 +137,8 @@ struct Row {
     segments: u64,
     wall_s: Option<f64>,
     cpu_s: Option<f64>,
+    /// CPU seconds SeaweedFS spent during the row (/proc/<pid>/stat before and after).
+    store_cpu_s: Option<f64>,
     stored_bytes: Option<u64>,
     note: Option<String>,
 }
@@ -155,6 +161,7 @@ impl Row {
     }
     fn fail(mut self, why: impl Into<String>) -> Row {
         self.wall_s = None;
+        self.cpu_s = None;
         self.note = Some(format!("FAILED: {}", why.into()));
         self
     }
@@ -227,6 +234,7 @@ fn run_all(cfg: &Config, root: &Path) -> Result<(), String> {
         backlog.src.display()
     );
     let mut rows = Vec::new();
+    warm_up(&store, &backlog)?;
     let emit = |row: Row, rows: &mut Vec<Row>| {
         print_row(&row);
         rows.push(row);
@@ -234,39 +242,39 @@ fn run_all(cfg: &Config, root: &Path) -> Result<(), String> {
     for conc in [4usize, 8, 16] {
         let name = format!("ceiling_put_{conc}");
         if cfg.wants(&name) {
-            emit(ceiling_put(&store, &backlog, &name, conc), &mut rows);
+            emit(measured(&store, || ceiling_put(&store, &backlog, &name, conc)), &mut rows);
         }
     }
     for parallel in [4usize, 8] {
         let name = format!("walship_p{parallel}");
         if cfg.wants(&name) {
-            emit(walship_upload(cfg, root, &store, &backlog, &name, parallel), &mut rows);
+            emit(measured(&store, || walship_upload(cfg, root, &store, &backlog, &name, parallel)), &mut rows);
         }
     }
     for (name, pm, compress) in
         [("pgbackrest_async_pm2", 2, "none"), ("pgbackrest_async_pm4", 4, "none"), ("pgbackrest_async_pm4_lz4", 4, "lz4")]
     {
         if cfg.wants(name) {
-            emit(pgbackrest_push(cfg, root, &store, &tls, &backlog, name, pm, compress), &mut rows);
+            emit(measured(&store, || pgbackrest_push(cfg, root, &store, &tls, &backlog, name, pm, compress)), &mut rows);
         }
     }
     for (name, flag) in [("barman_none", None), ("barman_gzip", Some("-z"))] {
         if cfg.wants(name) {
-            emit(barman_push(cfg, root, &store, &tls, &backlog, name, flag), &mut rows);
+            emit(measured(&store, || barman_push(cfg, root, &store, &tls, &backlog, name, flag)), &mut rows);
         }
     }
     // ---- restore
     if cfg.wants("ceiling_get_seq") {
-        emit(ceiling_get(root, &store, &backlog, &rows), &mut rows);
+        emit(measured(&store, || ceiling_get(root, &store, &backlog, &rows)), &mut rows);
     }
     if cfg.wants("walship_restore_prefetch8") {
-        emit(walship_restore(cfg, root, &store, &backlog, &rows), &mut rows);
+        emit(measured(&store, || walship_restore(cfg, root, &store, &backlog, &rows)), &mut rows);
     }
     if cfg.wants("pgbackrest_get_async_pm4") {
-        emit(pgbackrest_get(cfg, root, &store, &tls, &backlog, &rows), &mut rows);
+        emit(measured(&store, || pgbackrest_get(cfg, root, &store, &tls, &backlog, &rows)), &mut rows);
     }
     if cfg.wants("barman_restore") {
-        emit(barman_restore(cfg, root, &store, &tls, &backlog, &rows), &mut rows);
+        emit(measured(&store, || barman_restore(cfg, root, &store, &tls, &backlog, &rows)), &mut rows);
     }
     let env = environment(cfg, &date, &load_start, &store, pg_report);
     write_outputs(cfg, &date, &env, &backlog, &rows)
@@ -588,7 +596,8 @@ fn ceiling_put(store: &Seaweed, backlog: &Backlog, name: &str, concurrency: usiz
             let permit = sem.clone().acquire_owned().await.map_err(|e| e.to_string())?;
             let (s3, path, key) = (s3.clone(), path.clone(), format!("plain/{}", backlog.names[i]));
             tasks.spawn(async move {
-                let data = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+                let read = tokio::task::spawn_blocking(move || std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display())));
+                let data = read.await.map_err(|e| e.to_string())??;
                 s3.put(&ObjPath::from(key.as_str()), PutPayload::from(data)).await.map_err(|e| format!("PUT {key}: {e}"))?;
                 drop(permit);
                 Ok::<(), String>(())
@@ -606,6 +615,29 @@ fn ceiling_put(store: &Seaweed, backlog: &Backlog, name: &str, concurrency: usiz
     }
     row.wall_s = Some(wall);
     check_stored(store, &bucket, backlog, row)
+}
+
+/// Runs one row and notes the CPU the store spent meanwhile.
+fn measured(store: &Seaweed, row: impl FnOnce() -> Row) -> Row {
+    let before = proc_cpu(store.pid());
+    let mut row = row();
+    if let (Some(a), Some(b)) = (before, proc_cpu(store.pid())) {
+        row.store_cpu_s = Some(b.minus(&a).total_s());
+    }
+    row
+}
+
+/// One untimed upload of the whole backlog (8 in flight) before the first row: SeaweedFS grows its
+/// volumes on the first writes, which would otherwise slow whichever row comes first.
+fn warm_up(store: &Seaweed, backlog: &Backlog) -> Result<(), String> {
+    let row = ceiling_put(store, backlog, "warmup", 8);
+    match row.wall_s {
+        Some(w) => {
+            eprintln!("archive bench: warm-up upload (untimed row) {:.1} MB/s", backlog.bytes as f64 / 1e6 / w);
+            Ok(())
+        }
+        None => Err(format!("warm-up upload: {}", row.note.unwrap_or_default())),
+    }
 }
 
 /// The row's bucket must hold one object per segment; their total size is the stored size.
@@ -1062,6 +1094,7 @@ fn row_json(r: &Row, ceiling: Option<f64>, best_peer: Option<f64>) -> Json {
         .set("ratio_to_best_peer", ratio(r.mb_per_s(), best_peer))
         .set("cpu_s", r.cpu_s)
         .set("cpu_s_per_gib", r.cpu_s_per_gib())
+        .set("store_cpu_s", r.store_cpu_s)
         .set("stored_bytes", r.stored_bytes)
         .set("compression_ratio", r.compression())
         .set("note", r.note.clone());
@@ -1103,21 +1136,22 @@ fn write_outputs(cfg: &Config, date: &str, env: &Json, backlog: &Backlog, rows: 
         let peer = best(rows, phase, "peer");
         let best_peer = peer.and_then(Row::mb_per_s);
         md.push_str(&format!(
-            "\n### {phase}\n\n| row | MB/s | segments/s | x ceiling | x best peer | CPU s/GiB | compression | note |\n\
-             |---|---:|---:|---:|---:|---:|---:|---|\n"
+            "\n### {phase}\n\n| row | MB/s | segments/s | x ceiling | x best peer | CPU s/GiB | store CPU s | compression | note |\n\
+             |---|---:|---:|---:|---:|---:|---:|---:|---|\n"
         ));
         for r in rows.iter().filter(|r| r.phase == phase) {
             json_rows.push(row_json(r, ceiling, best_peer));
             md.push_str(&format!(
-                "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
                 r.name,
                 fmt_opt(r.mb_per_s(), 1),
                 fmt_opt(r.segments_per_s(), 2),
                 fmt_opt(ratio(r.mb_per_s(), ceiling), 2),
                 fmt_opt(ratio(r.mb_per_s(), best_peer), 2),
                 fmt_opt(r.cpu_s_per_gib(), 2),
+                fmt_opt(r.store_cpu_s, 1),
                 r.compression().map_or("—".into(), |c| format!("{c:.2}x")),
-                r.note.as_deref().unwrap_or(""),
+                r.note.as_deref().unwrap_or("").replace('|', "/"),
             ));
         }
         if let Some(ws) = best(rows, phase, "walship") {
@@ -1173,6 +1207,8 @@ it, as PostgreSQL's restore_command loop does. CPU s/GiB sums every process of t
 rusage; pgBackRest's async daemon is reaped by the bench as its subreaper; in-process rows use
 getrusage of the bench). Compression = raw bytes / stored bytes. `x ceiling` divides by the best
 ceiling row of the same phase; `x best peer` by the best pgBackRest/barman row of the same phase.
-Every row's bucket is listed afterwards (one object per segment) and every restored file is compared
+MB/s counts raw WAL bytes, so a compressing row moves fewer bytes than the ceiling's plain PUTs and
+can exceed it. `store CPU s`: CPU seconds SeaweedFS spent during the row. One untimed upload of the
+whole backlog warms the store up before the first row. Every row's bucket is listed afterwards (one object per segment) and every restored file is compared
 with its source.
 ";
