@@ -958,7 +958,8 @@ fn walship_restore(cfg: &Config, root: &Path, store: &Seaweed, backlog: &Backlog
         Ok(d) => d,
         Err(e) => return row.fail(e),
     };
-    let cache = root.join("walship-restore-cache");
+    // An empty receiver directory: `--dir` is looked in first, so every segment comes from the archive.
+    let cache = root.join("walship-restore-empty-dir");
     let make = |seg: &str, target: &Path| {
         let mut cmd = Command::new(&cfg.walship_bin);
         cmd.args(["restore", seg]).arg(target).args(["--from", &format!("s3://{bucket}/walship"), "--prefetch", "8"]);
