@@ -373,7 +373,14 @@ impl LoopState {
         let identity = state.identity;
         let receiver = identity.map(|id| Receiver::new(receiver_config(cfg, id.seg_size), state.durable_end));
         if let (Some(id), true) = (identity, state.durable_end > Lsn(0)) {
-            io.segdir = Some(open_segdir(cfg, id.tli, id.seg_size)?);
+            let segdir = open_segdir(cfg, id.tli, id.seg_size)?;
+            // Recovery made everything below durable_end durable (and the Welcome will say so):
+            // the published position must not say less.
+            let published = published::read(&cfg.dir).ok().flatten().map(|p| p.lsn);
+            if published.is_none_or(|p| state.durable_end > p) {
+                segdir.publish_flushed(state.durable_end, Some(state.durable_crc))?;
+            }
+            io.segdir = Some(segdir);
         }
         Ok(LoopState { conn: None, receiver, identity, actions: Vec::new(), accept_posted: false, stopping: false })
     }

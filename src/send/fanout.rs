@@ -812,18 +812,20 @@ fn connect(spec: &Destination, connect_timeout: Duration, peer_timeout: Duration
 }
 
 /// Frames as header + payload iovecs straight from the segment maps; each header carries the
-/// payload's CRC32C. Pages are checked before their first send (a live server may have recycled
-/// the file); a later destination's send of the same range reuses the check while the WAL
-/// cannot have changed since (at rest, or under the slot's protection).
+/// payload's CRC32C. Pages are checked, and the CRC computed, before a range's first send (a live
+/// server may have recycled the file); a later destination's send of the same range reuses both
+/// while the WAL cannot have changed since (at rest, or under the slot's protection).
 fn build_batch(source: &mut Source, checker: &mut PageChecker, checked: &mut CheckedFrames, live: bool, plans: &[FramePlan]) -> Result<SendBatch, SendError> {
     let seg_size = source.identity().seg_size;
     let protected_from = if live { source.slot_protects_from().map(|(_, from)| from) } else { Some(Lsn(0)) };
     let mut batch = SendBatch::new(plans.len() * FRAME_HEADER_LEN);
     for plan in plans {
         let map = source.map_for(plan.lsn)?;
+        let offset = (plan.lsn.0 % seg_size) as usize;
+        let payload = &map.bytes()[offset..offset + plan.len as usize];
         let reuse = protected_from.filter(|&from| plan.lsn >= from).and_then(|_| checked.get(plan.lsn, plan.len));
-        let ok = match reuse {
-            Some(ok) => ok,
+        let (ok, crc) = match reuse {
+            Some((ok, crc)) => (ok, crc.unwrap_or_else(|| crc32c::crc32c(payload))),
             None => {
                 let ok = checker.check(&map, plan.lsn, plan.len).map_err(|(page, e)| {
                     SendError::Source(SourceError::Recycled {
@@ -832,16 +834,13 @@ fn build_batch(source: &mut Source, checker: &mut PageChecker, checked: &mut Che
                         why: format!("{e}; the file no longer holds the WAL written there (recycled by the server?)"),
                     })
                 })?;
-                checked.insert(plan.lsn, plan.len, ok);
-                ok
+                let crc = crc32c::crc32c(payload);
+                checked.insert(plan.lsn, plan.len, ok, crc);
+                (ok, crc)
             }
         };
-        let offset = (plan.lsn.0 % seg_size) as usize;
-        let payload = &map.bytes()[offset..offset + plan.len as usize];
-        let mut header = FrameHeader::data(plan.lsn.0, payload);
-        if ok == PagesOk::SwitchPadding {
-            header.flags |= wire::DATA_FLAG_SWITCH_PADDING;
-        }
+        let flags = if ok == PagesOk::SwitchPadding { wire::DATA_FLAG_SWITCH_PADDING } else { 0 };
+        let header = FrameHeader { kind: wire::FrameKind::Data, flags, body_len: plan.len as u32, body_crc: crc, lsn: plan.lsn.0 };
         batch.push_small(&header.encode());
         batch.push_map(&map, offset, plan.len as usize);
     }

@@ -81,7 +81,16 @@ impl PageChecker {
 #[derive(Debug, Default)]
 pub struct CheckedFrames {
     frame_bytes: u64,
-    frames: std::collections::BTreeMap<u64, (Lsn, Lsn, PagesOk)>,
+    frames: std::collections::BTreeMap<u64, Checked>,
+}
+
+/// One checked range: its bounds, the pages' outcome and the CRC32C of exactly its bytes.
+#[derive(Debug, Clone, Copy)]
+struct Checked {
+    start: Lsn,
+    end: Lsn,
+    ok: PagesOk,
+    crc: u32,
 }
 
 impl CheckedFrames {
@@ -90,20 +99,24 @@ impl CheckedFrames {
         CheckedFrames { frame_bytes, frames: Default::default() }
     }
 
-    /// The outcome of an earlier check covering `[lsn, lsn + len)`, if there was one.
-    pub fn get(&self, lsn: Lsn, len: u64) -> Option<PagesOk> {
-        let &(start, end, ok) = self.frames.get(&(lsn.0 / self.frame_bytes))?;
-        (start <= lsn && lsn + len <= end).then_some(ok)
+    /// The outcome of an earlier check covering `[lsn, lsn + len)`, if there was one, and the
+    /// CRC32C of the range when the earlier one was exactly this range.
+    pub fn get(&self, lsn: Lsn, len: u64) -> Option<(PagesOk, Option<u32>)> {
+        let c = self.frames.get(&(lsn.0 / self.frame_bytes))?;
+        let exact = c.start == lsn && c.end == lsn + len;
+        (c.start <= lsn && lsn + len <= c.end).then_some((c.ok, exact.then_some(c.crc)))
     }
 
-    /// `[lsn, lsn + len)` (within one frame slot) was checked with outcome `ok`.
-    pub fn insert(&mut self, lsn: Lsn, len: u64, ok: PagesOk) {
+    /// `[lsn, lsn + len)` (within one frame slot) was checked with outcome `ok`; `crc` is the
+    /// CRC32C of its bytes.
+    pub fn insert(&mut self, lsn: Lsn, len: u64, ok: PagesOk, crc: u32) {
         let slot = lsn.0 / self.frame_bytes;
         debug_assert_eq!((lsn.0 + len.max(1) - 1) / self.frame_bytes, slot, "a frame spans one slot");
-        let entry = self.frames.entry(slot).or_insert((lsn, lsn + len, ok));
+        let new = Checked { start: lsn, end: lsn + len, ok, crc };
+        let entry = self.frames.entry(slot).or_insert(new);
         // Keep the widest range; a range that merely overlaps replaces a narrower one.
-        if len >= entry.1 - entry.0 {
-            *entry = (lsn, lsn + len, ok);
+        if len >= entry.end - entry.start {
+            *entry = new;
         }
     }
 
@@ -127,14 +140,15 @@ mod tests {
     fn a_checked_range_answers_only_for_what_it_covers() {
         let mut c = CheckedFrames::new(1 << 20);
         let f = Lsn(5 << 20);
-        c.insert(f + 100, (1 << 20) - 100, PagesOk::AllValid);
-        assert_eq!(c.get(f + 100, 50), Some(PagesOk::AllValid));
-        assert_eq!(c.get(f + 8192, (1 << 20) - 8192), Some(PagesOk::AllValid));
+        c.insert(f + 100, (1 << 20) - 100, PagesOk::AllValid, 7);
+        assert_eq!(c.get(f + 100, 50), Some((PagesOk::AllValid, None)), "covered, not the same range: no CRC");
+        assert_eq!(c.get(f + 100, (1 << 20) - 100), Some((PagesOk::AllValid, Some(7))));
+        assert_eq!(c.get(f + 8192, (1 << 20) - 8192), Some((PagesOk::AllValid, None)));
         assert_eq!(c.get(f, 50), None, "starts before the checked range");
-        c.insert(f, 1 << 20, PagesOk::SwitchPadding);
-        assert_eq!(c.get(f, 50), Some(PagesOk::SwitchPadding), "the wider check replaced the narrower");
-        c.insert(f + 4096, 10, PagesOk::AllValid);
-        assert_eq!(c.get(f, 1 << 20), Some(PagesOk::SwitchPadding), "a narrower check does not shrink it");
+        c.insert(f, 1 << 20, PagesOk::SwitchPadding, 9);
+        assert_eq!(c.get(f, 50), Some((PagesOk::SwitchPadding, None)), "the wider check replaced the narrower");
+        c.insert(f + 4096, 10, PagesOk::AllValid, 1);
+        assert_eq!(c.get(f, 1 << 20), Some((PagesOk::SwitchPadding, Some(9))), "a narrower check does not shrink it");
         c.forget_below(f + (1 << 20));
         assert_eq!(c.get(f, 50), None);
     }
