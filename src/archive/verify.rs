@@ -494,7 +494,7 @@ mod tests {
         assert_eq!(verified_prefix_end(3, 9, |_| true), Some(9));
     }
 
-    /// Five complete 1 MiB segments of real-format WAL, as (dir, sorted segment names).
+    /// At least five complete 1 MiB segments of real-format WAL, as (dir, sorted segment names).
     fn five_segments() -> (tempfile::TempDir, Vec<String>) {
         let dir = tempfile::tempdir().unwrap();
         let seg = 1u64 << 20;
@@ -509,7 +509,7 @@ mod tests {
     #[test]
     fn incremental_runs_read_only_what_is_new_and_walk_across_the_boundary() {
         let (src, names) = five_segments();
-        assert_eq!(names.len(), 5);
+        assert!(names.len() >= 5, "{names:?}");
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("state.json");
         let wal = dir.path().join("wal");
@@ -529,7 +529,7 @@ mod tests {
         // segments 1 and 2 skipped; 3 read again to continue the walk into 4 and 5
         let r = verify_dir_incremental(&wal, Some(&state)).unwrap();
         assert!(r.ok, "{:?}", r.problem);
-        assert_eq!((r.files_checked, r.skipped_verified), (3, 2));
+        assert_eq!((r.files_checked, r.skipped_verified), (1 + names.len() as u64 - 3, 2));
         // a changed byte in a verified segment is read again and found
         let path = wal.join(&names[1]);
         let mut bytes = std::fs::read(&path).unwrap();
