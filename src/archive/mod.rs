@@ -54,6 +54,8 @@ pub enum ArchiveError {
     NoChecksum { object: String },
     #[error("object {object} is damaged: its content has SHA-256 {actual}, its metadata says {expected}")]
     Corrupt { object: String, expected: String, actual: String },
+    #[error("object {object} is damaged: its {compression} body does not decode ({why}); its metadata says the file has SHA-256 {expected}")]
+    Undecodable { object: String, compression: String, why: String, expected: String },
     #[error("object {object} says it is compressed with {value:?}, which this walship cannot read (none, zstd, lz4)")]
     UnknownCompression { object: String, value: String },
     #[error("object {object} was reported as existing and then was not there")]

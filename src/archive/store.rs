@@ -175,7 +175,12 @@ impl Store {
         let data = match compression {
             Compression::None => body,
             c => {
-                let why = |e: std::io::Error| ArchiveError::Corrupt { object: object.clone(), expected: expected.clone(), actual: format!("(a {c} body that does not decode: {e})") };
+                let why = |e: std::io::Error| ArchiveError::Undecodable {
+                    object: object.clone(),
+                    compression: c.to_string(),
+                    why: e.to_string(),
+                    expected: expected.clone(),
+                };
                 // Inline: at most one segment's CPU; callers run on runtimes of their own, never the receiver's loop.
                 let raw = c.decompress(&body, OBJECT_BYTES_MAX).map_err(why)?;
                 bytes::Bytes::from(raw)

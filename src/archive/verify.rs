@@ -378,7 +378,7 @@ fn identity(
     src: &mut dyn Source,
     sorted: &[(String, String)],
     inc: Option<&mut Incremental>,
-) -> Result<Option<(WalIdentity, Option<(String, Vec<u8>)>)>, Problem> {
+) -> Result<Option<(WalIdentity, FirstRead)>, Problem> {
     let Some((shown, _)) = sorted.iter().find(|(_, n)| crate::wal::has_segment_name_shape(n)) else { return Ok(None) };
     let token = src.token(shown);
     if let Some(i) = inc {
@@ -398,6 +398,9 @@ fn identity(
     Ok(Some((id, Some((shown.clone(), bytes)))))
 }
 
+/// A segment read already (display name, bytes), kept so it is not read twice.
+type FirstRead = Option<(String, Vec<u8>)>;
+
 /// One timeline's segments, by segment number.
 struct Timeline<'a> {
     id: WalIdentity,
@@ -413,7 +416,7 @@ impl Timeline<'_> {
     fn walk(
         &self,
         src: &mut dyn Source,
-        first_read: &mut Option<(String, Vec<u8>)>,
+        first_read: &mut FirstRead,
         report: &mut VerifyReport,
         mut inc: Option<&mut Incremental>,
     ) -> Result<(), Problem> {
