@@ -123,7 +123,7 @@ fn run_test(ctx: &Ctx, pg: &Pg, server: &S3Server) -> R<()> {
     let base = pgdir.join("base");
     let backup_start = primary.base_backup(&base)?;
     primary.pgbench(&["-i", "-s", "5", "-q"])?;
-    primary.pgbench(&["-c", "2", "-j", "2", "-T", "8", "-n"])?;
+    primary.pgbench(&["-c", "2", "-j", "2", "-T", "5", "-n"])?;
     let sums = checksums(&primary)?;
     let (_cd, end) = primary.clean_stop()?;
     wait_line(&send_log, "through its shutdown checkpoint", Duration::from_secs(60))?;
