@@ -323,3 +323,32 @@ fn incremental_verify_of_the_store_seaweedfs() {
     let r = json(&verify(&server, &args));
     assert_eq!((r["ok"].as_bool(), r["files_checked"].as_u64(), r["skipped_verified"].as_u64()), (Some(true), Some(3), Some(3)), "{r}");
 }
+
+/// `--dir` and `--from`: the directory is asked first, the archive for what it lacks; a directory
+/// that cannot be used still stops recovery (126) instead of falling through.
+#[test]
+fn dir_first_then_the_archive_moto() {
+    let ctx = Ctx::new("restore-dir-then-archive");
+    let Some(server) = s3::start_or_skip(Kind::Moto, ctx.dir.path()) else { return };
+    ctx.watch("moto", &server.log);
+    let store = BlockingStore::new(&server.settings("")).unwrap();
+    let segs = archived_backlog(&ctx, &store, "4MiB", SEG);
+    let names: Vec<&String> = segs.keys().collect();
+    let dir = ctx.path("recv");
+    fs::create_dir_all(&dir).unwrap();
+    let mut local = segs[names[0]].clone();
+    local[SEG as usize - 1] ^= 0xff; // the last byte differs: proves which source served it
+    fs::write(dir.join(names[0]), &local).unwrap();
+    let target = ctx.path("RECOVERYXLOG");
+    let o = restore(&server, ctx.dir.path(), names[0], &target, &["--dir", p(&dir)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(fs::read(&target).unwrap() == local, "{} not served from --dir", names[0]);
+    let o = restore(&server, ctx.dir.path(), names[1], &target, &["--dir", p(&dir)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(fs::read(&target).unwrap() == segs[names[1]], "{} not served from the archive", names[1]);
+    let o = restore(&server, ctx.dir.path(), names[1], &target, &["--dir", "/nonexistent/walship"]);
+    assert_eq!(o.status.code(), Some(126), "{}", stderr(&o));
+    let o = restore(&server, ctx.dir.path(), &seg_name(1, 0x40, SEG), &target, &["--dir", p(&dir)]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
+}
