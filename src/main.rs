@@ -121,6 +121,10 @@ struct VerifyArgs {
     /// Print one JSON object instead of the human view.
     #[arg(long)]
     json: bool,
+    /// Incremental: remember in FILE what was verified (by name and change token) after a good run,
+    /// and read only new or changed files next time.
+    #[arg(long, value_name = "FILE")]
+    state: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -359,6 +363,14 @@ struct ArchiveArgs {
     /// How often the directory is looked at for newly completed segments.
     #[arg(long, env = "WALSHIP_ARCHIVE_SCAN_INTERVAL", default_value = "1s", value_parser = parse_duration_nonzero)]
     archive_scan_interval: Duration,
+    /// Compress each object: none, zstd or lz4 (the key and the SHA-256 of the file stay the same;
+    /// the object's walship-compression metadata says which; reads decompress, then verify).
+    #[arg(long, env = "WALSHIP_ARCHIVE_COMPRESS", default_value = "none", value_parser = parse_compression)]
+    archive_compress: walship::archive::Compression,
+}
+
+fn parse_compression(s: &str) -> Result<walship::archive::Compression, String> {
+    walship::archive::Compression::parse(s).ok_or_else(|| format!("{s:?}: expected none, zstd or lz4"))
 }
 
 impl ArchiveArgs {
@@ -376,6 +388,7 @@ impl ArchiveArgs {
         let mut cfg = walship::archive::ArchiveConfig::new(s);
         cfg.parallel = self.archive_parallel;
         cfg.scan_interval = self.archive_scan_interval;
+        cfg.compression = self.archive_compress;
         cfg.validate()?;
         Ok(Some(cfg))
     }
@@ -387,9 +400,26 @@ struct RestoreArgs {
     wal_file: String,
     /// Where PostgreSQL wants it (%p).
     target: PathBuf,
-    /// The receiver's directory.
+    /// The receiver's directory (asked first when --from is given too).
     #[arg(long, env = "WALSHIP_DIR")]
-    dir: PathBuf,
+    dir: Option<PathBuf>,
+    /// The archive, s3://BUCKET/PREFIX (endpoint and credentials from AWS_ENDPOINT_URL, AWS_REGION,
+    /// AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_ALLOW_HTTP).
+    #[arg(long, env = "WALSHIP_RESTORE_FROM", value_name = "s3://BUCKET/PREFIX")]
+    from: Option<String>,
+    /// Segments to fetch ahead, in parallel, into --cache-dir when a segment is fetched from the archive (0..=64).
+    #[arg(long, env = "WALSHIP_RESTORE_PREFETCH", default_value_t = 0)]
+    prefetch: usize,
+    /// The prefetch cache (relative paths are under the data directory, where PostgreSQL runs restore_command).
+    #[arg(long, env = "WALSHIP_RESTORE_CACHE_DIR", default_value = "walship-restore-cache")]
+    cache_dir: PathBuf,
+    /// The most bytes the prefetch cache holds.
+    #[arg(long, env = "WALSHIP_RESTORE_CACHE_BYTES_MAX", default_value = "1GiB", value_parser = parse_bytes)]
+    cache_bytes_max: u64,
+    /// The cluster whose WAL to restore (default: the system identifier in global/pg_control of the
+    /// working directory, else the archive's only cluster).
+    #[arg(long)]
+    system_id: Option<u64>,
 }
 
 #[derive(clap::Args)]
@@ -745,23 +775,48 @@ fn run_recv(a: RecvArgs) -> Result<()> {
 }
 
 /// `walship restore`: exit 1 for "not (yet) there", above 125 for anything that must stop recovery.
+/// With --dir and --from, the directory is asked first and the archive when the directory has no such file.
 fn run_restore(a: RestoreArgs) -> Result<()> {
-    match walship::restore::restore(&a.dir, &a.wal_file, &a.target) {
-        Ok(outcome) => {
-            eprintln!("walship restore: {outcome}");
-            Ok(())
-        }
-        // "Not (yet) there" is one plain line and exit 1; anything else stops recovery
-        // (exit above 125) instead of letting it promote on a partial archive.
-        Err(e) => {
-            let code = e.exit_code();
-            if code == walship::restore::EXIT_NOT_FOUND {
-                eprintln!("walship restore: {e}");
-                std::process::exit(i32::from(code));
+    use walship::restore::{EXIT_FATAL, EXIT_NOT_FOUND};
+    let mut not_found = Vec::new();
+    if let Some(dir) = &a.dir {
+        match walship::restore::restore(dir, &a.wal_file, &a.target) {
+            Ok(outcome) => {
+                eprintln!("walship restore: {outcome}");
+                return Ok(());
             }
-            Err(anyhow::Error::new(e).context(Exit(code)))
+            Err(e) if e.exit_code() == EXIT_NOT_FOUND => not_found.push(e.to_string()),
+            // Anything else stops recovery (exit above 125) instead of letting it promote on a partial archive.
+            Err(e) => {
+                let code = e.exit_code();
+                return Err(anyhow::Error::new(e).context(Exit(code)));
+            }
         }
     }
+    if let Some(url) = &a.from {
+        let cfg = walship::archive::restore::FetchConfig {
+            settings: walship::archive::ArchiveSettings::from_env(url).context(Exit(EXIT_FATAL))?,
+            system_id: a.system_id,
+            prefetch_count: a.prefetch,
+            cache_dir: a.cache_dir.clone(),
+            cache_bytes_max: a.cache_bytes_max,
+            data_dir: PathBuf::from("."),
+        };
+        match walship::archive::restore::restore_from_archive(&cfg, &a.wal_file, &a.target) {
+            Ok(served) => {
+                eprintln!("walship restore: {served}");
+                return Ok(());
+            }
+            Err(e) if e.is_not_found() => not_found.push(e.to_string()),
+            Err(e) => return Err(anyhow::Error::new(e).context(Exit(EXIT_FATAL))),
+        }
+    }
+    if not_found.is_empty() {
+        return Err(anyhow::anyhow!("walship restore needs --dir DIR or --from s3://BUCKET/PREFIX (or both)").context(Exit(EXIT_FATAL)));
+    }
+    // "Not (yet) there" is one plain line and exit 1.
+    eprintln!("walship restore: {}", not_found.join("; "));
+    std::process::exit(i32::from(EXIT_NOT_FOUND));
 }
 
 /// `walship gen-wal`: synthetic valid WAL, and one JSON line describing it.
@@ -796,9 +851,9 @@ fn run_gen_wal(a: GenArgs) -> Result<()> {
 fn run_verify(a: VerifyArgs) -> Result<()> {
     use walship::archive::verify;
     let report = if a.target.starts_with("s3://") {
-        verify::verify_store(&walship::archive::ArchiveSettings::from_env(&a.target)?)?
+        verify::verify_store_incremental(&walship::archive::ArchiveSettings::from_env(&a.target)?, a.state.as_deref())?
     } else {
-        verify::verify_dir(std::path::Path::new(&a.target))?
+        verify::verify_dir_incremental(std::path::Path::new(&a.target), a.state.as_deref())?
     };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -815,8 +870,8 @@ fn run_verify(a: VerifyArgs) -> Result<()> {
             );
         }
         println!(
-            "{}: {} files, {} bytes checked ({} .partial files not checked)",
-            report.target, report.files_checked, report.bytes_checked, report.partial_files
+            "{}: {} files, {} bytes checked ({} .partial files not checked, {} skipped as already verified)",
+            report.target, report.files_checked, report.bytes_checked, report.partial_files, report.skipped_verified
         );
     }
     match &report.problem {

@@ -25,7 +25,8 @@ use tracing::{debug, error, info, warn};
 
 use super::keys::{object_key, timeline_prefix};
 use super::settings::ArchiveSettings;
-use super::store::{PutOutcome, Store};
+use super::compress::Compression;
+use super::store::{sha256_hex, PutOutcome, Store};
 use super::ArchiveError;
 use crate::metrics::LsnGauge;
 use crate::wal::{has_segment_name_shape, read_segment_head, Lsn, WalFileName, WalIdentity};
@@ -43,6 +44,8 @@ pub struct ArchiveConfig {
     pub parallel: usize,
     /// How often the directory is looked at for new complete files.
     pub scan_interval: Duration,
+    /// How each object's body is compressed (`--archive-compress`); keys and checksums do not change.
+    pub compression: Compression,
     pub metrics: Arc<ArchiveMetrics>,
 }
 
@@ -52,13 +55,14 @@ impl std::fmt::Debug for ArchiveConfig {
             .field("settings", &self.settings)
             .field("parallel", &self.parallel)
             .field("scan_interval", &self.scan_interval)
+            .field("compression", &self.compression)
             .finish_non_exhaustive()
     }
 }
 
 impl ArchiveConfig {
     pub fn new(settings: ArchiveSettings) -> ArchiveConfig {
-        ArchiveConfig { settings, parallel: 4, scan_interval: Duration::from_secs(1), metrics: Arc::new(ArchiveMetrics::default()) }
+        ArchiveConfig { settings, parallel: 4, scan_interval: Duration::from_secs(1), compression: Compression::None, metrics: Arc::new(ArchiveMetrics::default()) }
     }
 
     pub fn validate(&self) -> Result<(), ArchiveError> {
@@ -80,6 +84,12 @@ pub struct ArchiveMetrics {
     pub archived_lsn: LsnGauge,
     pub uploaded_objects: Counter,
     pub uploaded_bytes: Counter,
+    /// Bytes of the files uploaded, before compression (the same as `uploaded_bytes` without it).
+    pub uncompressed_bytes: Counter,
+    /// Bytes of the object bodies uploaded, after compression.
+    pub compressed_bytes: Counter,
+    /// uncompressed_bytes / compressed_bytes so far (1 without compression, 0 before any upload).
+    pub compression_ratio: Gauge<f64, std::sync::atomic::AtomicU64>,
     /// Objects found in the store already with the same checksum.
     pub present_objects: Counter,
     /// Complete local files not in the store yet.
@@ -99,6 +109,9 @@ impl ArchiveMetrics {
         registry.register("recv_archived_lsn", "LSN below which every byte of the directory's WAL is in the object store", self.archived_lsn.clone());
         registry.register("recv_archive_uploaded_objects", "Objects (segments, history files) uploaded", self.uploaded_objects.clone());
         registry.register("recv_archive_uploaded_bytes", "Bytes uploaded to the object store", self.uploaded_bytes.clone());
+        registry.register("recv_archive_uncompressed_bytes", "Bytes of the uploaded files before compression", self.uncompressed_bytes.clone());
+        registry.register("recv_archive_compressed_bytes", "Bytes of the uploaded object bodies after compression", self.compressed_bytes.clone());
+        registry.register("recv_archive_compression_ratio", "Uncompressed over compressed bytes uploaded so far", self.compression_ratio.clone());
         registry.register("recv_archive_present_objects", "Objects found already in the store with the same content", self.present_objects.clone());
         registry.register("recv_archive_pending_files", "Complete local files not in the object store yet", self.pending.clone());
         registry.register("recv_archive_failures", "Failed upload tries (each is retried with backoff)", self.failures.clone());
@@ -128,6 +141,7 @@ impl Archiver {
             region = %s.region,
             access_key_id = s.access_key_id.as_deref().unwrap_or("(none)"),
             parallel = cfg.parallel,
+            compression = %cfg.compression,
             "archiving complete segments and history files to {}", s.url
         );
         let mut state = State {
@@ -135,6 +149,7 @@ impl Archiver {
             store,
             prefix: s.url.prefix.clone(),
             parallel: cfg.parallel,
+            compression: cfg.compression,
             scan_interval: cfg.scan_interval,
             metrics: Arc::clone(&cfg.metrics),
             identity: None,
@@ -186,6 +201,7 @@ struct State {
     store: Store,
     prefix: String,
     parallel: usize,
+    compression: Compression,
     scan_interval: Duration,
     metrics: Arc<ArchiveMetrics>,
     /// (system identifier, segment size), from the first segment's long page header.
@@ -202,7 +218,14 @@ struct State {
     failures_unlogged: u64,
 }
 
-type Finished = (String, Result<(PutOutcome, u64), ArchiveError>);
+type Finished = (String, Result<(PutOutcome, Sizes), ArchiveError>);
+
+/// (file bytes, object body bytes) of one upload.
+#[derive(Debug, Clone, Copy)]
+struct Sizes {
+    raw: u64,
+    body: u64,
+}
 
 impl State {
     async fn run(&mut self, stop: &AtomicBool) {
@@ -345,28 +368,33 @@ impl State {
             let store = self.store.clone();
             let key = e.key.clone();
             let path = self.dir.join(&name);
+            let compression = self.compression;
             tasks.spawn(async move {
-                let result = upload(&store, &key, path).await;
+                let result = upload(&store, &key, path, compression).await;
                 (name, result)
             });
         }
     }
 
     /// Record one upload's result; Err only for a hard error (archiving must stop).
-    fn finish(&mut self, name: &str, result: Result<(PutOutcome, u64), ArchiveError>) -> Result<(), ArchiveError> {
+    fn finish(&mut self, name: &str, result: Result<(PutOutcome, Sizes), ArchiveError>) -> Result<(), ArchiveError> {
         let Some(e) = self.files.get_mut(name) else { return Ok(()) };
         let attempts = match e.phase {
             Phase::InFlight { attempts } => attempts,
             _ => 0,
         };
         match result {
-            Ok((outcome, bytes)) => {
+            Ok((outcome, sizes)) => {
                 e.phase = Phase::Done;
                 match outcome {
                     PutOutcome::Uploaded => {
-                        self.metrics.uploaded_objects.inc();
-                        self.metrics.uploaded_bytes.inc_by(bytes);
-                        debug!(key = %e.key, bytes, "uploaded {name}");
+                        let m = &self.metrics;
+                        m.uploaded_objects.inc();
+                        m.uploaded_bytes.inc_by(sizes.raw);
+                        m.uncompressed_bytes.inc_by(sizes.raw);
+                        m.compressed_bytes.inc_by(sizes.body);
+                        m.compression_ratio.set(compression_ratio(m.uncompressed_bytes.get(), m.compressed_bytes.get()));
+                        debug!(key = %e.key, bytes = sizes.raw, body_bytes = sizes.body, "uploaded {name}");
                     }
                     PutOutcome::AlreadyThere => {
                         self.metrics.present_objects.inc();
@@ -420,15 +448,30 @@ impl State {
     }
 }
 
-/// Read `path` and upload it create-only as `key`.
-async fn upload(store: &Store, key: &str, path: PathBuf) -> Result<(PutOutcome, u64), ArchiveError> {
+/// Read `path`, compress it (on tokio's blocking pool: never on the receiver's io_uring loop, nor
+/// on the archiver's runtime thread) and upload it create-only as `key`. Memory: the file and its
+/// compressed body, per upload in flight (`--archive-parallel` bounds them).
+async fn upload(store: &Store, key: &str, path: PathBuf, compression: Compression) -> Result<(PutOutcome, Sizes), ArchiveError> {
     let shown = path.display().to_string();
-    let data = tokio::task::spawn_blocking(move || std::fs::read(&path).map_err(|source| ArchiveError::Local { path, source }))
-        .await
-        .map_err(|e| ArchiveError::Client(format!("file reader task failed: {e}")))??;
-    let len = data.len() as u64;
-    let outcome = store.put_create(key, data.into(), &shown).await?;
-    Ok((outcome, len))
+    let (sha, body, raw) = tokio::task::spawn_blocking(move || {
+        let data = std::fs::read(&path).map_err(|source| ArchiveError::Local { path: path.clone(), source })?;
+        let body = compression.compress(&data).map_err(|source| ArchiveError::Local { path, source })?;
+        Ok::<_, ArchiveError>((sha256_hex(&data), body, data.len() as u64))
+    })
+    .await
+    .map_err(|e| ArchiveError::Client(format!("file reader task failed: {e}")))??;
+    let sizes = Sizes { raw, body: body.len() as u64 };
+    let outcome = store.put_create_body(key, body.into(), &sha, compression, &shown).await?;
+    Ok((outcome, sizes))
+}
+
+/// Uncompressed over compressed bytes; 0 before anything was uploaded.
+fn compression_ratio(uncompressed_bytes: u64, compressed_bytes: u64) -> f64 {
+    if compressed_bytes == 0 {
+        0.0
+    } else {
+        uncompressed_bytes as f64 / compressed_bytes as f64
+    }
 }
 
 /// 1 s, 2 s, 4 s, ... up to [`BACKOFF_MAX`].

@@ -9,12 +9,15 @@
 #![forbid(unsafe_code)]
 
 pub mod archiver;
+pub mod compress;
 pub mod keys;
+pub mod restore;
 pub mod settings;
 pub mod store;
 pub mod verify;
 
 pub use archiver::{ArchiveConfig, ArchiveMetrics, Archiver};
+pub use compress::Compression;
 pub use settings::{ArchiveSettings, ArchiveUrl, Secret};
 pub use store::{BlockingStore, ObjectInfo, PutOutcome, Store};
 
@@ -51,6 +54,10 @@ pub enum ArchiveError {
     NoChecksum { object: String },
     #[error("object {object} is damaged: its content has SHA-256 {actual}, its metadata says {expected}")]
     Corrupt { object: String, expected: String, actual: String },
+    #[error("object {object} is damaged: its {compression} body does not decode ({why}); its metadata says the file has SHA-256 {expected}")]
+    Undecodable { object: String, compression: String, why: String, expected: String },
+    #[error("object {object} says it is compressed with {value:?}, which this walship cannot read (none, zstd, lz4)")]
+    UnknownCompression { object: String, value: String },
     #[error("object {object} was reported as existing and then was not there")]
     Vanished { object: String },
     #[error("reading {path}: {source}")]

@@ -12,6 +12,7 @@ use object_store::{
 };
 use sha2::{Digest, Sha256};
 
+use super::compress::{Compression, COMPRESSION_META, OBJECT_BYTES_MAX};
 use super::settings::ArchiveSettings;
 use super::ArchiveError;
 
@@ -38,6 +39,8 @@ pub struct ObjectInfo {
     /// The key, relative to the bucket.
     pub key: String,
     pub size: u64,
+    /// The store's entity tag: changes whenever the object is written again.
+    pub e_tag: Option<String>,
 }
 
 /// One bucket of an S3-compatible store (cheap to clone).
@@ -118,14 +121,29 @@ impl Store {
     /// object this way (but two writers racing there could: S3, SeaweedFS and moto honour it).
     pub async fn put_create(&self, key: &str, data: bytes::Bytes, local: &str) -> Result<PutOutcome, ArchiveError> {
         let ours = sha256_hex(&data);
+        self.put_create_body(key, data, &ours, Compression::None, local).await
+    }
+
+    /// [`Store::put_create`] of an already compressed `body`; `sha256_raw` is the checksum of the
+    /// uncompressed file, which is what the metadata carries and what is compared.
+    pub async fn put_create_body(
+        &self,
+        key: &str,
+        body: bytes::Bytes,
+        sha256_raw: &str,
+        compression: Compression,
+        local: &str,
+    ) -> Result<PutOutcome, ArchiveError> {
+        let ours = sha256_raw.to_string();
         if let Some(theirs) = self.head_checksum(key).await? {
             return self.same_or_conflict(key, local, ours, theirs);
         }
         let mut attributes = Attributes::new();
         attributes.insert(Attribute::Metadata(CHECKSUM_META.into()), AttributeValue::from(ours.clone()));
+        attributes.insert(Attribute::Metadata(COMPRESSION_META.into()), AttributeValue::from(compression.as_str()));
         attributes.insert(Attribute::ContentType, AttributeValue::from("application/octet-stream"));
         let opts = PutOptions { mode: PutMode::Create, attributes, ..Default::default() };
-        match self.s3.put_opts(&ObjPath::from(key), PutPayload::from(data), opts).await {
+        match self.s3.put_opts(&ObjPath::from(key), PutPayload::from(body), opts).await {
             Ok(_) => Ok(PutOutcome::Uploaded),
             Err(object_store::Error::AlreadyExists { .. }) => match self.head_checksum(key).await? {
                 Some(theirs) => self.same_or_conflict(key, local, ours, theirs),
@@ -152,7 +170,22 @@ impl Store {
         };
         let object = self.describe(key);
         let expected = checksum_of(&r.attributes, &object)?;
-        let data = r.bytes().await.map_err(store_err("GET", key))?;
+        let compression = compression_of(&r.attributes, &object)?;
+        let body = r.bytes().await.map_err(store_err("GET", key))?;
+        let data = match compression {
+            Compression::None => body,
+            c => {
+                let why = |e: std::io::Error| ArchiveError::Undecodable {
+                    object: object.clone(),
+                    compression: c.to_string(),
+                    why: e.to_string(),
+                    expected: expected.clone(),
+                };
+                // Inline: at most one segment's CPU; callers run on runtimes of their own, never the receiver's loop.
+                let raw = c.decompress(&body, OBJECT_BYTES_MAX).map_err(why)?;
+                bytes::Bytes::from(raw)
+            }
+        };
         let actual = sha256_hex(&data);
         if actual != expected {
             return Err(ArchiveError::Corrupt { object, expected, actual });
@@ -164,7 +197,7 @@ impl Store {
     pub async fn list(&self, folder: &str) -> Result<Vec<ObjectInfo>, ArchiveError> {
         let p = ObjPath::from(folder.trim_end_matches('/'));
         let r = self.s3.list_with_delimiter(Some(&p)).await.map_err(store_err("LIST", folder))?;
-        Ok(r.objects.into_iter().map(|o| ObjectInfo { key: o.location.to_string(), size: o.size }).collect())
+        Ok(r.objects.into_iter().map(|o| ObjectInfo { key: o.location.to_string(), size: o.size, e_tag: o.e_tag }).collect())
     }
 
     /// The sub-folders directly under `folder` (each ending in `/`).
@@ -181,6 +214,14 @@ fn checksum_of(attributes: &Attributes, object: &str) -> Result<String, ArchiveE
         .get(&Attribute::Metadata(CHECKSUM_META.into()))
         .map(|v| v.as_ref().to_string())
         .ok_or_else(|| ArchiveError::NoChecksum { object: object.to_string() })
+}
+
+/// The `walship-compression` metadata; absent = none (objects written before compression existed).
+fn compression_of(attributes: &Attributes, object: &str) -> Result<Compression, ArchiveError> {
+    match attributes.get(&Attribute::Metadata(COMPRESSION_META.into())) {
+        None => Ok(Compression::None),
+        Some(v) => Compression::parse(v.as_ref()).ok_or_else(|| ArchiveError::UnknownCompression { object: object.to_string(), value: v.as_ref().to_string() }),
+    }
 }
 
 /// [`Store`] with a current-thread runtime of its own: for callers on plain threads (tests, tools).
@@ -202,6 +243,10 @@ impl BlockingStore {
     }
     pub fn put_create(&self, key: &str, data: Vec<u8>, local: &str) -> Result<PutOutcome, ArchiveError> {
         self.rt.block_on(self.store.put_create(key, data.into(), local))
+    }
+    pub fn put_create_compressed(&self, key: &str, data: &[u8], compression: Compression, local: &str) -> Result<PutOutcome, ArchiveError> {
+        let body = compression.compress(data).map_err(|source| ArchiveError::Local { path: local.into(), source })?;
+        self.rt.block_on(self.store.put_create_body(key, body.into(), &sha256_hex(data), compression, local))
     }
     pub fn get_verified(&self, key: &str) -> Result<Option<bytes::Bytes>, ArchiveError> {
         self.rt.block_on(self.store.get_verified(key))
