@@ -44,7 +44,13 @@ pub struct ArchiveConfig {
     /// How often the directory is looked at for new complete files.
     pub scan_interval: Duration,
     pub metrics: Arc<ArchiveMetrics>,
+    /// The names of the local files known to be in the store (read by local retention).
+    pub archived_names: ArchivedNames,
 }
+
+/// The names of local files the archiver found in the store or uploaded in this process (shared
+/// with local retention, which deletes only names in it and then forgets them).
+pub type ArchivedNames = Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>;
 
 impl std::fmt::Debug for ArchiveConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -58,7 +64,13 @@ impl std::fmt::Debug for ArchiveConfig {
 
 impl ArchiveConfig {
     pub fn new(settings: ArchiveSettings) -> ArchiveConfig {
-        ArchiveConfig { settings, parallel: 4, scan_interval: Duration::from_secs(1), metrics: Arc::new(ArchiveMetrics::default()) }
+        ArchiveConfig {
+            settings,
+            parallel: 4,
+            scan_interval: Duration::from_secs(1),
+            metrics: Arc::new(ArchiveMetrics::default()),
+            archived_names: ArchivedNames::default(),
+        }
     }
 
     pub fn validate(&self) -> Result<(), ArchiveError> {
@@ -137,6 +149,7 @@ impl Archiver {
             parallel: cfg.parallel,
             scan_interval: cfg.scan_interval,
             metrics: Arc::clone(&cfg.metrics),
+            archived_names: Arc::clone(&cfg.archived_names),
             identity: None,
             files: BTreeMap::new(),
             listed: HashMap::new(),
@@ -188,6 +201,7 @@ struct State {
     parallel: usize,
     scan_interval: Duration,
     metrics: Arc<ArchiveMetrics>,
+    archived_names: ArchivedNames,
     /// (system identifier, segment size), from the first segment's long page header.
     identity: Option<(u64, u64)>,
     /// By file name.
@@ -362,6 +376,7 @@ impl State {
         match result {
             Ok((outcome, bytes)) => {
                 e.phase = Phase::Done;
+                self.archived_names.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_string());
                 match outcome {
                     PutOutcome::Uploaded => {
                         self.metrics.uploaded_objects.inc();
@@ -437,15 +452,14 @@ fn backoff(attempts: u32) -> Duration {
 }
 
 fn tli_of(f: WalFileName) -> u32 {
-    match f {
-        WalFileName::Segment { tli, .. } | WalFileName::Partial { tli, .. } | WalFileName::History { tli } => tli,
-    }
+    f.tli()
 }
 
-/// History files first, then segments by (segno, timeline).
+/// History files first (timelines', then backups'), then segments by (segno, timeline).
 fn order_of(f: WalFileName) -> (u8, u64, u32) {
     match f {
         WalFileName::History { tli } => (0, 0, tli),
+        WalFileName::Backup { tli, segno, .. } => (0, segno, tli),
         WalFileName::Segment { tli, segno } | WalFileName::Partial { tli, segno } => (1, segno, tli),
     }
 }

@@ -10,6 +10,8 @@
 
 pub mod archiver;
 pub mod keys;
+pub mod prune;
+pub mod retention;
 pub mod settings;
 pub mod store;
 pub mod verify;

@@ -630,6 +630,8 @@ struct Streaming<'a> {
     plans: Vec<FramePlan>,
     frames_per_batch: usize,
     shutdown_logged: Option<Lsn>,
+    /// The source's `.backup` files this connection shipped (see `source::backups`).
+    backups: source::backups::BackupShipper,
 }
 
 /// Streams from `resume` until the connection ends; the end is [`Sender::connection_end`]'s
@@ -700,6 +702,7 @@ impl<'a> Streaming<'a> {
             plans: Vec::new(),
             frames_per_batch: ((crate::uring::IOV_MAX / 2) as u64).min(cfg.send_batch_bytes_max / frame_bytes.max(1) + 2) as usize,
             shutdown_logged: None,
+            backups: Default::default(),
         })
     }
 
@@ -781,6 +784,13 @@ impl<'a> Streaming<'a> {
     /// With no send in flight, plans the next frames up to the horizon and sends them.
     fn send_next(&mut self, source: &mut Source, summary: &mut SendSummary, m: &SenderMetrics) -> Result<(), SendError> {
         if self.send_in_flight {
+            return Ok(());
+        }
+        // Hook: a new `.backup` file of the source goes out as one frame before the next data batch.
+        let source_dir = || source.segment_path(Lsn(0)).parent().map(std::path::Path::to_path_buf).unwrap_or_default();
+        if let Some(frame) = self.backups.next_frame(source_dir, source.identity().seg_size) {
+            self.ring.send_batch(self.fd, TAG_SEND, frame, false);
+            self.send_in_flight = true;
             return Ok(());
         }
         self.plans.clear();
