@@ -89,6 +89,14 @@ fn segment_names(dir: &Path) -> BTreeSet<String> {
     fs::read_dir(dir).unwrap().flatten().filter_map(|e| e.file_name().into_string().ok()).filter(|n| is_seg_name(n)).collect()
 }
 
+/// The segments of a gen-wal source the receiver completes: all but the last (where the WAL ends,
+/// a `.partial` at the receiver).
+fn complete_source_segments(src: &Path) -> BTreeSet<String> {
+    let mut all = segment_names(src);
+    all.pop_last();
+    all
+}
+
 fn bucket_names(store: &BlockingStore) -> BTreeSet<String> {
     store
         .list(&format!("{PREFIX}/{SYSTEM_ID}/00000001/"))
@@ -142,7 +150,7 @@ fn keep_local_deletes_archived_segments_below_the_floor_and_restart_resumes() {
     let second = gen_wal_in(&ctx, "second", "24MiB");
     let dst = ctx.path("dst");
     fs::create_dir_all(&dst).unwrap();
-    let first_segs = segment_names(&first);
+    let first_segs = complete_source_segments(&first);
     let lowest = first_segs.iter().map(|n| segno(n)).min().unwrap();
     let backup = backup_file(&dst, lowest + 8);
     let port = free_port();
@@ -169,7 +177,7 @@ fn keep_local_deletes_archived_segments_below_the_floor_and_restart_resumes() {
     // Restarted over the thinned directory: it resumes after its newest segment.
     let recv = start_recv(&ctx, &server, Some(&archive), &dst, port, &["--keep-local", "3MiB"]);
     send(&ctx, &second, port);
-    let all: BTreeSet<String> = segment_names(&second);
+    let all: BTreeSet<String> = complete_source_segments(&second);
     let archived = poll_until(Duration::from_secs(60), Duration::from_millis(200), || {
         let have = bucket_names(&store);
         all.iter().all(|n| have.contains(n)).then_some(())
@@ -268,7 +276,12 @@ fn retention_while_the_store_is_down_deletes_nothing() {
 #[test]
 fn store_refusing_writes_deletes_nothing() {
     let ctx = Ctx::new("retention-refused");
-    let Some(server) = s3::start_or_skip(Kind::Seaweed, ctx.dir.path()) else { return };
+    if s3::find_tool(Kind::Seaweed).is_none() {
+        s3::start_or_skip(Kind::Seaweed, ctx.dir.path());
+        return;
+    }
+    // SeaweedFS would create a missing bucket on the first upload of its admin identity.
+    let server = S3Server::start_with(Kind::Seaweed, ctx.dir.path(), &["-s3.autoCreateBucket=false"]);
     ctx.watch("seaweedfs", &server.log);
     let src = gen_wal_in(&ctx, "src", "8MiB");
     let cases: [(&str, String, &[(&str, &str)]); 2] = [
@@ -321,7 +334,7 @@ fn keep_local_without_an_archive_warns_and_keeps_the_floor() {
     let keep_from = fmt_lsn((lowest + 5) * SEG + 100);
     let recv = start_recv(&ctx, &server, None, &dst, port, &["--keep-local", "1MiB", "--keep-from", &keep_from]);
     send(&ctx, &src, port);
-    let want: BTreeMap<String, bool> = segment_names(&src).into_iter().map(|n| { let s = segno(&n); (n, s >= lowest + 5) }).collect();
+    let want: BTreeMap<String, bool> = complete_source_segments(&src).into_iter().map(|n| { let s = segno(&n); (n, s >= lowest + 5) }).collect();
     let done = poll_until(Duration::from_secs(20), Duration::from_millis(100), || {
         let local = segment_names(&dst);
         want.iter().all(|(n, keep)| local.contains(n) == *keep).then_some(())
@@ -343,8 +356,14 @@ fn real_postgres_backup_history_file_is_shipped_and_archived() {
     let Some(server) = s3::start_or_skip(Kind::Seaweed, ctx.dir.path()) else { return };
     ctx.watch("seaweedfs", &server.log);
     let pgdir = ctx.path("pg");
+    fs::create_dir_all(&pgdir).unwrap();
+    chmod_a_rx(ctx.dir.path()).unwrap();
+    pg.chown(&pgdir).unwrap();
     let mut primary = pg.server(&pgdir, "primary", free_port()).unwrap();
-    primary.init("backup-file", "wal_level = replica\nmax_wal_senders = 4\nmax_replication_slots = 4").unwrap();
+    // With archive_mode off, pg_backup_stop() deletes the .backup file it just wrote (it counts as
+    // archived): archive_mode on with a no-op command keeps it until the next backup.
+    let conf = "wal_level = replica\nmax_wal_senders = 4\nmax_replication_slots = 4\narchive_mode = on\narchive_command = 'true'";
+    primary.init("backup-file", conf).unwrap();
     ctx.watch("postgres", &primary.log);
     let dst = ctx.path("dst");
     let port = free_port();

@@ -864,7 +864,8 @@ fn on_control_body(
             let seg_size = identity.map_or(0, |id| id.seg_size);
             // A few hundred bytes, once per base backup: written here, durably, before the next frame.
             if let Err(e) = SegmentDir::store_backup(&cfg.dir, &b.name, seg_size, &b.content, cfg.access) {
-                send_error_and_close(io, conn, receiver.as_mut(), ErrorCode::Protocol, format!("backup history file from {}: {e}", conn.peer));
+                let code = if matches!(e, DirError::BadSegment { .. }) { ErrorCode::Protocol } else { ErrorCode::Io };
+                send_error_and_close(io, conn, receiver.as_mut(), code, format!("backup history file from {}: {e}", conn.peer));
                 return Ok(());
             }
             info!(peer = %conn.peer, file = %b.name, "stored the backup history file {}", b.name);
