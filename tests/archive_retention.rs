@@ -284,7 +284,8 @@ fn store_refusing_writes_deletes_nothing() {
     let server = S3Server::start_with(Kind::Seaweed, ctx.dir.path(), &["-s3.autoCreateBucket=false"]);
     ctx.watch("seaweedfs", &server.log);
     let src = gen_wal_in(&ctx, "src", "8MiB");
-    let cases: [(&str, String, &[(&str, &str)]); 2] = [
+    type Case<'a> = (&'a str, String, &'a [(&'a str, &'a str)]);
+    let cases: [Case; 2] = [
         ("no-bucket", "s3://no-such-bucket/x".to_string(), &[]),
         ("bad-secret", format!("s3://{BUCKET}/{PREFIX}"), &[("AWS_SECRET_ACCESS_KEY", "wrong-secret")]),
     ];

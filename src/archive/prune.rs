@@ -104,7 +104,8 @@ fn summarize(out: &mut dyn std::io::Write, folder: &str, opts: &PruneOptions, pl
     if let Some(f) = &plan.floor {
         let _ = writeln!(out, "  floor {} ({})", f.lsn, f.source);
     }
-    let reasons: [(&str, fn(&KeepReason) -> bool); 5] = [
+    type Pick = fn(&KeepReason) -> bool;
+    let reasons: [(&str, Pick); 5] = [
         ("newest segment of its timeline", |w: &KeepReason| matches!(w, KeepReason::Newest)),
         ("within the policy", |w: &KeepReason| matches!(w, KeepReason::Policy)),
         ("at or after the floor", |w: &KeepReason| matches!(w, KeepReason::Floor(_))),

@@ -151,7 +151,7 @@ pub fn plan(files: &[FileInfo], policy: Policy, floors: &[Floor], seg_size: u64)
         };
         out.keep.push(Kept { name: f.name.clone(), bytes: f.bytes, why });
     }
-    segments.sort_unstable_by(|a, b| (b.0, b.1).cmp(&(a.0, a.1)));
+    segments.sort_unstable_by_key(|s| std::cmp::Reverse((s.0, s.1)));
     let mut newest_of_tli: BTreeMap<u32, u64> = BTreeMap::new();
     for &(segno, tli, _) in &segments {
         newest_of_tli.entry(tli).or_insert(segno);

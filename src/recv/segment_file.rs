@@ -272,7 +272,7 @@ impl SegmentDir {
 
     /// temp file, fsync, rename, fsync of the directory; an identical file is left alone.
     fn store_small_file(dir: &Path, name: &str, content: &str, access: FileAccess) -> Result<(), DirError> {
-        let path = dir.join(&name);
+        let path = dir.join(name);
         if std::fs::read_to_string(&path).is_ok_and(|old| old == content) {
             return Ok(());
         }
