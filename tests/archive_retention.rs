@@ -403,3 +403,45 @@ fn real_postgres_backup_history_file_is_shipped_and_archived() {
     sender.wait_timeout(Duration::from_secs(60)).unwrap();
     recv.stop();
 }
+
+/// The receiver killed -9 while it uploads and deletes: nothing deleted locally is missing from the
+/// store, every object there verifies (no half object), and the restarted receiver finishes both.
+#[test]
+fn receiver_killed_mid_upload_with_retention_resumes() {
+    let ctx = Ctx::new("retention-kill");
+    let Some(server) = s3::start_or_skip(Kind::Seaweed, ctx.dir.path()) else { return };
+    ctx.watch("seaweedfs", &server.log);
+    let store = BlockingStore::new(&server.settings("")).unwrap();
+    let src = gen_wal_in(&ctx, "src", "24MiB");
+    let dst = ctx.path("dst");
+    let port = free_port();
+    // The backlog first, without an archive, so the archiving receiver starts with all of it.
+    let plain = start_recv(&ctx, &server, None, &dst, port, &[]);
+    send(&ctx, &src, port);
+    plain.stop();
+    let all = complete_source_segments(&src);
+    assert_eq!(segment_names(&dst), all);
+    let archive = format!("s3://{BUCKET}/{PREFIX}");
+    let extra = ["--keep-local", "1MiB", "--archive-parallel", "1"];
+    let mut recv = start_recv(&ctx, &server, Some(&archive), &dst, port, &extra);
+    let mid = poll_until(Duration::from_secs(60), Duration::from_millis(5), || (bucket_names(&store).len() >= 4).then_some(()));
+    assert!(mid.is_some(), "uploads did not start:\n{}", tail_file(&recv.log, 20));
+    recv.guard.signal(libc::SIGKILL).unwrap();
+    recv.guard.wait_timeout(Duration::from_secs(10)).unwrap().expect("receiver killed");
+    let in_store = bucket_names(&store);
+    assert!(in_store.len() < all.len(), "everything was archived before the kill; the test proves nothing");
+    let deleted: BTreeSet<String> = all.difference(&segment_names(&dst)).cloned().collect();
+    assert!(deleted.is_subset(&in_store), "deleted but not in the store: {:?}", deleted.difference(&in_store));
+    all_in_store(&store, &src, &in_store);
+    let recv = start_recv(&ctx, &server, Some(&archive), &dst, port, &extra);
+    let done = poll_until(Duration::from_secs(60), Duration::from_millis(200), || {
+        (bucket_names(&store) == all && segment_names(&dst).len() <= 1).then_some(())
+    });
+    assert!(done.is_some(), "bucket {:?}, local {:?}\n{}", bucket_names(&store), segment_names(&dst), tail_file(&recv.log, 20));
+    all_in_store(&store, &src, &all);
+    recv.stop();
+    let mut c = walship(&["verify", &archive]);
+    server.env(&mut c);
+    let out = c.output().unwrap();
+    assert!(out.status.success(), "verify of the archive: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+}
