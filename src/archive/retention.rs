@@ -125,8 +125,9 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// Bytes of the WAL files (segments, `.partial`, history files) that stay; not other files.
     pub fn kept_bytes(&self) -> u64 {
-        self.keep.iter().map(|k| k.bytes).sum()
+        self.keep.iter().filter(|k| k.why != KeepReason::NotWal).map(|k| k.bytes).sum()
     }
     pub fn deleted_bytes(&self) -> u64 {
         self.delete.iter().map(|d| d.bytes).sum()
