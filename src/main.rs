@@ -111,6 +111,30 @@ enum Command {
     /// variables): no missing segment per timeline, valid page headers, history files; exit 1 naming the
     /// first problem.
     Verify(VerifyArgs),
+    /// Delete archived segments beyond --older-than or --before from s3://BUCKET/PREFIX (reached with the
+    /// AWS_* variables), never a history file, a timeline's newest segment, or WAL at or after --keep-from
+    /// or the newest base backup's start; prints what it deletes and why the rest stays.
+    Prune(PruneArgs),
+}
+
+#[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("policy").required(true).args(["older_than", "before"])))]
+struct PruneArgs {
+    /// s3://BUCKET/PREFIX (endpoint and credentials from AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID,
+    /// AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_ALLOW_HTTP).
+    target: String,
+    /// Delete segments uploaded longer ago than this, e.g. 30d.
+    #[arg(long, value_parser = parse_duration_nonzero)]
+    older_than: Option<Duration>,
+    /// Delete segments that end at or below this LSN, e.g. 0/5000000.
+    #[arg(long, value_name = "LSN")]
+    before: Option<walship::wal::Lsn>,
+    /// Never delete a segment holding WAL at or after this LSN.
+    #[arg(long, value_name = "LSN")]
+    keep_from: Option<walship::wal::Lsn>,
+    /// Print what would be deleted; delete nothing.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 #[derive(clap::Args)]
@@ -330,6 +354,34 @@ struct RecvArgs {
     report_json: Option<PathBuf>,
     #[command(flatten)]
     archive: ArchiveArgs,
+    #[command(flatten)]
+    retention: RetentionArgs,
+}
+
+/// Local retention (`--keep-local`): deletes archived segments beyond a policy.
+#[derive(clap::Args)]
+struct RetentionArgs {
+    /// Delete complete segments beyond this policy: a duration (`7d`: older than that) or a size
+    /// (`20GiB`: beyond the newest 20 GiB). Only segments already in the --archive-to archive, never
+    /// the newest, never at or after a floor (--keep-from, the newest .backup file's start); history
+    /// files and .partial are never deleted. Without --archive-to the segments are gone for good.
+    #[arg(long, env = "WALSHIP_KEEP_LOCAL", value_name = "SIZE|DURATION", value_parser = walship::archive::retention::parse_keep_local)]
+    keep_local: Option<walship::archive::retention::Policy>,
+    /// Never delete a segment that holds WAL at or after this LSN (e.g. 0/5000000).
+    #[arg(long, env = "WALSHIP_KEEP_FROM", value_name = "LSN", requires = "keep_local")]
+    keep_from: Option<walship::wal::Lsn>,
+    /// How often local retention looks at the directory.
+    #[arg(long, env = "WALSHIP_RETENTION_INTERVAL", default_value = "10s", value_parser = parse_duration_nonzero)]
+    retention_interval: Duration,
+}
+
+impl RetentionArgs {
+    fn config(&self) -> Option<walship::recv::retention::RetentionConfig> {
+        let mut cfg = walship::recv::retention::RetentionConfig::new(self.keep_local?);
+        cfg.keep_from = self.keep_from;
+        cfg.interval = self.retention_interval;
+        Some(cfg)
+    }
 }
 
 /// The object-store archive (`--archive-to s3://BUCKET/PREFIX`); the standard AWS variables set the rest.
@@ -622,6 +674,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Demo(a) => Ok(walship::demo::run(&a.dir, a.wal_bytes, a.port, a.keep)?),
         Command::Status(a) => walship::status::run(&a.url, a.sample, a.json, a.timeout),
         Command::Verify(a) => run_verify(a),
+        Command::Prune(a) => run_prune(a),
     }
 }
 
@@ -755,6 +808,7 @@ fn run_recv(a: RecvArgs) -> Result<()> {
             gid: a.group.as_deref().map(resolve_group).transpose()?,
         },
         archive: a.archive.config()?,
+        retention: a.retention.config(),
     };
     // Limits first: a bad value is the one error reported, before any warning about the key.
     cfg.validate()?;
@@ -762,6 +816,9 @@ fn run_recv(a: RecvArgs) -> Result<()> {
     let mut metrics = walship::metrics::Metrics::receiver();
     if let Some(archive) = &cfg.archive {
         archive.metrics.register(metrics.registry_mut());
+    }
+    if let Some(retention) = &cfg.retention {
+        retention.metrics.register(metrics.registry_mut());
     }
     let metrics = Arc::new(metrics);
     serve_metrics(a.metrics_listen, &metrics)?;
@@ -883,6 +940,26 @@ fn run_verify(a: VerifyArgs) -> Result<()> {
         }
         Some(p) => bail!("verify: {p}"),
     }
+}
+
+/// `walship prune s3://...`: what it deletes (or would) and why the rest stays, on stdout.
+fn run_prune(a: PruneArgs) -> Result<()> {
+    use walship::archive::retention::Policy;
+    if !a.target.starts_with("s3://") {
+        bail!("prune works on an archive (s3://BUCKET/PREFIX), not {:?}; a receiver directory is pruned by recv --keep-local", a.target);
+    }
+    let policy = match (a.older_than, a.before) {
+        (Some(d), _) => Policy::KeepAge(d),
+        (None, Some(l)) => Policy::Before(l),
+        (None, None) => bail!("prune needs --older-than DURATION or --before LSN"),
+    };
+    let opts = walship::archive::prune::PruneOptions { policy, keep_from: a.keep_from, dry_run: a.dry_run };
+    let settings = walship::archive::ArchiveSettings::from_env(&a.target)?;
+    let done = walship::archive::prune::prune_store(&settings, &opts, &mut std::io::stdout())?;
+    if done.is_empty() {
+        println!("{}: no cluster with segments under this prefix; nothing to do", a.target);
+    }
+    Ok(())
 }
 
 /// The segment size of the WAL in `dir`, from the size of its first segment-named file.

@@ -22,7 +22,7 @@ fuzz_target!(|input: &[u8]| {
         }
     }
     // Assisted path: byte 4 picks the kind, CRCs computed, so the body parsers get arbitrary bodies.
-    let Some(kind) = FrameKind::from_u8(raw[4] % 6 + 1) else {
+    let Some(kind) = FrameKind::from_u8(raw[4] % 8 + 1) else {
         return;
     };
     let header = if kind == FrameKind::Data {

@@ -89,7 +89,7 @@ fn frame_pieces(mut bytes: &[u8]) -> Vec<u8> {
         let n = usize::from(*len).min(rest.len());
         let (body, tail) = rest.split_at(n);
         bytes = tail;
-        let Some(kind) = FrameKind::from_u8(k % 6 + 1) else {
+        let Some(kind) = FrameKind::from_u8(k % 8 + 1) else {
             return out;
         };
         let header = match kind {

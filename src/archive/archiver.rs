@@ -47,7 +47,13 @@ pub struct ArchiveConfig {
     /// How each object's body is compressed (`--archive-compress`); keys and checksums do not change.
     pub compression: Compression,
     pub metrics: Arc<ArchiveMetrics>,
+    /// The names of the local files known to be in the store (read by local retention).
+    pub archived_names: ArchivedNames,
 }
+
+/// The names of local files the archiver found in the store or uploaded in this process (shared
+/// with local retention, which deletes only names in it and then forgets them).
+pub type ArchivedNames = Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>;
 
 impl std::fmt::Debug for ArchiveConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -62,7 +68,14 @@ impl std::fmt::Debug for ArchiveConfig {
 
 impl ArchiveConfig {
     pub fn new(settings: ArchiveSettings) -> ArchiveConfig {
-        ArchiveConfig { settings, parallel: 4, scan_interval: Duration::from_secs(1), compression: Compression::None, metrics: Arc::new(ArchiveMetrics::default()) }
+        ArchiveConfig {
+            settings,
+            parallel: 4,
+            scan_interval: Duration::from_secs(1),
+            compression: Compression::None,
+            metrics: Arc::new(ArchiveMetrics::default()),
+            archived_names: ArchivedNames::default(),
+        }
     }
 
     pub fn validate(&self) -> Result<(), ArchiveError> {
@@ -152,6 +165,7 @@ impl Archiver {
             compression: cfg.compression,
             scan_interval: cfg.scan_interval,
             metrics: Arc::clone(&cfg.metrics),
+            archived_names: Arc::clone(&cfg.archived_names),
             identity: None,
             files: BTreeMap::new(),
             listed: HashMap::new(),
@@ -204,6 +218,7 @@ struct State {
     compression: Compression,
     scan_interval: Duration,
     metrics: Arc<ArchiveMetrics>,
+    archived_names: ArchivedNames,
     /// (system identifier, segment size), from the first segment's long page header.
     identity: Option<(u64, u64)>,
     /// By file name.
@@ -386,6 +401,7 @@ impl State {
         match result {
             Ok((outcome, sizes)) => {
                 e.phase = Phase::Done;
+                self.archived_names.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_string());
                 match outcome {
                     PutOutcome::Uploaded => {
                         let m = &self.metrics;
@@ -480,15 +496,14 @@ fn backoff(attempts: u32) -> Duration {
 }
 
 fn tli_of(f: WalFileName) -> u32 {
-    match f {
-        WalFileName::Segment { tli, .. } | WalFileName::Partial { tli, .. } | WalFileName::History { tli } => tli,
-    }
+    f.tli()
 }
 
-/// History files first, then segments by (segno, timeline).
+/// History files first (timelines', then backups'), then segments by (segno, timeline).
 fn order_of(f: WalFileName) -> (u8, u64, u32) {
     match f {
         WalFileName::History { tli } => (0, 0, tli),
+        WalFileName::Backup { tli, segno, .. } => (0, segno, tli),
         WalFileName::Segment { tli, segno } | WalFileName::Partial { tli, segno } => (1, segno, tli),
     }
 }

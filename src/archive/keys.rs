@@ -13,11 +13,11 @@ pub fn timeline_prefix(prefix: &str, system_id: u64, tli: u32) -> String {
     k
 }
 
-/// The key of a complete segment or a history file; None for anything else (`.partial` files are
+/// The key of a complete segment, a timeline history file or a backup history file; None for anything else (`.partial` files are
 /// never archived: they are not complete).
 pub fn object_key(prefix: &str, system_id: u64, file: WalFileName, seg_size: u64) -> Option<String> {
     let tli = match file {
-        WalFileName::Segment { tli, .. } | WalFileName::History { tli } => tli,
+        WalFileName::Segment { tli, .. } | WalFileName::History { tli } | WalFileName::Backup { tli, .. } => tli,
         WalFileName::Partial { .. } => return None,
     };
     Some(timeline_prefix(prefix, system_id, tli) + &file.file_name(seg_size))

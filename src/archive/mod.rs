@@ -12,6 +12,8 @@ pub mod archiver;
 pub mod compress;
 pub mod keys;
 pub mod restore;
+pub mod prune;
+pub mod retention;
 pub mod settings;
 pub mod store;
 pub mod verify;

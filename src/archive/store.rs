@@ -41,6 +41,8 @@ pub struct ObjectInfo {
     pub size: u64,
     /// The store's entity tag: changes whenever the object is written again.
     pub e_tag: Option<String>,
+    /// When the object was written (by the store's clock).
+    pub last_modified: std::time::SystemTime,
 }
 
 /// One bucket of an S3-compatible store (cheap to clone).
@@ -197,7 +199,15 @@ impl Store {
     pub async fn list(&self, folder: &str) -> Result<Vec<ObjectInfo>, ArchiveError> {
         let p = ObjPath::from(folder.trim_end_matches('/'));
         let r = self.s3.list_with_delimiter(Some(&p)).await.map_err(store_err("LIST", folder))?;
-        Ok(r.objects.into_iter().map(|o| ObjectInfo { key: o.location.to_string(), size: o.size, e_tag: o.e_tag }).collect())
+        Ok(r.objects.into_iter().map(|o| ObjectInfo { key: o.location.to_string(), size: o.size, e_tag: o.e_tag, last_modified: o.last_modified.into() }).collect())
+    }
+
+    /// Delete `key` (`walship prune`); deleting a missing object is not an error.
+    pub async fn delete(&self, key: &str) -> Result<(), ArchiveError> {
+        match self.s3.delete(&ObjPath::from(key)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(store_err("DELETE", key)(e)),
+        }
     }
 
     /// The sub-folders directly under `folder` (each ending in `/`).
@@ -256,5 +266,8 @@ impl BlockingStore {
     }
     pub fn list_folders(&self, folder: &str) -> Result<Vec<String>, ArchiveError> {
         self.rt.block_on(self.store.list_folders(folder))
+    }
+    pub fn delete(&self, key: &str) -> Result<(), ArchiveError> {
+        self.rt.block_on(self.store.delete(key))
     }
 }

@@ -4,6 +4,7 @@ pub mod dir_lock;
 pub mod flusher;
 pub mod published;
 pub mod receiver;
+pub mod retention;
 pub mod segment_file;
 pub mod session;
 pub mod spares;
@@ -67,6 +68,8 @@ pub struct RecvConfig {
     pub access: FileAccess,
     /// `--archive-to`: upload complete segments and history files (None: no archive).
     pub archive: Option<crate::archive::ArchiveConfig>,
+    /// `--keep-local`: delete archived segments beyond a policy (None: keep everything).
+    pub retention: Option<retention::RetentionConfig>,
 }
 
 /// A [`RecvConfig`] that cannot work, named by the flag that sets it.
@@ -169,6 +172,8 @@ pub enum RecvError {
     CreateDir { path: PathBuf, source: std::io::Error },
     #[error(transparent)]
     Archive(#[from] crate::archive::ArchiveError),
+    #[error("cannot start local retention: {0}")]
+    Retention(#[source] std::io::Error),
 }
 
 /// CRC-32C of the bytes of the segment being received, from its start to each frame end, so the
@@ -314,6 +319,9 @@ pub fn run_with_metrics(cfg: &RecvConfig, shutdown: Arc<AtomicBool>, metrics: Ar
     let (listener, lock, state, spares) = start_up(cfg)?;
     // The archiver reads the recovered directory on a thread of its own; dropped (stopped) on return.
     let _archiver = cfg.archive.as_ref().map(|a| crate::archive::Archiver::start(a, &cfg.dir)).transpose()?;
+    // Retention too (it deletes only what the archiver reports as in the store).
+    let archived_names = cfg.archive.as_ref().map(|a| Arc::clone(&a.archived_names));
+    let _retention = cfg.retention.as_ref().map(|r| retention::Retention::start(r, &cfg.dir, archived_names)).transpose().map_err(RecvError::Retention)?;
     let mut io = new_io(cfg, &state, metrics, spares)?;
     let mut st = LoopState::recovered(cfg, &mut io, &state)?;
     let limits = Limits::new(cfg.frame_bytes_max).expect("validated: frame_bytes_max in range");
@@ -859,6 +867,18 @@ fn on_control_body(
             warn!(peer = %conn.peer, code = ?e.code, "sender gave up: {}", e.message);
             begin_close(io, conn, receiver.as_mut());
         }
+        Message::BackupFile(b) if identity.is_some() => {
+            let seg_size = identity.map_or(0, |id| id.seg_size);
+            // A few hundred bytes, once per base backup: written here, durably, before the next frame.
+            if let Err(e) = SegmentDir::store_backup(&cfg.dir, &b.name, seg_size, &b.content, cfg.access) {
+                let code = if matches!(e, DirError::BadSegment { .. }) { ErrorCode::Protocol } else { ErrorCode::Io };
+                send_error_and_close(io, conn, receiver.as_mut(), code, format!("backup history file from {}: {e}", conn.peer));
+                return Ok(());
+            }
+            info!(peer = %conn.peer, file = %b.name, "stored the backup history file {}", b.name);
+            conn.phase = ConnPhase::AwaitHeader;
+            post_header_recv(io, conn);
+        }
         other => {
             send_error_and_close(io, conn, receiver.as_mut(), ErrorCode::Protocol, format!("unexpected {} from {}", other.kind(), conn.peer));
         }
@@ -1126,6 +1146,7 @@ mod config_tests {
             spare_refill: SpareRefill::Idle,
             access: FileAccess::default(),
             archive: None,
+            retention: None,
         }
     }
 

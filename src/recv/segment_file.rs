@@ -255,8 +255,24 @@ impl SegmentDir {
     /// Stores a timeline history file durably under its canonical name (temp file, fsync,
     /// rename, fsync of the directory). An existing identical file is left alone.
     pub fn store_history(dir: &Path, tli: u32, content: &str, access: FileAccess) -> Result<(), DirError> {
-        let name = WalFileName::History { tli }.file_name(16 << 20);
-        let path = dir.join(&name);
+        Self::store_small_file(dir, &WalFileName::History { tli }.file_name(16 << 20), content, access)
+    }
+
+    /// Stores a backup history file (`pg_backup_stop()`'s `.backup`, shipped by the sender)
+    /// durably, like [`SegmentDir::store_history`]; `name` must be a backup history file's name.
+    pub fn store_backup(dir: &Path, name: &str, seg_size: u64, content: &str, access: FileAccess) -> Result<(), DirError> {
+        if !matches!(WalFileName::parse(name, seg_size), Some(WalFileName::Backup { .. })) {
+            return Err(DirError::BadSegment {
+                path: dir.join(name),
+                why: "expected a backup history file name (TTTTTTTTXXXXXXXXYYYYYYYY.OOOOOOOO.backup)".into(),
+            });
+        }
+        Self::store_small_file(dir, name, content, access)
+    }
+
+    /// temp file, fsync, rename, fsync of the directory; an identical file is left alone.
+    fn store_small_file(dir: &Path, name: &str, content: &str, access: FileAccess) -> Result<(), DirError> {
+        let path = dir.join(name);
         if std::fs::read_to_string(&path).is_ok_and(|old| old == content) {
             return Ok(());
         }

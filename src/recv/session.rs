@@ -55,7 +55,7 @@ pub fn on_header(phase: ConnPhase, header: FrameHeader, peer: &str) -> Result<He
         }
         (ConnPhase::AwaitHelloHeader, kind) => Err(Refusal::new(ErrorCode::Protocol, format!("expected Hello from {peer}, got {kind}"))),
         (ConnPhase::AwaitHeader, FrameKind::Data) => Ok(HeaderStep::DataBody(ConnPhase::DataBody(header))),
-        (ConnPhase::AwaitHeader, FrameKind::Keepalive | FrameKind::Error) => {
+        (ConnPhase::AwaitHeader, FrameKind::Keepalive | FrameKind::Error | FrameKind::BackupFile) => {
             Ok(HeaderStep::ControlBody(ConnPhase::AwaitControlBody(header)))
         }
         (_, kind) => Err(Refusal::new(ErrorCode::Protocol, format!("unexpected {kind} frame from {peer}"))),
@@ -443,7 +443,7 @@ mod tests {
     #[test]
     fn the_phase_table_accepts_only_the_expected_frame_kinds() {
         let h = |kind| FrameHeader { kind, flags: 0, lsn: 0, body_len: 8, body_crc: 0 };
-        let all = [FrameKind::Hello, FrameKind::Auth, FrameKind::Data, FrameKind::Keepalive, FrameKind::Error, FrameKind::Welcome, FrameKind::Ack];
+        let all = [FrameKind::Hello, FrameKind::Auth, FrameKind::Data, FrameKind::Keepalive, FrameKind::Error, FrameKind::Welcome, FrameKind::Ack, FrameKind::BackupFile];
         for kind in all {
             let hello_ok = on_header(ConnPhase::AwaitHelloHeader, h(kind), "p").is_ok();
             assert_eq!(hello_ok, kind == FrameKind::Hello, "{kind} before Hello");
@@ -455,7 +455,7 @@ mod tests {
             let streaming = on_header(ConnPhase::AwaitHeader, h(kind), "p");
             match kind {
                 FrameKind::Data => assert!(matches!(streaming, Ok(HeaderStep::DataBody(ConnPhase::DataBody(_))))),
-                FrameKind::Keepalive | FrameKind::Error => {
+                FrameKind::Keepalive | FrameKind::Error | FrameKind::BackupFile => {
                     assert!(matches!(streaming, Ok(HeaderStep::ControlBody(ConnPhase::AwaitControlBody(_)))))
                 }
                 _ => assert_eq!(streaming.unwrap_err().code, ErrorCode::Protocol, "{kind} while streaming"),

@@ -116,6 +116,8 @@ struct Conn {
     recv_in_flight: bool,
     /// Where this connection started (to tell whether it made progress).
     resumed_at: Lsn,
+    /// The source's `.backup` files this connection shipped (see `source::backups`).
+    backups: super::source::backups::BackupShipper,
 }
 
 impl Conn {
@@ -517,6 +519,7 @@ impl<'a> Fanout<'a> {
             send_in_flight: false,
             recv_in_flight: false,
             resumed_at: resume,
+            backups: Default::default(),
         }
     }
 
@@ -659,6 +662,13 @@ impl<'a> Fanout<'a> {
     fn send_one(&mut self, d: usize, source: &mut Source, summary: &mut SendSummary, m: &SenderMetrics) -> Result<(), SendError> {
         let Some(c) = self.dests[d].conn_mut() else { return Ok(()) };
         if c.send_in_flight {
+            return Ok(());
+        }
+        // A new `.backup` file of the source goes out as one frame before the next data batch.
+        let source_dir = || source.segment_path(Lsn(0)).parent().map(std::path::Path::to_path_buf).unwrap_or_default();
+        if let Some(frame) = c.backups.next_frame(source_dir, source.identity().seg_size) {
+            self.ring.send_batch(c.fd, tag(d, c.gen, KIND_SEND), frame, false);
+            c.send_in_flight = true;
             return Ok(());
         }
         self.plans.clear();

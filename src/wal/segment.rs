@@ -1,4 +1,5 @@
-//! WAL segment sizes and the canonical names of files in `pg_wal` (segments, `.partial`, `.history`).
+//! WAL segment sizes and the canonical names of files in `pg_wal` (segments, `.partial`, `.history`,
+//! `.backup`).
 
 /// Smallest segment size PostgreSQL accepts (`WalSegMinSize`).
 pub const SEG_SIZE_MIN: u64 = 1 << 20;
@@ -11,6 +12,9 @@ pub const BLOCK_SIZE_MAX: u64 = 65536;
 
 const PARTIAL_SUFFIX: &str = ".partial";
 const HISTORY_SUFFIX: &str = ".history";
+const BACKUP_SUFFIX: &str = ".backup";
+/// `TTTTTTTTXXXXXXXXYYYYYYYY.OOOOOOOO.backup` (`BackupHistoryFileName`).
+const BACKUP_NAME_LEN: usize = SEGMENT_NAME_LEN + 1 + 8 + BACKUP_SUFFIX.len();
 const SEGMENT_NAME_LEN: usize = 24;
 const HISTORY_NAME_LEN: usize = 8 + HISTORY_SUFFIX.len();
 
@@ -70,6 +74,9 @@ pub enum WalFileName {
     Partial { tli: u32, segno: u64 },
     /// A timeline history file `TTTTTTTT.history`.
     History { tli: u32 },
+    /// A backup history file `TTTTTTTTXXXXXXXXYYYYYYYY.OOOOOOOO.backup`, written by
+    /// `pg_backup_stop()`: the backup started in segment `segno` at byte `offset` of it.
+    Backup { tli: u32, segno: u64, offset: u32 },
 }
 
 /// Upper-case hex digits only, exactly 8 of them.
@@ -110,6 +117,12 @@ impl WalFileName {
             let (tli, segno) = parse_segment_name(base, seg_size)?;
             return Some(WalFileName::Partial { tli, segno });
         }
+        if let Some(base) = name.strip_suffix(BACKUP_SUFFIX).filter(|_| name.len() == BACKUP_NAME_LEN) {
+            let (seg, offset) = base.split_at(SEGMENT_NAME_LEN);
+            let (tli, segno) = parse_segment_name(seg, seg_size)?;
+            let offset = parse_hex8(offset.strip_prefix('.')?)?;
+            return (u64::from(offset) < seg_size).then_some(WalFileName::Backup { tli, segno, offset });
+        }
         if name.len() == HISTORY_NAME_LEN {
             let tli = parse_hex8(name.strip_suffix(HISTORY_SUFFIX)?)?;
             return Some(WalFileName::History { tli });
@@ -126,6 +139,19 @@ impl WalFileName {
                 segment_file_name(tli, segno, seg_size) + PARTIAL_SUFFIX
             }
             WalFileName::History { tli } => history_file_name(tli),
+            WalFileName::Backup { tli, segno, offset } => {
+                format!("{}.{offset:08X}{BACKUP_SUFFIX}", segment_file_name(tli, segno, seg_size))
+            }
+        }
+    }
+
+    /// The timeline in the name.
+    pub fn tli(&self) -> u32 {
+        match *self {
+            WalFileName::Segment { tli, .. }
+            | WalFileName::Partial { tli, .. }
+            | WalFileName::History { tli }
+            | WalFileName::Backup { tli, .. } => tli,
         }
     }
 }
@@ -187,6 +213,14 @@ mod tests {
             WalFileName::parse("0000000A.history", MIB16),
             Some(WalFileName::History { tli: 10 })
         );
+        let b = "00000001000000000000000B.00000028.backup";
+        let parsed = WalFileName::parse(b, MIB16);
+        assert_eq!(parsed, Some(WalFileName::Backup { tli: 1, segno: 0xB, offset: 0x28 }));
+        assert_eq!(parsed.unwrap().file_name(MIB16), b);
+        // offset beyond the segment, lower-case, wrong length
+        assert_eq!(WalFileName::parse("00000001000000000000000B.01000000.backup", MIB16), None);
+        assert_eq!(WalFileName::parse("00000001000000000000000B.0000002a.backup", MIB16), None);
+        assert_eq!(WalFileName::parse("00000001000000000000000B.028.backup", MIB16), None);
     }
 
     #[test]

@@ -27,6 +27,10 @@ pub const DATA_BODY_BYTES_MAX_LIMIT: u32 = 64 << 20;
 pub const DATA_BODY_BYTES_MAX_DEFAULT: u32 = 8 << 20;
 /// Maximum length of [`Hello::history`] in bytes (a timeline history file).
 pub const HISTORY_BYTES_MAX: usize = 3072;
+/// Maximum length of [`BackupFile::content`] in bytes (PostgreSQL's are below 2 KiB).
+pub const BACKUP_FILE_BYTES_MAX: usize = 3072;
+/// Maximum length of [`BackupFile::name`] in bytes.
+pub const BACKUP_NAME_BYTES_MAX: usize = 64;
 /// Maximum length of [`Hello::sender_name`] in UTF-8 bytes.
 pub const SENDER_NAME_BYTES_MAX: usize = 255;
 /// Maximum length of [`ErrorFrame::message`] in UTF-8 bytes.
@@ -69,6 +73,8 @@ pub enum FrameKind {
     Error = 6,
     /// Handshake authentication: challenge, response, proof (see [`Auth`]).
     Auth = 7,
+    /// Sender -> receiver: a backup history file (`pg_backup_stop()`'s `.backup`), name and content.
+    BackupFile = 8,
 }
 
 impl FrameKind {
@@ -82,6 +88,7 @@ impl FrameKind {
             5 => Some(FrameKind::Keepalive),
             6 => Some(FrameKind::Error),
             7 => Some(FrameKind::Auth),
+            8 => Some(FrameKind::BackupFile),
             _ => None,
         }
     }
@@ -97,6 +104,7 @@ impl fmt::Display for FrameKind {
             FrameKind::Keepalive => "Keepalive",
             FrameKind::Error => "Error",
             FrameKind::Auth => "Auth",
+            FrameKind::BackupFile => "BackupFile",
         };
         f.write_str(name)
     }
@@ -524,6 +532,14 @@ pub struct Auth {
     pub mac: [u8; AUTH_MAC_LEN],
 }
 
+/// A backup history file the sender found in `pg_wal` (`TTTTTTTTXXXXXXXXYYYYYYYY.OOOOOOOO.backup`);
+/// the receiver checks the name's shape and stores it beside the segments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupFile {
+    pub name: String,
+    pub content: String,
+}
+
 /// One whole protocol message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -534,6 +550,7 @@ pub enum Message {
     Keepalive(Keepalive),
     Error(ErrorFrame),
     Auth(Auth),
+    BackupFile(BackupFile),
 }
 
 impl Message {
@@ -547,6 +564,7 @@ impl Message {
             Message::Keepalive(_) => FrameKind::Keepalive,
             Message::Error(_) => FrameKind::Error,
             Message::Auth(_) => FrameKind::Auth,
+            Message::BackupFile(_) => FrameKind::BackupFile,
         }
     }
 
@@ -603,6 +621,14 @@ impl Message {
                         "expected message <= {ERROR_MESSAGE_BYTES_MAX} bytes, found {}",
                         e.message.len()
                     ));
+                }
+            }
+            Message::BackupFile(b) => {
+                if b.name.len() > BACKUP_NAME_BYTES_MAX {
+                    return bad(format!("expected name <= {BACKUP_NAME_BYTES_MAX} bytes, found {}", b.name.len()));
+                }
+                if b.content.len() > BACKUP_FILE_BYTES_MAX {
+                    return bad(format!("expected content <= {BACKUP_FILE_BYTES_MAX} bytes, found {}", b.content.len()));
                 }
             }
             Message::Welcome(_) | Message::Keepalive(_) | Message::Auth(_) => {}
@@ -683,6 +709,12 @@ impl Message {
                 body.push(a.step as u8);
                 body.extend_from_slice(&a.nonce);
                 body.extend_from_slice(&a.mac);
+            }
+            Message::BackupFile(b) => {
+                body.extend_from_slice(&(b.name.len() as u16).to_le_bytes());
+                body.extend_from_slice(b.name.as_bytes());
+                body.extend_from_slice(&(b.content.len() as u16).to_le_bytes());
+                body.extend_from_slice(b.content.as_bytes());
             }
             Message::Data { .. } => unreachable!("Data handled above"),
         }
@@ -808,6 +840,11 @@ pub fn decode_control(header: &FrameHeader, body: &[u8]) -> Result<Message, Wire
             let mut mac = [0u8; AUTH_MAC_LEN];
             mac.copy_from_slice(r.take(AUTH_MAC_LEN, "mac")?);
             Message::Auth(Auth { step, nonce, mac })
+        }
+        FrameKind::BackupFile => {
+            let name = r.string("name", BACKUP_NAME_BYTES_MAX)?;
+            let content = r.string("content", BACKUP_FILE_BYTES_MAX)?;
+            Message::BackupFile(BackupFile { name, content })
         }
     };
     r.finish()?;

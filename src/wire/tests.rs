@@ -184,8 +184,8 @@ fn header_field_errors() {
         Err(WireError::UnknownKind(0))
     );
     assert_eq!(
-        d(raw_header(8, 0, 0, 0, 0, 0, 0)),
-        Err(WireError::UnknownKind(8))
+        d(raw_header(9, 0, 0, 0, 0, 0, 0)),
+        Err(WireError::UnknownKind(9))
     );
     assert_eq!(
         d(raw_header(4, 1, 0, 0, 0, 0, 0)),
@@ -740,7 +740,9 @@ fn arb_message() -> impl Strategy<Value = Message> {
         };
         Message::Auth(Auth { step, nonce, mac })
     });
-    prop_oneof![hello, welcome, data, ack, keepalive, error, auth]
+    let backup = ("[0-9A-F]{24}\\.[0-9A-F]{8}\\.backup", "\\PC{0,200}")
+        .prop_map(|(name, content)| Message::BackupFile(BackupFile { name, content }));
+    prop_oneof![hello, welcome, data, ack, keepalive, error, auth, backup]
 }
 
 /// Feeds `bytes` in chunks of the given sizes (cycled), never more than `room()`, draining after each feed.

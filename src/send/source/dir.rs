@@ -381,6 +381,7 @@ impl DirListing {
                 self.partials.insert((tli, segno), path);
             }
             Some(WalFileName::History { tli }) => self.histories.push(tli),
+            Some(WalFileName::Backup { .. }) => self.backups += 1,
             None if name.ends_with(".backup") && crate::wal::has_segment_name_shape(name.get(..24).unwrap_or("")) => {
                 self.backups += 1
             }

@@ -6,6 +6,7 @@
 //! The io_uring loop in [`crate::send`] only calls [`WalSource`] methods; what one source has no
 //! use for (a slot, a timeline switch, corruption found by a walk) has a default that says so.
 
+pub mod backups;
 pub mod dir;
 pub mod live;
 pub mod poller;
