@@ -31,6 +31,7 @@
 //!   `.done` after each success), `repo1-type=s3`, `archive-async=y`, `process-max` 2 / 4,
 //!   `compress-type=none`; the last foreground command returns only when its segment is stored. CPU:
 //!   foreground processes (wait4) + the daemonised async process (the bench is its subreaper).
+//! - `walship_p8_lz4`, `walship_p8_zstd`: the same with `--archive-compress` (compression ratio).
 //! - `pgbackrest_async_pm4_lz4`: the same with `compress-type=lz4` (compression ratio).
 //! - `barman_none`, `barman_gzip`: `barman-cloud-wal-archive` once per segment, in order, as
 //!   archive_command runs it (`--endpoint-url`, `-z` for gzip). CPU: wait4 per process.
@@ -245,10 +246,10 @@ fn run_all(cfg: &Config, root: &Path) -> Result<(), String> {
             emit(measured(&store, || ceiling_put(&store, &backlog, &name, conc)), &mut rows);
         }
     }
-    for parallel in [4usize, 8] {
-        let name = format!("walship_p{parallel}");
+    for (parallel, compress) in [(4usize, "none"), (8, "none"), (8, "lz4"), (8, "zstd")] {
+        let name = if compress == "none" { format!("walship_p{parallel}") } else { format!("walship_p{parallel}_{compress}") };
         if cfg.wants(&name) {
-            emit(measured(&store, || walship_upload(cfg, root, &store, &backlog, &name, parallel)), &mut rows);
+            emit(measured(&store, || walship_upload(cfg, root, &store, &backlog, &name, parallel, compress)), &mut rows);
         }
     }
     for (name, pm, compress) in
@@ -662,7 +663,7 @@ fn archived_lsn(metrics_port: u16) -> Option<u64> {
     text.lines().find_map(|l| l.strip_prefix("walship_recv_archived_lsn ")).and_then(|v| v.trim().parse().ok())
 }
 
-fn walship_upload(cfg: &Config, root: &Path, store: &Seaweed, backlog: &Backlog, name: &str, parallel: usize) -> Row {
+fn walship_upload(cfg: &Config, root: &Path, store: &Seaweed, backlog: &Backlog, name: &str, parallel: usize, compress: &str) -> Row {
     let mut row = Row::new(name, "upload", "walship", backlog);
     let bucket = match fresh_bucket(store, name) {
         Ok(b) => b,
@@ -687,6 +688,7 @@ fn walship_upload(cfg: &Config, root: &Path, store: &Seaweed, backlog: &Backlog,
     cmd.args(["recv", "--insecure-no-auth", "--listen", &format!("127.0.0.1:{listen}"), "--dir"])
         .arg(&dir)
         .args(["--archive-to", &format!("s3://{bucket}/walship"), "--archive-parallel", &parallel.to_string()])
+        .args(["--archive-compress", compress])
         .args(["--archive-scan-interval", "100ms", "--metrics-listen", &format!("127.0.0.1:{metrics}")]);
     store.env(&mut cmd);
     row.command = cmd_line(&cmd);

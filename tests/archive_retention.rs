@@ -43,17 +43,7 @@ fn start_recv(ctx: &Ctx, server: &S3Server, archive: Option<&str>, dst: &Path, p
         args.extend_from_slice(&["--archive-to", a, "--archive-scan-interval", "200ms"]);
     }
     args.extend_from_slice(extra);
-    let mut cmd = walship(&args);
-    server.env(&mut cmd);
-    let log = ctx.log("recv");
-    let mut guard = spawn_logged("recv", cmd, &log);
-    let ready = poll_until(Duration::from_secs(20), Duration::from_millis(10), || {
-        if fs::read_to_string(&log).unwrap_or_default().contains("listening") {
-            return Some(true);
-        }
-        matches!(guard.try_wait(), Ok(Some(_))).then_some(false)
-    });
-    assert_eq!(ready, Some(true), "receiver did not start:\n{}", tail_file(&log, 30));
+    let (guard, log) = common::s3::spawn_recv(ctx, server, &args);
     Recv { guard, log, metrics }
 }
 

@@ -57,6 +57,10 @@ struct Ctx {
     recv_dir: PathBuf,
     addr: String,
     recv: Option<ChildGuard>,
+    /// A second destination of the same sender (issue #12: every timeline rule holds per destination).
+    recv2_dir: PathBuf,
+    addr2: String,
+    recv2: Option<ChildGuard>,
     send: Option<ChildGuard>,
     /// Did the sender run with `--slot` (false if creating a slot on the standby was refused)?
     slot: bool,
@@ -100,6 +104,9 @@ fn setup(name: &str) -> Option<Ctx> {
         b,
         pgdir,
         recv_dir: root.join("recv"),
+        recv2_dir: root.join("recv2"),
+        addr2: format!("127.0.0.1:{}", free_port()),
+        recv2: None,
         addr: format!("127.0.0.1:{}", free_port()),
         recv: None,
         send: None,
@@ -233,13 +240,18 @@ impl Ctx {
         c.stdin(Stdio::null()).stdout(file(self.tmp.join("recv.stdout"))?).stderr(file(self.recv_err())?);
         self.say(format!("$ {}", cmdline(&c)));
         self.recv = Some(ChildGuard::spawn("walship recv", &mut c).map_err(|e| format!("spawn recv: {e}"))?);
+        fs::create_dir_all(&self.recv2_dir).map_err(|e| e.to_string())?;
+        let mut c = cmd(walship_bin(), ["recv", "--listen", &self.addr2, "--insecure-no-auth", "--dir"]);
+        c.arg(&self.recv2_dir).env("NO_COLOR", "1");
+        c.stdin(Stdio::null()).stdout(file(self.tmp.join("recv2.stdout"))?).stderr(file(self.tmp.join("recv2.stderr"))?);
+        self.recv2 = Some(ChildGuard::spawn("walship recv (2nd)", &mut c).map_err(|e| format!("spawn recv: {e}"))?);
         Ok(())
     }
 
     fn start_send(&mut self, slot: bool) -> R<()> {
         let file = |p: PathBuf| fs::File::create(&p).map_err(|e| format!("create {}: {e}", p.display()));
         let mut c = cmd(walship_bin(), ["send", "--pg-wal"]);
-        c.arg(self.b.data.join("pg_wal")).args(["--to", &self.addr, "--conninfo", &self.conninfo_b()]);
+        c.arg(self.b.data.join("pg_wal")).args(["--to", &self.addr, "--to", &self.addr2, "--conninfo", &self.conninfo_b()]);
         if slot {
             c.args(["--slot", SLOT]);
         }
@@ -554,9 +566,16 @@ fn promotion(ctx: &mut Ctx) -> R<()> {
         }
     }
 
-    // 5. The received directory.
-    ctx.phase("5 received directory: history, timeline 1 + 2 segments, bytes");
-    let (switch_seg, end_seg) = check_received(ctx, &b_wal, &cd, backup_start, end)?;
+    // 5. The received directories (both destinations).
+    ctx.phase("5 received directories: history, timeline 1 + 2 segments, bytes");
+    let (switch_seg, end_seg) = check_received(ctx, &ctx.recv_dir, &b_wal, &cd, backup_start, end)?;
+    let flushed2 = walship::recv::published::read(&ctx.recv2_dir).ok().flatten().map_or(0, |p| p.lsn.0);
+    if flushed2 != end {
+        return Err(format!("the second destination holds {} durably, not B's end of WAL {}", fmt_lsn(flushed2), fmt_lsn(end)));
+    }
+    if check_received(ctx, &ctx.recv2_dir, &b_wal, &cd, backup_start, end)? != (switch_seg, end_seg) {
+        return Err("the two destinations hold different timeline layouts".into());
+    }
 
     // 6. Replay from the base backup through walship restore, across the timeline switch.
     ctx.phase("6 replay base backup via walship restore, recovery_target_timeline=latest");
@@ -566,9 +585,8 @@ fn promotion(ctx: &mut Ctx) -> R<()> {
 }
 
 /// Step 5; returns (segment number holding the switch point, segment number holding the end of WAL).
-fn check_received(ctx: &Ctx, b_wal: &Path, cd: &ControlData, backup_start: u64, end: u64) -> R<(u64, u64)> {
+fn check_received(ctx: &Ctx, recv: &Path, b_wal: &Path, cd: &ControlData, backup_start: u64, end: u64) -> R<(u64, u64)> {
     let seg = cd.seg_size;
-    let recv = &ctx.recv_dir;
     let names = wal_names(recv);
     println!("   received directory {}:\n{}", recv.display(), listing(recv));
     println!("   B's pg_wal: {:?}", wal_names(b_wal));

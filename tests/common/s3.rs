@@ -226,3 +226,20 @@ fn http_status(port: u16, method: &str, path: &str) -> Option<u16> {
     let line = String::from_utf8_lossy(&buf[..n]).to_string();
     line.split_whitespace().nth(1)?.parse().ok()
 }
+
+/// `walship recv` with `args` and the store's environment, started and listening: its process and
+/// its log (registered with `ctx`).
+pub fn spawn_recv(ctx: &super::Ctx, server: &S3Server, args: &[&str]) -> (ChildGuard, PathBuf) {
+    let mut cmd = super::walship(args);
+    server.env(&mut cmd);
+    let log = ctx.log("recv");
+    let mut guard = spawn_logged("recv", cmd, &log);
+    let ready = poll_until(Duration::from_secs(20), Duration::from_millis(10), || {
+        if std::fs::read_to_string(&log).unwrap_or_default().contains("listening") {
+            return Some(true);
+        }
+        matches!(guard.try_wait(), Ok(Some(_))).then_some(false)
+    });
+    assert_eq!(ready, Some(true), "receiver did not start:\n{}", tail_file(&log, 30));
+    (guard, log)
+}
