@@ -925,9 +925,12 @@ fn run_verify(a: VerifyArgs) -> Result<()> {
                 t.last.as_deref().unwrap_or("-"),
                 if t.history { ", history file" } else { "" }
             );
+            if let Some(p) = &t.partial {
+                println!("  {p}");
+            }
         }
         println!(
-            "{}: {} files, {} bytes checked ({} .partial files not checked, {} skipped as already verified)",
+            "{}: {} files, {} bytes checked ({} .partial files seen, {} skipped as already verified)",
             report.target, report.files_checked, report.bytes_checked, report.partial_files, report.skipped_verified
         );
     }

@@ -5,8 +5,11 @@
 //! size; history files that parse and name only older timelines. The first problem is named by file,
 //! offset and LSN. From the store every object is read through
 //! [`Store::get_verified`](super::Store::get_verified), so a changed byte is a problem even where WAL
-//! checks could not see it. History files are checked even where there is no segment. Not checked
-//! yet: `.partial` files (counted, not read).
+//! checks could not see it. History files are checked even where there is no segment. A `.partial`
+//! right after a timeline's last complete segment (the receiver's newest, unfinished segment) is
+//! walked on from that segment: the report says how far its valid WAL goes and why it ends there
+//! (zeros: the usual end; a torn last record: bytes not yet received). A `.partial` with a gap
+//! before it is a missing segment; one whose complete twin exists is a leftover and is not read.
 //!
 //! Incremental runs (`--state FILE`): after a run that found nothing wrong, the state file records
 //! every file verified with a change token (in the store: its ETag and size from the listing, which
@@ -59,6 +62,8 @@ pub struct TimelineReport {
     pub last: Option<String>,
     pub segments: u64,
     pub history: bool,
+    /// The `.partial` after the last segment, and how far its valid WAL goes.
+    pub partial: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -68,7 +73,7 @@ pub struct VerifyReport {
     pub timelines: Vec<TimelineReport>,
     pub files_checked: u64,
     pub bytes_checked: u64,
-    /// `.partial` files seen and not checked.
+    /// `.partial` files seen (the one after a timeline's last segment is walked; see `partial`).
     pub partial_files: u64,
     /// Files not read again: verified by an earlier run (`--state`) and unchanged since.
     pub skipped_verified: u64,
@@ -316,9 +321,17 @@ fn run(src: &mut dyn Source, expect_sysid: Option<u64>, report: &mut VerifyRepor
         }
     }
     let mut segs: BTreeMap<u32, BTreeMap<u64, String>> = BTreeMap::new();
+    let mut partials: BTreeMap<u32, (u64, String)> = BTreeMap::new();
     for (shown, name) in &sorted {
-        if let Some(WalFileName::Segment { tli, segno }) = WalFileName::parse(name, id.seg_size) {
-            segs.entry(tli).or_default().insert(segno, shown.clone());
+        match WalFileName::parse(name, id.seg_size) {
+            Some(WalFileName::Segment { tli, segno }) => {
+                segs.entry(tli).or_default().insert(segno, shown.clone());
+            }
+            Some(WalFileName::Partial { tli, segno }) => {
+                // The newest per timeline (sorted by name: the last one wins).
+                partials.insert(tli, (segno, shown.clone()));
+            }
+            _ => {}
         }
     }
     for (&tli, by_segno) in &segs {
@@ -330,13 +343,23 @@ fn run(src: &mut dyn Source, expect_sysid: Option<u64>, report: &mut VerifyRepor
             last: by_segno.get(&last).map(|s| name_of(s)),
             segments: by_segno.len() as u64,
             history: histories.contains_key(&tli),
+            partial: None,
         });
         if tli > 1 && !histories.contains_key(&tli) {
             let shown = &by_segno[&first];
             report.problem = Some(problem(shown, None, None, format!("timeline {tli} has segments but no history file {}", crate::wal::history_file_name(tli))));
             return Ok(());
         }
-        let tl = Timeline { id: WalIdentity { tli, ..id }, by_segno, first, last };
+        let partial = match partials.get(&tli) {
+            Some((segno, shown)) if *segno == last + 1 => Some(shown.clone()),
+            Some((segno, shown)) if *segno > last + 1 => {
+                let missing = crate::wal::segment_file_name(tli, last + 1, id.seg_size);
+                report.problem = Some(problem(&missing, None, Some(Lsn((last + 1) * id.seg_size)), format!("segment missing (before {})", name_of(shown))));
+                return Ok(());
+            }
+            _ => None, // a leftover: its complete twin (or a later segment) exists
+        };
+        let tl = Timeline { id: WalIdentity { tli, ..id }, by_segno, first, last, partial };
         if let Err(p) = tl.walk(src, &mut first_read, report, inc.as_deref_mut()) {
             report.problem = Some(p);
             return Ok(());
@@ -407,6 +430,8 @@ struct Timeline<'a> {
     by_segno: &'a BTreeMap<u64, String>,
     first: u64,
     last: u64,
+    /// The `.partial` right after `last`, if any.
+    partial: Option<String>,
 }
 
 impl Timeline<'_> {
@@ -433,7 +458,8 @@ impl Timeline<'_> {
                 return Err(problem(&missing, None, Some(Lsn(segno * seg_size)), what));
             };
             let token = src.token(shown);
-            if verified_end.is_some_and(|end| segno < end || end == self.last) {
+            // With a `.partial` after it, the last segment is read again: the walk goes on into it.
+            if verified_end.is_some_and(|end| segno < end || (end == self.last && self.partial.is_none())) {
                 report.skipped_verified += 1;
                 if let Some(i) = inc.as_deref_mut() {
                     i.done(shown, token);
@@ -465,7 +491,35 @@ impl Timeline<'_> {
                 i.done(shown, token);
             }
         }
+        if let (Some(shown), Some(walker)) = (&self.partial, walker.as_mut()) {
+            let explained = self.walk_partial(src, shown, walker, report)?;
+            if let Some(t) = report.timelines.iter_mut().rev().find(|t| t.timeline == tli) {
+                t.partial = Some(explained);
+            }
+        }
         Ok(())
+    }
+
+    /// Walks the `.partial` after the last segment on from it (never remembered by `--state`: it
+    /// changes as it grows); says how far its valid WAL goes.
+    fn walk_partial(&self, src: &mut dyn Source, shown: &str, walker: &mut RecordWalker, report: &mut VerifyReport) -> Result<String, Problem> {
+        let seg_size = self.id.seg_size;
+        let bytes = read_checked(src, shown, None, report)?;
+        if bytes.len() as u64 != seg_size {
+            return Err(problem(shown, None, None, format!("{} bytes, a segment has {seg_size}", bytes.len())));
+        }
+        let start = Lsn((self.last + 1) * seg_size);
+        match walker.walk_segment(start, &bytes) {
+            Ok(SegmentWalk::Continues { .. }) => Ok(format!("{}: valid to its end (complete, not renamed yet)", name_of(shown))),
+            Ok(SegmentWalk::Ended { valid_end, reason: EndReason::ZeroLength, .. }) => {
+                Ok(format!("{}: valid WAL up to {valid_end}, zeros after (the newest, unfinished segment)", name_of(shown)))
+            }
+            Ok(SegmentWalk::Ended { valid_end, reason, .. }) => Ok(format!(
+                "{}: valid WAL up to {valid_end}, then {reason:?} (a last record not received whole, or the end of what was shipped)",
+                name_of(shown)
+            )),
+            Err(e) => Err(problem(shown, None, Some(start), e.to_string())),
+        }
     }
 }
 
@@ -507,6 +561,28 @@ mod tests {
         names.sort();
         std::fs::remove_file(dir.path().join(names.pop().unwrap())).unwrap(); // the incomplete last one
         (dir, names)
+    }
+
+    #[test]
+    fn a_partial_after_the_last_segment_is_walked_and_explained() {
+        let dir = tempfile::tempdir().unwrap();
+        let seg = 1u64 << 20;
+        generate(&GenOptions { dir: dir.path().to_path_buf(), seg_size: seg, wal_bytes: 3 * seg + 5000, ..GenOptions::default() }).unwrap();
+        let mut names: Vec<String> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        names.retain(|n| crate::wal::has_segment_name_shape(n));
+        names.sort();
+        let last = names.last().unwrap().clone();
+        std::fs::rename(dir.path().join(&last), dir.path().join(format!("{last}.partial"))).unwrap();
+        let report = verify_dir(dir.path()).unwrap();
+        assert!(report.problem.is_none(), "{:?}", report.problem);
+        let explained = report.timelines[0].partial.clone().expect("the .partial is explained");
+        assert!(explained.starts_with(&format!("{last}.partial: valid WAL up to")), "{explained}");
+        // A gap before a .partial is a missing segment.
+        let second = &names[names.len() - 2];
+        std::fs::remove_file(dir.path().join(second)).unwrap();
+        let report = verify_dir(dir.path()).unwrap();
+        let p = report.problem.expect("a gap before the .partial");
+        assert_eq!(p.file, *second, "{p}");
     }
 
     #[test]
