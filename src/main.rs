@@ -415,6 +415,11 @@ struct ArchiveArgs {
     /// How often the directory is looked at for newly completed segments.
     #[arg(long, env = "WALSHIP_ARCHIVE_SCAN_INTERVAL", default_value = "1s", value_parser = parse_duration_nonzero)]
     archive_scan_interval: Duration,
+    /// Upload the newest, unfinished segment as NAME.partial (durable bytes, zeros after; replaced as
+    /// it grows, deleted once the segment is archived) after the durable position rested this long,
+    /// so the store holds a stopped server's WAL up to its shutdown checkpoint; 0 = never.
+    #[arg(long, env = "WALSHIP_ARCHIVE_PARTIAL_AFTER", default_value = "10s", value_parser = parse_duration)]
+    archive_partial_after: Duration,
     /// Compress each object: none, zstd or lz4 (the key and the SHA-256 of the file stay the same;
     /// the object's walship-compression metadata says which; reads decompress, then verify).
     #[arg(long, env = "WALSHIP_ARCHIVE_COMPRESS", default_value = "none", value_parser = parse_compression)]
@@ -440,6 +445,7 @@ impl ArchiveArgs {
         let mut cfg = walship::archive::ArchiveConfig::new(s);
         cfg.parallel = self.archive_parallel;
         cfg.scan_interval = self.archive_scan_interval;
+        cfg.partial_after = (!self.archive_partial_after.is_zero()).then_some(self.archive_partial_after);
         cfg.compression = self.archive_compress;
         cfg.validate()?;
         Ok(Some(cfg))

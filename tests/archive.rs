@@ -48,6 +48,10 @@ fn start_recv_to(ctx: &Ctx, server: &S3Server, archive: &str, dst: &Path, port: 
     let metrics_listen = format!("127.0.0.1:{metrics}");
     let mut args = vec!["recv", "--listen", &listen, "--dir", p(dst), "--archive-to", archive, "--archive-scan-interval", "200ms"];
     args.extend_from_slice(&["--metrics-listen", &metrics_listen]);
+    // These tests look at the complete-file uploads: no `.partial` object unless a test asks.
+    if !extra.contains(&"--archive-partial-after") {
+        args.extend_from_slice(&["--archive-partial-after", "0"]);
+    }
     args.extend_from_slice(extra);
     let (guard, log) = common::s3::spawn_recv(ctx, server, &args);
     Recv { guard, log, metrics }
@@ -726,4 +730,51 @@ fn archive_settings_are_checked_and_toml_sets_them() {
     g.signal(libc::SIGTERM).unwrap();
     g.wait_timeout(Duration::from_secs(20)).unwrap().expect("receiver exits");
     no_secret_in(&fs::read_to_string(&log).unwrap());
+}
+
+/// The newest, unfinished segment reaches the store as `NAME.partial` (durable bytes, zeros after)
+/// once the durable position rests; `walship restore --from` serves it under the plain name, and
+/// `walship verify` walks it and says how far its WAL goes.
+fn unfinished_segment_is_archived(kind: Kind) {
+    let ctx = Ctx::new(&format!("archive-partial-{}", kind.name()));
+    let Some(server) = s3::start_or_skip(kind, ctx.dir.path()) else { return };
+    ctx.watch(kind.name(), &server.log);
+    let store = BlockingStore::new(&server.settings("")).unwrap();
+    let src = gen_wal(&ctx, "3500KiB", SEG);
+    let dst = ctx.path("dst");
+    let port = free_port();
+    let recv = start_recv(&ctx, &server, &dst, port, &["--archive-partial-after", "300ms"]);
+    send(&ctx, &src, port);
+    let partial = fs::read_dir(&dst).unwrap().flatten().filter_map(|e| e.file_name().into_string().ok()).find(|n| n.ends_with(".partial")).expect("a .partial at the receiver");
+    let name = partial.trim_end_matches(".partial").to_string();
+    let durable = walship::recv::published::read(&dst).unwrap().unwrap().lsn.0;
+    let mut want = fs::read(dst.join(&partial)).unwrap();
+    want[(durable % SEG) as usize..].fill(0);
+    let complete: Vec<String> = complete_segments(&dst).keys().cloned().collect();
+    wait_archived(&store, &complete, Duration::from_secs(60), &recv);
+    wait_archived(&store, std::slice::from_ref(&partial), Duration::from_secs(30), &recv);
+    let got = store.get_verified(&format!("{}.partial", key_of(&name))).unwrap().expect("the .partial object");
+    assert!(got.as_ref() == want.as_slice(), "the .partial object is not the receiver's durable bytes with zeros after");
+    recv.stop();
+    let target = ctx.path("restored");
+    let url = format!("s3://{BUCKET}/{PREFIX}");
+    let mut cmd = walship(&["restore", &name, p(&target), "--from", &url, "--system-id", &SYSTEM_ID.to_string()]);
+    server.env(&mut cmd);
+    let out = run(&mut cmd).unwrap();
+    assert_eq!(out.status.code(), Some(0), "restore: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(fs::read(&target).unwrap() == want, "restore served other bytes than the .partial object's");
+    let (code, report, err) = verify(&server, &url);
+    assert_eq!(code, 0, "verify: {err} {report}");
+    let explained = report["timelines"][0]["partial"].as_str().unwrap_or_default().to_string();
+    assert!(explained.starts_with(&format!("{partial}: valid WAL up to")), "{report}");
+}
+
+#[test]
+fn unfinished_segment_is_archived_seaweedfs() {
+    unfinished_segment_is_archived(Kind::Seaweed);
+}
+
+#[test]
+fn unfinished_segment_is_archived_moto() {
+    unfinished_segment_is_archived(Kind::Moto);
 }

@@ -5,10 +5,11 @@
 //! `walship verify s3://...` passes, and fails naming the spot after one object is deleted and
 //! after one byte of another object is changed.
 //!
-//! The archive holds complete segments only, so the primary is started once more after its clean
-//! stop and switches to a new segment: that completes the segment holding the shutdown checkpoint.
-//! The standby stops there (`recovery_target_lsn` = end of the checkpoint record, not inclusive,
-//! paused), so what it shows is exactly the stopped primary's state.
+//! The receiver keeps only the newest 32 MiB of segments locally (`--keep-local 32MiB`): older ones
+//! are deleted once archived (checked). The segment holding the shutdown checkpoint is not complete:
+//! it reaches the store as its `.partial` object once the durable position rests
+//! (`--archive-partial-after`), and the standby restores it from there, so it replays to exactly the
+//! end of the shutdown checkpoint with nothing after it.
 //!
 //! Needs PostgreSQL and SeaweedFS (skipped without them unless WALSHIP_REQUIRE_PG=1 / WALSHIP_REQUIRE_S3=1).
 mod common;
@@ -110,9 +111,10 @@ fn run_test(ctx: &Ctx, pg: &Pg, server: &S3Server) -> R<()> {
     let recv_dir = ctx.path("recv");
     let addr = format!("127.0.0.1:{}", free_port());
     let u = url();
-    let (mut recv, _recv_log) = spawn_walship(ctx, server, "recv", &[
+    let (mut recv, recv_log) = spawn_walship(ctx, server, "recv", &[
         "recv", "--listen", &addr, "--dir", p(&recv_dir), "--insecure-no-auth", "--archive-to", &u,
-        "--archive-compress", "zstd", "--archive-scan-interval", "200ms",
+        "--archive-compress", "zstd", "--archive-scan-interval", "200ms", "--archive-partial-after", "500ms",
+        "--keep-local", "32MiB", "--retention-interval", "500ms",
     ]);
     let pg_wal = primary.data.join("pg_wal");
     let conninfo = primary.conninfo();
@@ -125,23 +127,33 @@ fn run_test(ctx: &Ctx, pg: &Pg, server: &S3Server) -> R<()> {
     primary.pgbench(&["-i", "-s", "5", "-q"])?;
     primary.pgbench(&["-c", "2", "-j", "2", "-T", "5", "-n"])?;
     let sums = checksums(&primary)?;
-    let (_cd, end) = primary.clean_stop()?;
+    let (cd, end) = primary.clean_stop()?;
     wait_line(&send_log, "through its shutdown checkpoint", Duration::from_secs(60))?;
-    // Complete the segment holding the shutdown checkpoint: start again and switch.
-    primary.pg_ctl_start(true)?;
-    primary.sql("CREATE TABLE after_stop(i int); SELECT pg_switch_wal()")?;
     let store = walship::archive::BlockingStore::new(&server.settings("")).map_err(|e| e.to_string())?;
-    let sysid = primary.sql("SELECT system_identifier FROM pg_control_system()")?;
+    let sysid = cd.sysid;
     let folder = format!("{PREFIX}/{sysid}/00000001/");
+    // Complete segments up to the one holding the end of WAL; that one as its `.partial` object.
     let (first_seg, end_seg) = (backup_start / SEG, end / SEG);
-    let want: Vec<String> = (first_seg..=end_seg).map(|s| format!("{folder}{}", seg_name(1, s, SEG))).collect();
+    let want: Vec<String> = (first_seg..end_seg).map(|s| format!("{folder}{}", seg_name(1, s, SEG))).collect();
+    let mut want_all = want.clone();
+    if end % SEG != 0 {
+        want_all.push(format!("{folder}{}.partial", seg_name(1, end_seg, SEG)));
+    }
     let archived = poll_until(Duration::from_secs(90), Duration::from_millis(250), || {
         let have: Vec<String> = store.list(&folder).ok()?.into_iter().map(|o| o.key).collect();
-        want.iter().all(|k| have.contains(k)).then_some(have)
+        want_all.iter().all(|k| have.contains(k)).then_some(have)
     })
-    .ok_or_else(|| format!("segments {want:?} not archived within 90 s"))?;
-    println!("archived {} objects; replay target {}", archived.len(), fmt_lsn(end));
-    primary.stop("fast")?;
+    .ok_or_else(|| format!("{want_all:?} not archived within 90 s"))?;
+    // The `.partial` object holds the WAL up to the end (uploaded again once the position rested there).
+    let up_to = format!("archived the unfinished segment up to {}", walship::wal::Lsn(end));
+    if end % SEG != 0 {
+        wait_line(&recv_log, &up_to, Duration::from_secs(30))?;
+    }
+    let local = fs::read_dir(&recv_dir).map_err(|e| e.to_string())?.flatten().filter(|e| is_seg_name(&e.file_name().to_string_lossy())).count();
+    println!("archived {} objects (the last one a .partial); {local} complete segments kept locally; replay target {}", archived.len(), fmt_lsn(end));
+    if local >= want.len() {
+        return Err(format!("--keep-local 32MiB deleted nothing: {local} local segments, {} archived", want.len()));
+    }
     for g in [&mut send, &mut recv] {
         g.signal(libc::SIGTERM).map_err(|e| e.to_string())?;
         g.wait_timeout(Duration::from_secs(60)).map_err(|e| e.to_string())?;

@@ -49,6 +49,8 @@ pub struct ArchiveConfig {
     pub metrics: Arc<ArchiveMetrics>,
     /// The names of the local files known to be in the store (read by local retention).
     pub archived_names: ArchivedNames,
+    /// Upload the newest `.partial` once the durable position has rested this long (None: never).
+    pub partial_after: Option<Duration>,
 }
 
 /// The names of local files the archiver found in the store or uploaded in this process (shared
@@ -75,6 +77,7 @@ impl ArchiveConfig {
             compression: Compression::None,
             metrics: Arc::new(ArchiveMetrics::default()),
             archived_names: ArchivedNames::default(),
+            partial_after: Some(Duration::from_secs(10)),
         }
     }
 
@@ -166,6 +169,9 @@ impl Archiver {
             scan_interval: cfg.scan_interval,
             metrics: Arc::clone(&cfg.metrics),
             archived_names: Arc::clone(&cfg.archived_names),
+            partial_after: cfg.partial_after,
+            partial: Default::default(),
+            partial_deletes: Vec::new(),
             identity: None,
             files: BTreeMap::new(),
             listed: HashMap::new(),
@@ -219,6 +225,10 @@ struct State {
     scan_interval: Duration,
     metrics: Arc<ArchiveMetrics>,
     archived_names: ArchivedNames,
+    partial_after: Option<Duration>,
+    partial: super::partial::PartialState,
+    /// `.partial` objects whose complete segment is in the store now.
+    partial_deletes: Vec<String>,
     /// (system identifier, segment size), from the first segment's long page header.
     identity: Option<(u64, u64)>,
     /// By file name.
@@ -251,6 +261,12 @@ impl State {
                 last_scan = Some(Instant::now());
                 self.scan();
                 self.list_new_timelines().await;
+                self.upload_partial().await;
+            }
+            for key in std::mem::take(&mut self.partial_deletes) {
+                if let Err(e) = self.store.delete(&key).await {
+                    warn!("cannot delete {}, whose complete segment is archived: {e}", self.store.describe(&key));
+                }
             }
             self.start_uploads(&mut tasks);
             let finished = if tasks.is_empty() {
@@ -278,6 +294,11 @@ impl State {
             }
         }
         tasks.abort_all();
+        // The receiver stops: the newest `.partial` as it is now, without waiting for it to rest.
+        if self.partial_after.is_some() {
+            self.partial_after = Some(Duration::ZERO);
+            self.upload_partial().await;
+        }
         info!(archived = %self.archived, "archiver stopped; every byte of the directory's WAL below {} is in the store", self.archived);
     }
 
@@ -401,6 +422,9 @@ impl State {
         match result {
             Ok((outcome, sizes)) => {
                 e.phase = Phase::Done;
+                if let (WalFileName::Segment { tli, segno }, Some((sysid, seg_size))) = (e.file, self.identity) {
+                    self.partial_deletes.push(super::keys::partial_key(&self.prefix, sysid, tli, segno, seg_size));
+                }
                 self.archived_names.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_string());
                 match outcome {
                     PutOutcome::Uploaded => {
@@ -437,6 +461,29 @@ impl State {
                 }
                 Ok(())
             }
+        }
+    }
+
+    /// The newest `.partial`, once the durable position rests (see `archive::partial`).
+    async fn upload_partial(&mut self) {
+        let (Some(idle), Some((sysid, seg_size))) = (self.partial_after, self.identity) else { return };
+        let durable = crate::recv::published::read(&self.dir).ok().flatten().map(|p| p.lsn);
+        let partials: Vec<String> = std::fs::read_dir(&self.dir)
+            .map(|rd| rd.flatten().filter_map(|e| e.file_name().into_string().ok()).filter(|n| n.ends_with(".partial")).collect())
+            .unwrap_or_default();
+        let Some(up) = self.partial.due(durable, &partials, seg_size, idle, Instant::now()) else { return };
+        let Some(WalFileName::Partial { tli, segno }) = WalFileName::parse(&up.name, seg_size) else { return };
+        let key = super::keys::partial_key(&self.prefix, sysid, tli, segno, seg_size);
+        let bytes = match super::partial::durable_bytes(&self.dir, &up, seg_size) {
+            Ok(b) => b,
+            Err(e) => return warn!(file = %up.name, "cannot read the .partial to archive it: {e}"),
+        };
+        match self.store.put_replace(&key, bytes.into()).await {
+            Ok(()) => {
+                info!(object = %self.store.describe(&key), durable = %up.durable, "archived the unfinished segment up to {}", up.durable);
+                self.partial.uploaded(up);
+            }
+            Err(e) => warn!("cannot archive the unfinished segment {}: {e}; will retry", up.name),
         }
     }
 

@@ -13,14 +13,20 @@ pub fn timeline_prefix(prefix: &str, system_id: u64, tli: u32) -> String {
     k
 }
 
-/// The key of a complete segment, a timeline history file or a backup history file; None for anything else (`.partial` files are
-/// never archived: they are not complete).
+/// The key of a complete segment, a timeline history file or a backup history file; None for
+/// anything else (`.partial` files are not archived by the complete-file uploads: see
+/// [`partial_key`]).
 pub fn object_key(prefix: &str, system_id: u64, file: WalFileName, seg_size: u64) -> Option<String> {
     let tli = match file {
         WalFileName::Segment { tli, .. } | WalFileName::History { tli } | WalFileName::Backup { tli, .. } => tli,
         WalFileName::Partial { .. } => return None,
     };
     Some(timeline_prefix(prefix, system_id, tli) + &file.file_name(seg_size))
+}
+
+/// The key of the `.partial` object of segment `segno` (see `archive::partial`).
+pub fn partial_key(prefix: &str, system_id: u64, tli: u32, segno: u64, seg_size: u64) -> String {
+    timeline_prefix(prefix, system_id, tli) + &WalFileName::Partial { tli, segno }.file_name(seg_size)
 }
 
 #[cfg(test)]

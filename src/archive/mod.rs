@@ -11,6 +11,7 @@
 pub mod archiver;
 pub mod compress;
 pub mod keys;
+pub mod partial;
 pub mod restore;
 pub mod prune;
 pub mod retention;

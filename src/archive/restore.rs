@@ -185,8 +185,17 @@ pub fn restore_from_archive(cfg: &FetchConfig, name: &str, target: &Path) -> Res
         }
     }
     let key = timeline_prefix(&cfg.settings.url.prefix, system_id, tli) + name;
-    let object = store.describe(&key);
-    let Some(bytes) = rt.block_on(store.get_verified(&key))? else {
+    let mut object = store.describe(&key);
+    let mut bytes = rt.block_on(store.get_verified(&key))?;
+    if bytes.is_none() && is_segment {
+        // The newest, unfinished segment: its `.partial` object (durable bytes, zeros after).
+        let partial = format!("{key}.partial");
+        bytes = rt.block_on(store.get_verified(&partial))?;
+        if bytes.is_some() {
+            object = store.describe(&partial);
+        }
+    }
+    let Some(bytes) = bytes else {
         return Err(FetchError::NotFound { name: name.to_string(), object });
     };
     if !is_segment {

@@ -155,6 +155,17 @@ impl Store {
         }
     }
 
+    /// Write `key` whatever is there (the `.partial` objects only, which are replaced as the
+    /// segment grows); the metadata carries the SHA-256 of `body` like every object's.
+    pub async fn put_replace(&self, key: &str, body: bytes::Bytes) -> Result<(), ArchiveError> {
+        let mut attributes = Attributes::new();
+        attributes.insert(Attribute::Metadata(CHECKSUM_META.into()), AttributeValue::from(sha256_hex(&body)));
+        attributes.insert(Attribute::Metadata(COMPRESSION_META.into()), AttributeValue::from(Compression::None.as_str()));
+        attributes.insert(Attribute::ContentType, AttributeValue::from("application/octet-stream"));
+        let opts = PutOptions { mode: PutMode::Overwrite, attributes, ..Default::default() };
+        self.s3.put_opts(&ObjPath::from(key), PutPayload::from(body), opts).await.map(|_| ()).map_err(store_err("PUT", key))
+    }
+
     fn same_or_conflict(&self, key: &str, local: &str, ours: String, theirs: String) -> Result<PutOutcome, ArchiveError> {
         if ours == theirs {
             Ok(PutOutcome::AlreadyThere)
