@@ -247,7 +247,7 @@ fn a_destination_that_never_answers_gives_exit_3_with_a_quorum_and_1_without() {
     rs[0].start();
     rs[1].start();
     let all = rs.iter().collect::<Vec<_>>();
-    let out = run(&mut walship(&["send", "--once", "--pg-wal", p(&src), "--to", &all[0].to(), "--to", &all[1].to(), "--to", &all[2].to(), "--quorum", "2", "--retry-for", "1s"])
+    let out = run(walship(&["send", "--once", "--pg-wal", p(&src), "--to", &all[0].to(), "--to", &all[1].to(), "--to", &all[2].to(), "--quorum", "2", "--retry-for", "1s"])
         .env("WALSHIP_INSECURE_NO_AUTH", "true"))
     .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
@@ -255,7 +255,7 @@ fn a_destination_that_never_answers_gives_exit_3_with_a_quorum_and_1_without() {
     assert!(err.contains(&format!("{} (never connected)", all[2].to())), "{err}");
     assert!(!err.contains("exit code 3"), "the exit code is not part of the message: {err}");
     assert_eq!((rs[0].durable(), rs[1].durable()), (end, end));
-    let out = run(&mut walship(&["send", "--once", "--pg-wal", p(&src), "--to", &all[0].to(), "--to", &all[2].to(), "--retry-for", "1s"]).env("WALSHIP_INSECURE_NO_AUTH", "true")).unwrap();
+    let out = run(walship(&["send", "--once", "--pg-wal", p(&src), "--to", &all[0].to(), "--to", &all[2].to(), "--retry-for", "1s"]).env("WALSHIP_INSECURE_NO_AUTH", "true")).unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("gave up after 1s without a receiver"), "{err}");

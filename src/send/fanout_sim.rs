@@ -74,10 +74,8 @@ fn run(seed: u64) {
             if rng.random_bool(0.5) {
                 dest.durable = dest.written;
             }
-            if rng.random_bool(0.7) {
-                if conn.on_ack(dest.written, dest.durable).expect("valid ack") {
-                    q.on_flushed(d, conn.flushed());
-                }
+            if rng.random_bool(0.7) && conn.on_ack(dest.written, dest.durable).expect("valid ack") {
+                q.on_flushed(d, conn.flushed());
             }
             if faulty && rng.random_bool(0.02) {
                 // kill -9: what was not durable is gone, so is the connection.
