@@ -110,7 +110,8 @@ impl WalFileName {
     /// Parse a bare file name (no directory part). Accepts only what PostgreSQL itself writes: upper-case
     /// hex of exact length, a low part below `0x1_0000_0000 / seg_size`, and the exact suffixes.
     pub fn parse(name: &str, seg_size: u64) -> Option<WalFileName> {
-        if !is_valid_seg_size(seg_size) {
+        // Every canonical name is ASCII; checking first makes every byte index below a char boundary.
+        if !is_valid_seg_size(seg_size) || !name.is_ascii() {
             return None;
         }
         if let Some(base) = name.strip_suffix(PARTIAL_SUFFIX) {
@@ -249,6 +250,9 @@ mod tests {
             "000000010000000000000100", // low part 0x100 >= 0x100 segments per id at 16 MiB
             "000000010000000000000001.backup",
             "0000000100000000000000é1",
+            // The length of a .backup name with a multi-byte character where the offset's dot goes
+            // (found by the segment_name fuzz target: it used to panic slicing inside the 'δ').
+            "00000001000000000000000δ00000000.backup",
         ] {
             assert_eq!(WalFileName::parse(name, MIB16), None, "{name:?} parsed");
         }
