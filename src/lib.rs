@@ -8,6 +8,7 @@ pub mod archive;
 pub mod auth;
 pub mod config_file;
 pub mod demo;
+pub mod hub;
 pub mod metrics;
 pub mod progress;
 pub mod recv;
