@@ -296,7 +296,7 @@ mod tests {
         let server_final = s
             .client_final(b"c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=")
             .unwrap();
-        assert_eq!(server_final, "v=6rriTRBi23WpRR/wtup+mMhyZWWmF2rTqQhp0ScSXZY=");
+        assert_eq!(server_final, "v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=");
     }
 
     /// Against an independent client (the `postgres-protocol` crate's, which tokio-postgres uses):
