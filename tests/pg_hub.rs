@@ -114,6 +114,10 @@ impl Hub {
         let conninfo = self.primary.conninfo();
         let mut c = walship(&["send", "--pg-wal", p(&self.primary.data.join("pg_wal")), "--to", &self.walship_addr, "--conninfo", &conninfo]);
         c.args(["--slot", "walship"]);
+        if let Some((cert, _)) = &self.tls {
+            // The receiver's certificate serves walship senders too.
+            c.args(["--tls-ca", p(cert)]);
+        }
         self.say(format!("$ {}", cmdline(&c)));
         self.send = Some(spawn_logged("walship send", c, &self.send_log));
         wait_log(&self.send_log, "following a live", Duration::from_secs(60))?;
