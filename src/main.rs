@@ -356,8 +356,9 @@ struct RecvArgs {
     archive: ArchiveArgs,
     #[command(flatten)]
     retention: RetentionArgs,
+    /// Boxed: the hub's flags would make `recv` the one large variant of `Command`.
     #[command(flatten)]
-    hub: HubArgs,
+    hub: Box<HubArgs>,
 }
 
 /// The WAL hub (`--serve-replication`): PostgreSQL standbys stream from the receiver.
