@@ -209,7 +209,7 @@ fn replay_lsn(s: &Server) -> u64 {
 fn a_hot_standby_streams_from_the_hub_to_the_shutdown_checkpoint() {
     let _l = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let Some(mut hub) = Hub::new("pg-hub", 5531) else { return };
-    if let Err(e) = hot_standbys_stream(&mut hub, &[("standby1", 5532)]) {
+    if let Err(e) = hot_standbys_stream(&mut hub, &[("standby1", 5532)], true).and_then(|_| another_clusters_standby_is_refused(&hub, 5535)) {
         panic!("{e}");
     }
 }
@@ -219,12 +219,12 @@ fn two_hot_standbys_stream_over_tls_one_verify_full_and_plaintext_is_refused() {
     let _l = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let Some(mut hub) = Hub::new("pg-hub-tls", 5541) else { return };
     hub.require_tls().expect("certificate");
-    if let Err(e) = hot_standbys_stream(&mut hub, &[("standby1", 5542), ("standby2", 5543)]) {
+    if let Err(e) = hot_standbys_stream(&mut hub, &[("standby1", 5542), ("standby2", 5543)], false) {
         panic!("{e}");
     }
 }
 
-fn hot_standbys_stream(h: &mut Hub, names: &[(&'static str, u16)]) -> R<()> {
+fn hot_standbys_stream(h: &mut Hub, names: &[(&'static str, u16)], restart_mid_way: bool) -> R<()> {
     h.start()?;
     let sysid = h.primary.controldata()?.sysid;
     // Refusals first, in PostgreSQL's words (the standby's libpq shows them as they are).
@@ -296,6 +296,24 @@ fn hot_standbys_stream(h: &mut Hub, names: &[(&'static str, u16)]) -> R<()> {
         std::thread::sleep(Duration::from_secs(1));
         seen.push(standbys.iter().map(replay_lsn).collect());
     }
+    if restart_mid_way {
+        // The first standby is stopped while pgbench runs and comes back: it resumes streaming
+        // from the hub where it stopped (the hub has no slot; the WAL is still in the directory).
+        let s = &mut standbys[0];
+        let before = replay_lsn(s);
+        s.stop("fast")?;
+        std::thread::sleep(Duration::from_secs(1));
+        s.pg_ctl_start(false)?;
+        let after = poll_until(Duration::from_secs(60), Duration::from_millis(200), || Some(replay_lsn(s)).filter(|&l| l > before))
+            .ok_or_else(|| s.err(format!("{} restarted mid-way did not replay past {}", s.name, fmt_lsn(before))))?;
+        h.say(format!("{} stopped at {} under pgbench, restarted, replaying again at {}", s.name, fmt_lsn(before), fmt_lsn(after)));
+        let connected = poll_until(Duration::from_secs(10), Duration::from_millis(200), || {
+            h.metrics().ok()?.lines().find(|l| l.starts_with("walship_recv_standbys_connected ")).filter(|l| l.ends_with(&format!(" {}", names.len()))).map(str::to_string)
+        });
+        if connected.is_none() {
+            return Err("after the restart the hub does not list exactly the running standbys".into());
+        }
+    }
     bench.wait_timeout(Duration::from_secs(60)).map_err(|e| e.to_string())?;
     for (i, s) in standbys.iter().enumerate() {
         let row: Vec<u64> = seen.iter().map(|v| v[i]).collect();
@@ -351,5 +369,35 @@ fn hot_standbys_stream(h: &mut Hub, names: &[(&'static str, u16)]) -> R<()> {
         }
         s.stop("fast")?;
     }
+    Ok(())
+}
+
+/// A standby of another cluster pointed at the hub: its walreceiver compares the system id the hub
+/// reports (the shipped cluster's) with its own and stops; it never replays anything from the hub.
+fn another_clusters_standby_is_refused(h: &Hub, port: u16) -> R<()> {
+    let mut other = h.pg.server(&h.pgdir, "other", port)?;
+    other.init("pg_hub other cluster", "wal_level = replica\n")?;
+    let base = h.pgdir.join("base-other");
+    other.base_backup(&base)?;
+    other.stop("fast")?;
+    let mut foreign = h.pg.server(&h.pgdir, "foreign", port + 1)?;
+    h.ctx.watch("foreign standby", &foreign.log);
+    run_ok(cmd("cp", ["-a"]).arg(&base).arg(&foreign.data))?;
+    fs::write(foreign.data.join("standby.signal"), b"").map_err(|e| e.to_string())?;
+    append(
+        &foreign.data.join("postgresql.auto.conf"),
+        &format!(
+            "\nport = {}\nunix_socket_directories = '{}'\nprimary_conninfo = '{}'\nwal_retrieve_retry_interval = '1s'\n",
+            foreign.port,
+            foreign.sock.display(),
+            h.standby_conninfo("foreign", PASSWORD)
+        ),
+    )?;
+    h.pg.chown(&foreign.data)?;
+    foreign.pg_ctl_start(false)?;
+    let want = "database system identifier differs between the primary and standby";
+    wait_log(&foreign.log, want, Duration::from_secs(60)).map_err(|e| foreign.err(e))?;
+    h.say(format!("a standby of another cluster stops at IDENTIFY_SYSTEM: \"{want}\""));
+    foreign.stop("immediate")?;
     Ok(())
 }
