@@ -96,10 +96,20 @@ impl Hub {
 
     /// Primary up; receiver with the hub; follow-mode sender with a slot.
     fn start(&mut self) -> R<()> {
+        self.init_primary()?;
+        let (pg_wal, conninfo) = (self.primary.data.join("pg_wal"), self.primary.conninfo());
+        self.start_walship(&pg_wal, &conninfo)
+    }
+
+    fn init_primary(&mut self) -> R<()> {
         self.primary.init(
             "pg_hub",
-            "wal_level = replica\nmax_wal_senders = 4\nmax_replication_slots = 4\nmax_wal_size = 256MB\nmin_wal_size = 64MB\n",
-        )?;
+            "wal_level = replica\nmax_wal_senders = 4\nmax_replication_slots = 4\nmax_wal_size = 256MB\nmin_wal_size = 64MB\nhot_standby = on\n",
+        )
+    }
+
+    /// The receiver with the hub, and a follow-mode sender (with a slot) of the server at `conninfo`.
+    fn start_walship(&mut self, pg_wal: &Path, conninfo: &str) -> R<()> {
         let pwfile = self.ctx.path("standbys.pw");
         fs::write(&pwfile, format!("# standby users\n{USER}:{PASSWORD}\n")).map_err(|e| e.to_string())?;
         fs::set_permissions(&pwfile, fs::Permissions::from_mode(0o600)).map_err(|e| e.to_string())?;
@@ -111,8 +121,7 @@ impl Hub {
         }
         self.say(format!("$ {}", cmdline(&c)));
         self.recv = Some(spawn_logged("walship recv", c, &self.recv_log));
-        let conninfo = self.primary.conninfo();
-        let mut c = walship(&["send", "--pg-wal", p(&self.primary.data.join("pg_wal")), "--to", &self.walship_addr, "--conninfo", &conninfo]);
+        let mut c = walship(&["send", "--pg-wal", p(pg_wal), "--to", &self.walship_addr, "--conninfo", conninfo]);
         c.args(["--slot", "walship"]);
         if let Some((cert, _)) = &self.tls {
             // The receiver's certificate serves walship senders too.
@@ -399,5 +408,81 @@ fn another_clusters_standby_is_refused(h: &Hub, port: u16) -> R<()> {
     wait_log(&foreign.log, want, Duration::from_secs(60)).map_err(|e| foreign.err(e))?;
     h.say(format!("a standby of another cluster stops at IDENTIFY_SYSTEM: \"{want}\""));
     foreign.stop("immediate")?;
+    Ok(())
+}
+
+#[test]
+fn a_hub_standby_follows_a_promotion_upstream_onto_the_new_timeline() {
+    let _l = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut hub) = Hub::new("pg-hub-promote", 5551) else { return };
+    if let Err(e) = follows_promotion(&mut hub) {
+        panic!("{e}");
+    }
+}
+
+/// Primary A; B streams from A and is what walship follows; the hub's standby H streams from the
+/// receiver. B is promoted (timeline 2): the hub ends timeline 1 for H at the switch point from
+/// 00000002.history, H moves to timeline 2 through the hub and replays B's WAL to B's shutdown
+/// checkpoint.
+fn follows_promotion(h: &mut Hub) -> R<()> {
+    h.init_primary()?;
+    let mut b = h.pg.server(&h.pgdir, "b", 5552)?;
+    h.ctx.watch("B log", &b.log);
+    let mut c = h.pg.cmd("pg_basebackup");
+    c.arg("-h").arg(&h.primary.sock).args(["-p", &h.primary.port.to_string(), "-U", PG_USER]);
+    c.arg("-D").arg(&b.data).args(["-R", "-X", "stream", "-c", "fast", "--no-sync"]);
+    run_ok(&mut c).map_err(|e| h.primary.err(e))?;
+    append(&b.data.join("postgresql.conf"), &format!("\n# standby B\nport = {}\nunix_socket_directories = '{}'\n", b.port, b.sock.display()))?;
+    b.pg_ctl_start(true)?;
+    poll_until(Duration::from_secs(30), Duration::from_millis(200), || b.sql_quiet("SELECT status FROM pg_stat_wal_receiver").ok().filter(|s| s == "streaming"))
+        .ok_or_else(|| b.err("B is not streaming from A"))?;
+    let (pg_wal, conninfo) = (b.data.join("pg_wal"), b.conninfo());
+    h.start_walship(&pg_wal, &conninfo)?;
+    h.say("walship follows standby B; the hub serves H");
+    let mut standby = h.standby("standby1", 5553)?;
+    h.primary.pgbench(&["-i", "-s", "3", "-q"])?;
+    standby.pg_ctl_start(false)?;
+    h.primary.pgbench(&["-c", "2", "-j", "2", "-T", "3", "-n"])?;
+    let a_lsn = h.primary.lsn("SELECT pg_current_wal_lsn()")?;
+    poll_until(Duration::from_secs(90), Duration::from_millis(200), || (replay_lsn(&standby) >= a_lsn).then_some(()))
+        .ok_or_else(|| standby.err(format!("H did not replay A's WAL to {} through B, walship and the hub (at {})", fmt_lsn(a_lsn), fmt_lsn(replay_lsn(&standby)))))?;
+    h.say(format!("H replayed timeline 1 to {}", fmt_lsn(a_lsn)));
+
+    let mut c = h.pg.cmd("pg_ctl");
+    c.arg("-D").arg(&b.data).args(["promote", "-w", "-t", "60"]);
+    run_ok(&mut c).map_err(|e| b.err(e))?;
+    h.primary.stop("fast")?;
+    h.say("B promoted (timeline 2), A stopped");
+    b.pgbench(&["-c", "2", "-j", "2", "-T", "3", "-n"])?;
+    let sums = checksums(&b)?;
+    b.stop("fast")?;
+    let cd = b.controldata()?;
+    if cd.tli != 2 || cd.state != "shut down" {
+        return Err(b.err(format!("B after promotion and a clean stop: timeline {}, state {}", cd.tli, cd.state)));
+    }
+    let end = wal_end_after_checkpoint(&h.pg, &b.data.join("pg_wal"), 2, cd.checkpoint, cd.block_size)?;
+    h.say(format!("B stopped: shutdown checkpoint {} on timeline 2, WAL ends at {}", fmt_lsn(cd.checkpoint), fmt_lsn(end)));
+    let replayed = poll_until(Duration::from_secs(90), Duration::from_millis(200), || Some(replay_lsn(&standby)).filter(|&l| l >= end))
+        .ok_or_else(|| standby.err(format!("H replayed only to {}, not to B's end of WAL {} on timeline 2", fmt_lsn(replay_lsn(&standby)), fmt_lsn(end))))?;
+    if replayed != end {
+        return Err(standby.err(format!("H replayed to {}, past B's end of WAL {}", fmt_lsn(replayed), fmt_lsn(end))));
+    }
+    let tli = standby.sql("SELECT received_tli FROM pg_stat_wal_receiver")?;
+    if tli != "2" {
+        return Err(standby.err(format!("H's walreceiver is on timeline {tli:?}, want 2")));
+    }
+    let standby_sums = checksums(&standby)?;
+    if standby_sums != sums {
+        return Err(format!("checksums differ:\nB {sums:?}\nH {standby_sums:?}"));
+    }
+    let hub_log = strip_ansi(&fs::read_to_string(&h.recv_log).unwrap_or_default());
+    if !hub_log.contains("timeline 1 ended upstream") && !hub_log.contains("streams timeline 1 from") {
+        return Err("the receiver's log does not show H on timeline 1".into());
+    }
+    if !hub_log.lines().any(|l| l.contains("standby standby1@") && l.contains("streams timeline 2 from")) {
+        return Err(format!("the receiver's log does not show H streaming timeline 2 from the hub:\n{}", tail_str(&hub_log, 20)));
+    }
+    h.say(format!("H followed the promotion through the hub: timeline 2, replayed to exactly {} with B's checksums", fmt_lsn(end)));
+    standby.stop("fast")?;
     Ok(())
 }
