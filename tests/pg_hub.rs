@@ -482,6 +482,12 @@ fn follows_promotion(h: &mut Hub) -> R<()> {
     if !hub_log.lines().any(|l| l.contains("standby standby1@") && l.contains("streams timeline 2 from")) {
         return Err(format!("the receiver's log does not show H streaming timeline 2 from the hub:\n{}", tail_str(&hub_log, 20)));
     }
+    // PostgreSQL's walreceiver logs this only for the end of a historic timeline (CopyDone, then
+    // the next timeline and its start), as the hub sent it.
+    let h_log = fs::read_to_string(&standby.log).unwrap_or_default();
+    if !h_log.contains("End of WAL reached on timeline 1 at") {
+        return Err(standby.err("H's log does not show the end of timeline 1 reached through the hub"));
+    }
     h.say(format!("H followed the promotion through the hub: timeline 2, replayed to exactly {} with B's checksums", fmt_lsn(end)));
     standby.stop("fast")?;
     Ok(())
