@@ -30,6 +30,9 @@ use crate::wal::{Lsn, WalIdentity};
 
 /// Largest WAL payload of one XLogData message accepted for `--replication-message-bytes-max`.
 pub const MESSAGE_BYTES_MAX_LIMIT: usize = 16 << 20;
+/// Connections still starting up (not yet authenticated) allowed beside the standbys: bounds the
+/// threads a flood of connections can make (each lives at most `--replication-timeout`).
+pub const CONNECTIONS_STARTING_MAX: usize = 16;
 
 /// Everything the hub needs, validated.
 #[derive(Debug, Clone)]
@@ -302,6 +305,7 @@ pub fn start(cfg: &HubConfig, dir: &std::path::Path) -> Result<HubHandle, HubErr
 }
 
 fn accept_loop(listener: TcpListener, hub: Arc<Hub>, cfg: Arc<HubConfig>, dir: std::path::PathBuf) {
+    let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     for stream in listener.incoming() {
         if hub.durable().stopping {
             return;
@@ -319,9 +323,18 @@ fn accept_loop(listener: TcpListener, hub: Arc<Hub>, cfg: Arc<HubConfig>, dir: s
             Err(_) => continue,
         };
         let _ = tcp.set_nodelay(true);
-        let (hub, cfg, dir) = (Arc::clone(&hub), Arc::clone(&cfg), dir.clone());
-        let spawned = std::thread::Builder::new().name("walship-standby".into()).spawn(move || session::serve(hub, cfg, dir, tcp, peer));
+        if open.load(Ordering::Relaxed) >= cfg.standbys_max + CONNECTIONS_STARTING_MAX {
+            warn!(peer = %peer, "refused a connection from {peer}: {} connections are open already", cfg.standbys_max + CONNECTIONS_STARTING_MAX);
+            continue;
+        }
+        open.fetch_add(1, Ordering::Relaxed);
+        let (hub, cfg, dir, done) = (Arc::clone(&hub), Arc::clone(&cfg), dir.clone(), Arc::clone(&open));
+        let spawned = std::thread::Builder::new().name("walship-standby".into()).spawn(move || {
+            session::serve(hub, cfg, dir, tcp, peer);
+            done.fetch_sub(1, Ordering::Relaxed);
+        });
         if let Err(e) = spawned {
+            open.fetch_sub(1, Ordering::Relaxed);
             warn!(peer = %peer, "cannot start a thread for standby {peer}: {e}");
         }
     }
