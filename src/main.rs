@@ -356,6 +356,57 @@ struct RecvArgs {
     archive: ArchiveArgs,
     #[command(flatten)]
     retention: RetentionArgs,
+    /// Boxed: the hub's flags would make `recv` the one large variant of `Command`.
+    #[command(flatten)]
+    hub: Box<HubArgs>,
+}
+
+/// The WAL hub (`--serve-replication`): PostgreSQL standbys stream from the receiver.
+#[derive(clap::Args)]
+struct HubArgs {
+    /// Serve PostgreSQL's physical streaming replication protocol on this address, e.g.
+    /// 0.0.0.0:5433: a standby's primary_conninfo points here and streams the WAL this receiver
+    /// made durable. Needs --replication-password-file.
+    #[arg(long, env = "WALSHIP_SERVE_REPLICATION", value_name = "ADDR", requires = "replication_password_file")]
+    serve_replication: Option<SocketAddr>,
+    /// Who may stream: one `user:password` line per allowed standby user (SCRAM-SHA-256; the
+    /// password printable ASCII). The standby sets user= and password= in primary_conninfo.
+    #[arg(long, env = "WALSHIP_REPLICATION_PASSWORD_FILE", value_name = "FILE", requires = "serve_replication")]
+    replication_password_file: Option<PathBuf>,
+    /// Refuse standbys that do not use TLS (needs --tls-cert and --tls-key; without this flag a
+    /// standby may use TLS or not, as its sslmode says).
+    #[arg(long, env = "WALSHIP_REPLICATION_REQUIRE_TLS", requires = "serve_replication")]
+    replication_require_tls: bool,
+    /// A keepalive to each streaming standby at least this often (duration).
+    #[arg(long, env = "WALSHIP_REPLICATION_KEEPALIVE_INTERVAL", default_value = "10s", value_parser = parse_duration_nonzero)]
+    replication_keepalive_interval: Duration,
+    /// Drop a standby that sends nothing for this long; also bounds its start-up and
+    /// authentication (PostgreSQL's wal_sender_timeout).
+    #[arg(long, env = "WALSHIP_REPLICATION_TIMEOUT", default_value = "60s", value_parser = parse_duration_nonzero)]
+    replication_timeout: Duration,
+    /// WAL bytes per XLogData message sent to a standby (8KiB..16MiB; PostgreSQL sends 128KiB).
+    #[arg(long, env = "WALSHIP_REPLICATION_MESSAGE_BYTES_MAX", default_value = "128KiB", value_parser = parse_bytes)]
+    replication_message_bytes_max: u64,
+    /// Standbys served at once.
+    #[arg(long, env = "WALSHIP_REPLICATION_STANDBYS_MAX", default_value_t = 16)]
+    replication_standbys_max: usize,
+}
+
+impl HubArgs {
+    fn config(&self, tls: Option<&walship::tls::TlsServer>) -> Result<Option<walship::hub::HubConfig>> {
+        let (Some(listen), Some(file)) = (self.serve_replication, &self.replication_password_file) else { return Ok(None) };
+        Ok(Some(walship::hub::HubConfig {
+            listen,
+            users: walship::hub::scram::Users::load(file)?,
+            tls: tls.cloned(),
+            require_tls: self.replication_require_tls,
+            keepalive_interval: self.replication_keepalive_interval,
+            standby_timeout: self.replication_timeout,
+            message_bytes_max: usize::try_from(self.replication_message_bytes_max).context("--replication-message-bytes-max too large")?,
+            standbys_max: self.replication_standbys_max,
+            metrics: walship::hub::HubMetrics::default(),
+        }))
+    }
 }
 
 /// Local retention (`--keep-local`): deletes archived segments beyond a policy.
@@ -815,7 +866,9 @@ fn run_recv(a: RecvArgs) -> Result<()> {
         },
         archive: a.archive.config()?,
         retention: a.retention.config(),
+        hub: None,
     };
+    cfg.hub = a.hub.config(cfg.tls.as_ref())?;
     // Limits first: a bad value is the one error reported, before any warning about the key.
     cfg.validate()?;
     cfg.auth = a.auth.key("recv")?;
@@ -825,6 +878,9 @@ fn run_recv(a: RecvArgs) -> Result<()> {
     }
     if let Some(retention) = &cfg.retention {
         retention.metrics.register(metrics.registry_mut());
+    }
+    if let Some(hub) = &cfg.hub {
+        hub.metrics.register(metrics.registry_mut());
     }
     let metrics = Arc::new(metrics);
     serve_metrics(a.metrics_listen, &metrics)?;

@@ -194,6 +194,38 @@ pub struct StatusView {
     pub archive: Option<ArchiveView>,
     /// A sender's destinations (one per `--to`).
     pub destinations: Vec<DestinationView>,
+    /// Standbys streaming from a receiver's WAL hub (`--serve-replication`), like `pg_stat_replication`.
+    pub standbys: Vec<StandbyView>,
+}
+
+/// One standby streaming from the receiver's WAL hub.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct StandbyView {
+    /// `application_name@address`.
+    pub standby: String,
+    pub sent: String,
+    pub write: String,
+    pub flush: String,
+    pub replay: String,
+    /// The receiver's flushed - the standby's replay.
+    pub replay_lag_bytes: u64,
+}
+
+/// Every `walship_recv_standby_*{standby}` series of a scrape, by standby.
+fn standbys(last: &Scrape) -> Vec<StandbyView> {
+    let per = |name: &str, who: &str| last.all(name).find(|s| s.label("standby") == Some(who)).map_or(0, |s| s.as_u64());
+    let flushed = last.u64("walship_recv_flushed_lsn").unwrap_or(0);
+    last.all("walship_recv_standby_sent_lsn")
+        .filter_map(|s| s.label("standby"))
+        .map(|who| StandbyView {
+            standby: who.to_string(),
+            sent: Lsn(per("walship_recv_standby_sent_lsn", who)).to_string(),
+            write: Lsn(per("walship_recv_standby_write_lsn", who)).to_string(),
+            flush: Lsn(per("walship_recv_standby_flush_lsn", who)).to_string(),
+            replay: Lsn(per("walship_recv_standby_replay_lsn", who)).to_string(),
+            replay_lag_bytes: flushed.saturating_sub(per("walship_recv_standby_replay_lsn", who)),
+        })
+        .collect()
 }
 
 /// One of a sender's destinations.
@@ -332,6 +364,7 @@ pub fn view(url: &str, last: &Scrape, first: Option<&Scrape>) -> StatusView {
     StatusView {
         archive,
         destinations: destinations(last),
+        standbys: standbys(last),
         url: url.to_string(),
         role,
         version,
@@ -393,6 +426,7 @@ impl StatusView {
             "fsync": { "count": self.fsync_count, "mean_seconds": self.fsync_mean_seconds },
             "archive": self.archive,
             "destinations": self.destinations,
+            "standbys": self.standbys,
         })
     }
 
@@ -480,6 +514,18 @@ impl StatusView {
                 fmt_bytes(d.lag_bytes as f64),
                 d.reconnects,
                 if d.slot_released { "; more than --max-lag-bytes behind: no longer holds the slot" } else { "" }
+            );
+        }
+        for st in &self.standbys {
+            let _ = writeln!(
+                s,
+                "  standby      {} sent {} write {} flush {} replay {} (replay lag {})",
+                st.standby,
+                st.sent,
+                st.write,
+                st.flush,
+                st.replay,
+                fmt_bytes(st.replay_lag_bytes as f64)
             );
         }
         let _ = writeln!(s, "  errors       {errors}");

@@ -70,6 +70,8 @@ pub struct RecvConfig {
     pub archive: Option<crate::archive::ArchiveConfig>,
     /// `--keep-local`: delete archived segments beyond a policy (None: keep everything).
     pub retention: Option<retention::RetentionConfig>,
+    /// `--serve-replication`: serve PostgreSQL standbys from this directory (None: no hub).
+    pub hub: Option<crate::hub::HubConfig>,
 }
 
 /// A [`RecvConfig`] that cannot work, named by the flag that sets it.
@@ -87,6 +89,8 @@ pub enum ConfigError {
     ZeroDuration { flag: &'static str },
     #[error("--file-mode {mode:o}: only permission bits, and at least 0600 (the receiver reads and writes its files)")]
     FileMode { mode: u32 },
+    #[error(transparent)]
+    Hub(#[from] crate::hub::HubConfigError),
 }
 
 /// `--frame-bytes-max`: at least the smallest sender frame (64 KiB), at most the wire format's ceiling.
@@ -142,6 +146,9 @@ impl RecvConfig {
         if self.status_interval.is_zero() {
             return Err(ConfigError::ZeroDuration { flag: "status-interval" });
         }
+        if let Some(hub) = &self.hub {
+            hub.validate()?;
+        }
         check_file_mode(self.access.file_mode)
     }
 }
@@ -174,6 +181,8 @@ pub enum RecvError {
     Archive(#[from] crate::archive::ArchiveError),
     #[error("cannot start local retention: {0}")]
     Retention(#[source] std::io::Error),
+    #[error(transparent)]
+    Hub(#[from] crate::hub::HubError),
 }
 
 /// CRC-32C of the bytes of the segment being received, from its start to each frame end, so the
@@ -307,6 +316,8 @@ struct Io {
     stats: RecvStats,
     /// Pre-zeroed spare segment files (None: disabled).
     spares: Option<Spares>,
+    /// The WAL hub, told the identity and every new durable position (None: no hub).
+    hub: Option<Arc<crate::hub::Hub>>,
 }
 
 /// Runs the receiver until `shutdown` is set; then drains, flushes, acks and returns.
@@ -316,13 +327,14 @@ pub fn run(cfg: &RecvConfig, shutdown: Arc<AtomicBool>) -> Result<RecvSummary, R
 
 /// [`run`], updating `metrics` (OPS-METRICS) as it goes.
 pub fn run_with_metrics(cfg: &RecvConfig, shutdown: Arc<AtomicBool>, metrics: Arc<RecvMetrics>) -> Result<RecvSummary, RecvError> {
-    let (listener, lock, state, spares) = start_up(cfg)?;
+    let (listener, hub, lock, state, spares) = start_up(cfg)?;
     // The archiver reads the recovered directory on a thread of its own; dropped (stopped) on return.
     let _archiver = cfg.archive.as_ref().map(|a| crate::archive::Archiver::start(a, &cfg.dir)).transpose()?;
     // Retention too (it deletes only what the archiver reports as in the store).
     let archived_names = cfg.archive.as_ref().map(|a| Arc::clone(&a.archived_names));
     let _retention = cfg.retention.as_ref().map(|r| retention::Retention::start(r, &cfg.dir, archived_names)).transpose().map_err(RecvError::Retention)?;
     let mut io = new_io(cfg, &state, metrics, spares)?;
+    io.hub = hub.as_ref().map(|h| Arc::clone(&h.hub));
     let mut st = LoopState::recovered(cfg, &mut io, &state)?;
     let limits = Limits::new(cfg.frame_bytes_max).expect("validated: frame_bytes_max in range");
     let mut completions: Vec<Completion> = Vec::new();
@@ -390,6 +402,9 @@ impl LoopState {
             }
             io.segdir = Some(segdir);
         }
+        if let (Some(hub), Some(id)) = (io.hub.as_ref(), identity) {
+            hub.publish_identity(id, state.durable_end);
+        }
         Ok(LoopState { conn: None, receiver, identity, actions: Vec::new(), accept_posted: false, stopping: false })
     }
 }
@@ -397,10 +412,13 @@ impl LoopState {
 /// Checks the config, binds the port, then owns, prepares and recovers the directory and starts
 /// its spare pool (which removes a crashed run's half-zeroed spares, before anything is
 /// received); says what the directory holds and where it listens.
-fn start_up(cfg: &RecvConfig) -> Result<(TcpListener, DirLock, DirState, Option<Spares>), RecvError> {
+#[allow(clippy::type_complexity)]
+fn start_up(cfg: &RecvConfig) -> Result<(TcpListener, Option<crate::hub::HubHandle>, DirLock, DirState, Option<Spares>), RecvError> {
     cfg.validate()?;
-    // The port first: a receiver that cannot listen must not touch the directory.
+    // The ports first: a receiver that cannot listen must not touch the directory.
     let listener = bind_listener(cfg.listen)?;
+    // Standbys wait for an identity until recovery publishes one.
+    let hub = cfg.hub.as_ref().map(|h| crate::hub::start(h, &cfg.dir)).transpose()?;
     std::fs::create_dir_all(&cfg.dir).map_err(|source| RecvError::CreateDir { path: cfg.dir.clone(), source })?;
     // Nothing reads or changes the directory before this process owns it.
     let lock = DirLock::acquire(&cfg.dir, "walship recv")?;
@@ -420,7 +438,7 @@ fn start_up(cfg: &RecvConfig) -> Result<(TcpListener, DirLock, DirState, Option<
         None => info!(dir = %cfg.dir.display(), "directory is empty; the first sender decides where it starts"),
     }
     info!(listen = %listener.local_addr().map_or(cfg.listen, |a| a), "listening");
-    Ok((listener, lock, state, spares))
+    Ok((listener, hub, lock, state, spares))
 }
 
 /// The buffer pool and the ring, and everything the io loop owns besides its state.
@@ -440,6 +458,7 @@ fn new_io(cfg: &RecvConfig, state: &DirState, metrics: Arc<RecvMetrics>, spares:
         epoch: Instant::now(),
         stats: RecvStats::new(metrics, state.durable_end),
         spares,
+        hub: None,
     })
 }
 
@@ -948,6 +967,10 @@ fn on_hello(
     if io.segdir.is_none() {
         io.segdir = Some(open_segdir(cfg, accepted.identity.tli, seg_size)?);
     }
+    if let Some(hub) = io.hub.as_ref() {
+        // After the history file is stored: a standby on the old timeline reads its switch point there.
+        hub.publish_identity(accepted.identity, rx.flushed());
+    }
     let resume = accepted.start.lsn();
     info!(
         peer = %conn.peer,
@@ -1115,6 +1138,9 @@ fn execute_one(io: &mut Io, action: Action, receiver: Option<&mut Receiver>, con
             let crc = io.segment_crc.crc_at(flushed);
             io.segdir.as_ref().expect("segment dir").publish_flushed(flushed, crc)?;
             io.stats.acked(written, flushed);
+            if let Some(hub) = io.hub.as_ref() {
+                hub.publish_flushed(flushed);
+            }
             if let Some(c) = conn {
                 c.ack_pending = Some((written, flushed));
             }
@@ -1147,6 +1173,7 @@ mod config_tests {
             access: FileAccess::default(),
             archive: None,
             retention: None,
+            hub: None,
         }
     }
 
