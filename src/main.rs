@@ -365,12 +365,13 @@ struct RecvArgs {
 struct FromPostgresArgs {
     /// Receive straight from PostgreSQL as a physical replication client (like pg_receivewal),
     /// no walship sender needed: a libpq key=value conninfo, e.g. "host=db port=5432 user=rep
-    /// sslmode=disable" (password= or PGPASSWORD or ~/.pgpass). Replaces --listen.
+    /// sslmode=disable" (password= or PGPASSWORD or ~/.pgpass). Replaces --listen (and the
+    /// walship-sender key: --auth-key-file/--insecure-no-auth do not apply).
     #[arg(
         long,
         env = "WALSHIP_FROM_POSTGRES",
         value_name = "CONNINFO",
-        conflicts_with_all = ["listen", "tls_cert", "auth_key_file", "insecure_no_auth"]
+        conflicts_with_all = ["listen", "tls_cert"]
     )]
     from_postgres: Option<String>,
     /// Physical replication slot to stream from (created with RESERVE_WAL when missing).

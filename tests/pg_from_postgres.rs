@@ -108,7 +108,7 @@ fn synchronous_archive(t: &T) -> R<()> {
         return Err(format!("walship never appeared in pg_stat_replication; its log:\n{}", tail_file(&log1, 40)));
     }
     let slot = primary.sql("SELECT slot_type || ' ' || active FROM pg_replication_slots WHERE slot_name = 'walship'")?;
-    if slot != "physical t" {
+    if slot != "physical true" {
         return Err(format!("slot walship: {slot:?}, want an active physical slot walship created"));
     }
     // From here on every commit waits for walship's durable flush.

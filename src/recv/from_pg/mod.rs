@@ -223,7 +223,7 @@ impl Bridge {
                         }
                         self.identity = Some(WalIdentity { tli, ..id });
                         // Nothing is durable yet: status updates say so (0) until the first Ack.
-                        stream.start(link, start, Lsn(0));
+                        stream.start(link, &id, start, Lsn(0));
                         *streamed = true;
                         stream.stream(&mut pg)
                     }
@@ -234,7 +234,7 @@ impl Bridge {
                     let resume = Lsn(welcome.durable_lsn);
                     self.identity = Some(WalIdentity { tli, ..id });
                     let mut stream = Stream::new(&self.cfg, self.frame_bytes_max);
-                    stream.start(link, resume, resume);
+                    stream.start(link, &id, resume, resume);
                     match pg.start_replication(&self.cfg.slot, resume, tli) {
                         // The timeline ended exactly where the directory does: nothing to stream.
                         Ok(Some(end)) => {
@@ -370,6 +370,11 @@ struct Stream {
     link: Option<UnixStream>,
     /// The next LSN the server must send.
     next: Lsn,
+    seg_size: u64,
+    block_size: u64,
+    /// Where the zero pages after an `XLOG_SWITCH` began in the current segment: everything up to
+    /// the segment's end must be zeros too.
+    padding_from: Option<Lsn>,
     /// WAL read before the session opened (an empty directory's first page), written on start.
     early: Vec<(Lsn, Vec<u8>)>,
     acked: Arc<Acked>,
@@ -383,6 +388,9 @@ impl Stream {
             message_bytes_max: cfg.message_bytes_max,
             link: None,
             next: Lsn(0),
+            seg_size: 16 << 20,
+            block_size: 8192,
+            padding_from: None,
             early: Vec::new(),
             acked: Arc::new(Acked { written: AtomicU64::new(0), flushed: AtomicU64::new(0) }),
             ack_thread: None,
@@ -415,8 +423,10 @@ impl Stream {
     }
 
     /// The session is open: write what was read early, start the Ack reader.
-    fn start(&mut self, link: UnixStream, from: Lsn, durable: Lsn) {
+    fn start(&mut self, link: UnixStream, id: &WalIdentity, from: Lsn, durable: Lsn) {
         self.next = from;
+        self.seg_size = id.seg_size;
+        self.block_size = id.block_size;
         self.acked.written.store(durable.0, Ordering::Relaxed);
         self.acked.flushed.store(durable.0, Ordering::Relaxed);
         self.link = Some(link);
@@ -533,13 +543,59 @@ impl Stream {
             return Err(pg.protocol(&format!("XLogData at {start} where {} was expected (the stream must be contiguous)", self.next)));
         }
         debug_assert!(data.len() as u64 <= u64::from(self.message_bytes_max));
-        for (i, piece) in data.chunks(self.frame_bytes_max).enumerate() {
-            let at = start + (i * self.frame_bytes_max) as u64;
-            let header = wire::FrameHeader::data(at.0, piece).encode();
-            self.send_link(pg, &header)?;
-            self.send_link(pg, piece)?;
+        let (mut at, mut rest) = (start, data);
+        while !rest.is_empty() {
+            let to_segment_end = self.seg_size - at.segment_offset(self.seg_size);
+            let (piece, tail) = rest.split_at(rest.len().min(to_segment_end as usize));
+            self.send_segment_piece(pg, at, piece)?;
+            at = at + piece.len() as u64;
+            rest = tail;
+            if at.segment_offset(self.seg_size) == 0 {
+                self.padding_from = None;
+            }
         }
-        self.next = start + data.len() as u64;
+        self.next = at;
+        Ok(())
+    }
+
+    /// WAL inside one segment. After an `XLOG_SWITCH` PostgreSQL leaves the rest of the segment
+    /// as zeros, page headers included, and the walsender sends them: that run (from a page
+    /// boundary to the segment's end, all zeros) goes in frames flagged as switch padding, which
+    /// the receiver stores without its page checks; every other byte is checked as usual.
+    fn send_segment_piece(&mut self, pg: &PgConn, at: Lsn, piece: &[u8]) -> Result<(), FromPgError> {
+        let zero_from = match self.padding_from {
+            Some(from) => {
+                if let Some(i) = piece.iter().position(|&b| b != 0) {
+                    return Err(pg.protocol(&format!(
+                        "WAL at {} after zero pages from {from} in the same segment (zeros there are only the padding after a WAL switch)",
+                        at + i as u64
+                    )));
+                }
+                0
+            }
+            None => {
+                let data_end = piece.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+                let page = (at + data_end as u64).0.div_ceil(self.block_size) * self.block_size;
+                let off = (page - at.0) as usize;
+                if off >= piece.len() {
+                    piece.len()
+                } else {
+                    self.padding_from = Some(Lsn(page));
+                    info!(server = %pg.peer, from = %Lsn(page), "zero pages from {} to the end of its segment (after a WAL switch)", Lsn(page));
+                    off
+                }
+            }
+        };
+        let (wal, padding) = piece.split_at(zero_from);
+        for (chunk, flags) in [(wal, 0u8), (padding, wire::DATA_FLAG_SWITCH_PADDING)] {
+            let base = at + (chunk.as_ptr() as usize - piece.as_ptr() as usize) as u64;
+            for (i, frame) in chunk.chunks(self.frame_bytes_max).enumerate() {
+                let mut header = wire::FrameHeader::data((base + (i * self.frame_bytes_max) as u64).0, frame);
+                header.flags = flags;
+                self.send_link(pg, &header.encode())?;
+                self.send_link(pg, frame)?;
+            }
+        }
         Ok(())
     }
 
