@@ -96,9 +96,9 @@ fn parse_file_mode(s: &str) -> Result<u32, String> {
 #[derive(Subcommand)]
 enum Command {
     /// Ship the WAL in a pg_wal directory (or archive) to a receiver.
-    Send(SendArgs),
+    Send(Box<SendArgs>),
     /// Receive WAL into a directory, durably (O_DIRECT + group-commit fdatasync), and acknowledge it.
-    Recv(RecvArgs),
+    Recv(Box<RecvArgs>),
     /// restore_command helper: copy WAL file %f from the receiver directory to %p.
     Restore(RestoreArgs),
     /// Write synthetic, valid PostgreSQL-format WAL segments (for tests, benchmarks and the demo).
@@ -724,8 +724,8 @@ fn shutdown_flag() -> Result<Arc<AtomicBool>> {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Send(a) => run_send(a),
-        Command::Recv(a) => run_recv(a),
+        Command::Send(a) => run_send(*a),
+        Command::Recv(a) => run_recv(*a),
         Command::Restore(a) => run_restore(a),
         Command::GenWal(a) => run_gen_wal(a),
         Command::Demo(a) => Ok(walship::demo::run(&a.dir, a.wal_bytes, a.port, a.keep)?),

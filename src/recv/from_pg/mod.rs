@@ -90,7 +90,7 @@ pub enum FromPgError {
     #[error("connection to PostgreSQL at {peer} failed: {source}")]
     Io { peer: String, source: std::io::Error },
     #[error("PostgreSQL at {peer} refused {what}: {error}")]
-    Server { peer: String, what: String, error: PgError },
+    Server { peer: String, what: String, error: Box<PgError> },
     #[error("authentication with PostgreSQL at {peer} failed: {why}")]
     Auth { peer: String, why: String },
     #[error("PostgreSQL at {peer} sent {why}")]
@@ -774,7 +774,7 @@ impl PgConn {
                     if e.code.starts_with("28") {
                         return Err(FromPgError::Auth { peer: self.peer.clone(), why: e.to_string() });
                     }
-                    return Err(FromPgError::Server { peer: self.peer.clone(), what: "the replication connection".into(), error: e });
+                    return Err(FromPgError::Server { peer: self.peer.clone(), what: "the replication connection".into(), error: Box::new(e) });
                 }
                 b'Z' => return Ok(()),
                 b'S' | b'K' | b'N' | b'v' => {}
@@ -789,7 +789,7 @@ impl PgConn {
 
     fn server_error(&self, body: &[u8], what: &str) -> FromPgError {
         match proto::parse_error(b'E', body) {
-            Ok(error) => FromPgError::Server { peer: self.peer.clone(), what: what.into(), error },
+            Ok(error) => FromPgError::Server { peer: self.peer.clone(), what: what.into(), error: Box::new(error) },
             Err(e) => self.protocol(&e.to_string()),
         }
     }
@@ -863,7 +863,7 @@ impl PgConn {
             }
         }
         match error {
-            Some(error) => Err(FromPgError::Server { peer: self.peer.clone(), what: what.into(), error }),
+            Some(error) => Err(FromPgError::Server { peer: self.peer.clone(), what: what.into(), error: Box::new(error) }),
             None => Ok(rows),
         }
     }

@@ -30,10 +30,13 @@ fn malformed(tag: u8, what: impl Into<String>) -> ProtoError {
     ProtoError::Malformed { tag: tag as char, what: what.into() }
 }
 
+/// One whole backend message at the front of a buffer: tag, body, bytes it takes.
+pub type Split<'a> = (u8, &'a [u8], usize);
+
 /// Splits one whole backend message off the front of `buf`: `(tag, body, bytes consumed)`, or
 /// `None` when more bytes are needed. A body above `body_bytes_max` is an error before any of it is
 /// buffered.
-pub fn split_message(buf: &[u8], body_bytes_max: u32) -> Result<Option<(u8, &[u8], usize)>, ProtoError> {
+pub fn split_message(buf: &[u8], body_bytes_max: u32) -> Result<Option<Split<'_>>, ProtoError> {
     if buf.len() < HEADER_LEN {
         return Ok(None);
     }
