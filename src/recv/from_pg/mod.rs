@@ -573,18 +573,15 @@ impl Stream {
                 }
                 0
             }
-            None => {
-                let data_end = piece.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
-                let page = (at + data_end as u64).0.div_ceil(self.block_size) * self.block_size;
-                let off = (page - at.0) as usize;
-                if off >= piece.len() {
-                    piece.len()
-                } else {
-                    self.padding_from = Some(Lsn(page));
-                    info!(server = %pg.peer, from = %Lsn(page), "zero pages from {} to the end of its segment (after a WAL switch)", Lsn(page));
+            None => match proto::switch_padding_start(at, piece, self.block_size) {
+                Some(off) => {
+                    let page = at + off as u64;
+                    self.padding_from = Some(page);
+                    info!(server = %pg.peer, from = %page, "zero pages from {page} to the end of its segment (after a WAL switch)");
                     off
                 }
-            }
+                None => piece.len(),
+            },
         };
         let (wal, padding) = piece.split_at(zero_from);
         for (chunk, flags) in [(wal, 0u8), (padding, wire::DATA_FLAG_SWITCH_PADDING)] {

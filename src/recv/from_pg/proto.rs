@@ -247,6 +247,16 @@ pub fn status_update(write: Lsn, flush: Lsn, now_unix_us: u64, reply_requested: 
     out
 }
 
+/// Where the zero pages after an `XLOG_SWITCH` start in `piece` (WAL at `at`, inside one
+/// segment): the first page boundary from which every byte of `piece` is zero, if there is one
+/// inside it. A real page starts with a nonzero magic, so only a zero page header qualifies.
+pub fn switch_padding_start(at: Lsn, piece: &[u8], block_size: u64) -> Option<usize> {
+    let data_end = piece.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+    let page = (at.0 + data_end as u64).div_ceil(block_size) * block_size;
+    let off = (page - at.0) as usize;
+    (off < piece.len()).then_some(off)
+}
+
 /// Unix microseconds as PostgreSQL's TimestampTz (microseconds since 2000-01-01).
 pub fn pg_time_us(unix_us: u64) -> i64 {
     unix_us as i64 - PG_EPOCH_OFFSET_US as i64
@@ -368,6 +378,25 @@ mod tests {
         assert_eq!(parse_size_setting("1GB"), Some(1 << 30));
         assert_eq!(parse_size_setting("1024kB"), Some(1 << 20));
         assert_eq!(parse_size_setting("16 parsecs"), None);
+    }
+
+    #[test]
+    fn switch_padding_starts_at_the_first_zero_page_after_the_last_wal_byte() {
+        const B: u64 = 8192;
+        // WAL up to the middle of the second page, then zero pages: padding from the third page.
+        let mut piece = vec![0u8; 4 * B as usize];
+        piece[..B as usize + 100].fill(0xAB);
+        assert_eq!(switch_padding_start(Lsn(0x100_0000), &piece, B), Some(2 * B as usize));
+        // A piece that starts mid-page (at + 0x1000) is measured in LSN pages, not piece offsets.
+        assert_eq!(switch_padding_start(Lsn(0x100_1000), &piece, B), Some((2 * B - 0x1000) as usize));
+        // Nonzero bytes in the last page: no padding in this piece.
+        let mut full = vec![0xABu8; 2 * B as usize];
+        assert_eq!(switch_padding_start(Lsn(0), &full, B), None);
+        // Zeros only inside a page (a record of zeros), not from a page boundary on: none either.
+        full[B as usize + 10..].fill(0);
+        assert_eq!(switch_padding_start(Lsn(0), &full, B), None);
+        // All zeros from a page boundary: the whole piece.
+        assert_eq!(switch_padding_start(Lsn(3 * B), &vec![0u8; B as usize], B), Some(0));
     }
 
     proptest! {
