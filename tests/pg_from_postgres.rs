@@ -5,7 +5,8 @@
 //! walship had reported as flushed (so at least every commit that returned), the blocked commits
 //! complete once it is back, a clean stop of the primary reaches the shutdown checkpoint in the
 //! directory, and a standby from a base backup replays the directory to exactly that point with
-//! the primary's table checksums. Also: a directory of another cluster is refused, nothing written.
+//! the primary's table checksums. Also: a directory of another cluster is refused, nothing written;
+//! SCRAM-SHA-256 with the password from PGPASSWORD streams, a wrong password= is refused (28P01).
 //!
 //! Needs PostgreSQL (Debian's package); without it the test prints SKIP and passes, unless
 //! `WALSHIP_REQUIRE_PG=1`. Run: `cargo test --release --test pg_from_postgres -- --nocapture`.
@@ -21,6 +22,7 @@ use std::time::{Duration, Instant};
 const PRIMARY_PORT: u16 = 57421;
 const STANDBY_PORT: u16 = 57422;
 const OTHER_PORT: u16 = 57423;
+const SCRAM_PORT: u16 = 57424;
 
 struct T {
     pg: Pg,
@@ -208,5 +210,54 @@ fn synchronous_archive(t: &T) -> R<()> {
     }
     t.say("another cluster is refused, the directory untouched");
     other.stop("fast")?;
+    Ok(())
+}
+
+#[test]
+fn scram_authentication_connects_with_pgpassword_and_a_wrong_password_is_refused() {
+    let Some(t) = T::new("pg-from-postgres-scram") else { return };
+    if let Err(e) = scram(&t) {
+        panic!("{e}\n(temp dir {}; WALSHIP_KEEP_TMP=1 keeps it)", t.tmp.path().display());
+    }
+}
+
+fn scram(t: &T) -> R<()> {
+    let mut primary = t.server("scram", SCRAM_PORT);
+    primary.init("pg_from_postgres scram", "wal_level = replica\nmax_wal_senders = 4\nmax_replication_slots = 4\npassword_encryption = 'scram-sha-256'\n")?;
+    primary.sql("CREATE ROLE scram_rep LOGIN REPLICATION PASSWORD 'walship secret'")?;
+    // The replication role must prove its password with SCRAM; everything else stays trusted.
+    fs::write(primary.data.join("pg_hba.conf"), "local replication scram_rep scram-sha-256\nlocal all all trust\nlocal replication all trust\n")
+        .map_err(|e| e.to_string())?;
+    primary.sql("SELECT pg_reload_conf()")?;
+    let conninfo = |extra: &str| format!("host={} port={} user=scram_rep {extra}", primary.sock.display(), primary.port);
+    let dir = t.tmp.join("recv");
+    let log = t.tmp.join("recv-scram.log");
+    let mut c = walship(&["recv", "--from-postgres", &conninfo(""), "--slot", "scram", "--dir", p(&dir), "--spare-segments", "0"]);
+    c.env("PGPASSWORD", "walship secret");
+    let mut recv = spawn_logged("walship recv (SCRAM)", c, &log);
+    let seen = poll_until(Duration::from_secs(30), Duration::from_millis(100), || {
+        primary.sql_quiet("SELECT usename FROM pg_stat_replication WHERE application_name = 'walship'").ok().filter(|u| u == "scram_rep")
+    });
+    if seen.is_none() {
+        return Err(format!("walship with PGPASSWORD never streamed as scram_rep:\n{}", tail_file(&log, 30)));
+    }
+    recv.signal(libc::SIGTERM).map_err(|e| e.to_string())?;
+    match recv.wait_timeout(Duration::from_secs(20)).map_err(|e| e.to_string())? {
+        Some(st) if st.success() => {}
+        other => return Err(format!("walship after SIGTERM: {other:?}:\n{}", tail_file(&log, 20))),
+    }
+    t.say("SCRAM-SHA-256 with the password from PGPASSWORD: streaming as scram_rep");
+    let log = t.tmp.join("recv-wrong.log");
+    let mut c = walship(&["recv", "--from-postgres", &conninfo("password=wrong"), "--slot", "scram", "--dir", p(&dir), "--spare-segments", "0"]);
+    c.env("PGPASSWORD", "walship secret");
+    let mut wrong = spawn_logged("walship recv (wrong password)", c, &log);
+    let st = wrong.wait_timeout(Duration::from_secs(30)).map_err(|e| e.to_string())?;
+    let text = fs::read_to_string(&log).unwrap_or_default();
+    match st {
+        Some(st) if !st.success() && text.contains("authentication with PostgreSQL") && text.contains("28P01") => {}
+        other => return Err(format!("a wrong password (password= wins over PGPASSWORD): {other:?}, want a non-zero exit naming the authentication failure:\n{}", tail_str(&text, 20))),
+    }
+    t.say("a wrong password is refused with PostgreSQL's message");
+    primary.stop("fast")?;
     Ok(())
 }
