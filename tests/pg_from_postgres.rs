@@ -7,6 +7,7 @@
 //! directory, and a standby from a base backup replays the directory to exactly that point with
 //! the primary's table checksums. Also: a directory of another cluster is refused, nothing written;
 //! SCRAM-SHA-256 with the password from PGPASSWORD streams, a wrong password= is refused (28P01).
+//! And walship following a standby that gets promoted follows it onto timeline 2.
 //!
 //! Needs PostgreSQL (Debian's package); without it the test prints SKIP and passes, unless
 //! `WALSHIP_REQUIRE_PG=1`. Run: `cargo test --release --test pg_from_postgres -- --nocapture`.
@@ -23,6 +24,8 @@ const PRIMARY_PORT: u16 = 57421;
 const STANDBY_PORT: u16 = 57422;
 const OTHER_PORT: u16 = 57423;
 const SCRAM_PORT: u16 = 57424;
+const PROMOTE_A_PORT: u16 = 57425;
+const PROMOTE_B_PORT: u16 = 57426;
 
 struct T {
     pg: Pg,
@@ -259,5 +262,65 @@ fn scram(t: &T) -> R<()> {
     }
     t.say("a wrong password is refused with PostgreSQL's message");
     primary.stop("fast")?;
+    Ok(())
+}
+
+#[test]
+fn a_promotion_of_the_followed_standby_is_followed_onto_the_new_timeline() {
+    let Some(t) = T::new("pg-from-postgres-promote") else { return };
+    if let Err(e) = promotion(&t) {
+        panic!("{e}\n(temp dir {}; WALSHIP_KEEP_TMP=1 keeps it)", t.tmp.path().display());
+    }
+}
+
+fn promotion(t: &T) -> R<()> {
+    let conf = "wal_level = replica\nmax_wal_senders = 4\nmax_replication_slots = 4\nhot_standby = on\n";
+    let mut a = t.server("A", PROMOTE_A_PORT);
+    a.init("pg_from_postgres promotion", conf)?;
+    let mut b = t.server("B", PROMOTE_B_PORT);
+    let mut c = t.pg.cmd("pg_basebackup");
+    c.arg("-h").arg(&a.sock).args(["-p", &a.port.to_string(), "-U", PG_USER, "-R", "-X", "stream", "-c", "fast", "--no-sync"]).arg("-D").arg(&b.data);
+    run_ok(&mut c)?;
+    append(&b.data.join("postgresql.auto.conf"), &format!("\nport = {}\nunix_socket_directories = '{}'\n", b.port, b.sock.display()))?;
+    b.pg_ctl_start(true)?;
+    a.sql("CREATE TABLE t (id int)")?;
+    a.sql("INSERT INTO t SELECT generate_series(1, 1000)")?;
+    let dir = t.tmp.join("recv");
+    let log = t.tmp.join("recv-promote.log");
+    let mut recv = t.recv(&b, &dir, &log);
+    let a_end = a.lsn("SELECT pg_current_wal_flush_lsn()")?;
+    if poll_until(Duration::from_secs(30), Duration::from_millis(100), || Some(()).filter(|_| recv_flushed(&dir) >= a_end)).is_none() {
+        return Err(format!("walship (following standby B) never reached A's {}: at {}:\n{}", fmt_lsn(a_end), fmt_lsn(recv_flushed(&dir)), tail_file(&log, 30)));
+    }
+    t.say(format!("walship follows standby B on timeline 1 up to {}", fmt_lsn(recv_flushed(&dir))));
+    a.stop("fast")?;
+    b.sql("SELECT pg_promote()")?;
+    poll_until(Duration::from_secs(30), Duration::from_millis(100), || b.sql_quiet("SELECT pg_is_in_recovery()").ok().filter(|s| s == "f"))
+        .ok_or_else(|| b.err("B did not leave recovery"))?;
+    b.sql("INSERT INTO t SELECT generate_series(1001, 2000)")?;
+    let b_end = b.lsn("SELECT pg_current_wal_flush_lsn()")?;
+    let followed = poll_until(Duration::from_secs(60), Duration::from_millis(100), || {
+        Some(()).filter(|_| dir.join("00000002.history").exists() && recv_flushed(&dir) >= b_end)
+    });
+    if followed.is_none() {
+        return Err(format!(
+            "after the promotion walship holds {} (want >= {} on timeline 2, and 00000002.history):\n{}",
+            fmt_lsn(recv_flushed(&dir)),
+            fmt_lsn(b_end),
+            tail_file(&log, 30)
+        ));
+    }
+    let text = fs::read_to_string(&log).unwrap_or_default();
+    if !text.contains("following timeline 2") {
+        return Err(format!("walship's log does not show the timeline switch:\n{}", tail_str(&text, 20)));
+    }
+    let tli2 = fs::read_dir(&dir).map_err(|e| e.to_string())?.flatten().any(|e| e.file_name().to_string_lossy().starts_with("00000002000000"));
+    if !tli2 {
+        return Err("no timeline 2 segment in the directory".into());
+    }
+    t.say(format!("B promoted; walship followed onto timeline 2 up to {}", fmt_lsn(recv_flushed(&dir))));
+    recv.signal(libc::SIGTERM).map_err(|e| e.to_string())?;
+    recv.wait_timeout(Duration::from_secs(20)).map_err(|e| e.to_string())?;
+    b.stop("fast")?;
     Ok(())
 }
