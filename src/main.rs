@@ -96,9 +96,9 @@ fn parse_file_mode(s: &str) -> Result<u32, String> {
 #[derive(Subcommand)]
 enum Command {
     /// Ship the WAL in a pg_wal directory (or archive) to a receiver.
-    Send(SendArgs),
+    Send(Box<SendArgs>),
     /// Receive WAL into a directory, durably (O_DIRECT + group-commit fdatasync), and acknowledge it.
-    Recv(RecvArgs),
+    Recv(Box<RecvArgs>),
     /// restore_command helper: copy WAL file %f from the receiver directory to %p.
     Restore(RestoreArgs),
     /// Write synthetic, valid PostgreSQL-format WAL segments (for tests, benchmarks and the demo).
@@ -298,8 +298,10 @@ struct RecvArgs {
     #[arg(long, env = "WALSHIP_TLS_KEY", value_name = "FILE", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
     /// Address to listen on, e.g. 0.0.0.0:5499.
-    #[arg(long, env = "WALSHIP_LISTEN")]
-    listen: SocketAddr,
+    #[arg(long, env = "WALSHIP_LISTEN", required_unless_present = "from_postgres")]
+    listen: Option<SocketAddr>,
+    #[command(flatten)]
+    from_postgres: FromPostgresArgs,
     /// Directory to write WAL into (created if missing); must be on a filesystem with O_DIRECT.
     #[arg(long, env = "WALSHIP_DIR")]
     dir: PathBuf,
@@ -406,6 +408,55 @@ impl HubArgs {
             standbys_max: self.replication_standbys_max,
             metrics: walship::hub::HubMetrics::default(),
         }))
+    }
+}
+
+/// `recv --from-postgres`: receive from a PostgreSQL walsender instead of walship senders.
+#[derive(clap::Args)]
+struct FromPostgresArgs {
+    /// Receive straight from PostgreSQL as a physical replication client (like pg_receivewal),
+    /// no walship sender needed: a libpq key=value conninfo, e.g. "host=db port=5432 user=rep
+    /// sslmode=disable" (password= or PGPASSWORD or ~/.pgpass). Replaces --listen (and the
+    /// walship-sender key: --auth-key-file/--insecure-no-auth do not apply).
+    #[arg(
+        long,
+        env = "WALSHIP_FROM_POSTGRES",
+        value_name = "CONNINFO",
+        conflicts_with_all = ["listen", "tls_cert"]
+    )]
+    from_postgres: Option<String>,
+    /// Physical replication slot to stream from (created with RESERVE_WAL when missing).
+    #[arg(long, env = "WALSHIP_SLOT", default_value = "walship", requires = "from_postgres")]
+    slot: String,
+    /// application_name sent to PostgreSQL: list it in synchronous_standby_names to make walship a
+    /// synchronous archive (commits wait for its durable flush). A conninfo application_name wins.
+    #[arg(long, env = "WALSHIP_APPLICATION_NAME", default_value = "walship", requires = "from_postgres")]
+    application_name: String,
+    /// Largest message accepted from PostgreSQL (a walsender sends at most 128KiB of WAL per message).
+    #[arg(long, env = "WALSHIP_PG_MESSAGE_BYTES_MAX", default_value = "1MiB", value_parser = parse_bytes)]
+    pg_message_bytes_max: u64,
+    /// Wait between reconnects once a replication connection was lost.
+    #[arg(long, env = "WALSHIP_PG_RETRY_INTERVAL", default_value = "1s", value_parser = parse_duration_nonzero)]
+    pg_retry_interval: Duration,
+    /// Bound on connecting and on each step before streaming (a conninfo connect_timeout wins).
+    #[arg(long, env = "WALSHIP_PG_CONNECT_TIMEOUT", default_value = "10s", value_parser = parse_duration_nonzero)]
+    pg_connect_timeout: Duration,
+}
+
+impl FromPostgresArgs {
+    fn config(&self) -> Result<Option<walship::recv::from_pg::FromPgConfig>> {
+        let Some(conninfo) = &self.from_postgres else { return Ok(None) };
+        let conninfo = walship::recv::from_pg::ConnInfo::parse(conninfo, &walship::recv::from_pg::conninfo::Env::process())?;
+        let cfg = walship::recv::from_pg::FromPgConfig {
+            conninfo,
+            slot: self.slot.clone(),
+            application_name: self.application_name.clone(),
+            message_bytes_max: u32::try_from(self.pg_message_bytes_max).unwrap_or(u32::MAX),
+            retry_interval: self.pg_retry_interval,
+            connect_timeout: self.pg_connect_timeout,
+        };
+        cfg.validate().map_err(|e| anyhow::anyhow!(e))?;
+        Ok(Some(cfg))
     }
 }
 
@@ -724,8 +775,8 @@ fn shutdown_flag() -> Result<Arc<AtomicBool>> {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Send(a) => run_send(a),
-        Command::Recv(a) => run_recv(a),
+        Command::Send(a) => run_send(*a),
+        Command::Recv(a) => run_recv(*a),
         Command::Restore(a) => run_restore(a),
         Command::GenWal(a) => run_gen_wal(a),
         Command::Demo(a) => Ok(walship::demo::run(&a.dir, a.wal_bytes, a.port, a.keep)?),
@@ -841,8 +892,10 @@ fn destinations(a: &SendArgs) -> Result<Vec<walship::send::Destination>> {
 
 /// `walship recv`: flags -> RecvConfig -> the library, then the report.
 fn run_recv(a: RecvArgs) -> Result<()> {
+    let from_postgres = a.from_postgres.config()?;
     let mut cfg = RecvConfig {
-        listen: a.listen,
+        // Not used with --from-postgres (nothing listens).
+        listen: a.listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
         dir: a.dir,
         chunk_bytes: a.chunk_bytes,
         in_flight_bytes_max: a.in_flight_bytes_max,
@@ -871,7 +924,9 @@ fn run_recv(a: RecvArgs) -> Result<()> {
     cfg.hub = a.hub.config(cfg.tls.as_ref())?;
     // Limits first: a bad value is the one error reported, before any warning about the key.
     cfg.validate()?;
-    cfg.auth = a.auth.key("recv")?;
+    if from_postgres.is_none() {
+        cfg.auth = a.auth.key("recv")?;
+    }
     let mut metrics = walship::metrics::Metrics::receiver();
     if let Some(archive) = &cfg.archive {
         archive.metrics.register(metrics.registry_mut());
@@ -885,7 +940,10 @@ fn run_recv(a: RecvArgs) -> Result<()> {
     let metrics = Arc::new(metrics);
     serve_metrics(a.metrics_listen, &metrics)?;
     let recv_metrics = metrics.recv.clone().expect("receiver metrics");
-    let summary = walship::recv::run_with_metrics(&cfg, shutdown_flag()?, recv_metrics)?;
+    let summary = match from_postgres {
+        Some(pg) => walship::recv::run_from_postgres(&cfg, pg, shutdown_flag()?, recv_metrics)?,
+        None => walship::recv::run_with_metrics(&cfg, shutdown_flag()?, recv_metrics)?,
+    };
     if let Some(path) = a.report_json {
         walship::report::write(&path, &walship::report::RecvReport::from(&summary))
             .with_context(|| format!("writing the report {}", path.display()))?;

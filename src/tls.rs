@@ -156,6 +156,8 @@ pub fn host_of(addr: &str) -> &str {
 pub enum Link {
     Tcp(TcpStream),
     Tls(TlsLink),
+    /// An in-process peer on a Unix socket pair (`recv --from-postgres`: the replication bridge).
+    Local(UnixStream),
 }
 
 /// The data path's end of a TLS connection; the pump thread holds the other end and the TCP socket.
@@ -170,6 +172,7 @@ impl Link {
         match self {
             Link::Tcp(s) => s.as_raw_fd(),
             Link::Tls(t) => t.app.as_raw_fd(),
+            Link::Local(u) => u.as_raw_fd(),
         }
     }
 
@@ -182,6 +185,7 @@ impl Link {
         match self {
             Link::Tcp(s) => s.peer_addr().map(|a| a.ip().is_loopback()).unwrap_or(false),
             Link::Tls(t) => t.peer.ip().is_loopback(),
+            Link::Local(_) => true,
         }
     }
 
@@ -191,6 +195,7 @@ impl Link {
         let _ = match self {
             Link::Tcp(s) => s.shutdown(Shutdown::Both),
             Link::Tls(t) => t.app.shutdown(Shutdown::Both),
+            Link::Local(u) => u.shutdown(Shutdown::Both),
         };
     }
 
@@ -200,9 +205,9 @@ impl Link {
                 let _ = s.set_read_timeout(timeout);
                 let _ = s.set_write_timeout(timeout);
             }
-            Link::Tls(t) => {
-                let _ = t.app.set_read_timeout(timeout);
-                let _ = t.app.set_write_timeout(timeout);
+            Link::Tls(TlsLink { app: u, .. }) | Link::Local(u) => {
+                let _ = u.set_read_timeout(timeout);
+                let _ = u.set_write_timeout(timeout);
             }
         }
     }
@@ -212,7 +217,7 @@ impl Read for &Link {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
             Link::Tcp(s) => (&*s).read(buf),
-            Link::Tls(t) => (&t.app).read(buf),
+            Link::Tls(TlsLink { app: u, .. }) | Link::Local(u) => (&*u).read(buf),
         }
     }
 }
@@ -221,7 +226,7 @@ impl Write for &Link {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {
             Link::Tcp(s) => (&*s).write(buf),
-            Link::Tls(t) => (&t.app).write(buf),
+            Link::Tls(TlsLink { app: u, .. }) | Link::Local(u) => (&*u).write(buf),
         }
     }
 

@@ -2,6 +2,7 @@
 //! actions with io_uring (socket receives, O_DIRECT writes, fdatasync, acks).
 pub mod dir_lock;
 pub mod flusher;
+pub mod from_pg;
 pub mod published;
 pub mod receiver;
 pub mod retention;
@@ -183,6 +184,13 @@ pub enum RecvError {
     Retention(#[source] std::io::Error),
     #[error(transparent)]
     Hub(#[from] crate::hub::HubError),
+    #[error("invalid --from-postgres configuration: {0}")]
+    FromPostgresConfig(String),
+    #[error("cannot start the replication client: {0}")]
+    FromPostgresStart(#[source] std::io::Error),
+    /// The replication client stopped for good (after the receiver made what it got durable).
+    #[error("{0}")]
+    FromPostgres(String),
 }
 
 /// CRC-32C of the bytes of the segment being received, from its start to each frame end, so the
@@ -328,6 +336,40 @@ pub fn run(cfg: &RecvConfig, shutdown: Arc<AtomicBool>) -> Result<RecvSummary, R
 /// [`run`], updating `metrics` (OPS-METRICS) as it goes.
 pub fn run_with_metrics(cfg: &RecvConfig, shutdown: Arc<AtomicBool>, metrics: Arc<RecvMetrics>) -> Result<RecvSummary, RecvError> {
     let (listener, hub, lock, state, spares) = start_up(cfg)?;
+    run_loop(cfg, shutdown, metrics, Incoming::Listener(listener), hub, lock, state, spares)
+}
+
+/// `recv --from-postgres`: the receiver fed by a replication client of a real walsender instead of
+/// walship senders (`cfg.listen` is not used). Returns when `shutdown` is set, or with the
+/// client's error when it stops for good (after what arrived is durable).
+pub fn run_from_postgres(cfg: &RecvConfig, pg: from_pg::FromPgConfig, shutdown: Arc<AtomicBool>, metrics: Arc<RecvMetrics>) -> Result<RecvSummary, RecvError> {
+    cfg.validate()?;
+    pg.validate().map_err(RecvError::FromPostgresConfig)?;
+    let hub = start_hub(cfg)?;
+    let (lock, state, spares) = prepare_dir(cfg)?;
+    let start = from_pg::DirStart { identity: state.identity, durable_end: state.durable_end };
+    let events = from_pg::spawn(pg, start, cfg.frame_bytes_max).map_err(RecvError::FromPostgresStart)?;
+    run_loop(cfg, shutdown, metrics, Incoming::Bridge(events), hub, lock, state, spares)
+}
+
+/// Where the loop's senders come from.
+enum Incoming {
+    /// walship senders connecting to `--listen`.
+    Listener(TcpListener),
+    /// `--from-postgres`: the replication client's sessions, one at a time.
+    Bridge(std::sync::mpsc::Receiver<from_pg::BridgeEvent>),
+}
+
+fn run_loop(
+    cfg: &RecvConfig,
+    shutdown: Arc<AtomicBool>,
+    metrics: Arc<RecvMetrics>,
+    incoming: Incoming,
+    hub: Option<crate::hub::HubHandle>,
+    lock: DirLock,
+    state: DirState,
+    spares: Option<Spares>,
+) -> Result<RecvSummary, RecvError> {
     // The archiver reads the recovered directory on a thread of its own; dropped (stopped) on return.
     let _archiver = cfg.archive.as_ref().map(|a| crate::archive::Archiver::start(a, &cfg.dir)).transpose()?;
     // Retention too (it deletes only what the archiver reports as in the store).
@@ -338,6 +380,7 @@ pub fn run_with_metrics(cfg: &RecvConfig, shutdown: Arc<AtomicBool>, metrics: Ar
     let mut st = LoopState::recovered(cfg, &mut io, &state)?;
     let limits = Limits::new(cfg.frame_bytes_max).expect("validated: frame_bytes_max in range");
     let mut completions: Vec<Completion> = Vec::new();
+    let mut bridge_error: Option<String> = None;
     loop {
         if shutdown.load(Ordering::Relaxed) && !st.stopping {
             st.stopping = true;
@@ -346,9 +389,20 @@ pub fn run_with_metrics(cfg: &RecvConfig, shutdown: Arc<AtomicBool>, metrics: Ar
                 begin_close(&mut io, c, st.receiver.as_mut());
             }
         }
-        if !st.accept_posted && !st.stopping {
-            io.ring.accept(listener.as_raw_fd(), TAG_ACCEPT);
-            st.accept_posted = true;
+        match &incoming {
+            Incoming::Listener(listener) if !st.accept_posted && !st.stopping => {
+                io.ring.accept(listener.as_raw_fd(), TAG_ACCEPT);
+                st.accept_posted = true;
+            }
+            // The next session only once the previous one is retired (everything it sent durable).
+            Incoming::Bridge(events) if st.conn.is_none() && !st.stopping => {
+                if let Some(why) = on_bridge_event(&mut io, events, &mut st) {
+                    error!("{why}");
+                    st.stopping = true;
+                    bridge_error = Some(why);
+                }
+            }
+            _ => {}
         }
         on_timers(&mut io, cfg, &mut st);
         execute(&mut io, &mut st.actions, st.receiver.as_mut(), st.conn.as_mut())?;
@@ -368,11 +422,33 @@ pub fn run_with_metrics(cfg: &RecvConfig, shutdown: Arc<AtomicBool>, metrics: Ar
         completions.clear();
         io.ring.drain(&mut completions);
         for &c in &completions {
-            handle_completion(&mut io, cfg, &limits, c, &listener, &mut st)?;
+            handle_completion(&mut io, cfg, &limits, c, &incoming, &mut st)?;
             execute(&mut io, &mut st.actions, st.receiver.as_mut(), st.conn.as_mut())?;
         }
     }
-    Ok(finish(io, st.receiver.as_ref(), lock))
+    let summary = finish(io, st.receiver.as_ref(), lock);
+    match bridge_error {
+        Some(why) => Err(RecvError::FromPostgres(why)),
+        None => Ok(summary),
+    }
+}
+
+/// Takes the replication client's next session, if one is waiting; `Some(why)` when the client
+/// stopped for good.
+fn on_bridge_event(io: &mut Io, events: &std::sync::mpsc::Receiver<from_pg::BridgeEvent>, st: &mut LoopState) -> Option<String> {
+    match events.try_recv() {
+        Ok(from_pg::BridgeEvent::Link(link, peer)) => {
+            info!(peer = %peer, "replication client session opened");
+            io.stats.connection_opened();
+            let mut conn = Conn::new(link, peer);
+            post_header_recv(io, &mut conn);
+            st.conn = Some(conn);
+            None
+        }
+        Ok(from_pg::BridgeEvent::Fatal(why)) => Some(why),
+        Err(std::sync::mpsc::TryRecvError::Empty) => None,
+        Err(std::sync::mpsc::TryRecvError::Disconnected) => Some("the replication client thread ended".into()),
+    }
 }
 
 /// What the io loop keeps between completions.
@@ -418,7 +494,19 @@ fn start_up(cfg: &RecvConfig) -> Result<(TcpListener, Option<crate::hub::HubHand
     // The ports first: a receiver that cannot listen must not touch the directory.
     let listener = bind_listener(cfg.listen)?;
     // Standbys wait for an identity until recovery publishes one.
-    let hub = cfg.hub.as_ref().map(|h| crate::hub::start(h, &cfg.dir)).transpose()?;
+    let hub = start_hub(cfg)?;
+    let (lock, state, spares) = prepare_dir(cfg)?;
+    info!(listen = %listener.local_addr().map_or(cfg.listen, |a| a), "listening");
+    Ok((listener, hub, lock, state, spares))
+}
+
+/// The WAL hub's listener and threads when `--serve-replication` is set.
+fn start_hub(cfg: &RecvConfig) -> Result<Option<crate::hub::HubHandle>, RecvError> {
+    Ok(cfg.hub.as_ref().map(|h| crate::hub::start(h, &cfg.dir)).transpose()?)
+}
+
+/// Owns, prepares and recovers the directory and starts its spare pool; says what it holds.
+fn prepare_dir(cfg: &RecvConfig) -> Result<(DirLock, DirState, Option<Spares>), RecvError> {
     std::fs::create_dir_all(&cfg.dir).map_err(|source| RecvError::CreateDir { path: cfg.dir.clone(), source })?;
     // Nothing reads or changes the directory before this process owns it.
     let lock = DirLock::acquire(&cfg.dir, "walship recv")?;
@@ -437,8 +525,7 @@ fn start_up(cfg: &RecvConfig) -> Result<(TcpListener, Option<crate::hub::HubHand
         ),
         None => info!(dir = %cfg.dir.display(), "directory is empty; the first sender decides where it starts"),
     }
-    info!(listen = %listener.local_addr().map_or(cfg.listen, |a| a), "listening");
-    Ok((listener, hub, lock, state, spares))
+    Ok((lock, state, spares))
 }
 
 /// The buffer pool and the ring, and everything the io loop owns besides its state.
@@ -630,12 +717,14 @@ fn send_error_and_close(io: &mut Io, conn: &mut Conn, receiver: Option<&mut Rece
     begin_close(io, conn, receiver);
 }
 
-fn handle_completion(io: &mut Io, cfg: &RecvConfig, limits: &Limits, c: Completion, listener: &TcpListener, st: &mut LoopState) -> Result<(), RecvError> {
+fn handle_completion(io: &mut Io, cfg: &RecvConfig, limits: &Limits, c: Completion, incoming: &Incoming, st: &mut LoopState) -> Result<(), RecvError> {
     let now = now_us(io.epoch);
     match c.tag & TAG_KIND_MASK {
         TAG_ACCEPT => {
             st.accept_posted = false;
-            on_accept(io, cfg, c, listener, &mut st.conn);
+            if let Incoming::Listener(listener) = incoming {
+                on_accept(io, cfg, c, listener, &mut st.conn);
+            }
         }
         TAG_SEND => {
             let Some(conn) = st.conn.as_mut() else { return Ok(()) };
