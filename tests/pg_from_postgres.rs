@@ -112,9 +112,15 @@ fn synchronous_archive(t: &T) -> R<()> {
     if sync.is_none() {
         return Err(format!("walship never appeared in pg_stat_replication; its log:\n{}", tail_file(&log1, 40)));
     }
-    let slot = primary.sql("SELECT slot_type || ' ' || active FROM pg_replication_slots WHERE slot_name = 'walship'")?;
-    if slot != "physical true" {
-        return Err(format!("slot walship: {slot:?}, want an active physical slot walship created"));
+    // pg_stat_replication lists a walsender from its start-up on (before walship's
+    // CREATE_REPLICATION_SLOT and START_REPLICATION ran): wait for the slot to be in use.
+    let mut slot = String::new();
+    let active = poll_until(Duration::from_secs(30), Duration::from_millis(100), || {
+        slot = primary.sql_quiet("SELECT slot_type || ' ' || active FROM pg_replication_slots WHERE slot_name = 'walship'").ok()?;
+        (slot == "physical true").then_some(())
+    });
+    if active.is_none() {
+        return Err(format!("slot walship: {slot:?}, want an active physical slot walship created; its log:\n{}", tail_file(&log1, 40)));
     }
     // From here on every commit waits for walship's durable flush.
     primary.sql("ALTER SYSTEM SET synchronous_standby_names = 'walship'")?;
