@@ -217,10 +217,12 @@ fn store_stopped_mid_way_and_restarted(kind: Kind) {
     let before: Vec<String> = complete_segments(&dst).into_keys().collect();
     wait_archived(&store, &before, Duration::from_secs(60), &recv);
     // The store goes away (SIGKILL); the rest of the WAL arrives meanwhile.
+    // Failures counted so far (a chaos restart may have caused some): wait for new ones.
+    let failures_before = recv.status()["archive"]["failures"].as_u64().unwrap_or(0);
     server.stop();
     send(&ctx, &second, port);
-    let failing = poll_until(Duration::from_secs(30), Duration::from_millis(100), || {
-        (recv.status()["archive"]["failures"].as_u64() > Some(0)).then_some(())
+    let failing = poll_until(Duration::from_secs(60), Duration::from_millis(100), || {
+        (recv.status()["archive"]["failures"].as_u64() > Some(failures_before) && recv.status()["archive"]["pending_files"].as_u64() > Some(0)).then_some(())
     });
     assert!(failing.is_some(), "no failed upload while the store was down: {}", recv.status());
     let st = recv.status();

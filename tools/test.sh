@@ -50,6 +50,9 @@ fi
 if [ -x "$venv/bin/weed" ] && [ -x "$venv/bin/moto_server" ]; then
   # With the servers present, the archive tests must run, never skip.
   export WALSHIP_REQUIRE_S3=1
+  # And every SeaweedFS-backed test runs with its store killed and restarted once, mid-test
+  # (tests/common/s3.rs: chaos); WALSHIP_S3_CHAOS=0 turns it off.
+  export WALSHIP_S3_CHAOS="${WALSHIP_S3_CHAOS:-1}"
   export WALSHIP_TOOLS_DIR="$tools_dir"
 fi
 

@@ -58,6 +58,9 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// Tries of one create-only PUT whose request failed (HEAD first each time; see put_create_body).
+const PUT_CREATE_TRIES: u32 = 3;
+
 fn store_err<'a>(op: &'static str, key: &'a str) -> impl FnOnce(object_store::Error) -> ArchiveError + 'a {
     move |source| ArchiveError::Store { op, key: key.to_string(), source: Box::new(source) }
 }
@@ -66,12 +69,16 @@ impl Store {
     /// A client for `settings` (validated here too). Makes no request.
     pub fn new(settings: &ArchiveSettings) -> Result<Store, ArchiveError> {
         settings.validate()?;
-        // object_store retries a failed request a few times itself; the archiver retries a failed
-        // upload with a backoff of its own after that, forever, so a store that is down for a while is
-        // waited for without any request hanging for minutes.
+        // object_store retries a failed request itself (connection refused or reset, 5xx, 429) for
+        // up to 20 s (at most 30 tries; jittered backoff from 0.1 s growing to 2 s): a restarted
+        // SeaweedFS answers 500 for a few seconds before its volumes are back. So a store restarting under `verify`, `prune`, `restore` or the archiver is ridden
+        // through rather than failed; the archiver then retries a failed upload with a backoff of its
+        // own, forever, so a store that is down for longer is waited for without any request hanging
+        // for minutes. (A retried conditional PUT whose first attempt landed gets 412; the archiver
+        // then compares checksums and counts the same bytes as done.)
         let retry = RetryConfig {
             backoff: BackoffConfig { init_backoff: Duration::from_millis(100), max_backoff: Duration::from_secs(2), base: 2.0 },
-            max_retries: 3,
+            max_retries: 30,
             retry_timeout: Duration::from_secs(20),
         };
         let client = ClientOptions::new()
@@ -129,6 +136,34 @@ impl Store {
     /// [`Store::put_create`] of an already compressed `body`; `sha256_raw` is the checksum of the
     /// uncompressed file, which is what the metadata carries and what is compared.
     pub async fn put_create_body(
+        &self,
+        key: &str,
+        body: bytes::Bytes,
+        sha256_raw: &str,
+        compression: Compression,
+        local: &str,
+    ) -> Result<PutOutcome, ArchiveError> {
+        // object_store does not retry a create-only PUT whose connection broke mid-request (it may
+        // have landed: not idempotent in general). Here it is safe to: the next try HEADs first and
+        // compares checksums, so the same bytes count as done and other bytes as a conflict. Only a
+        // try that failed quickly is repeated (a connection reset, a store killed mid-request); one
+        // that used up the request's own retries (a store down for 20 s) is reported at once.
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let t0 = std::time::Instant::now();
+            match self.put_create_once(key, body.clone(), sha256_raw, compression, local).await {
+                // An earlier try of ours broke after the store took the bytes: they are ours.
+                Ok(PutOutcome::AlreadyThere) if tries > 1 => return Ok(PutOutcome::Uploaded),
+                Err(ArchiveError::Store { .. }) if tries < PUT_CREATE_TRIES && t0.elapsed() < Duration::from_secs(2) => {
+                    tokio::time::sleep(Duration::from_millis(250 << tries)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn put_create_once(
         &self,
         key: &str,
         body: bytes::Bytes,
