@@ -335,8 +335,8 @@ pub fn run(cfg: &RecvConfig, shutdown: Arc<AtomicBool>) -> Result<RecvSummary, R
 
 /// [`run`], updating `metrics` (OPS-METRICS) as it goes.
 pub fn run_with_metrics(cfg: &RecvConfig, shutdown: Arc<AtomicBool>, metrics: Arc<RecvMetrics>) -> Result<RecvSummary, RecvError> {
-    let (listener, hub, lock, state, spares) = start_up(cfg)?;
-    run_loop(cfg, shutdown, metrics, Incoming::Listener(listener), hub, lock, state, spares)
+    let (listener, hub, dir) = start_up(cfg)?;
+    run_loop(cfg, shutdown, metrics, Incoming::Listener(listener), hub, dir)
 }
 
 /// `recv --from-postgres`: the receiver fed by a replication client of a real walsender instead of
@@ -346,10 +346,10 @@ pub fn run_from_postgres(cfg: &RecvConfig, pg: from_pg::FromPgConfig, shutdown: 
     cfg.validate()?;
     pg.validate().map_err(RecvError::FromPostgresConfig)?;
     let hub = start_hub(cfg)?;
-    let (lock, state, spares) = prepare_dir(cfg)?;
-    let start = from_pg::DirStart { identity: state.identity, durable_end: state.durable_end };
+    let dir = prepare_dir(cfg)?;
+    let start = from_pg::DirStart { identity: dir.state.identity, durable_end: dir.state.durable_end };
     let events = from_pg::spawn(pg, start, cfg.frame_bytes_max).map_err(RecvError::FromPostgresStart)?;
-    run_loop(cfg, shutdown, metrics, Incoming::Bridge(events), hub, lock, state, spares)
+    run_loop(cfg, shutdown, metrics, Incoming::Bridge(events), hub, dir)
 }
 
 /// Where the loop's senders come from.
@@ -360,16 +360,23 @@ enum Incoming {
     Bridge(std::sync::mpsc::Receiver<from_pg::BridgeEvent>),
 }
 
+/// The directory, owned and recovered, ready for the loop.
+struct PreparedDir {
+    lock: DirLock,
+    state: DirState,
+    /// Pre-zeroed spare segment files (None: disabled).
+    spares: Option<Spares>,
+}
+
 fn run_loop(
     cfg: &RecvConfig,
     shutdown: Arc<AtomicBool>,
     metrics: Arc<RecvMetrics>,
     incoming: Incoming,
     hub: Option<crate::hub::HubHandle>,
-    lock: DirLock,
-    state: DirState,
-    spares: Option<Spares>,
+    dir: PreparedDir,
 ) -> Result<RecvSummary, RecvError> {
+    let PreparedDir { lock, state, spares } = dir;
     // The archiver reads the recovered directory on a thread of its own; dropped (stopped) on return.
     let _archiver = cfg.archive.as_ref().map(|a| crate::archive::Archiver::start(a, &cfg.dir)).transpose()?;
     // Retention too (it deletes only what the archiver reports as in the store).
@@ -489,15 +496,15 @@ impl LoopState {
 /// its spare pool (which removes a crashed run's half-zeroed spares, before anything is
 /// received); says what the directory holds and where it listens.
 #[allow(clippy::type_complexity)]
-fn start_up(cfg: &RecvConfig) -> Result<(TcpListener, Option<crate::hub::HubHandle>, DirLock, DirState, Option<Spares>), RecvError> {
+fn start_up(cfg: &RecvConfig) -> Result<(TcpListener, Option<crate::hub::HubHandle>, PreparedDir), RecvError> {
     cfg.validate()?;
     // The ports first: a receiver that cannot listen must not touch the directory.
     let listener = bind_listener(cfg.listen)?;
     // Standbys wait for an identity until recovery publishes one.
     let hub = start_hub(cfg)?;
-    let (lock, state, spares) = prepare_dir(cfg)?;
+    let dir = prepare_dir(cfg)?;
     info!(listen = %listener.local_addr().map_or(cfg.listen, |a| a), "listening");
-    Ok((listener, hub, lock, state, spares))
+    Ok((listener, hub, dir))
 }
 
 /// The WAL hub's listener and threads when `--serve-replication` is set.
@@ -506,7 +513,7 @@ fn start_hub(cfg: &RecvConfig) -> Result<Option<crate::hub::HubHandle>, RecvErro
 }
 
 /// Owns, prepares and recovers the directory and starts its spare pool; says what it holds.
-fn prepare_dir(cfg: &RecvConfig) -> Result<(DirLock, DirState, Option<Spares>), RecvError> {
+fn prepare_dir(cfg: &RecvConfig) -> Result<PreparedDir, RecvError> {
     std::fs::create_dir_all(&cfg.dir).map_err(|source| RecvError::CreateDir { path: cfg.dir.clone(), source })?;
     // Nothing reads or changes the directory before this process owns it.
     let lock = DirLock::acquire(&cfg.dir, "walship recv")?;
@@ -525,7 +532,7 @@ fn prepare_dir(cfg: &RecvConfig) -> Result<(DirLock, DirState, Option<Spares>), 
         ),
         None => info!(dir = %cfg.dir.display(), "directory is empty; the first sender decides where it starts"),
     }
-    Ok((lock, state, spares))
+    Ok(PreparedDir { lock, state, spares })
 }
 
 /// The buffer pool and the ring, and everything the io loop owns besides its state.
