@@ -61,6 +61,9 @@ struct Ctx {
     recv2_dir: PathBuf,
     addr2: String,
     recv2: Option<ChildGuard>,
+    /// The second destination also archives to this S3 store (SeaweedFS), when it is installed:
+    /// timeline 1's last segment must reach the store as `.partial` (issue #13).
+    s3: Option<s3::S3Server>,
     send: Option<ChildGuard>,
     /// Did the sender run with `--slot` (false if creating a slot on the standby was refused)?
     slot: bool,
@@ -107,6 +110,7 @@ fn setup(name: &str) -> Option<Ctx> {
         recv2_dir: root.join("recv2"),
         addr2: format!("127.0.0.1:{}", free_port()),
         recv2: None,
+        s3: s3::start_or_skip(s3::Kind::Seaweed, &root),
         addr: format!("127.0.0.1:{}", free_port()),
         recv: None,
         send: None,
@@ -243,6 +247,10 @@ impl Ctx {
         fs::create_dir_all(&self.recv2_dir).map_err(|e| e.to_string())?;
         let mut c = cmd(walship_bin(), ["recv", "--listen", &self.addr2, "--insecure-no-auth", "--dir"]);
         c.arg(&self.recv2_dir).env("NO_COLOR", "1");
+        if let Some(server) = &self.s3 {
+            c.args(["--archive-to", &format!("s3://{}/{ARCHIVE_PREFIX}", s3::BUCKET), "--archive-partial-after", "1s"]);
+            server.env(&mut c);
+        }
         c.stdin(Stdio::null()).stdout(file(self.tmp.join("recv2.stdout"))?).stderr(file(self.tmp.join("recv2.stderr"))?);
         self.recv2 = Some(ChildGuard::spawn("walship recv (2nd)", &mut c).map_err(|e| format!("spawn recv: {e}"))?);
         Ok(())
@@ -580,7 +588,61 @@ fn promotion(ctx: &mut Ctx) -> R<()> {
     // 6. Replay from the base backup through walship restore, across the timeline switch.
     ctx.phase("6 replay base backup via walship restore, recovery_target_timeline=latest");
     replay(ctx, &base, end, &cd, backup_start, switch_seg, end_seg, &sums)?;
+
+    // 7. The second destination's archive: timeline 1's last segment as `.partial`, cut at the
+    // switch point; the whole archive verifies.
+    if ctx.s3.is_some() {
+        ctx.phase("7 archive: timeline 1's last segment in the store as .partial; verify");
+        check_archive(ctx, &cd, switch_seg)?;
+    }
     ctx.end_phase();
+    Ok(())
+}
+
+const ARCHIVE_PREFIX: &str = "timelines";
+
+fn check_archive(ctx: &Ctx, cd: &ControlData, switch_seg: u64) -> R<()> {
+    let server = ctx.s3.as_ref().expect("store");
+    let seg = cd.seg_size;
+    let history = fs::read_to_string(ctx.recv2_dir.join("00000002.history")).map_err(|e| format!("read 00000002.history: {e}"))?;
+    let switch = parse_history(&history)?.iter().find(|(t, _)| *t == 1).map(|(_, l)| *l).ok_or("00000002.history names no timeline 1")?;
+    if switch / seg != switch_seg || switch % seg == 0 {
+        return Err(format!("switch point {} is not inside segment {switch_seg:X}: nothing to check", fmt_lsn(switch)));
+    }
+    let name = format!("{}.partial", seg_name(1, switch_seg, seg));
+    let local = fs::read(ctx.recv2_dir.join(&name)).map_err(|e| format!("read {name} of the second destination: {e}"))?;
+    let key = walship::archive::keys::partial_key(ARCHIVE_PREFIX, cd.sysid, 1, switch_seg, seg);
+    let store = walship::archive::BlockingStore::new(&server.settings("")).map_err(|e| e.to_string())?;
+    let mut last = String::new();
+    let got = poll_until(Duration::from_secs(60), Duration::from_millis(250), || match store.get_verified(&key) {
+        Ok(Some(b)) => Some(b),
+        Ok(None) => {
+            last = "no such object".into();
+            None
+        }
+        Err(e) => {
+            last = e.to_string();
+            None
+        }
+    })
+    .ok_or_else(|| format!("{key} not in the store within 60 s ({last}); recv2's log:\n{}", tail_file(&ctx.tmp.join("recv2.stderr"), 30)))?;
+    let cut = (switch % seg) as usize;
+    if got.len() as u64 != seg || got[..cut] != local[..cut] || got[cut..].iter().any(|&b| b != 0) {
+        return Err(format!("{key}: {} bytes; want timeline 1's {cut} bytes up to the switch point {} then zeros", got.len(), fmt_lsn(switch)));
+    }
+    ctx.say(format!("store holds {key}: timeline 1 up to the switch point {}, zeros after", fmt_lsn(switch)));
+    // Uploaded as the abandoned timeline's segment (not only as the newest `.partial` while
+    // timeline 1 was live, which a resting durable position at the switch point would also do).
+    let said = poll_until(Duration::from_secs(30), Duration::from_millis(250), || {
+        strip_ansi(&fs::read_to_string(ctx.tmp.join("recv2.stderr")).unwrap_or_default()).lines().find(|l| l.contains("archived timeline 1's last segment")).map(str::to_string)
+    })
+    .ok_or("recv2 never logged `archived timeline 1's last segment`")?;
+    ctx.say(format!("recv2: {}", said.trim()));
+    let mut c = cmd(walship_bin(), ["verify"]);
+    c.arg(format!("s3://{}/{ARCHIVE_PREFIX}", s3::BUCKET));
+    server.env(&mut c);
+    let out = run_ok(&mut c).map_err(|e| format!("walship verify of the archive: {e}"))?;
+    ctx.say(format!("verify: {}", String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or("").trim()));
     Ok(())
 }
 

@@ -464,13 +464,15 @@ impl State {
         }
     }
 
-    /// The newest `.partial`, once the durable position rests (see `archive::partial`).
+    /// The newest `.partial`, once the durable position rests, and those of timelines the WAL has
+    /// left (see `archive::partial`).
     async fn upload_partial(&mut self) {
         let (Some(idle), Some((sysid, seg_size))) = (self.partial_after, self.identity) else { return };
         let durable = crate::recv::published::read(&self.dir).ok().flatten().map(|p| p.lsn);
         let partials: Vec<String> = std::fs::read_dir(&self.dir)
             .map(|rd| rd.flatten().filter_map(|e| e.file_name().into_string().ok()).filter(|n| n.ends_with(".partial")).collect())
             .unwrap_or_default();
+        self.upload_abandoned_partials(durable, &partials, sysid, seg_size).await;
         let Some(up) = self.partial.due(durable, &partials, seg_size, idle, Instant::now()) else { return };
         let Some(WalFileName::Partial { tli, segno }) = WalFileName::parse(&up.name, seg_size) else { return };
         let key = super::keys::partial_key(&self.prefix, sysid, tli, segno, seg_size);
@@ -484,6 +486,30 @@ impl State {
                 self.partial.uploaded(up);
             }
             Err(e) => warn!("cannot archive the unfinished segment {}: {e}; will retry", up.name),
+        }
+    }
+
+    /// The `.partial` of each timeline the newest history file says ended, whole up to its switch
+    /// point, once (replacing an upload made while it was the newest).
+    async fn upload_abandoned_partials(&mut self, durable: Option<Lsn>, partials: &[String], sysid: u64, seg_size: u64) {
+        let Some(history) = newest_history(&self.dir) else { return };
+        for up in self.partial.abandoned_due(durable, partials, &history, seg_size) {
+            let Some(WalFileName::Partial { tli, segno }) = WalFileName::parse(&up.name, seg_size) else { continue };
+            let key = super::keys::partial_key(&self.prefix, sysid, tli, segno, seg_size);
+            let bytes = match super::partial::durable_bytes(&self.dir, &up, seg_size) {
+                Ok(b) => b,
+                Err(e) => {
+                    warn!(file = %up.name, "cannot read the abandoned timeline's .partial to archive it: {e}");
+                    continue;
+                }
+            };
+            match self.store.put_replace(&key, bytes.into()).await {
+                Ok(()) => {
+                    info!(object = %self.store.describe(&key), end = %up.durable, "archived timeline {tli}'s last segment, which it left at {}", up.durable);
+                    self.partial.abandoned_uploaded(&up.name);
+                }
+                Err(e) => warn!("cannot archive timeline {tli}'s last segment {}: {e}; will retry", up.name),
+            }
         }
     }
 
@@ -603,4 +629,19 @@ mod tests {
         assert!(c.validate().is_err());
         assert!(!format!("{c:?}").contains("metrics"));
     }
+}
+
+/// The entries of the directory's newest timeline history file (None: none, or unreadable).
+fn newest_history(dir: &std::path::Path) -> Option<Vec<crate::wal::history::HistoryEntry>> {
+    let newest = std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter_map(|n| match WalFileName::parse(&n, 16 << 20)? {
+            WalFileName::History { tli } => Some((tli, n)),
+            _ => None,
+        })
+        .max()?;
+    let text = std::fs::read_to_string(dir.join(&newest.1)).ok()?;
+    crate::wal::history::parse_history(&text).ok()
 }

@@ -5,11 +5,20 @@
 //! after a clean stop the store holds the WAL up to the shutdown checkpoint, and a standby restoring
 //! from the store alone reaches it.
 //!
-//! What to upload is decided by [`due`] (pure); the archiver's thread carries it out.
+//! A `.partial` of a timeline the WAL has left (promotion upstream: the newest history file names
+//! where that timeline ended) never grows again: it goes to the store once, its bytes up to that
+//! switch point (zeros after), as PostgreSQL's own archiver keeps the old timeline's last segment
+//! as `NAME.partial`; it is never deleted (no complete segment of that timeline will come).
+//!
+//! What to upload is decided by [`PartialState::due`] and [`PartialState::abandoned_due`] (pure);
+//! the archiver's thread carries it out.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use std::collections::BTreeSet;
+
+use crate::wal::history::{switch_point, HistoryEntry};
 use crate::wal::{Lsn, WalFileName};
 
 /// What the archiver knows about the `.partial` between two looks.
@@ -19,6 +28,8 @@ pub struct PartialState {
     seen: Option<(Lsn, Instant)>,
     /// The `.partial` name and durable position last uploaded.
     uploaded: Option<(String, Lsn)>,
+    /// Abandoned timelines' `.partial` files already in the store (this run).
+    abandoned_uploaded: BTreeSet<String>,
 }
 
 /// One `.partial` to upload: the file's name and the durable position inside it.
@@ -58,6 +69,31 @@ impl PartialState {
     pub fn uploaded(&mut self, up: Upload) {
         self.uploaded = Some((up.name, up.durable));
     }
+
+    /// The `.partial` files of timelines the WAL has left, not yet uploaded: those of an ancestor in
+    /// `history` (the newest history file's entries) whose segment holds that ancestor's switch
+    /// point, once the durable position has passed it (so every byte before it is durable). Each
+    /// with the switch point as its end: the bytes after it are not that timeline's WAL.
+    pub fn abandoned_due(&self, durable: Option<Lsn>, names: &[String], history: &[HistoryEntry], seg_size: u64) -> Vec<Upload> {
+        let Some(durable) = durable else { return Vec::new() };
+        names
+            .iter()
+            .filter(|n| !self.abandoned_uploaded.contains(*n))
+            .filter_map(|n| match WalFileName::parse(n, seg_size)? {
+                WalFileName::Partial { tli, segno } => {
+                    let end = switch_point(history, tli)?;
+                    let holds_end = end.0 / seg_size == segno && end.0 % seg_size != 0;
+                    (holds_end && durable >= end).then(|| Upload { name: n.clone(), durable: end })
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The abandoned `.partial` `name` is in the store.
+    pub fn abandoned_uploaded(&mut self, name: &str) {
+        self.abandoned_uploaded.insert(name.to_string());
+    }
 }
 
 /// The `.partial`'s bytes with everything at or past `durable` zeroed: only durable WAL leaves
@@ -95,6 +131,32 @@ mod tests {
         assert_eq!(p.due(Some(Lsn(4 * SEG)), &names, SEG, Duration::ZERO, t0), None, "a segment boundary needs no .partial");
         assert_eq!(p.due(None, &names, SEG, Duration::ZERO, t0), None);
         assert_eq!(p.due(Some(Lsn(5 * SEG + 1)), &names, SEG, Duration::ZERO, t0), None, "no such .partial");
+    }
+
+    #[test]
+    fn an_abandoned_timelines_partial_goes_once_cut_at_its_switch_point() {
+        let mut p = PartialState::default();
+        let switch = Lsn(5 * SEG + 0x60);
+        let history = vec![HistoryEntry { tli: 1, switch_lsn: switch }];
+        let names: Vec<String> = [
+            "000000010000000000000005.partial", // timeline 1 ended in it: abandoned
+            "000000010000000000000004.partial", // not where timeline 1 ended (a stray): left alone
+            "000000020000000000000005.partial", // the live timeline's: `due`'s business
+            "00000002.history",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert_eq!(p.abandoned_due(None, &names, &history, SEG), vec![], "nothing durable yet");
+        assert_eq!(p.abandoned_due(Some(Lsn(switch.0 - 1)), &names, &history, SEG), vec![], "the switch point is not durable yet");
+        let due = p.abandoned_due(Some(switch), &names, &history, SEG);
+        assert_eq!(due, vec![Upload { name: names[0].clone(), durable: switch }]);
+        p.abandoned_uploaded(&due[0].name);
+        assert_eq!(p.abandoned_due(Some(Lsn(9 * SEG)), &names, &history, SEG), vec![], "once");
+        let at_boundary = vec![HistoryEntry { tli: 1, switch_lsn: Lsn(6 * SEG) }];
+        let q = PartialState::default();
+        assert_eq!(q.abandoned_due(Some(Lsn(9 * SEG)), &["000000010000000000000006.partial".to_string()], &at_boundary, SEG), vec![], "a switch at a boundary leaves nothing of timeline 1 in segment 6");
+        assert_eq!(q.abandoned_due(Some(Lsn(9 * SEG)), &names, &[], SEG), vec![], "no history: nothing is abandoned");
     }
 
     #[test]
