@@ -227,13 +227,10 @@ impl SegmentDir {
             self.access.apply(&direct, &path)?;
         }
         let len = direct.metadata().map_err(io_err(&path))?.len();
-        if len > self.seg_size && !created {
-            return Err(DirError::BadSegment { path, why: format!("{len} bytes, larger than a segment") });
-        }
-        if self.direct_io {
-            preallocate(&direct, self.seg_size, &path);
-        }
-        if direct.metadata().map_err(io_err(&path))?.len() != self.seg_size {
+        if len != self.seg_size {
+            if !created && len > self.seg_size {
+                return Err(DirError::BadSegment { path, why: format!("{len} bytes, larger than a segment") });
+            }
             direct.set_len(self.seg_size).map_err(io_err(&path))?;
         }
         let buffered = OpenOptions::new().read(true).open(&path).map_err(io_err(&path))?;
@@ -296,21 +293,6 @@ impl SegmentDir {
         let from = self.partial_path(segno);
         let to = self.final_path(segno);
         std::fs::rename(&from, &to).map_err(io_err(&from))
-    }
-}
-
-/// Allocates every block of the segment up front (`fallocate`, mode 0: unwritten extents, size
-/// set), so the O_DIRECT writes that follow are overwrites of allocated blocks. Into a sparse
-/// file every write has to allocate: ext4 then cannot do it without blocking, io_uring hands each
-/// write to an io-wq worker thread, and the allocating writes of one file take the inode lock in
-/// turn, so a segment's writes run one at a time (measured: results/REPORT.md, "what serialises
-/// a backlog"). Failure is not an error here: the file stays sparse (set to full size by the
-/// caller) and any real problem (no space) shows at the write, as before.
-fn preallocate(file: &File, seg_size: u64, path: &Path) {
-    match rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), 0, seg_size) {
-        Ok(()) => {}
-        Err(e) if e == rustix::io::Errno::OPNOTSUPP || e == rustix::io::Errno::NOSYS => {}
-        Err(e) => warn!(path = %path.display(), "cannot preallocate the segment ({e}); writing it sparse"),
     }
 }
 
