@@ -401,13 +401,13 @@ fn raw_tcp(bytes: u64) -> std::io::Result<(Duration, Cpu, Cpu)> {
 
 /// `durable`: the durable ceiling (`raw_durable_fio`): what a durable WAL receiver must at least do.
 /// O_DIRECT 1 MiB writes at QD16 into fresh 16 MiB files (new, never written; fio's layout
-/// fallocates them, as the receiver does), one file at a time (`--openfiles=1`), each file synced
+/// fallocates them, which makes the writes inline overwrites of unwritten extents), one file at a time (`--openfiles=1`), each file synced
 /// before the next is written (`--fsync_on_close=1`: fio closes a file only once all its writes
 /// completed, then fsyncs it synchronously; fio has no fdatasync-on-close, and for freshly
 /// written extents the metadata makes both write the same). `--fdatasync=16` is not used: with
 /// QD16, fio 3.33 issues that sync while the file's other writes are still in flight (seen in an
-/// io_uring tracepoint trace), so it syncs nothing in particular. Sparse files
-/// (`--fallocate=none`) are not the ceiling: there every write is punted to an io-wq thread.
+/// io_uring tracepoint trace), so it syncs nothing in particular. With sparse files
+/// (`--fallocate=none`, as the receiver creates them) every write is punted to an io-wq thread.
 /// Otherwise (`raw_odirect_fio`): today's row, all files open, one fsync at the end.
 fn bench_odirect_fio(cfg: &Config, root: &Path, dst: &Path, bytes: u64, rep: usize, durable: bool) -> Measurement {
     let m = Measurement::new(if durable { "raw_durable_fio" } else { "raw_odirect_fio" }, rep, bytes);
