@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # WAL shipping throughput against the machine's limits and the tools users would pick instead, in one run:
 # micro benches (criterion: CRC32C, page validation, record walk, frame encode/decode), then raw loopback TCP,
-# raw O_DIRECT, cp + sync and walship on synthetic WAL, then (PostgreSQL installed, run as root) real WAL from
+# raw O_DIRECT, the durable ceiling (fio: fresh 16 MiB files, each fsynced before the next), cp + sync and
+# walship on synthetic WAL, then (PostgreSQL installed, run as root) real WAL from
 # a throw-away cluster: pg_receivewal, pgBackRest archive-push (sync; async process-max 2 none/lz4), cp + sync
 # and walship on the same segments. Writes results/ship-<date>.json, two SVG charts and a REPORT.md section.
 #
@@ -17,7 +18,7 @@
 #   --pg-bytes S   real WAL to generate with pgbench (default 1GiB; env WALSHIP_BENCH_PG_BYTES)
 #   --no-pg        skip the real-WAL peers (env WALSHIP_BENCH_PG=0)
 #   --no-micro     skip the criterion micro benches
-#   CONTENDER      substring filters: raw_tcp raw_odirect_fio raw_odirect_rust cp_sync walship walship_sweep
+#   CONTENDER      substring filters: raw_tcp raw_odirect_fio raw_durable_fio raw_odirect_rust cp_sync walship walship_sweep
 #                  real_walship real_cp_sync pg_receivewal pgbackrest_sync pgbackrest_async_none pgbackrest_async_lz4
 # Missing tools (fio, pgbackrest, PostgreSQL) are skipped with a message, never a failure.
 # The machine should be otherwise idle for numbers worth keeping: 2 shared cores make them noisy.
