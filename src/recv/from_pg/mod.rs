@@ -742,13 +742,19 @@ impl PgSocket {
     }
 }
 
+/// Bytes of the read buffer of a replication connection (grows for a larger message).
+const READ_BUFFER_BYTES: usize = 256 << 10;
+
 /// A blocking replication connection: start-up, authentication, simple queries, messages.
 struct PgConn {
     socket: PgSocket,
     /// While streaming, writes go through this (shared with the Ack reader) so messages never interleave.
     shared_writer: Option<Arc<Mutex<Option<PgSocket>>>>,
+    /// Received bytes `start..end` not yet taken as messages; `buf` keeps its length (zeroed
+    /// once, grown only for a message larger than it), so a read does not clear memory.
     buf: Vec<u8>,
     start: usize,
+    end: usize,
     peer: String,
     message_bytes_max: u32,
     /// Whether the connection is TLS.
@@ -814,7 +820,7 @@ impl PgConn {
         };
         socket.set_read_timeout(Some(timeout));
         let tls = matches!(socket, PgSocket::Unix(_)) && ci.unix_socket().is_none();
-        let mut pg = PgConn { socket, shared_writer: None, buf: Vec::new(), start: 0, peer, message_bytes_max: cfg.message_bytes_max, tls };
+        let mut pg = PgConn { socket, shared_writer: None, buf: vec![0; READ_BUFFER_BYTES], start: 0, end: 0, peer, message_bytes_max: cfg.message_bytes_max, tls };
         pg.startup(cfg)?;
         // Streaming waits as long as the server is quiet (it sends keepalives itself).
         pg.socket.set_read_timeout(None);
@@ -938,27 +944,33 @@ impl PgConn {
     /// The next whole backend message (tag, body).
     fn read_message(&mut self) -> Result<(u8, Vec<u8>), FromPgError> {
         loop {
-            match proto::split_message(&self.buf[self.start..], self.message_bytes_max) {
+            match proto::split_message(&self.buf[self.start..self.end], self.message_bytes_max) {
                 Ok(Some((tag, body, used))) => {
                     let body = body.to_vec();
                     self.start += used;
-                    if self.start == self.buf.len() {
-                        self.buf.clear();
+                    if self.start == self.end {
                         self.start = 0;
+                        self.end = 0;
                     }
                     return Ok((tag, body));
                 }
                 Ok(None) => {}
                 Err(e) => return Err(self.protocol(&e.to_string())),
             }
-            if self.start > 0 {
-                self.buf.drain(..self.start);
+            if self.end == self.buf.len() {
+                // Move the partial message to the front; grow only when it fills the buffer
+                // (bounded: split_message refused anything above message_bytes_max).
+                self.buf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
                 self.start = 0;
+                if self.end == self.buf.len() {
+                    self.buf.resize(self.buf.len() * 2, 0);
+                }
             }
-            let len = self.buf.len();
-            self.buf.resize(len + (256 << 10), 0);
+            let len = self.end;
             let n = self.socket.read(&mut self.buf[len..]);
-            self.buf.truncate(len + *n.as_ref().unwrap_or(&0));
+            self.end = len + *n.as_ref().unwrap_or(&0);
+            debug_assert!(self.start <= self.end && self.end <= self.buf.len());
             match n {
                 Ok(0) => {
                     let source = std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the server closed the connection");
