@@ -387,9 +387,12 @@ fn tls(t: &T) -> R<()> {
     let home = t.tmp.join("home"); // no ~/.postgresql/root.crt: sslmode=require checks nothing
     fs::create_dir_all(&home).map_err(|e| e.to_string())?;
     let dir = t.tmp.join("recv");
+    let metrics_port = free_port();
+    let metrics_listen = format!("127.0.0.1:{metrics_port}");
     let run = |name: &str, conninfo: &str| {
         let log = t.tmp.join(format!("recv-{name}.log"));
-        let mut c = walship(&["recv", "--from-postgres", conninfo, "--slot", "walship", "--dir", p(&dir), "--spare-segments", "0"]);
+        let args = ["recv", "--from-postgres", conninfo, "--slot", "walship", "--dir", p(&dir), "--spare-segments", "0", "--metrics-listen", &metrics_listen];
+        let mut c = walship(&args);
         c.env("HOME", &home).env_remove("PGSSLMODE").env_remove("PGSSLROOTCERT");
         (spawn_logged(&format!("walship recv ({name})"), c, &log), log)
     };
@@ -408,6 +411,22 @@ fn tls(t: &T) -> R<()> {
         if poll_until(Duration::from_secs(30), Duration::from_millis(100), || Some(()).filter(|_| recv_flushed(&dir) >= end)).is_none() {
             return Err(format!("{name}: walship never made {} durable:\n{}", fmt_lsn(end), tail_file(&log, 30)));
         }
+        // `walship status` shows the upstream: streaming over TLS, the server's position and the
+        // last status update sent (flush = what is durable here) at or past `end`.
+        let url = format!("http://127.0.0.1:{metrics_port}/metrics");
+        let up = poll_until(Duration::from_secs(10), Duration::from_millis(100), || {
+            let out = run_ok(&mut walship(&["status", "--url", &url, "--json", "--sample", "0"])).ok()?;
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            let u = v.get("upstream")?.clone();
+            let flush = u["reported_flush"].as_str().and_then(parse_lsn)?;
+            let server = u["server"].as_str().and_then(parse_lsn)?;
+            (u["connected"] == true && u["tls"] == true && flush >= end && server >= end).then_some(u)
+        });
+        let Some(up) = up else {
+            let out = run_ok(&mut walship(&["status", "--url", &url, "--json", "--sample", "0"]));
+            return Err(format!("{name}: walship status never showed the upstream connected over TLS with flush >= {}: {out:?}", fmt_lsn(end)));
+        };
+        t.say(format!("{name}: walship status upstream: {up}"));
         recv.signal(libc::SIGTERM).map_err(|e| e.to_string())?;
         match recv.wait_timeout(Duration::from_secs(20)).map_err(|e| e.to_string())? {
             Some(st) if st.success() => {}
@@ -436,6 +455,29 @@ fn tls(t: &T) -> R<()> {
     streams("prefer", &format!("host=127.0.0.1 port={port} user={PG_USER}"))?;
     // allow: plaintext first; the hostssl-only server refuses it, so TLS next.
     streams("allow", &format!("host=127.0.0.1 port={port} user={PG_USER} sslmode=allow"))?;
+    // A walsender terminated under it: walship reconnects (over TLS again) and counts it.
+    {
+        let (mut recv, log) = run("reconnect", &format!("host=localhost port={port} user={PG_USER} sslmode=verify-full sslrootcert={}", ca.display()));
+        let url = format!("http://127.0.0.1:{metrics_port}/metrics");
+        let status = || -> Option<serde_json::Value> {
+            let out = run_ok(&mut walship(&["status", "--url", &url, "--json", "--sample", "0"])).ok()?;
+            serde_json::from_slice::<serde_json::Value>(&out.stdout).ok()?.get("upstream").cloned()
+        };
+        poll_until(Duration::from_secs(30), Duration::from_millis(100), || status().filter(|u| u["connected"] == true))
+            .ok_or_else(|| format!("reconnect: never streaming:\n{}", tail_file(&log, 20)))?;
+        primary.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_replication WHERE application_name = 'walship'")?;
+        // Nothing new to stream: the server's position and the flush walship reports on starting
+        // a stream are still its durable end.
+        let held = recv_flushed(&dir);
+        let at = |u: &serde_json::Value, k: &str| u[k].as_str().and_then(parse_lsn).unwrap_or(0);
+        let up = poll_until(Duration::from_secs(30), Duration::from_millis(100), || {
+            status().filter(|u| u["connected"] == true && u["reconnects"] == 1 && u["tls"] == true && at(u, "reported_flush") == held && at(u, "server") >= held)
+        })
+            .ok_or_else(|| format!("reconnect: walship status never showed 1 reconnect, streaming over TLS again: {:?}\n{}", status(), tail_file(&log, 20)))?;
+        t.say(format!("walsender terminated; walship reconnected: {up}"));
+        recv.signal(libc::SIGTERM).map_err(|e| e.to_string())?;
+        recv.wait_timeout(Duration::from_secs(20)).map_err(|e| e.to_string())?;
+    }
     refused(
         "verify-full, a host name the certificate lacks",
         &format!("host=127.0.0.1 port={port} user={PG_USER} sslmode=verify-full sslrootcert={}", ca.display()),

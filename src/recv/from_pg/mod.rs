@@ -240,6 +240,7 @@ impl Bridge {
             }
         }
         info!(server = %peer, system_id, timeline = server_tli, position = %server_pos, "connected to PostgreSQL");
+        self.cfg.metrics.on_server(server_pos);
         let slot_restart = self.ensure_slot(&mut pg)?;
         // Where this connection starts: the directory's durable end on its timeline (the
         // receiver's Welcome says exactly where), or, for an empty directory, the segment holding
@@ -558,6 +559,13 @@ impl Stream {
         let writer = Arc::new(Mutex::new(Some(pg.socket.try_clone().map_err(|source| FromPgError::Io { peer: pg.peer.clone(), source })?)));
         pg.shared_writer = Some(Arc::clone(&writer));
         self.metrics.connected.set(1);
+        // Tell the server at once what is durable here (as pg_receivewal does on starting), before
+        // the Ack reader may send anything newer.
+        let (w, f) = (self.acked.written.load(Ordering::Relaxed), self.acked.flushed.load(Ordering::Relaxed));
+        if f > 0 {
+            pg.send(&proto::status_update(Lsn(w), Lsn(f), unix_us(), false))?;
+            self.metrics.on_status(Lsn(w), Lsn(f));
+        }
         self.spawn_ack_reader(Arc::clone(&writer)).map_err(|source| FromPgError::Io { peer: "the receiver (socket pair)".into(), source })?;
         let result = self.forward(pg);
         // No status update may follow the end of the copy stream.
