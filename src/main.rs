@@ -415,8 +415,9 @@ impl HubArgs {
 #[derive(clap::Args)]
 struct FromPostgresArgs {
     /// Receive straight from PostgreSQL as a physical replication client (like pg_receivewal),
-    /// no walship sender needed: a libpq key=value conninfo, e.g. "host=db port=5432 user=rep
-    /// sslmode=disable" (password= or PGPASSWORD or ~/.pgpass). Replaces --listen (and the
+    /// no walship sender needed: a libpq key=value conninfo or URI, e.g. "host=db port=5432
+    /// user=rep sslmode=verify-full sslrootcert=ca.pem" (password= or PGPASSWORD or ~/.pgpass;
+    /// sslmode as libpq's, TLS 1.3). Replaces --listen (and the
     /// walship-sender key: --auth-key-file/--insecure-no-auth do not apply).
     #[arg(
         long,
@@ -454,6 +455,7 @@ impl FromPostgresArgs {
             message_bytes_max: u32::try_from(self.pg_message_bytes_max).unwrap_or(u32::MAX),
             retry_interval: self.pg_retry_interval,
             connect_timeout: self.pg_connect_timeout,
+            metrics: walship::recv::from_pg::FromPgMetrics::default(),
         };
         cfg.validate().map_err(|e| anyhow::anyhow!(e))?;
         Ok(Some(cfg))
@@ -936,6 +938,9 @@ fn run_recv(a: RecvArgs) -> Result<()> {
     }
     if let Some(hub) = &cfg.hub {
         hub.metrics.register(metrics.registry_mut());
+    }
+    if let Some(pg) = &from_postgres {
+        pg.metrics.register(metrics.registry_mut());
     }
     let metrics = Arc::new(metrics);
     serve_metrics(a.metrics_listen, &metrics)?;

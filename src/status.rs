@@ -196,6 +196,41 @@ pub struct StatusView {
     pub destinations: Vec<DestinationView>,
     /// Standbys streaming from a receiver's WAL hub (`--serve-replication`), like `pg_stat_replication`.
     pub standbys: Vec<StandbyView>,
+    /// A receiver with `--from-postgres`: the PostgreSQL server it streams from.
+    pub upstream: Option<UpstreamView>,
+}
+
+/// The PostgreSQL server a `--from-postgres` receiver streams from (`walship_recv_upstream_*`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct UpstreamView {
+    pub connected: bool,
+    pub tls: bool,
+    /// The server's end of WAL as its walsender last said.
+    pub server: String,
+    /// The last status update sent: write and flush (flush = durable here).
+    pub reported_write: String,
+    pub reported_flush: String,
+    /// The server's end - the flush reported to it.
+    pub lag_bytes: u64,
+    /// Seconds since the last status update was sent (None: none yet).
+    pub status_age_seconds: Option<f64>,
+    pub reconnects: u64,
+}
+
+fn upstream(last: &Scrape) -> Option<UpstreamView> {
+    let server = last.u64("walship_recv_upstream_server_lsn")?;
+    let flush = last.u64("walship_recv_upstream_reported_flush_lsn").unwrap_or(0);
+    let sent_at = last.f64("walship_recv_upstream_last_status_time_seconds").filter(|t| *t > 0.0);
+    Some(UpstreamView {
+        connected: last.u64("walship_recv_upstream_connected").unwrap_or(0) > 0,
+        tls: last.u64("walship_recv_upstream_tls").unwrap_or(0) > 0,
+        server: Lsn(server).to_string(),
+        reported_write: Lsn(last.u64("walship_recv_upstream_reported_write_lsn").unwrap_or(0)).to_string(),
+        reported_flush: Lsn(flush).to_string(),
+        lag_bytes: server.saturating_sub(flush),
+        status_age_seconds: sent_at.map(|t| (unix_now_s() - t).max(0.0)),
+        reconnects: last.u64("walship_recv_upstream_reconnects_total").unwrap_or(0),
+    })
 }
 
 /// One standby streaming from the receiver's WAL hub.
@@ -365,6 +400,7 @@ pub fn view(url: &str, last: &Scrape, first: Option<&Scrape>) -> StatusView {
         archive,
         destinations: destinations(last),
         standbys: standbys(last),
+        upstream: upstream(last),
         url: url.to_string(),
         role,
         version,
@@ -427,6 +463,7 @@ impl StatusView {
             "archive": self.archive,
             "destinations": self.destinations,
             "standbys": self.standbys,
+            "upstream": self.upstream,
         })
     }
 
@@ -526,6 +563,20 @@ impl StatusView {
                 st.flush,
                 st.replay,
                 fmt_bytes(st.replay_lag_bytes as f64)
+            );
+        }
+        if let Some(u) = &self.upstream {
+            let _ = writeln!(
+                s,
+                "  upstream     PostgreSQL {}{} server {} status sent write {} flush {}{} (lag {}) reconnects {}",
+                if u.connected { "connected" } else { "DISCONNECTED" },
+                if u.tls { " (TLS)" } else { "" },
+                u.server,
+                u.reported_write,
+                u.reported_flush,
+                u.status_age_seconds.map_or(String::new(), |a| format!(" {} ago", fmt_secs(a))),
+                fmt_bytes(u.lag_bytes as f64),
+                u.reconnects
             );
         }
         let _ = writeln!(s, "  errors       {errors}");
@@ -665,5 +716,30 @@ mod tests {
         let r = v.render();
         assert!(r.contains("archived_lsn 4/00000000") && r.contains("STOPPED") && r.contains("12.5 s"), "{r}");
         assert_eq!(v.to_json()["archive"]["pending_files"], 3);
+    }
+
+    #[test]
+    fn view_of_a_receiver_from_postgres() {
+        let mut m = Metrics::receiver();
+        let plain = Scrape { samples: parse_exposition(&m.encode()).unwrap(), at: Instant::now() };
+        assert!(view("u", &plain, None).upstream.is_none());
+        let u = crate::recv::from_pg::FromPgMetrics::default();
+        u.register(m.registry_mut());
+        u.connected.set(1);
+        u.tls.set(1);
+        u.server_lsn.set(0x3_0000_1000);
+        u.reported_write_lsn.set(0x3_0000_0800);
+        u.reported_flush_lsn.set(0x3_0000_0400);
+        u.last_status_time_s.set(unix_now_s() - 2.0);
+        u.reconnects.inc();
+        let last = Scrape { samples: parse_exposition(&m.encode()).unwrap(), at: Instant::now() };
+        let v = view("u", &last, None);
+        let up = v.upstream.clone().unwrap();
+        assert!(up.connected && up.tls);
+        assert_eq!((up.server.as_str(), up.reported_flush.as_str(), up.lag_bytes, up.reconnects), ("3/00001000", "3/00000400", 0xc00, 1));
+        assert!(up.status_age_seconds.is_some_and(|a| (1.5..10.0).contains(&a)), "{up:?}");
+        let r = v.render();
+        assert!(r.contains("upstream     PostgreSQL connected (TLS) server 3/00001000") && r.contains("flush 3/00000400"), "{r}");
+        assert_eq!(v.to_json()["upstream"]["reported_write"], "3/00000800");
     }
 }

@@ -70,7 +70,7 @@ impl TlsError {
 }
 
 /// ring's TLS 1.3 suites, AES-128-GCM first: the fastest with AES-NI, and the WAL stream is bulk data.
-fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
+pub(crate) fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
     use rustls::crypto::ring::cipher_suite::{TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256};
     Arc::new(rustls::crypto::CryptoProvider {
         cipher_suites: vec![TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256],
@@ -383,6 +383,16 @@ fn start_pump(tcp: TcpStream, peer: SocketAddr, conn: Connection) -> io::Result<
     let (app, pump_end) = socket_pair()?;
     std::thread::Builder::new().name("walship-tls".into()).spawn(move || pump(tcp, peer, conn, pump_end))?;
     Ok(Link::Tls(TlsLink { app, peer }))
+}
+
+/// `recv --from-postgres`: the pump for a client connection whose handshake the caller ran
+/// (PostgreSQL's SSLRequest comes first); returns the plaintext end.
+pub(crate) fn pump_client(tcp: TcpStream, peer: SocketAddr, conn: ClientConnection) -> io::Result<UnixStream> {
+    let conn = Connection::from(conn);
+    info!(peer = %peer, "TLS established: {}", describe(&conn));
+    let (app, pump_end) = socket_pair()?;
+    std::thread::Builder::new().name("walship-tls".into()).spawn(move || pump(tcp, peer, conn, pump_end))?;
+    Ok(app)
 }
 
 /// Moves bytes until both directions are closed: plaintext from `app` is encrypted onto `tcp`,

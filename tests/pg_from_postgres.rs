@@ -7,7 +7,10 @@
 //! directory, and a standby from a base backup replays the directory to exactly that point with
 //! the primary's table checksums. Also: a directory of another cluster is refused, nothing written;
 //! SCRAM-SHA-256 with the password from PGPASSWORD streams, a wrong password= is refused (28P01).
-//! And walship following a standby that gets promoted follows it onto timeline 2.
+//! And walship following a standby that gets promoted follows it onto timeline 2. TLS towards a
+//! server with `ssl = on` and a CA made here: verify-full (a URI conninfo), verify-ca, require,
+//! prefer and allow stream over TLS; a wrong CA and a host name the certificate does not carry are refused with a
+//! clear error; a `hostssl`-only pg_hba refuses sslmode=disable.
 //!
 //! Needs PostgreSQL (Debian's package); without it the test prints SKIP and passes, unless
 //! `WALSHIP_REQUIRE_PG=1`. Run: `cargo test --release --test pg_from_postgres -- --nocapture`.
@@ -26,6 +29,7 @@ const OTHER_PORT: u16 = 57423;
 const SCRAM_PORT: u16 = 57424;
 const PROMOTE_A_PORT: u16 = 57425;
 const PROMOTE_B_PORT: u16 = 57426;
+const TLS_PORT: u16 = 57427;
 
 struct T {
     pg: Pg,
@@ -328,5 +332,174 @@ fn promotion(t: &T) -> R<()> {
     recv.signal(libc::SIGTERM).map_err(|e| e.to_string())?;
     recv.wait_timeout(Duration::from_secs(20)).map_err(|e| e.to_string())?;
     b.stop("fast")?;
+    Ok(())
+}
+
+#[test]
+fn tls_towards_postgres_as_libpq_sslmode_says() {
+    let Some(t) = T::new("pg-from-postgres-tls") else { return };
+    if let Err(e) = tls(&t) {
+        panic!("{e}\n(temp dir {}; WALSHIP_KEEP_TMP=1 keeps it)", t.tmp.path().display());
+    }
+}
+
+/// A CA, and a server certificate it signs for `localhost` only; another CA that signs nothing.
+fn make_certs(dir: &Path) -> R<(PathBuf, PathBuf, PathBuf, PathBuf)> {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let e = |e: rcgen::Error| e.to_string();
+    let ca = |name: &str| -> R<(String, Issuer<'static, KeyPair>)> {
+        let mut params = CertificateParams::new(Vec::<String>::new()).map_err(e)?;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        let key = KeyPair::generate().map_err(e)?;
+        let cert = params.self_signed(&key).map_err(e)?;
+        Ok((cert.pem(), Issuer::new(params, key)))
+    };
+    let (ca_pem, issuer) = ca("walship test CA")?;
+    let (other_pem, _) = ca("some other CA")?;
+    let mut params = CertificateParams::new(vec!["localhost".to_string()]).map_err(e)?;
+    params.distinguished_name.push(rcgen::DnType::CommonName, "localhost");
+    let key = KeyPair::generate().map_err(e)?;
+    let cert = params.signed_by(&key, &issuer).map_err(e)?;
+    let paths = (dir.join("ca.pem"), dir.join("other-ca.pem"), dir.join("server.crt"), dir.join("server.key"));
+    fs::write(&paths.0, ca_pem).map_err(|e| e.to_string())?;
+    fs::write(&paths.1, other_pem).map_err(|e| e.to_string())?;
+    fs::write(&paths.2, cert.pem()).map_err(|e| e.to_string())?;
+    fs::write(&paths.3, key.serialize_pem()).map_err(|e| e.to_string())?;
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&paths.3, fs::Permissions::from_mode(0o600)).map_err(|e| e.to_string())?;
+    Ok(paths)
+}
+
+fn tls(t: &T) -> R<()> {
+    let certs = t.pgdir.join("certs");
+    fs::create_dir_all(&certs).map_err(|e| e.to_string())?;
+    let (ca, other_ca, cert, key) = make_certs(&certs)?;
+    t.pg.chown(&certs)?;
+    let mut primary = t.server("tls", TLS_PORT);
+    primary.init(
+        "pg_from_postgres tls",
+        &format!(
+            "wal_level = replica\nmax_wal_senders = 4\nmax_replication_slots = 4\nlisten_addresses = '127.0.0.1'\nssl = on\n\
+             ssl_cert_file = '{}'\nssl_key_file = '{}'\n",
+            cert.display(),
+            key.display()
+        ),
+    )?;
+    // Replication over TCP only with TLS: there is no `host` (or `hostnossl`) line for it.
+    fs::write(primary.data.join("pg_hba.conf"), "local all all trust\nlocal replication all trust\nhostssl replication all 127.0.0.1/32 trust\n")
+        .map_err(|e| e.to_string())?;
+    primary.sql("SELECT pg_reload_conf()")?;
+    let home = t.tmp.join("home"); // no ~/.postgresql/root.crt: sslmode=require checks nothing
+    fs::create_dir_all(&home).map_err(|e| e.to_string())?;
+    let dir = t.tmp.join("recv");
+    let metrics_port = free_port();
+    let metrics_listen = format!("127.0.0.1:{metrics_port}");
+    let run = |name: &str, conninfo: &str| {
+        let log = t.tmp.join(format!("recv-{name}.log"));
+        let args = ["recv", "--from-postgres", conninfo, "--slot", "walship", "--dir", p(&dir), "--spare-segments", "0", "--metrics-listen", &metrics_listen];
+        let mut c = walship(&args);
+        c.env("HOME", &home).env_remove("PGSSLMODE").env_remove("PGSSLROOTCERT");
+        (spawn_logged(&format!("walship recv ({name})"), c, &log), log)
+    };
+    // Streams, and the walsender's connection is TLS (pg_stat_ssl), then a clean stop.
+    let streams = |name: &str, conninfo: &str| -> R<()> {
+        let (mut recv, log) = run(name, conninfo);
+        let sql = "SELECT s.ssl::text || ' ' || s.version FROM pg_stat_replication r JOIN pg_stat_ssl s USING (pid) WHERE r.application_name = 'walship'";
+        let seen = poll_until(Duration::from_secs(30), Duration::from_millis(100), || primary.sql_quiet(sql).ok().filter(|s| !s.is_empty()));
+        match seen.as_deref() {
+            Some(s) if s.starts_with("true TLSv1.3") => {}
+            other => return Err(format!("{name}: walship's walsender connection: {other:?}, want TLS 1.3:\n{}", tail_file(&log, 30))),
+        }
+        primary.sql("CREATE TABLE IF NOT EXISTS tls_rows (x int); INSERT INTO tls_rows SELECT generate_series(1, 10000)")?;
+        primary.sql("SELECT pg_switch_wal()")?;
+        let end = primary.lsn("SELECT pg_current_wal_flush_lsn()")?;
+        if poll_until(Duration::from_secs(30), Duration::from_millis(100), || Some(()).filter(|_| recv_flushed(&dir) >= end)).is_none() {
+            return Err(format!("{name}: walship never made {} durable:\n{}", fmt_lsn(end), tail_file(&log, 30)));
+        }
+        // `walship status` shows the upstream: streaming over TLS, the server's position and the
+        // last status update sent (flush = what is durable here) at or past `end`.
+        let url = format!("http://127.0.0.1:{metrics_port}/metrics");
+        let up = poll_until(Duration::from_secs(10), Duration::from_millis(100), || {
+            let out = run_ok(&mut walship(&["status", "--url", &url, "--json", "--sample", "0"])).ok()?;
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            let u = v.get("upstream")?.clone();
+            let flush = u["reported_flush"].as_str().and_then(parse_lsn)?;
+            let server = u["server"].as_str().and_then(parse_lsn)?;
+            (u["connected"] == true && u["tls"] == true && flush >= end && server >= end).then_some(u)
+        });
+        let Some(up) = up else {
+            let out = run_ok(&mut walship(&["status", "--url", &url, "--json", "--sample", "0"]));
+            return Err(format!("{name}: walship status never showed the upstream connected over TLS with flush >= {}: {out:?}", fmt_lsn(end)));
+        };
+        t.say(format!("{name}: walship status upstream: {up}"));
+        recv.signal(libc::SIGTERM).map_err(|e| e.to_string())?;
+        match recv.wait_timeout(Duration::from_secs(20)).map_err(|e| e.to_string())? {
+            Some(st) if st.success() => {}
+            other => return Err(format!("{name}: walship after SIGTERM: {other:?}:\n{}", tail_file(&log, 20))),
+        }
+        t.say(format!("{name}: streams over TLS 1.3 up to {}", fmt_lsn(recv_flushed(&dir))));
+        Ok(())
+    };
+    // Exits non-zero, its log holding every one of `want`.
+    let refused = |name: &str, conninfo: &str, want: &[&str]| -> R<()> {
+        let (mut recv, log) = run(name, conninfo);
+        let st = recv.wait_timeout(Duration::from_secs(30)).map_err(|e| e.to_string())?;
+        let text = strip_ansi(&fs::read_to_string(&log).unwrap_or_default());
+        match st {
+            Some(st) if !st.success() && want.iter().all(|w| text.contains(w)) => {}
+            other => return Err(format!("{name}: {other:?}, want a non-zero exit saying {want:?}:\n{}", tail_str(&text, 20))),
+        }
+        let line = text.lines().rev().find(|l| l.contains(want[0])).unwrap_or_default();
+        t.say(format!("{name}: refused: {}", line.trim()));
+        Ok(())
+    };
+    let port = primary.port;
+    streams("verify-full (URI)", &format!("postgresql://{PG_USER}@localhost:{port}/?sslmode=verify-full&sslrootcert={}", ca.display()))?;
+    streams("verify-ca", &format!("host=127.0.0.1 port={port} user={PG_USER} sslmode=verify-ca sslrootcert={}", ca.display()))?;
+    streams("require", &format!("host=127.0.0.1 port={port} user={PG_USER} sslmode=require"))?;
+    streams("prefer", &format!("host=127.0.0.1 port={port} user={PG_USER}"))?;
+    // allow: plaintext first; the hostssl-only server refuses it, so TLS next.
+    streams("allow", &format!("host=127.0.0.1 port={port} user={PG_USER} sslmode=allow"))?;
+    // A walsender terminated under it: walship reconnects (over TLS again) and counts it.
+    {
+        let (mut recv, log) = run("reconnect", &format!("host=localhost port={port} user={PG_USER} sslmode=verify-full sslrootcert={}", ca.display()));
+        let url = format!("http://127.0.0.1:{metrics_port}/metrics");
+        let status = || -> Option<serde_json::Value> {
+            let out = run_ok(&mut walship(&["status", "--url", &url, "--json", "--sample", "0"])).ok()?;
+            serde_json::from_slice::<serde_json::Value>(&out.stdout).ok()?.get("upstream").cloned()
+        };
+        poll_until(Duration::from_secs(30), Duration::from_millis(100), || status().filter(|u| u["connected"] == true))
+            .ok_or_else(|| format!("reconnect: never streaming:\n{}", tail_file(&log, 20)))?;
+        primary.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_replication WHERE application_name = 'walship'")?;
+        // Nothing new to stream: the server's position and the flush walship reports on starting
+        // a stream are still its durable end.
+        let held = recv_flushed(&dir);
+        let at = |u: &serde_json::Value, k: &str| u[k].as_str().and_then(parse_lsn).unwrap_or(0);
+        let up = poll_until(Duration::from_secs(30), Duration::from_millis(100), || {
+            status().filter(|u| u["connected"] == true && u["reconnects"] == 1 && u["tls"] == true && at(u, "reported_flush") == held && at(u, "server") >= held)
+        })
+            .ok_or_else(|| format!("reconnect: walship status never showed 1 reconnect, streaming over TLS again: {:?}\n{}", status(), tail_file(&log, 20)))?;
+        t.say(format!("walsender terminated; walship reconnected: {up}"));
+        recv.signal(libc::SIGTERM).map_err(|e| e.to_string())?;
+        recv.wait_timeout(Duration::from_secs(20)).map_err(|e| e.to_string())?;
+    }
+    refused(
+        "verify-full, a host name the certificate lacks",
+        &format!("host=127.0.0.1 port={port} user={PG_USER} sslmode=verify-full sslrootcert={}", ca.display()),
+        &["TLS with PostgreSQL at 127.0.0.1", "not valid for name", "host name \"127.0.0.1\""],
+    )?;
+    refused(
+        "verify-full, another CA",
+        &format!("host=localhost port={port} user={PG_USER} sslmode=verify-full sslrootcert={}", other_ca.display()),
+        &["TLS with PostgreSQL at localhost", "UnknownIssuer", "other-ca.pem"],
+    )?;
+    refused("disable, hostssl only", &format!("host=127.0.0.1 port={port} user={PG_USER} sslmode=disable"), &["28000", "no encryption"])?;
+    refused(
+        "verify-full without a root certificate",
+        &format!("host=localhost port={port} user={PG_USER} sslmode=verify-full"),
+        &["verify-full needs a root certificate", "root.crt"],
+    )?;
+    primary.stop("fast")?;
     Ok(())
 }

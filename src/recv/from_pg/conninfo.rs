@@ -1,6 +1,7 @@
-//! `--from-postgres CONNINFO`: libpq's `key=value` connection string (the keywords a physical
-//! replication client needs), with libpq's fallbacks: PGHOST, PGPORT, PGUSER, PGPASSWORD and the
-//! password file (PGPASSFILE, else ~/.pgpass).
+//! `--from-postgres CONNINFO`: libpq's `key=value` connection string or `postgresql://` URI (the
+//! keywords a physical replication client needs), with libpq's fallbacks: PGHOST, PGPORT, PGUSER,
+//! PGPASSWORD, the password file (PGPASSFILE, else ~/.pgpass), PGSSLMODE and PGSSLROOTCERT (else
+//! ~/.postgresql/root.crt).
 
 use std::path::{Path, PathBuf};
 
@@ -24,6 +25,11 @@ pub struct ConnInfo {
     pub user: String,
     pub password: Option<String>,
     pub sslmode: SslMode,
+    /// The PEM CA certificates the server's certificate is checked against (sslrootcert,
+    /// PGSSLROOTCERT, else ~/.postgresql/root.crt, which need not exist).
+    pub sslrootcert: Option<PathBuf>,
+    /// Whether sslrootcert was named (sslrootcert= or PGSSLROOTCERT): then it must exist.
+    pub sslrootcert_given: bool,
     /// Overrides `--application-name` when the conninfo names one.
     pub application_name: Option<String>,
     pub connect_timeout_s: Option<u64>,
@@ -33,7 +39,7 @@ pub struct ConnInfo {
 pub enum ConnInfoError {
     #[error("--from-postgres: {0}")]
     Syntax(String),
-    #[error("--from-postgres: unknown keyword {0:?} (known: host, hostaddr, port, user, password, passfile, sslmode, application_name, connect_timeout, dbname)")]
+    #[error("--from-postgres: unknown keyword {0:?} (known: host, hostaddr, port, user, password, passfile, sslmode, sslrootcert, application_name, connect_timeout, dbname)")]
     UnknownKeyword(String),
     #[error("--from-postgres: {keyword}={value:?}: {why}")]
     BadValue { keyword: String, value: String, why: String },
@@ -95,6 +101,79 @@ fn pairs(s: &str) -> Result<Vec<(String, String)>, ConnInfoError> {
     }
 }
 
+/// `[user[:password]@][host][:port][/dbname][?keyword=value&...]` (after the scheme) as
+/// keyword pairs; every part percent-decoded. One host only.
+fn uri_pairs(s: &str) -> Result<Vec<(String, String)>, ConnInfoError> {
+    let (main, query) = s.split_once('?').unwrap_or((s, ""));
+    let (authority, dbname) = main.split_once('/').unwrap_or((main, ""));
+    let mut out = Vec::new();
+    let hostport = match authority.rsplit_once('@') {
+        Some((userinfo, hostport)) => {
+            let (user, password) = match userinfo.split_once(':') {
+                Some((u, p)) => (u, Some(p)),
+                None => (userinfo, None),
+            };
+            if !user.is_empty() {
+                out.push(("user".to_string(), percent_decode(user)?));
+            }
+            if let Some(p) = password {
+                out.push(("password".to_string(), percent_decode(p)?));
+            }
+            hostport
+        }
+        None => authority,
+    };
+    if hostport.contains(',') {
+        return Err(ConnInfoError::Syntax("a URI with several hosts; walship connects to one".into()));
+    }
+    let (host, port) = if let Some(rest) = hostport.strip_prefix('[') {
+        let (h, after) = rest.split_once(']').ok_or_else(|| ConnInfoError::Syntax(format!("unterminated IPv6 address in {hostport:?}")))?;
+        (h, after.strip_prefix(':'))
+    } else {
+        match hostport.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (hostport, None),
+        }
+    };
+    if !host.is_empty() {
+        out.push(("host".to_string(), percent_decode(host)?));
+    }
+    if let Some(p) = port.filter(|p| !p.is_empty()) {
+        out.push(("port".to_string(), percent_decode(p)?));
+    }
+    if !dbname.is_empty() {
+        out.push(("dbname".to_string(), percent_decode(dbname)?));
+    }
+    for kv in query.split('&').filter(|kv| !kv.is_empty()) {
+        let (k, v) = kv.split_once('=').ok_or_else(|| ConnInfoError::Syntax(format!("URI parameter {kv:?} without \"=\"")))?;
+        let (k, v) = (percent_decode(k)?, percent_decode(v)?);
+        // libpq takes the JDBC spelling ssl=true as sslmode=require.
+        if k == "ssl" && v == "true" {
+            out.push(("sslmode".to_string(), "require".to_string()));
+        } else {
+            out.push((k, v));
+        }
+    }
+    Ok(out)
+}
+
+fn percent_decode(s: &str) -> Result<String, ConnInfoError> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = s.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(h, 16).ok());
+            out.push(hex.ok_or_else(|| ConnInfoError::Syntax(format!("bad percent-encoding in {s:?}")))?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| ConnInfoError::Syntax(format!("{s:?} decodes to bytes that are not UTF-8")))
+}
+
 /// What the process environment supplies (a seam for the tests).
 pub struct Env {
     pub var: fn(&str) -> Option<String>,
@@ -112,9 +191,10 @@ impl Env {
 impl ConnInfo {
     /// Parses `s`, filling what it leaves out from `env` as libpq does.
     pub fn parse(s: &str, env: &Env) -> Result<ConnInfo, ConnInfoError> {
-        if s.starts_with("postgres://") || s.starts_with("postgresql://") {
-            return Err(ConnInfoError::Syntax("URIs are not supported yet; write key=value pairs, e.g. \"host=db port=5432 user=walship\"".into()));
-        }
+        let pairs = match s.strip_prefix("postgresql://").or_else(|| s.strip_prefix("postgres://")) {
+            Some(rest) => uri_pairs(rest)?,
+            None => pairs(s)?,
+        };
         let mut host = None;
         let mut port = None;
         let mut user = None;
@@ -123,7 +203,8 @@ impl ConnInfo {
         let mut sslmode = None;
         let mut application_name = None;
         let mut connect_timeout_s = None;
-        for (k, v) in pairs(s)? {
+        let mut sslrootcert = None;
+        for (k, v) in pairs {
             let bad = |why: &str| ConnInfoError::BadValue { keyword: k.clone(), value: v.clone(), why: why.into() };
             match k.as_str() {
                 "host" | "hostaddr" => host = Some(v.clone()),
@@ -132,6 +213,7 @@ impl ConnInfo {
                 "password" => password = Some(v.clone()),
                 "passfile" => passfile = Some(PathBuf::from(&v)),
                 "sslmode" => sslmode = Some(parse_sslmode(&v).ok_or_else(|| bad("expected disable, allow, prefer, require, verify-ca or verify-full"))?),
+                "sslrootcert" => sslrootcert = Some(PathBuf::from(&v)),
                 "application_name" => application_name = Some(v.clone()),
                 "connect_timeout" => connect_timeout_s = Some(v.parse::<u64>().map_err(|_| bad("expected whole seconds"))?),
                 // A physical replication connection is to no database; libpq ignores dbname then too.
@@ -153,11 +235,14 @@ impl ConnInfo {
             Some(m) => m,
             None => var("PGSSLMODE").and_then(|v| parse_sslmode(&v)).unwrap_or(SslMode::Prefer),
         };
+        let sslrootcert = sslrootcert.or_else(|| var("PGSSLROOTCERT").map(PathBuf::from));
+        let sslrootcert_given = sslrootcert.is_some();
+        let sslrootcert = sslrootcert.or_else(|| env.home.as_ref().map(|h| h.join(".postgresql/root.crt")));
         let password = password.or_else(|| var("PGPASSWORD")).or_else(|| {
             let file = passfile.or_else(|| var("PGPASSFILE").map(PathBuf::from)).or_else(|| env.home.as_ref().map(|h| h.join(".pgpass")))?;
             password_from_file(&file, &host, port, &user)
         });
-        Ok(ConnInfo { host, port, user, password, sslmode, application_name, connect_timeout_s })
+        Ok(ConnInfo { host, port, user, password, sslmode, sslrootcert, sslrootcert_given, application_name, connect_timeout_s })
     }
 
     /// The Unix socket path when `host` names a socket directory.
@@ -251,7 +336,28 @@ mod tests {
         assert!(e.contains("port"), "{e}");
         assert!(ConnInfo::parse("host", &no_env()).is_err());
         assert!(ConnInfo::parse("password='open", &no_env()).is_err());
-        assert!(ConnInfo::parse("postgresql://x", &no_env()).is_err());
+        assert!(ConnInfo::parse("postgresql://a,b/x", &no_env()).is_err(), "several hosts");
+        assert!(ConnInfo::parse("postgresql://x/?sslmode=sometimes", &no_env()).is_err());
+        assert!(ConnInfo::parse("postgresql://x/?bogus=1", &no_env()).is_err());
+    }
+
+    #[test]
+    fn uris_as_libpq() {
+        let ci = ConnInfo::parse("postgresql://rep:s%40cret@db.example:5433/postgres?sslmode=verify-full&sslrootcert=/etc/ca.pem&application_name=arch", &no_env()).unwrap();
+        assert_eq!((ci.host.as_str(), ci.port, ci.user.as_str()), ("db.example", 5433, "rep"));
+        assert_eq!(ci.password.as_deref(), Some("s@cret"));
+        assert_eq!(ci.sslmode, SslMode::VerifyFull);
+        assert_eq!(ci.sslrootcert, Some(PathBuf::from("/etc/ca.pem")));
+        assert!(ci.sslrootcert_given);
+        assert_eq!(ci.application_name.as_deref(), Some("arch"));
+        let ci = ConnInfo::parse("postgres://[::1]:6000", &no_env()).unwrap();
+        assert_eq!((ci.host.as_str(), ci.port, ci.user.as_str()), ("::1", 6000, "osuser"));
+        let ci = ConnInfo::parse("postgresql://%2Frun%2Fpg/?ssl=true", &no_env()).unwrap();
+        assert_eq!(ci.unix_socket(), Some(PathBuf::from("/run/pg/.s.PGSQL.5432")));
+        assert_eq!(ci.sslmode, SslMode::Require);
+        let ci = ConnInfo::parse("postgresql://", &no_env()).unwrap();
+        assert_eq!((ci.host.as_str(), ci.port), ("localhost", 5432));
+        assert!(!ci.sslrootcert_given);
     }
 
     #[test]

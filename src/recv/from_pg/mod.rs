@@ -17,6 +17,7 @@
 
 pub mod conninfo;
 pub mod proto;
+pub mod tls;
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
@@ -31,7 +32,11 @@ use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::frontend;
 use tracing::{info, warn};
 
+use crate::metrics::LsnGauge;
 use crate::tls::Link;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use crate::wal::{Lsn, WalIdentity};
 use crate::wire::{self, Hello, Keepalive, Message, PROTOCOL_VERSION};
 pub use conninfo::{ConnInfo, SslMode};
@@ -50,6 +55,54 @@ pub struct FromPgConfig {
     pub retry_interval: Duration,
     /// Bound on connecting and on each blocking step of the start-up conversation.
     pub connect_timeout: Duration,
+    /// The upstream's numbers for `/metrics` and `walship status`.
+    pub metrics: FromPgMetrics,
+}
+
+/// The upstream server as the bridge sees it (`walship_recv_upstream_*`): whether it streams,
+/// the server's end of WAL last seen, the last status update sent (write/flush), reconnects.
+#[derive(Debug, Clone, Default)]
+pub struct FromPgMetrics {
+    pub connected: Gauge,
+    pub tls: Gauge,
+    pub reconnects: Counter,
+    pub server_lsn: LsnGauge,
+    pub reported_write_lsn: LsnGauge,
+    pub reported_flush_lsn: LsnGauge,
+    pub last_status_time_s: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub last_message_time_s: Gauge<f64, std::sync::atomic::AtomicU64>,
+}
+
+impl FromPgMetrics {
+    pub fn register(&self, r: &mut Registry) {
+        let r = r.sub_registry_with_prefix("recv_upstream");
+        r.register("connected", "1 while streaming from the PostgreSQL server (--from-postgres)", self.connected.clone());
+        r.register("tls", "1 while the replication connection to PostgreSQL uses TLS", self.tls.clone());
+        r.register("reconnects", "Replication connections re-made after a loss", self.reconnects.clone());
+        r.register("server_lsn", "The server's end of WAL as last reported by its walsender (u64 LSN)", self.server_lsn.clone());
+        r.register("reported_write_lsn", "The write position of the last status update sent to the server (u64 LSN)", self.reported_write_lsn.clone());
+        r.register(
+            "reported_flush_lsn",
+            "The flush position of the last status update sent to the server: durable here (u64 LSN)",
+            self.reported_flush_lsn.clone(),
+        );
+        r.register("last_status_time_seconds", "Unix time of the last status update sent to the server", self.last_status_time_s.clone());
+        r.register("last_message_time_seconds", "Unix time of the last message from the server's walsender", self.last_message_time_s.clone());
+    }
+
+    fn on_status(&self, write: Lsn, flush: Lsn) {
+        debug_assert!(flush <= write, "flush {flush} past write {write}");
+        self.reported_write_lsn.set(write.0);
+        self.reported_flush_lsn.set(flush.0);
+        self.last_status_time_s.set(unix_us() as f64 / 1e6);
+    }
+
+    fn on_server(&self, wal_end: Lsn) {
+        if wal_end.0 > self.server_lsn.get() {
+            self.server_lsn.set(wal_end.0);
+        }
+        self.last_message_time_s.set(unix_us() as f64 / 1e6);
+    }
 }
 
 impl FromPgConfig {
@@ -64,13 +117,7 @@ impl FromPgConfig {
         if self.retry_interval.is_zero() || self.connect_timeout.is_zero() {
             return Err("--pg-retry-interval and --pg-connect-timeout must be longer than zero".into());
         }
-        if matches!(self.conninfo.sslmode, SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull) {
-            return Err(format!(
-                "--from-postgres: sslmode={:?}: TLS towards PostgreSQL is not implemented yet; use sslmode=disable (or prefer, which \
-                 then connects without TLS) over a trusted network or a tunnel",
-                self.conninfo.sslmode
-            ));
-        }
+        tls::PgTls::from_conninfo(&self.conninfo).map_err(|e| format!("--from-postgres: {e}"))?;
         Ok(())
     }
 }
@@ -102,6 +149,9 @@ pub enum FromPgError {
     WrongCluster { peer: String, server: u64, ours: u64 },
     #[error("the receiver refused the stream from {peer}: {why}")]
     Receiver { peer: String, why: String },
+    /// TLS refused or failed; `transient` when the connection broke (not the certificate or the mode).
+    #[error("TLS with PostgreSQL at {peer} failed: {why}")]
+    Tls { peer: String, why: String, transient: bool },
 }
 
 impl FromPgError {
@@ -110,6 +160,7 @@ impl FromPgError {
     fn is_transient(&self) -> bool {
         match self {
             FromPgError::Connect { .. } | FromPgError::Io { .. } => true,
+            FromPgError::Tls { transient, .. } => *transient,
             FromPgError::Server { error, .. } => matches!(error.code.as_str(), "55006" | "57P01" | "57P02" | "57P03" | "53300"),
             _ => false,
         }
@@ -153,7 +204,10 @@ impl Bridge {
     fn run(&mut self) -> FromPgError {
         let mut streamed = false;
         loop {
-            match self.session(&mut streamed) {
+            let result = self.session(&mut streamed);
+            self.cfg.metrics.connected.set(0);
+            self.cfg.metrics.tls.set(0);
+            match result {
                 Ok(Ended::ByServer) => info!(server = %self.cfg.conninfo.describe(), "the server ended the replication stream; reconnecting"),
                 // The first connection fails fast (a wrong address or a server that is down is
                 // most likely a configuration error); once streaming, walship keeps trying.
@@ -162,6 +216,9 @@ impl Bridge {
                 }
                 Err(e) => return e,
             }
+            if streamed {
+                self.cfg.metrics.reconnects.inc();
+            }
             std::thread::sleep(self.cfg.retry_interval);
         }
     }
@@ -169,6 +226,7 @@ impl Bridge {
     /// One replication connection, across as many timelines as it follows.
     fn session(&mut self, streamed: &mut bool) -> Result<Ended, FromPgError> {
         let (mut pg, peer_addr) = PgConn::connect(&self.cfg)?;
+        self.cfg.metrics.tls.set(i64::from(pg.tls));
         let peer = pg.peer.clone();
         let ident = pg.query("IDENTIFY_SYSTEM", "IDENTIFY_SYSTEM")?;
         let row = ident.first().ok_or_else(|| pg.protocol("no row for IDENTIFY_SYSTEM"))?;
@@ -182,6 +240,7 @@ impl Bridge {
             }
         }
         info!(server = %peer, system_id, timeline = server_tli, position = %server_pos, "connected to PostgreSQL");
+        self.cfg.metrics.on_server(server_pos);
         let slot_restart = self.ensure_slot(&mut pg)?;
         // Where this connection starts: the directory's durable end on its timeline (the
         // receiver's Welcome says exactly where), or, for an empty directory, the segment holding
@@ -379,6 +438,7 @@ struct Stream {
     early: Vec<(Lsn, Vec<u8>)>,
     acked: Arc<Acked>,
     ack_thread: Option<std::thread::JoinHandle<Option<String>>>,
+    metrics: FromPgMetrics,
 }
 
 impl Stream {
@@ -394,6 +454,7 @@ impl Stream {
             early: Vec::new(),
             acked: Arc::new(Acked { written: AtomicU64::new(0), flushed: AtomicU64::new(0) }),
             ack_thread: None,
+            metrics: cfg.metrics.clone(),
         }
     }
 
@@ -404,15 +465,20 @@ impl Stream {
             let (tag, body) = pg.read_message()?;
             match tag {
                 b'd' => match proto::parse_copy_data(&body).map_err(|e| pg.protocol(&e.to_string()))? {
-                    ReplMessage::XLogData { start: at, data, .. } => {
+                    ReplMessage::XLogData { start: at, data, wal_end, .. } => {
+                        self.metrics.on_server(wal_end);
                         if at != start + have.len() as u64 {
                             return Err(pg.protocol(&format!("XLogData at {at} where {} was expected", start + have.len() as u64)));
                         }
                         have.extend_from_slice(data);
                         self.early.push((at, data.to_vec()));
                     }
-                    ReplMessage::Keepalive { reply_requested: true, .. } => pg.send(&proto::status_update(Lsn(0), Lsn(0), unix_us(), false))?,
-                    ReplMessage::Keepalive { .. } => {}
+                    ReplMessage::Keepalive { reply_requested: true, wal_end, .. } => {
+                        self.metrics.on_server(wal_end);
+                        pg.send(&proto::status_update(Lsn(0), Lsn(0), unix_us(), false))?;
+                        self.metrics.on_status(Lsn(0), Lsn(0));
+                    }
+                    ReplMessage::Keepalive { wal_end, .. } => self.metrics.on_server(wal_end),
                 },
                 b'E' => return Err(pg.server_error(&body, "the replication stream")),
                 b'N' | b'S' => {}
@@ -435,6 +501,7 @@ impl Stream {
     fn spawn_ack_reader(&mut self, pg_writer: Arc<Mutex<Option<PgSocket>>>) -> std::io::Result<()> {
         let link = self.link.as_ref().expect("link").try_clone()?;
         let acked = Arc::clone(&self.acked);
+        let metrics = self.metrics.clone();
         self.ack_thread = Some(std::thread::Builder::new().name("walship-from-pg-acks".into()).spawn(move || {
             let mut dec = wire::Decoder::new(wire::Limits::default());
             let mut buf = [0u8; 4096];
@@ -455,6 +522,8 @@ impl Stream {
                             if let Some(s) = w.as_mut() {
                                 if s.write_all(&status).is_err() {
                                     *w = None;
+                                } else {
+                                    metrics.on_status(Lsn(written), Lsn(flushed));
                                 }
                             }
                         }
@@ -489,6 +558,14 @@ impl Stream {
     fn run(&mut self, pg: &mut PgConn) -> Result<StreamEnd, FromPgError> {
         let writer = Arc::new(Mutex::new(Some(pg.socket.try_clone().map_err(|source| FromPgError::Io { peer: pg.peer.clone(), source })?)));
         pg.shared_writer = Some(Arc::clone(&writer));
+        self.metrics.connected.set(1);
+        // Tell the server at once what is durable here (as pg_receivewal does on starting), before
+        // the Ack reader may send anything newer.
+        let (w, f) = (self.acked.written.load(Ordering::Relaxed), self.acked.flushed.load(Ordering::Relaxed));
+        if f > 0 {
+            pg.send(&proto::status_update(Lsn(w), Lsn(f), unix_us(), false))?;
+            self.metrics.on_status(Lsn(w), Lsn(f));
+        }
         self.spawn_ack_reader(Arc::clone(&writer)).map_err(|source| FromPgError::Io { peer: "the receiver (socket pair)".into(), source })?;
         let result = self.forward(pg);
         // No status update may follow the end of the copy stream.
@@ -517,12 +594,17 @@ impl Stream {
             };
             match tag {
                 b'd' => match proto::parse_copy_data(&body).map_err(|e| pg.protocol(&e.to_string()))? {
-                    ReplMessage::XLogData { start, data, .. } => self.send_wal(pg, start, data)?,
-                    ReplMessage::Keepalive { reply_requested, .. } => {
+                    ReplMessage::XLogData { start, data, wal_end, .. } => {
+                        self.metrics.on_server(wal_end);
+                        self.send_wal(pg, start, data)?
+                    }
+                    ReplMessage::Keepalive { reply_requested, wal_end, .. } => {
+                        self.metrics.on_server(wal_end);
                         self.send_link(pg, &keepalive_frame())?;
                         if reply_requested {
                             let (w, f) = (self.acked.written.load(Ordering::Relaxed), self.acked.flushed.load(Ordering::Relaxed));
                             pg.send(&proto::status_update(Lsn(w), Lsn(f), unix_us(), false))?;
+                            self.metrics.on_status(Lsn(w), Lsn(f));
                         }
                     }
                 },
@@ -668,19 +750,53 @@ impl PgSocket {
     }
 }
 
+/// Bytes of the read buffer of a replication connection (grows for a larger message).
+const READ_BUFFER_BYTES: usize = 256 << 10;
+
 /// A blocking replication connection: start-up, authentication, simple queries, messages.
 struct PgConn {
     socket: PgSocket,
     /// While streaming, writes go through this (shared with the Ack reader) so messages never interleave.
     shared_writer: Option<Arc<Mutex<Option<PgSocket>>>>,
+    /// Received bytes `start..end` not yet taken as messages; `buf` keeps its length (zeroed
+    /// once, grown only for a message larger than it), so a read does not clear memory.
     buf: Vec<u8>,
     start: usize,
+    end: usize,
     peer: String,
     message_bytes_max: u32,
+    /// Whether the connection is TLS.
+    tls: bool,
 }
 
 impl PgConn {
+    /// Connects as `sslmode` says: disable never tries TLS; allow tries without, then with TLS
+    /// when the server refuses (pg_hba `hostssl`); prefer tries TLS, then without when the
+    /// server has none or the handshake fails; require and verify-* insist on TLS.
     fn connect(cfg: &FromPgConfig) -> Result<(PgConn, SocketAddr), FromPgError> {
+        let ci = &cfg.conninfo;
+        let tls = tls::PgTls::from_conninfo(ci).map_err(|e| FromPgError::Tls { peer: ci.describe(), why: e.to_string(), transient: false })?;
+        match (ci.sslmode, tls) {
+            (_, None) => Self::connect_with(cfg, None),
+            (SslMode::Allow, Some(t)) => match Self::connect_with(cfg, None) {
+                Err(e @ (FromPgError::Auth { .. } | FromPgError::Server { .. })) => {
+                    info!(server = %ci.describe(), "without TLS: {e}; sslmode=allow tries again with TLS");
+                    Self::connect_with(cfg, Some(&t))
+                }
+                r => r,
+            },
+            (SslMode::Prefer, Some(t)) => match Self::connect_with(cfg, Some(&t)) {
+                Err(e @ FromPgError::Tls { .. }) => {
+                    warn!(server = %ci.describe(), "{e}; sslmode=prefer tries again without TLS");
+                    Self::connect_with(cfg, None)
+                }
+                r => r,
+            },
+            (_, Some(t)) => Self::connect_with(cfg, Some(&t)),
+        }
+    }
+
+    fn connect_with(cfg: &FromPgConfig, tls: Option<&tls::PgTls>) -> Result<(PgConn, SocketAddr), FromPgError> {
         let ci = &cfg.conninfo;
         let peer = ci.describe();
         let timeout = ci.connect_timeout_s.map_or(cfg.connect_timeout, Duration::from_secs);
@@ -703,15 +819,46 @@ impl PgConn {
                 let (s, a) = found.ok_or_else(|| connect_err(last))?;
                 let _ = s.set_nodelay(true);
                 let _ = s.set_write_timeout(Some(timeout));
-                (PgSocket::Tcp(s), a)
+                let _ = s.set_read_timeout(Some(timeout));
+                match tls {
+                    None => (PgSocket::Tcp(s), a),
+                    Some(t) => Self::start_tls(ci, t, s, a, timeout)?,
+                }
             }
         };
         socket.set_read_timeout(Some(timeout));
-        let mut pg = PgConn { socket, shared_writer: None, buf: Vec::new(), start: 0, peer, message_bytes_max: cfg.message_bytes_max };
+        let tls = matches!(socket, PgSocket::Unix(_)) && ci.unix_socket().is_none();
+        let mut pg = PgConn { socket, shared_writer: None, buf: vec![0; READ_BUFFER_BYTES], start: 0, end: 0, peer, message_bytes_max: cfg.message_bytes_max, tls };
         pg.startup(cfg)?;
         // Streaming waits as long as the server is quiet (it sends keepalives itself).
         pg.socket.set_read_timeout(None);
         Ok((pg, addr))
+    }
+
+    /// SSLRequest, then the handshake when the server says 'S'. A server without TLS ('N') is
+    /// refused under require and verify-*; prefer goes on in plaintext on the same connection.
+    fn start_tls(ci: &ConnInfo, t: &tls::PgTls, s: TcpStream, a: SocketAddr, timeout: Duration) -> Result<(PgSocket, SocketAddr), FromPgError> {
+        let peer = ci.describe();
+        let accepted = tls::request_ssl(&s).map_err(|source| FromPgError::Io { peer: peer.clone(), source })?;
+        match accepted {
+            Err(why) => Err(FromPgError::Protocol { peer, why }),
+            Ok(true) => match t.handshake(s, a, timeout) {
+                Ok(app) => Ok((PgSocket::Unix(app), a)),
+                Err((certificate, why)) => Err(FromPgError::Tls { peer, why, transient: !certificate }),
+            },
+            Ok(false) if matches!(ci.sslmode, SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull) => Err(FromPgError::Tls {
+                peer,
+                why: format!(
+                    "the server does not accept TLS (it answered 'N' to the SSLRequest: ssl = off?), and sslmode={} refuses to go on without it",
+                    tls::mode_name(ci.sslmode)
+                ),
+                transient: false,
+            }),
+            Ok(false) => {
+                info!(server = %peer, "the server does not accept TLS; sslmode={} goes on without it", tls::mode_name(ci.sslmode));
+                Ok((PgSocket::Tcp(s), a))
+            }
+        }
     }
 
     fn startup(&mut self, cfg: &FromPgConfig) -> Result<(), FromPgError> {
@@ -805,27 +952,33 @@ impl PgConn {
     /// The next whole backend message (tag, body).
     fn read_message(&mut self) -> Result<(u8, Vec<u8>), FromPgError> {
         loop {
-            match proto::split_message(&self.buf[self.start..], self.message_bytes_max) {
+            match proto::split_message(&self.buf[self.start..self.end], self.message_bytes_max) {
                 Ok(Some((tag, body, used))) => {
                     let body = body.to_vec();
                     self.start += used;
-                    if self.start == self.buf.len() {
-                        self.buf.clear();
+                    if self.start == self.end {
                         self.start = 0;
+                        self.end = 0;
                     }
                     return Ok((tag, body));
                 }
                 Ok(None) => {}
                 Err(e) => return Err(self.protocol(&e.to_string())),
             }
-            if self.start > 0 {
-                self.buf.drain(..self.start);
+            if self.end == self.buf.len() {
+                // Move the partial message to the front; grow only when it fills the buffer
+                // (bounded: split_message refused anything above message_bytes_max).
+                self.buf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
                 self.start = 0;
+                if self.end == self.buf.len() {
+                    self.buf.resize(self.buf.len() * 2, 0);
+                }
             }
-            let len = self.buf.len();
-            self.buf.resize(len + (256 << 10), 0);
+            let len = self.end;
             let n = self.socket.read(&mut self.buf[len..]);
-            self.buf.truncate(len + *n.as_ref().unwrap_or(&0));
+            self.end = len + *n.as_ref().unwrap_or(&0);
+            debug_assert!(self.start <= self.end && self.end <= self.buf.len());
             match n {
                 Ok(0) => {
                     let source = std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the server closed the connection");
