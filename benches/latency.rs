@@ -58,6 +58,8 @@ const SLOT_PEER: &str = "pg_receivewal_lat";
 const PROBE_BLOCK: usize = 8192;
 const PROBE_FILE_BYTES: usize = 16 << 20;
 const STEP_TIMEOUT: Duration = Duration::from_secs(120);
+/// Pause between two reads of a follower's durable position by the commit probe.
+const READ_PAUSE: Duration = Duration::from_micros(50);
 
 struct Config {
     seconds: u64,
@@ -336,6 +338,9 @@ fn commit_probe(conninfo: &str, durable: &Durable, stop: &AtomicBool, delay: Dur
                 out.timeouts += 1;
                 break;
             }
+            // Paced alike for both followers: a file read back to back would take a whole CPU
+            // from the follower it measures.
+            std::thread::sleep(READ_PAUSE);
         }
     }
     Ok(out)
@@ -1043,8 +1048,8 @@ fn run_bench(cfg: &Config, bin: &Path, root: &Path) -> Result<Json, String> {
          its commit returns (with synchronous_commit = on the primary has flushed it; starting there rather than at the \
          flush itself leaves out one loopback round trip, the same for both followers), it reads \
          pg_current_wal_flush_lsn() (at or past its commit record; under load often past it, again the same for both) \
-         and then reads the follower's durable position back to back until it passes that LSN, and times it to the \
-         middle of the read that saw it. walship's position is read from the receiver's `.walship-flushed` (a file \
+         and then reads the follower's durable position back to back until it passes that LSN, pausing 50 us \
+         between reads (the same for both), and times it to the middle of the read that saw it. walship's position is read from the receiver's `.walship-flushed` (a file \
          read, microseconds; written when its flushed LSN advances, i.e. when the ack is sent), pg_receivewal's from \
          pg_stat_replication.flush_lsn (what the walsender got in its flush report; one SQL round trip); the \
          'resolution' rows give one read's own time: a read is at most that late, timing to its middle halves the \

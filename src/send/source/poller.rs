@@ -5,8 +5,8 @@
 //!
 //! When to ask is [`QueryPacer`]'s (no I/O): at once when the server writes to pg_wal (inotify
 //! `IN_MODIFY` on the directory), then again every `wake_gap` while the flush LSN is behind the
-//! write LSN seen at the first answer (PostgreSQL writes, then fdatasyncs, then moves its flush
-//! LSN), and otherwise every `poll_interval` (the fallback when no event comes, or inotify is not
+//! insert LSN seen at the first answer (PostgreSQL writes, then fdatasyncs, then moves its flush
+//! LSN; a burst ends after `burst_max` if records stay unflushed, e.g. async commits), and otherwise every `poll_interval` (the fallback when no event comes, or inotify is not
 //! available).
 
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -35,7 +35,7 @@ const FLUSH_SQL: &str = "SELECT pg_is_in_recovery(), \
           ELSE pg_current_wal_flush_lsn()::text END, \
      CASE WHEN pg_is_in_recovery() THEN NULL \
           ELSE substr(pg_walfile_name(pg_current_wal_flush_lsn()), 1, 8) END, \
-     CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_current_wal_lsn()::text END";
+     CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_current_wal_insert_lsn()::text END";
 
 /// The server's flush LSN and, on a primary, the timeline it writes (a standby that was promoted
 /// becomes a primary on a new timeline).
@@ -43,7 +43,9 @@ pub(crate) fn query_flush(client: &mut postgres::Client) -> Result<Polled, postg
     query_flush_write(client).map(|(p, _)| p)
 }
 
-/// [`query_flush`] and, on a primary, its write LSN (what it wrote, flushed or not).
+/// [`query_flush`] and, on a primary, its insert LSN: what a flush in progress will reach at most.
+/// (Not `pg_current_wal_lsn()`: PostgreSQL publishes its write and flush positions together, after
+/// the fdatasync, so while a flush is in progress both still show the old value.)
 fn query_flush_write(client: &mut postgres::Client) -> Result<(Polled, Option<Lsn>), postgres::Error> {
     let row = client.query_one(FLUSH_SQL, &[])?;
     let text: Option<String> = row.get(1);
