@@ -663,7 +663,7 @@ fn markdown(cfg: &Config, m: &Json, f: &Facts, met: bool, bound: f64) -> String 
         num(m, "wal_bytes_during_load") / 1e6,
         cfg.recv_extra.iter().map(|a| format!(" {a}")).collect::<String>(),
         cfg.send_extra.iter().map(|a| format!(" {a}")).collect::<String>(),
-        m.get("horizon_poll_interval").and_then(Json::as_str).unwrap_or("1ms"),
+        m.get("horizon_poll_interval").and_then(Json::as_str).unwrap_or("?"),
         if peer.get("pgbench").is_some() {
             format!(
                 " Then the same load again with `pg_receivewal --synchronous --slot {SLOT_PEER}` as the only follower: {}, \
@@ -888,7 +888,7 @@ fn run_bench(cfg: &Config, bin: &Path, root: &Path) -> Result<Json, String> {
         .iter()
         .position(|a| a == "--horizon-poll-interval")
         .and_then(|i| cfg.send_extra.get(i + 1).cloned())
-        .unwrap_or_else(|| "1ms".into());
+        .unwrap_or_else(|| "100ms (default)".into());
     m.set("horizon_poll_interval", poll);
 
     let mut recv = Guard(Some(spawn(&mut recv_cmd, root, "recv").map_err(|e| format!("walship recv: {e}"))?));

@@ -238,7 +238,7 @@ struct SendArgs {
     slot: Option<String>,
     /// Follow mode: how often to ask the server for its flush LSN at least (the fallback when no
     /// write to pg_wal wakes the poller sooner).
-    #[arg(long, env = "WALSHIP_HORIZON_POLL_INTERVAL", default_value = "1ms", value_parser = parse_duration_nonzero)]
+    #[arg(long, env = "WALSHIP_HORIZON_POLL_INTERVAL", default_value = "100ms", value_parser = parse_duration_nonzero)]
     horizon_poll_interval: Duration,
     /// Follow mode: ask for the flush LSN as soon as the server writes to pg_wal (inotify), then
     /// every --horizon-wake-gap until it reaches what was written. `false`: the poll interval only.

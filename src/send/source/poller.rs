@@ -84,13 +84,17 @@ pub(crate) struct QueryPacer {
     last_end: Option<Instant>,
     /// The server wrote WAL since the last question was asked.
     written: bool,
-    /// Following a write: (write LSN the flush LSN must reach, when the burst started).
+    /// Following a write: (LSN the flush LSN must reach, when the burst started).
     burst: Option<(Lsn, Instant)>,
+    /// The question in flight was asked because of a write event.
+    asked_on_write: bool,
+    /// The last flush LSN answered.
+    last_flush: Option<Lsn>,
 }
 
 impl QueryPacer {
     pub(crate) fn new(cfg: WakeConfig) -> QueryPacer {
-        QueryPacer { cfg, last_start: None, last_end: None, written: false, burst: None }
+        QueryPacer { cfg, last_start: None, last_end: None, written: false, burst: None, asked_on_write: false, last_flush: None }
     }
 
     /// inotify said the server wrote to pg_wal.
@@ -101,6 +105,7 @@ impl QueryPacer {
     /// A question is being asked now.
     pub(crate) fn on_query_start(&mut self, now: Instant) {
         self.last_start = Some(now);
+        self.asked_on_write = self.written;
         self.written = false;
     }
 
@@ -112,11 +117,19 @@ impl QueryPacer {
             // Still short of the write that started the burst, and not for too long.
             Some((target, since)) if behind(target) && now.duration_since(since) < self.cfg.burst_max => Some((target, since)),
             Some(_) => None,
-            None => match write {
-                Some(w) if self.cfg.on_write && behind(w) => Some((w, now)),
+            None => match (write, self.last_flush) {
+                (Some(w), _) if self.cfg.on_write && behind(w) => Some((w, now)),
+                // A standby has no insert LSN: after a write to its pg_wal, follow until its
+                // flush (receive) LSN moves.
+                (None, Some(last)) if self.cfg.on_write && self.asked_on_write && flush == Some(last) => {
+                    Some((Lsn(last.0 + 1), now))
+                }
                 _ => None,
             },
         };
+        if flush.is_some() {
+            self.last_flush = flush;
+        }
     }
 
     /// When to ask next: `now` or later (wait for a write event until then).
@@ -480,6 +493,22 @@ mod tests {
         off.on_answer(t0, Some(Lsn(100)), Some(Lsn(200)));
         assert!(!off.waits_for_events());
         assert_eq!(off.next_query(t0), t0 + 1000 * MS, "without the event path: the poll interval only");
+    }
+
+    #[test]
+    fn on_a_standby_a_write_is_followed_until_the_flush_lsn_moves() {
+        let t0 = Instant::now();
+        let mut p = pacer(true);
+        p.on_query_start(t0);
+        p.on_answer(t0, Some(Lsn(100)), None);
+        assert!(p.waits_for_events(), "no write event: no burst");
+        p.on_write();
+        p.on_query_start(t0 + MS);
+        p.on_answer(t0 + MS, Some(Lsn(100)), None);
+        assert!(!p.waits_for_events(), "written, not yet flushed: follow it");
+        p.on_query_start(t0 + 2 * MS);
+        p.on_answer(t0 + 2 * MS, Some(Lsn(180)), None);
+        assert!(p.waits_for_events(), "moved: back to waiting");
     }
 
     #[test]
