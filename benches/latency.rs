@@ -21,9 +21,12 @@
 //! Headline, the same for both followers and from the instant the user feels it start (issue #15): a
 //! commit probe beside each load commits one row (`synchronous_commit = on`: it returns once the
 //! primary flushed it), reads `pg_current_wal_flush_lsn()`, and reads the follower's durable position
-//! back to back until it passes that LSN (walship: the receiver's `walship_recv_flushed_lsn` on its
-//! /metrics; pg_receivewal: `pg_stat_replication.flush_lsn`); one read's own time is reported as the
-//! resolution.
+//! until it passes that LSN, 50 us apart, timed to the middle of the read that saw it (walship: the
+//! receiver's `.walship-flushed`; pg_receivewal: `pg_stat_replication.flush_lsn`); one read's own time
+//! is reported as the resolution. This is the "ack latency" of the report and of issue #15's targets
+//! (p50 <= pg_receivewal's, p99 <= 2x the fdatasync probe's); the sender's own histogram and the
+//! receiver's share are its decomposition. The report also gives the flush poller's cost on the
+//! primary (its backend's CPU idle and under load, its query count from the sender's log).
 //!
 //! Outputs: `results/latency-<date>.json` and a section appended to `results/LATENCY.md` with the table,
 //! the target's verdict (against the probe during the load; also shown against the receiver's own
