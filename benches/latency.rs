@@ -258,7 +258,7 @@ enum Durable {
 /// Reads a [`Durable`] position.
 enum DurableReader {
     File(PathBuf),
-    Replication(postgres::Client, postgres::Statement, String),
+    Replication(Box<(postgres::Client, postgres::Statement, String)>),
 }
 
 impl DurableReader {
@@ -270,7 +270,7 @@ impl DurableReader {
                 let q = c
                     .prepare("SELECT (flush_lsn - '0/0')::float8 FROM pg_stat_replication WHERE application_name = $1")
                     .map_err(|e| format!("durable reader prepare: {e}"))?;
-                Ok(DurableReader::Replication(c, q, app.clone()))
+                Ok(DurableReader::Replication(Box::new((c, q, app.clone()))))
             }
         }
     }
@@ -282,7 +282,8 @@ impl DurableReader {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
                 Err(e) => Err(format!("{}: {e}", path.display())),
             },
-            DurableReader::Replication(c, q, app) => {
+            DurableReader::Replication(r) => {
+                let (c, q, app) = &mut **r;
                 let rows = c.query(&*q, &[&*app]).map_err(|e| format!("durable reader query: {e}"))?;
                 Ok(rows.first().and_then(|r| r.get::<_, Option<f64>>(0)).map_or(0, |v| v as u64))
             }
@@ -1014,14 +1015,14 @@ fn run_bench(cfg: &Config, bin: &Path, root: &Path) -> Result<Json, String> {
     let mut recv_json = Json::obj();
     recv_json.set("count", recv_summary.get("fdatasyncs").cloned());
     for k in ["p50", "p99", "max"] {
-        recv_json.set(k, recv_summary.get(&format!("{k}_us")).cloned());
+        recv_json.set(k, recv_summary.get(format!("{k}_us")).cloned());
     }
     // The receiver's own share of the ack latency, and its O_DIRECT writes.
     for (key, prefix, count) in [("recv_frame_to_durable_us", "frame_to_durable", None), ("recv_write_us", "write", Some("writes"))] {
         let mut o = Json::obj();
         o.set("count", count.and_then(|c| recv_summary.get(c).cloned()).unwrap_or(Json::Null));
-        o.set("p50", recv_summary.get(&format!("{prefix}_p50_us")).cloned());
-        o.set("p99", recv_summary.get(&format!("{prefix}_p99_us")).cloned());
+        o.set("p50", recv_summary.get(format!("{prefix}_p50_us")).cloned());
+        o.set("p99", recv_summary.get(format!("{prefix}_p99_us")).cloned());
         m.set(key, o);
     }
     m.set("walship_ack_latency_us", lat.clone());
