@@ -21,9 +21,12 @@
 //! Headline, the same for both followers and from the instant the user feels it start (issue #15): a
 //! commit probe beside each load commits one row (`synchronous_commit = on`: it returns once the
 //! primary flushed it), reads `pg_current_wal_flush_lsn()`, and reads the follower's durable position
-//! back to back until it passes that LSN (walship: the receiver's `walship_recv_flushed_lsn` on its
-//! /metrics; pg_receivewal: `pg_stat_replication.flush_lsn`); one read's own time is reported as the
-//! resolution.
+//! until it passes that LSN, 50 us apart, timed to the middle of the read that saw it (walship: the
+//! receiver's `.walship-flushed`; pg_receivewal: `pg_stat_replication.flush_lsn`); one read's own time
+//! is reported as the resolution. This is the "ack latency" of the report and of issue #15's targets
+//! (p50 <= pg_receivewal's, p99 <= 2x the fdatasync probe's); the sender's own histogram and the
+//! receiver's share are its decomposition. The report also gives the flush poller's cost on the
+//! primary (its backend's CPU idle and under load, its query count from the sender's log).
 //!
 //! Outputs: `results/latency-<date>.json` and a section appended to `results/LATENCY.md` with the table,
 //! the target's verdict (against the probe during the load; also shown against the receiver's own
@@ -58,6 +61,8 @@ const SLOT_PEER: &str = "pg_receivewal_lat";
 const PROBE_BLOCK: usize = 8192;
 const PROBE_FILE_BYTES: usize = 16 << 20;
 const STEP_TIMEOUT: Duration = Duration::from_secs(120);
+/// Pause between two reads of a follower's durable position by the commit probe.
+const READ_PAUSE: Duration = Duration::from_micros(50);
 
 struct Config {
     seconds: u64,
@@ -243,47 +248,42 @@ fn fsync_probe(
 /// Where a follower's durable position is read, the same way and as often for every follower.
 #[derive(Clone)]
 enum Durable {
-    /// walship: the receiver's `walship_recv_flushed_lsn` on its /metrics.
-    Metrics { port: u16 },
+    /// walship: the receiver's published durable position, `DIR/.walship-flushed` (written after
+    /// every advance of its flushed LSN, when the ack covering it is sent).
+    File { dir: PathBuf },
     /// A PostgreSQL follower: `pg_stat_replication.flush_lsn` of the walsender named `app`.
     Replication { conninfo: String, app: String },
 }
 
 /// Reads a [`Durable`] position.
 enum DurableReader {
-    Metrics(u16),
-    Replication(postgres::Client, postgres::Statement, String),
+    File(PathBuf),
+    Replication(Box<(postgres::Client, postgres::Statement, String)>),
 }
 
 impl DurableReader {
     fn open(d: &Durable) -> Result<DurableReader, String> {
         match d {
-            Durable::Metrics { port } => Ok(DurableReader::Metrics(*port)),
+            Durable::File { dir } => Ok(DurableReader::File(dir.join(".walship-flushed"))),
             Durable::Replication { conninfo, app } => {
                 let mut c = postgres::Client::connect(conninfo, postgres::NoTls).map_err(|e| format!("durable reader connect: {e}"))?;
                 let q = c
                     .prepare("SELECT (flush_lsn - '0/0')::float8 FROM pg_stat_replication WHERE application_name = $1")
                     .map_err(|e| format!("durable reader prepare: {e}"))?;
-                Ok(DurableReader::Replication(c, q, app.clone()))
+                Ok(DurableReader::Replication(Box::new((c, q, app.clone()))))
             }
         }
     }
 
     fn read(&mut self) -> Result<u64, String> {
         match self {
-            DurableReader::Metrics(port) => {
-                use std::io::{Read, Write};
-                let mut s = std::net::TcpStream::connect(("127.0.0.1", *port)).map_err(|e| format!("/metrics: {e}"))?;
-                s.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").map_err(|e| format!("/metrics: {e}"))?;
-                let mut body = String::new();
-                s.read_to_string(&mut body).map_err(|e| format!("/metrics: {e}"))?;
-                body.lines()
-                    .find_map(|l| l.strip_prefix("walship_recv_flushed_lsn "))
-                    .and_then(|v| v.trim().parse::<f64>().ok())
-                    .map(|v| v as u64)
-                    .ok_or_else(|| "no walship_recv_flushed_lsn in /metrics".to_string())
-            }
-            DurableReader::Replication(c, q, app) => {
+            DurableReader::File(path) => match std::fs::read_to_string(&*path) {
+                Ok(text) => Ok(text.split_whitespace().next().and_then(pg::parse_pg_lsn).unwrap_or(0)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+                Err(e) => Err(format!("{}: {e}", path.display())),
+            },
+            DurableReader::Replication(r) => {
+                let (c, q, app) = &mut **r;
                 let rows = c.query(&*q, &[&*app]).map_err(|e| format!("durable reader query: {e}"))?;
                 Ok(rows.first().and_then(|r| r.get::<_, Option<f64>>(0)).map_or(0, |v| v as u64))
             }
@@ -329,15 +329,22 @@ fn commit_probe(conninfo: &str, durable: &Durable, stop: &AtomicBool, delay: Dur
         loop {
             let t = Instant::now();
             let pos = reader.read()?;
-            let _ = out.read_us.record((t.elapsed().as_micros() as u64).max(1));
+            let read = t.elapsed();
+            let _ = out.read_us.record((read.as_micros() as u64).max(1));
             if pos >= target {
-                let _ = out.latency.record((t0.elapsed().as_micros() as u64).max(1));
+                // Timed to the middle of the read that saw it: the same rule for both followers,
+                // whatever one read costs (see the resolution rows).
+                let seen = (t + read / 2).saturating_duration_since(t0);
+                let _ = out.latency.record((seen.as_micros() as u64).max(1));
                 break;
             }
             if t0.elapsed() > Duration::from_secs(10) {
                 out.timeouts += 1;
                 break;
             }
+            // Paced alike for both followers: a file read back to back would take a whole CPU
+            // from the follower it measures.
+            std::thread::sleep(READ_PAUSE);
         }
     }
     Ok(out)
@@ -483,6 +490,22 @@ fn bench(cfg: &Config, bin: &Path) -> Result<(), String> {
         .set("ratio_to_probe_quiet_p99", ack_p99 / g(&probe_quiet, "p99"))
         .set("met", met);
     m.set("verdict", verdict);
+    // Issue #15's targets: the ack latency from the primary's commit, both followers measured the same way.
+    let c2d = m.get("commit_to_durable_us").cloned().unwrap_or(Json::Null);
+    let peer_c2d = m.path(&["pg_receivewal", "commit_to_durable_us"]).cloned().unwrap_or(Json::Null);
+    let (w50, w99, p50) = (g(&c2d, "p50"), g(&c2d, "p99"), g(&peer_c2d, "p50"));
+    let mut targets = Json::obj();
+    targets
+        .set("p50_target", "walship commit-to-durable p50 <= pg_receivewal --synchronous's, same run, same method")
+        .set("walship_p50_us", w50)
+        .set("pg_receivewal_p50_us", p50)
+        .set("p50_ratio", w50 / p50)
+        .set("p50_met", if p50.is_finite() && w50.is_finite() { Some(w50 <= p50) } else { None })
+        .set("p99_target", "walship commit-to-durable p99 <= 2 x the fdatasync probe's p99 during its load")
+        .set("walship_p99_us", w99)
+        .set("p99_bound_us", bound)
+        .set("p99_met", if w99.is_finite() && bound.is_finite() { Some(w99 <= bound) } else { None });
+    m.set("targets", targets);
 
     let kernel = command_output("uname", &["-r"]);
     let nproc = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
@@ -644,7 +667,7 @@ fn markdown(cfg: &Config, m: &Json, f: &Facts, met: bool, bound: f64) -> String 
         num(m, "wal_bytes_during_load") / 1e6,
         cfg.recv_extra.iter().map(|a| format!(" {a}")).collect::<String>(),
         cfg.send_extra.iter().map(|a| format!(" {a}")).collect::<String>(),
-        m.get("horizon_poll_interval").and_then(Json::as_str).unwrap_or("1ms"),
+        m.get("horizon_poll_interval").and_then(Json::as_str).unwrap_or("?"),
         if peer.get("pgbench").is_some() {
             format!(
                 " Then the same load again with `pg_receivewal --synchronous --slot {SLOT_PEER}` as the only follower: {}, \
@@ -658,12 +681,12 @@ fn markdown(cfg: &Config, m: &Json, f: &Facts, met: bool, bound: f64) -> String 
     ));
     md.push_str("| latency, us | n | p50 | p90 | p99 | p99.9 | max |\n|---|---:|---:|---:|---:|---:|---:|\n");
     md.push_str(&row(
-        "**walship: primary's commit flushed -> durable at the receiver** (commit probe; the receiver's /metrics read back to back)",
+        "**ack latency, walship: primary's commit flushed -> durable at the receiver** (commit probe; the receiver's `.walship-flushed` read back to back)",
         at("commit_to_durable_us"),
     ));
     if let Some(c) = peer.get("commit_to_durable_us") {
         md.push_str(&row(
-            "**pg_receivewal --synchronous: primary's commit flushed -> durable** (commit probe; pg_stat_replication.flush_lsn read back to back), its own load run",
+            "**ack latency, pg_receivewal --synchronous: primary's commit flushed -> durable** (commit probe; pg_stat_replication.flush_lsn read back to back), its own load run",
             c,
         ));
     }
@@ -671,7 +694,8 @@ fn markdown(cfg: &Config, m: &Json, f: &Facts, met: bool, bound: f64) -> String 
     if let Some(c) = peer.get("commit_to_durable_us") {
         md.push_str(&row("commit probe resolution: one read of pg_receivewal's durable position", c.get("read_us").unwrap_or(&null)));
     }
-    md.push_str(&row("walship flush-to-durable-ack as the sender sees it (from its poll seeing a new flush LSN; one value per LSN seen)", ack));
+    md.push_str("| *decomposition (walship)* | | | | | | |\n");
+    md.push_str(&row("walship flush-to-durable-ack as the sender sees it (from its poller seeing a new flush LSN; one value per LSN seen; the commit row minus this is discovery)", ack));
     md.push_str(&row(
         "walship recv: data frame arrival to the ack covering it (the receiver's share of the ack latency)",
         at("recv_frame_to_durable_us"),
@@ -698,8 +722,38 @@ fn markdown(cfg: &Config, m: &Json, f: &Facts, met: bool, bound: f64) -> String 
             .and_then(Json::as_f64)
             .map_or("?".into(), |v| format!("{v:.2}"))
     };
+    let t = |k: &str| m.path(&["targets", k]).and_then(Json::as_bool).map_or("no verdict (a number is missing)", |b| if b { "**met**" } else { "**NOT MET**" });
+    let tn = |k: &str| m.path(&["targets", k]).and_then(Json::as_f64).map_or("?".into(), |v| format!("{v:.0}"));
     md.push_str(&format!(
-        "\nTarget (issue #6: ack p99 within 2x a single fdatasync's p99 on the same disk, under the same load): \
+        "\nTargets (issue #15, ack latency = the commit probe rows): p50 <= pg_receivewal's in the same run: {} \
+         (walship {} us vs {} us, {}x); p99 <= 2 x the fdatasync probe's p99 during walship's load: {} ({} us vs {} us).\n",
+        t("p50_met"),
+        tn("walship_p50_us"),
+        tn("pg_receivewal_p50_us"),
+        m.path(&["targets", "p50_ratio"]).and_then(Json::as_f64).map_or("?".into(), |v| format!("{v:.2}")),
+        t("p99_met"),
+        tn("walship_p99_us"),
+        tn("p99_bound_us"),
+    ));
+    if let Some(pc) = m.get("poller_cost") {
+        let v = |k: &str, prec: usize| pc.get(k).and_then(Json::as_f64).map_or("?".into(), |x| format!("{x:.prec$}"));
+        md.push_str(&format!(
+            "\nCost on the primary of finding new WAL (the sender's flush poller, `walship-horizon` backend): {} queries over \
+             {} s of following ({}/s on average), {} of them woken by a write to pg_wal; its backend's CPU {} s in {} s idle \
+             (server-wide {} transactions/s then) and {} s in {} s of load.\n",
+            v("queries", 0),
+            v("sender_seconds", 0),
+            v("queries_per_s", 0),
+            v("write_wakes", 0),
+            v("quiet_backend_cpu_s", 2),
+            v("quiet_seconds", 1),
+            v("quiet_server_xacts_per_s", 0),
+            v("load_backend_cpu_s", 2),
+            v("load_seconds", 1),
+        ));
+    }
+    md.push_str(&format!(
+        "\nOlder target (issue #6, the sender's own clock: ack p99 within 2x a single fdatasync's p99 on the same disk, under the same load): \
          **{}** — ack p99 {} us vs 2 x {} us = {} us (ack p99 = {}x the probe's p99 during the load). Against the \
          receiver's own fdatasync p99 in the same seconds: {}x ({}); against the quiet probe's p99: {}x ({}).\n\n",
         if met { "met" } else { "NOT MET" },
@@ -715,10 +769,9 @@ fn markdown(cfg: &Config, m: &Json, f: &Facts, met: bool, bound: f64) -> String 
     // What bounds it: facts from this run only.
     md.push_str(&format!(
         "What bounds it: the median ack ({} us) is {:.1}x the median probe under the load ({} us) and {:.1}x the \
-         receiver's median fdatasync ({} us). The clock starts when the sender's poll returns a new flush LSN; an \
-         ack then needs the send, the receiver's O_DIRECT write, a group-commit fdatasync (under load a batch may \
-         wait for the one in flight and up to `--fsync-interval-us`, 1 ms by default, to grow) and the ack, noticed \
-         by a sender loop that also runs the SQL poll synchronously. ",
+         receiver's median fdatasync ({} us). The sender's clock starts when its poller returns a new flush LSN; \
+         an ack then needs the send, the receiver's O_DIRECT write, a group-commit fdatasync (under load a batch may \
+         wait for the one in flight and up to `--fsync-interval-us` to grow) and the ack. ",
         us(ack, "p50"),
         num(ack, "p50") / num(probe_load, "p50"),
         us(probe_load, "p50"),
@@ -731,7 +784,7 @@ fn markdown(cfg: &Config, m: &Json, f: &Facts, met: bool, bound: f64) -> String 
             "At p99 the ack ({ack_p99:.0} us) is more than twice the receiver's own fdatasync p99 ({recv_p99:.0} us), so \
              most of the tail is not one fdatasync but waiting around it: for an earlier group commit, for a CPU \
              ({} cores shared by pgbench, PostgreSQL, sender, receiver and whatever else ran; load average above), \
-             or for the sender's synchronous poll. CPU seconds during the run: sender {:.2}, receiver {:.2}, pgbench {:.2}. ",
+             or for the poller. CPU seconds during the run: sender {:.2}, receiver {:.2}, pgbench {:.2}. ",
             f.nproc,
             m.path(&["send_cpu", "total_s"]).and_then(Json::as_f64).unwrap_or(f64::NAN),
             m.path(&["recv_cpu", "total_s"]).and_then(Json::as_f64).unwrap_or(f64::NAN),
@@ -839,7 +892,7 @@ fn run_bench(cfg: &Config, bin: &Path, root: &Path) -> Result<Json, String> {
         .iter()
         .position(|a| a == "--horizon-poll-interval")
         .and_then(|i| cfg.send_extra.get(i + 1).cloned())
-        .unwrap_or_else(|| "1ms".into());
+        .unwrap_or_else(|| "100ms (default)".into());
     m.set("horizon_poll_interval", poll);
 
     let mut recv = Guard(Some(spawn(&mut recv_cmd, root, "recv").map_err(|e| format!("walship recv: {e}"))?));
@@ -857,6 +910,16 @@ fn run_bench(cfg: &Config, bin: &Path, root: &Path) -> Result<Json, String> {
         Ok(read_log(root, "send", "stderr").contains("following a live"))
     })?;
     eprintln!("latency bench: walship follows (slot {SLOT_WALSHIP}), receiver on {addr}");
+    let send_started = Instant::now();
+    // The cost on the primary of finding new WAL: the sender's flush poller's backend.
+    let poller_pid: Option<u32> = cluster
+        .sql("SELECT pid FROM pg_stat_activity WHERE application_name = 'walship-horizon' LIMIT 1")
+        .ok()
+        .and_then(|s| s.trim().parse().ok());
+    let xacts = |c: &pg::Cluster| -> f64 {
+        c.sql("SELECT xact_commit FROM pg_stat_database WHERE datname = 'postgres'").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(f64::NAN)
+    };
+    let (cpu_q0, xact_q0, t_q0) = (poller_pid.map(backend_cpu_s), xacts(&cluster), Instant::now());
 
     // ---- quiet probe (walship idle, following)
     let probe_dir = root.join("probe");
@@ -879,9 +942,12 @@ fn run_bench(cfg: &Config, bin: &Path, root: &Path) -> Result<Json, String> {
     );
     m.set("probe_quiet_us", hist_json(&quiet));
     m.set("probe_quiet_seconds", quiet_s);
+    // Stats reach pg_stat_database within a second of a transaction's end.
+    std::thread::sleep(Duration::from_millis(1200));
+    let (cpu_q1, xact_q1, quiet_wall) = (poller_pid.map(backend_cpu_s), xacts(&cluster), t_q0.elapsed().as_secs_f64());
 
     // ---- phase 1: the load with walship following, and the probe beside it
-    let p1 = load_phase(cfg, &cluster, &probe_dir, "walship", &pg_log, None, (&conninfo, Durable::Metrics { port: metrics_port }))?;
+    let p1 = load_phase(cfg, &cluster, &probe_dir, "walship", &pg_log, None, (&conninfo, Durable::File { dir: recv_dir.clone() }))?;
     m.set("pgbench", p1.pgbench.clone())
         .set("pgbench_command", p1.command.clone())
         .set("probe_during_load_us", hist_json(&p1.probe))
@@ -889,6 +955,19 @@ fn run_bench(cfg: &Config, bin: &Path, root: &Path) -> Result<Json, String> {
         .set("probe_during_load_seconds", p1.probe_s)
         .set("wal_bytes_during_load", p1.wal_bytes)
         .set("flush_lsn_after_load", pg::fmt_lsn(p1.lsn_after));
+    let cpu_l1 = poller_pid.map(backend_cpu_s);
+    let mut poller_cost = Json::obj();
+    let d = |a: Option<Option<f64>>, b: Option<Option<f64>>| match (a.flatten(), b.flatten()) {
+        (Some(a), Some(b)) => Some(b - a),
+        _ => None,
+    };
+    poller_cost
+        .set("backend_pid", poller_pid.map(u64::from))
+        .set("quiet_seconds", quiet_wall)
+        .set("quiet_backend_cpu_s", d(cpu_q0, cpu_q1))
+        .set("quiet_server_xacts_per_s", (xact_q1 - xact_q0) / quiet_wall)
+        .set("load_seconds", p1.wall_s)
+        .set("load_backend_cpu_s", d(cpu_q1, cpu_l1));
 
     // ---- stop: sender (drains, writes its report), then receiver
     for (g, what, label) in [(&send, "walship send", "send"), (&recv, "walship recv", "recv")] {
@@ -900,6 +979,17 @@ fn run_bench(cfg: &Config, bin: &Path, root: &Path) -> Result<Json, String> {
     if !send_f.ok() {
         return Err(format!("walship send after SIGTERM: {}", send_f.describe_failure()));
     }
+    let send_wall = send_started.elapsed().as_secs_f64();
+    let send_log = strip_ansi(&send_f.stderr);
+    if let Some(line) = send_log.lines().find(|l| l.contains("flush poller:")) {
+        let after = |pat: &str| line.split(pat).nth(1).and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next()?.parse::<u64>().ok());
+        poller_cost
+            .set("queries", after("flush poller: "))
+            .set("write_wakes", after("queries, "))
+            .set("sender_seconds", send_wall)
+            .set("queries_per_s", after("flush poller: ").map(|q| q as f64 / send_wall));
+    }
+    m.set("poller_cost", poller_cost);
     let recv_f = recv.stop(libc::SIGTERM, Duration::from_secs(30))?;
     if !recv_f.ok() {
         return Err(format!("walship recv after SIGTERM: {}", recv_f.describe_failure()));
@@ -925,14 +1015,14 @@ fn run_bench(cfg: &Config, bin: &Path, root: &Path) -> Result<Json, String> {
     let mut recv_json = Json::obj();
     recv_json.set("count", recv_summary.get("fdatasyncs").cloned());
     for k in ["p50", "p99", "max"] {
-        recv_json.set(k, recv_summary.get(&format!("{k}_us")).cloned());
+        recv_json.set(k, recv_summary.get(format!("{k}_us")).cloned());
     }
     // The receiver's own share of the ack latency, and its O_DIRECT writes.
     for (key, prefix, count) in [("recv_frame_to_durable_us", "frame_to_durable", None), ("recv_write_us", "write", Some("writes"))] {
         let mut o = Json::obj();
         o.set("count", count.and_then(|c| recv_summary.get(c).cloned()).unwrap_or(Json::Null));
-        o.set("p50", recv_summary.get(&format!("{prefix}_p50_us")).cloned());
-        o.set("p99", recv_summary.get(&format!("{prefix}_p99_us")).cloned());
+        o.set("p50", recv_summary.get(format!("{prefix}_p50_us")).cloned());
+        o.set("p99", recv_summary.get(format!("{prefix}_p99_us")).cloned());
         m.set(key, o);
     }
     m.set("walship_ack_latency_us", lat.clone());
@@ -962,9 +1052,12 @@ fn run_bench(cfg: &Config, bin: &Path, root: &Path) -> Result<Json, String> {
          its commit returns (with synchronous_commit = on the primary has flushed it; starting there rather than at the \
          flush itself leaves out one loopback round trip, the same for both followers), it reads \
          pg_current_wal_flush_lsn() (at or past its commit record; under load often past it, again the same for both) \
-         and then reads the follower's durable position back to back until it passes that LSN. walship's position is \
-         read from the receiver's /metrics, pg_receivewal's from pg_stat_replication.flush_lsn (what it reported as \
-         flushed); the 'resolution' rows give one read's own time.",
+         and then reads the follower's durable position back to back until it passes that LSN, pausing 50 us \
+         between reads (the same for both), and times it to the middle of the read that saw it. walship's position is read from the receiver's `.walship-flushed` (a file \
+         read, microseconds; written when its flushed LSN advances, i.e. when the ack is sent), pg_receivewal's from \
+         pg_stat_replication.flush_lsn (what the walsender got in its flush report; one SQL round trip); the \
+         'resolution' rows give one read's own time: a read is at most that late, timing to its middle halves the \
+         difference between the two methods.",
         cfg.commit_probe_interval_ms
     )));
     notes.push(Json::from(format!(
@@ -1047,6 +1140,18 @@ fn run_bench(cfg: &Config, bin: &Path, root: &Path) -> Result<Json, String> {
     Ok(m)
 }
 
+/// CPU seconds (user + system) a process has used so far, from /proc/PID/stat.
+fn backend_cpu_s(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(") ")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // After the command: state is field 3; utime and stime are fields 14 and 15.
+    let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf has no side effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some(ticks / hz)
+}
+
 fn cpu_json(c: &Cpu) -> Json {
     let mut o = Json::obj();
     o.set("user_s", c.user_s).set("sys_s", c.sys_s).set("total_s", c.total_s());
@@ -1057,6 +1162,8 @@ type Sampled = Result<(Histogram<u64>, Histogram<u64>, u64, u64), String>;
 
 struct Phase {
     command: String,
+    /// Wall time of the pgbench run.
+    wall_s: f64,
     pgbench: Json,
     probe: Histogram<u64>,
     probe_s: f64,
@@ -1148,6 +1255,7 @@ fn load_phase(
         .set("tps_line", out.lines().find(|l| l.starts_with("tps")).map(String::from));
     Ok(Phase {
         command,
+        wall_s: load_f.wall.as_secs_f64(),
         pgbench: pgb,
         probe,
         probe_s,

@@ -236,9 +236,17 @@ struct SendArgs {
     /// it durably (created if missing, advanced only to acknowledged LSNs).
     #[arg(long, env = "WALSHIP_SLOT")]
     slot: Option<String>,
-    /// Follow mode: how often to ask the server for its flush LSN.
-    #[arg(long, env = "WALSHIP_HORIZON_POLL_INTERVAL", default_value = "1ms", value_parser = parse_duration_nonzero)]
+    /// Follow mode: how often to ask the server for its flush LSN at least (the fallback when no
+    /// write to pg_wal wakes the poller sooner).
+    #[arg(long, env = "WALSHIP_HORIZON_POLL_INTERVAL", default_value = "100ms", value_parser = parse_duration_nonzero)]
     horizon_poll_interval: Duration,
+    /// Follow mode: ask for the flush LSN as soon as the server writes to pg_wal (inotify), then
+    /// every --horizon-wake-gap until it reaches what was written. `false`: the poll interval only.
+    #[arg(long, env = "WALSHIP_HORIZON_WAKE_ON_WRITE", default_value_t = true, action = clap::ArgAction::Set)]
+    horizon_wake_on_write: bool,
+    /// Follow mode: least time between two flush-LSN questions while following a write to pg_wal.
+    #[arg(long, env = "WALSHIP_HORIZON_WAKE_GAP", default_value = "50us", value_parser = parse_duration)]
+    horizon_wake_gap: Duration,
     /// Follow mode: advance the slot at most this often.
     #[arg(long, env = "WALSHIP_SLOT_ADVANCE_INTERVAL", default_value = "1s", value_parser = parse_duration_nonzero)]
     slot_advance_interval: Duration,
@@ -841,6 +849,8 @@ fn send_config(a: &SendArgs) -> Result<SendConfig> {
         conninfo,
         slot: a.slot.clone(),
         poll_interval: a.horizon_poll_interval,
+        wake_on_write: a.horizon_wake_on_write,
+        wake_gap: a.horizon_wake_gap,
         slot_advance_interval: a.slot_advance_interval,
     });
     let destinations = destinations(a)?;

@@ -53,6 +53,8 @@ struct Ctx {
     /// More receivers the sender also ships to (issue #12), and the quorum over all of them.
     more: Vec<MoreRecv>,
     quorum: Option<usize>,
+    /// More arguments for `walship send`.
+    send_extra: Vec<String>,
 }
 
 /// A further receiver: its address, directory, log and process.
@@ -104,6 +106,7 @@ fn setup(name: &str, port: u16) -> Option<Ctx> {
         secure: None,
         more: Vec::new(),
         quorum: None,
+        send_extra: Vec::new(),
     })
 }
 
@@ -217,6 +220,7 @@ impl Ctx {
             c.args(["--quorum", &k.to_string()]);
         }
         c.arg("--report-json").arg(self.report());
+        c.args(&self.send_extra);
         self.security_args(&mut c, "send");
         c.env("NO_COLOR", "1");
         c.stdin(Stdio::null()).stdout(file(self.send_out())?).stderr(file(self.send_err())?);
@@ -862,4 +866,85 @@ fn no_slot(ctx: &mut Ctx) -> R<()> {
     ctx.primary.sql("CREATE TABLE t AS SELECT generate_series(1, 10000) g")?;
     ctx.stop_walship()?;
     ctx.primary.stop("fast")
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Issue #15: a new flush is found by the server's write to pg_wal (inotify), not by the slow poll.
+
+/// Commits `n` rows one by one; after each, waits up to `within` for the receiver's durable position
+/// to pass the primary's flush LSN. Returns how many made it.
+fn commits_made_durable(ctx: &Ctx, n: usize, within: Duration) -> R<usize> {
+    let mut made = 0;
+    for i in 0..n {
+        ctx.primary.sql(&format!("INSERT INTO wake_probe VALUES ({i})"))?;
+        let flush = ctx.primary.lsn("SELECT pg_current_wal_flush_lsn()")?;
+        let t = Instant::now();
+        while t.elapsed() < within {
+            if ctx.recv_flushed()? >= flush {
+                made += 1;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    Ok(made)
+}
+
+#[test]
+fn a_commit_is_shipped_on_the_write_event_not_the_poll_interval() {
+    let _l = lock();
+    let Some(mut ctx) = setup("follow-wake", 5561) else { return };
+    if let Err(e) = wake_on_write(&mut ctx) {
+        ctx.fail(e);
+    }
+}
+
+/// With `--horizon-poll-interval 30s` (no slow poll in the test's time), every commit must still be
+/// shipped and acknowledged well within the interval: only the write event can have found it. The
+/// same with the event path switched off must ship none of them in that time (the test can fail).
+fn wake_on_write(ctx: &mut Ctx) -> R<()> {
+    const COMMITS: usize = 20;
+    let within = Duration::from_secs(2);
+    ctx.init_primary()?;
+    ctx.primary.sql("CREATE TABLE wake_probe (i int)")?;
+    ctx.primary.sql("CHECKPOINT")?;
+    ctx.send_extra = ["--horizon-poll-interval", "30s"].map(String::from).to_vec();
+    ctx.start_walship()?;
+    // The first question is asked at start-up; give it time to be answered and shipped.
+    std::thread::sleep(Duration::from_millis(500));
+    let t = Instant::now();
+    let made = commits_made_durable(ctx, COMMITS, within)?;
+    let took = t.elapsed();
+    ctx.say(format!("event path: {made} of {COMMITS} commits durable at the receiver, each within {within:?} ({took:?} in all)"));
+    if took >= Duration::from_secs(25) {
+        return Err(format!("the commits took {took:?}: the 30 s poll may have fired, the test proves nothing"));
+    }
+    if made != COMMITS {
+        return Err(format!("with the write event: {made} of {COMMITS} commits shipped within {within:?} (want all)"));
+    }
+    ctx.stop_walship()?;
+    let log = strip_ansi(&fs::read_to_string(ctx.send_err()).unwrap_or_default());
+    let line = log.lines().find(|l| l.contains("flush poller:")).ok_or("no `flush poller:` line in the sender's log")?.to_string();
+    ctx.say(format!("sender: {line}"));
+    let wakes: u64 = line
+        .split("queries, ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|w| w.parse().ok())
+        .ok_or_else(|| format!("no wake-up count in {line:?}"))?;
+    if wakes < COMMITS as u64 {
+        return Err(format!("{wakes} wake-ups by a write to pg_wal for {COMMITS} commits: {line}"));
+    }
+
+    // Control: the same with the event path off ships nothing within the same wait.
+    ctx.send_extra = ["--horizon-poll-interval", "30s", "--horizon-wake-on-write", "false"].map(String::from).to_vec();
+    ctx.start_recv()?;
+    ctx.start_send(Some(SLOT))?;
+    std::thread::sleep(Duration::from_millis(1500));
+    let made_off = commits_made_durable(ctx, 2, within)?;
+    ctx.say(format!("poll only (30 s): {made_off} of 2 commits durable within {within:?}"));
+    if made_off != 0 {
+        return Err(format!("with the event path off, {made_off} commits were shipped within {within:?}: the poll interval is not what the test thinks"));
+    }
+    Ok(())
 }

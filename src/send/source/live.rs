@@ -27,7 +27,11 @@ use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
-use super::poller::{query_flush, FlushPoller, Polled, SlotAdvance};
+use super::poller::{query_flush, FlushPoller, Polled, SlotAdvance, WakeConfig};
+
+/// A burst of questions after a write ends after this long even if the flush LSN did not reach the
+/// write (then the slow poll and the next write take over).
+const WAKE_BURST_MAX: Duration = Duration::from_millis(50);
 use super::{io_err, SegmentMaps, SourceError, WalSource};
 pub use super::poller::describe_pg_error;
 pub use super::read_history;
@@ -41,8 +45,13 @@ pub struct LiveConfig {
     /// libpq-style connection string for the server that writes `pg_wal`.
     pub conninfo: String,
     pub slot: Option<String>,
-    /// How often to ask the server for its flush LSN while WAL is flowing.
+    /// How often to ask the server for its flush LSN at least (the fallback to the write events).
     pub poll_interval: Duration,
+    /// Ask at once when the server writes to pg_wal (inotify), then every `wake_gap` until its
+    /// flush LSN reaches what it wrote.
+    pub wake_on_write: bool,
+    /// Least time between two questions while following a write.
+    pub wake_gap: Duration,
     /// How often to advance the slot (at most).
     pub slot_advance_interval: Duration,
 }
@@ -108,7 +117,13 @@ impl LiveSource {
         let (first_lsn, slot) = first_lsn_and_slot(&mut client, &cfg, identity)?;
         let first_poll = query_flush(&mut client).map_err(|e| pg_err(&cfg.conninfo, e))?;
         drop(client);
-        let poller = FlushPoller::start(cfg.conninfo.clone(), cfg.poll_interval, slot)
+        let wake = WakeConfig {
+            poll_interval: cfg.poll_interval,
+            on_write: cfg.wake_on_write,
+            gap: cfg.wake_gap,
+            burst_max: WAKE_BURST_MAX,
+        };
+        let poller = FlushPoller::start(cfg.conninfo.clone(), &cfg.pg_wal, wake, slot)
             .map_err(|e| SourceError::Server { conninfo: redact(&cfg.conninfo), why: format!("cannot start the flush poller: {e}") })?;
         let history = read_history(&cfg.pg_wal, tli).unwrap_or_default();
         let mut source = LiveSource {
