@@ -594,6 +594,21 @@ pub fn archived_lsn(segments: impl Iterator<Item = ((u64, u32), bool)>, seg_size
     }
 }
 
+/// The entries of the directory's newest timeline history file (None: none, or unreadable).
+fn newest_history(dir: &std::path::Path) -> Option<Vec<crate::wal::history::HistoryEntry>> {
+    let newest = std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter_map(|n| match WalFileName::parse(&n, 16 << 20)? {
+            WalFileName::History { tli } => Some((tli, n)),
+            _ => None,
+        })
+        .max()?;
+    let text = std::fs::read_to_string(dir.join(&newest.1)).ok()?;
+    crate::wal::history::parse_history(&text).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -629,19 +644,4 @@ mod tests {
         assert!(c.validate().is_err());
         assert!(!format!("{c:?}").contains("metrics"));
     }
-}
-
-/// The entries of the directory's newest timeline history file (None: none, or unreadable).
-fn newest_history(dir: &std::path::Path) -> Option<Vec<crate::wal::history::HistoryEntry>> {
-    let newest = std::fs::read_dir(dir)
-        .ok()?
-        .flatten()
-        .filter_map(|e| e.file_name().into_string().ok())
-        .filter_map(|n| match WalFileName::parse(&n, 16 << 20)? {
-            WalFileName::History { tli } => Some((tli, n)),
-            _ => None,
-        })
-        .max()?;
-    let text = std::fs::read_to_string(dir.join(&newest.1)).ok()?;
-    crate::wal::history::parse_history(&text).ok()
 }
