@@ -128,21 +128,14 @@ fn main() {
             std::process::exit(2);
         }
     };
-    // Same policy as ship.rs' real-WAL phase: no PostgreSQL or not root -> say why, measure nothing.
-    let bin = match pg::find_bin() {
+    // No PostgreSQL or not root: say why, measure nothing.
+    let bin = match pg::runnable_bin() {
         Ok(b) => b,
         Err(why) => {
             eprintln!("latency bench skipped: {why}");
             return;
         }
     };
-    // SAFETY: geteuid has no side effects.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!(
-            "latency bench skipped: not root: the bench runs PostgreSQL as the postgres OS user via runuser (run as root)"
-        );
-        return;
-    }
     if let Err(e) = bench(&cfg, &bin) {
         eprintln!("latency bench: {e}");
         std::process::exit(1);

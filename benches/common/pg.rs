@@ -13,6 +13,17 @@ use std::sync::{Arc, Mutex};
 
 pub const PORTS: std::ops::Range<u16> = 54400..54500;
 
+/// The PostgreSQL binaries for a bench that runs real servers, or why it cannot: not installed, or
+/// not root (the servers run as the postgres OS user through runuser).
+pub fn runnable_bin() -> Result<PathBuf, String> {
+    let bin = find_bin()?;
+    // SAFETY: geteuid has no side effects.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err("not root: the bench runs PostgreSQL as the postgres OS user via runuser (run as root)".into());
+    }
+    Ok(bin)
+}
+
 /// Newest `/usr/lib/postgresql/<major>/bin` holding every tool we need.
 pub fn find_bin() -> Result<PathBuf, String> {
     let mut dirs: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
