@@ -305,8 +305,9 @@ struct RecvArgs {
     /// The PEM private key of --tls-cert.
     #[arg(long, env = "WALSHIP_TLS_KEY", value_name = "FILE", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
-    /// Address to listen on, e.g. 0.0.0.0:5499.
-    #[arg(long, env = "WALSHIP_LISTEN", required_unless_present = "from_postgres")]
+    /// Address to listen on, e.g. 0.0.0.0:5499 (needed unless --from-postgres; checked after the
+    /// --config file is read, which may supply it).
+    #[arg(long, env = "WALSHIP_LISTEN")]
     listen: Option<SocketAddr>,
     #[command(flatten)]
     from_postgres: FromPostgresArgs,
@@ -905,6 +906,9 @@ fn destinations(a: &SendArgs) -> Result<Vec<walship::send::Destination>> {
 /// `walship recv`: flags -> RecvConfig -> the library, then the report.
 fn run_recv(a: RecvArgs) -> Result<()> {
     let from_postgres = a.from_postgres.config()?;
+    if a.listen.is_none() && from_postgres.is_none() {
+        bail!("walship recv needs --listen ADDR (WALSHIP_LISTEN, or `listen` in the [recv] section of --config) for walship senders, or --from-postgres CONNINFO");
+    }
     let mut cfg = RecvConfig {
         // Not used with --from-postgres (nothing listens).
         listen: a.listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),

@@ -428,6 +428,17 @@ fn recv_chunk_error(dir: &TestDir, config: Option<&Path>, env: Option<&str>, fla
 }
 
 #[test]
+fn recv_without_listen_or_from_postgres_says_what_it_needs() {
+    let dir = TestDir::new("ops-no-listen");
+    let mut c = cmd(walship_bin(), ["recv", "--insecure-no-auth", "--dir", dir.join("r").to_str().unwrap()]);
+    c.env_remove("WALSHIP_LISTEN").env_remove("WALSHIP_FROM_POSTGRES").env_remove("WALSHIP_CONFIG");
+    let out = run(&mut c).unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--listen") && err.contains("--from-postgres"), "{}", describe_failure(&c, &out));
+    assert!(!dir.join("r").exists(), "the directory was touched before the arguments were complete");
+}
+
+#[test]
 fn config_file_env_and_flag_precedence() {
     let dir = TestDir::new("ops-config");
     let cfg = dir.join("walship.toml");

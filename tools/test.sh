@@ -58,7 +58,7 @@ fi
 
 log="$(mktemp /tmp/walship-test.XXXXXX.log)"
 set +e
-cargo test --release "$@" 2>&1 | tee "$log"
+cargo test --release --no-fail-fast "$@" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 # One closing line over every test binary.
