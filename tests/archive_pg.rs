@@ -166,13 +166,7 @@ fn run_test(ctx: &Ctx, pg: &Pg, server: &S3Server) -> R<()> {
 fn replay_from_the_archive(ctx: &Ctx, pg: &Pg, server: &S3Server, pgdir: &Path, base: &Path, end: u64, sums: &[(String, String)]) -> R<()> {
     let mut standby = pg.server(pgdir, "standby", STANDBY_PORT)?;
     ctx.watch("standby", &standby.log);
-    run_ok(cmd("cp", ["-a"]).arg(base).arg(&standby.data))?;
-    let wal = standby.data.join("pg_wal");
-    for e in fs::read_dir(&wal).map_err(|e| e.to_string())?.flatten() {
-        let path = e.path();
-        let _ = if path.is_dir() { fs::remove_dir_all(&path) } else { fs::remove_file(&path) };
-    }
-    fs::write(standby.data.join("standby.signal"), b"").map_err(|e| e.to_string())?;
+    standby_data_from_base(base, &standby.data)?;
     let exe: PathBuf = pg.restore_exe(ctx.dir.path())?;
     let restore = format!(
         "env AWS_ENDPOINT_URL={} AWS_ACCESS_KEY_ID={ACCESS_KEY_ID} AWS_SECRET_ACCESS_KEY={SECRET_ACCESS_KEY} AWS_REGION=us-east-1 \

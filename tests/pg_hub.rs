@@ -141,14 +141,7 @@ impl Hub {
         self.say(format!("base backup for {name}: START WAL LOCATION {}", fmt_lsn(start)));
         let standby = self.pg.server(&self.pgdir, name, port)?;
         self.ctx.watch(name, &standby.log);
-        run_ok(cmd("cp", ["-a"]).arg(&base).arg(&standby.data))?;
-        let wal = standby.data.join("pg_wal");
-        for e in fs::read_dir(&wal).map_err(|e| e.to_string())?.flatten() {
-            let p = e.path();
-            let res = if p.is_dir() { fs::remove_dir_all(&p) } else { fs::remove_file(&p) };
-            res.map_err(|e| format!("empty {}: {e}", wal.display()))?;
-        }
-        fs::write(standby.data.join("standby.signal"), b"").map_err(|e| e.to_string())?;
+        standby_data_from_base(&base, &standby.data)?;
         append(
             &standby.data.join("postgresql.auto.conf"),
             &format!(

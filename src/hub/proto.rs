@@ -593,24 +593,26 @@ pub fn pg_now() -> i64 {
     unix_us - PG_EPOCH_UNIX_US
 }
 
+/// A client's start-up packet (protocol `code`, then `params`), as a frontend sends it: for tests.
+#[cfg(test)]
+pub(crate) fn startup_bytes(code: u32, params: &[(&str, &str)]) -> Vec<u8> {
+    let mut body = code.to_be_bytes().to_vec();
+    for (k, v) in params {
+        body.extend_from_slice(k.as_bytes());
+        body.push(0);
+        body.extend_from_slice(v.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut out = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    out.extend_from_slice(&body);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
-
-    fn startup_bytes(code: u32, params: &[(&str, &str)]) -> Vec<u8> {
-        let mut body = code.to_be_bytes().to_vec();
-        for (k, v) in params {
-            body.extend_from_slice(k.as_bytes());
-            body.push(0);
-            body.extend_from_slice(v.as_bytes());
-            body.push(0);
-        }
-        body.push(0);
-        let mut out = ((body.len() + 4) as u32).to_be_bytes().to_vec();
-        out.extend_from_slice(&body);
-        out
-    }
 
     #[test]
     fn a_walreceiver_startup_packet_parses() {

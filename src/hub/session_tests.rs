@@ -66,17 +66,7 @@ impl Client {
         let s = TcpStream::connect(addr).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
         let mut c = Client { s, buf: MessageBuffer::default() };
-        let mut body = (3u32 << 16).to_be_bytes().to_vec();
-        for (k, v) in params {
-            body.extend_from_slice(k.as_bytes());
-            body.push(0);
-            body.extend_from_slice(v.as_bytes());
-            body.push(0);
-        }
-        body.push(0);
-        let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
-        packet.extend_from_slice(&body);
-        c.s.write_all(&packet).unwrap();
+        c.s.write_all(&super::proto::startup_bytes(3 << 16, params)).unwrap();
         let refused = |body: &[u8]| (field(body, b'C'), field(body, b'M'));
         let (k, b) = c.recv();
         if k == b'E' {

@@ -398,6 +398,19 @@ pub fn wal_end_after_checkpoint(pg: &Pg, pg_wal: &Path, tli: u32, ckpt: u64, blo
     }
 }
 
+/// A standby's data directory from base backup `base`: copied (`cp -a`, ownership kept), its
+/// `pg_wal` emptied (every WAL byte must come from the tool under test) and `standby.signal` written.
+pub fn standby_data_from_base(base: &Path, data: &Path) -> R<()> {
+    run_ok(cmd("cp", ["-a"]).arg(base).arg(data))?;
+    let wal = data.join("pg_wal");
+    for e in fs::read_dir(&wal).map_err(|e| e.to_string())?.flatten() {
+        let p = e.path();
+        let res = if p.is_dir() { fs::remove_dir_all(&p) } else { fs::remove_file(&p) };
+        res.map_err(|e| format!("empty {}: {e}", wal.display()))?;
+    }
+    fs::write(data.join("standby.signal"), b"").map_err(|e| e.to_string())
+}
+
 pub fn append(path: &Path, text: &str) -> R<()> {
     use std::io::Write;
     let mut f = fs::OpenOptions::new().append(true).open(path).map_err(|e| format!("open {}: {e}", path.display()))?;

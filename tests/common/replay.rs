@@ -35,14 +35,7 @@ pub struct Replay<'a> {
 /// Builds the standby, replays, verifies; `say` prints progress.
 pub fn replay_and_verify(r: Replay<'_>, say: &dyn Fn(String)) -> R<Server> {
     let mut standby = r.standby;
-    run_ok(cmd("cp", ["-a"]).arg(r.base).arg(&standby.data))?;
-    let wal = standby.data.join("pg_wal");
-    for e in fs::read_dir(&wal).map_err(|e| e.to_string())?.flatten() {
-        let p = e.path();
-        let res = if p.is_dir() { fs::remove_dir_all(&p) } else { fs::remove_file(&p) };
-        res.map_err(|e| format!("empty {}: {e}", wal.display()))?;
-    }
-    fs::write(standby.data.join("standby.signal"), b"").map_err(|e| e.to_string())?;
+    standby_data_from_base(r.base, &standby.data)?;
     let restore = format!("{} restore %f %p --dir {}", r.restore_exe.display(), r.recv_dir.display());
     append(
         &standby.data.join("postgresql.auto.conf"),
