@@ -29,6 +29,7 @@ use super::compress::Compression;
 use super::store::{sha256_hex, PutOutcome, Store};
 use super::ArchiveError;
 use crate::metrics::LsnGauge;
+use crate::wal::history::HistoryEntry;
 use crate::wal::{has_segment_name_shape, read_segment_head, Lsn, WalFileName, WalIdentity};
 
 /// Most uploads in flight at once (`--archive-parallel`).
@@ -469,10 +470,13 @@ impl State {
     async fn upload_partial(&mut self) {
         let (Some(idle), Some((sysid, seg_size))) = (self.partial_after, self.identity) else { return };
         let durable = crate::recv::published::read(&self.dir).ok().flatten().map(|p| p.lsn);
-        let partials: Vec<String> = std::fs::read_dir(&self.dir)
-            .map(|rd| rd.flatten().filter_map(|e| e.file_name().into_string().ok()).filter(|n| n.ends_with(".partial")).collect())
-            .unwrap_or_default();
-        self.upload_abandoned_partials(durable, &partials, sysid, seg_size).await;
+        let names: Vec<String> =
+            std::fs::read_dir(&self.dir).map(|rd| rd.flatten().filter_map(|e| e.file_name().into_string().ok()).collect()).unwrap_or_default();
+        let partials: Vec<String> = names.iter().filter(|n| n.ends_with(".partial")).cloned().collect();
+        if !partials.is_empty() {
+            let history = newest_history(&self.dir, &names, seg_size);
+            self.upload_abandoned_partials(durable, &partials, history.as_deref().unwrap_or_default(), sysid, seg_size).await;
+        }
         let Some(up) = self.partial.due(durable, &partials, seg_size, idle, Instant::now()) else { return };
         let Some(WalFileName::Partial { tli, segno }) = WalFileName::parse(&up.name, seg_size) else { return };
         let key = super::keys::partial_key(&self.prefix, sysid, tli, segno, seg_size);
@@ -491,9 +495,8 @@ impl State {
 
     /// The `.partial` of each timeline the newest history file says ended, whole up to its switch
     /// point, once (replacing an upload made while it was the newest).
-    async fn upload_abandoned_partials(&mut self, durable: Option<Lsn>, partials: &[String], sysid: u64, seg_size: u64) {
-        let Some(history) = newest_history(&self.dir) else { return };
-        for up in self.partial.abandoned_due(durable, partials, &history, seg_size) {
+    async fn upload_abandoned_partials(&mut self, durable: Option<Lsn>, partials: &[String], history: &[HistoryEntry], sysid: u64, seg_size: u64) {
+        for up in self.partial.abandoned_due(durable, partials, history, seg_size) {
             let Some(WalFileName::Partial { tli, segno }) = WalFileName::parse(&up.name, seg_size) else { continue };
             let key = super::keys::partial_key(&self.prefix, sysid, tli, segno, seg_size);
             let bytes = match super::partial::durable_bytes(&self.dir, &up, seg_size) {
@@ -594,18 +597,17 @@ pub fn archived_lsn(segments: impl Iterator<Item = ((u64, u32), bool)>, seg_size
     }
 }
 
-/// The entries of the directory's newest timeline history file (None: none, or unreadable).
-fn newest_history(dir: &std::path::Path) -> Option<Vec<crate::wal::history::HistoryEntry>> {
-    let newest = std::fs::read_dir(dir)
-        .ok()?
-        .flatten()
-        .filter_map(|e| e.file_name().into_string().ok())
-        .filter_map(|n| match WalFileName::parse(&n, 16 << 20)? {
+/// The entries of the newest timeline history file among `names` (the files of `dir`); None: none,
+/// or unreadable.
+fn newest_history(dir: &Path, names: &[String], seg_size: u64) -> Option<Vec<HistoryEntry>> {
+    let (_, newest) = names
+        .iter()
+        .filter_map(|n| match WalFileName::parse(n, seg_size)? {
             WalFileName::History { tli } => Some((tli, n)),
             _ => None,
         })
         .max()?;
-    let text = std::fs::read_to_string(dir.join(&newest.1)).ok()?;
+    let text = std::fs::read_to_string(dir.join(newest)).ok()?;
     crate::wal::history::parse_history(&text).ok()
 }
 
